@@ -1,0 +1,38 @@
+# make demo : set up (idempotent) and run the main job
+# make test : set up (idempotent) and run lint + the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
+EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+EXT_STAMP := build/.ext-stamp
+
+.PHONY: setup deps ext demo test lint clean
+
+setup: deps ext
+
+deps: $(VENV)/.deps-stamp
+
+$(VENV)/.deps-stamp: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+ext: $(EXT_STAMP)
+
+$(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES)
+	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	mkdir -p build && touch $@
+
+demo: setup
+	$(PY) -m moe_parallel.train
+
+lint: deps
+	$(VENV)/bin/ruff check moe_parallel tests benchmarks launch setup.py
+
+test: setup lint
+	MOE_PARALLEL_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf build moe_parallel/_C*.so

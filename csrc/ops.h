@@ -1,0 +1,66 @@
+// Declarations shared by the op registry and the CPU/CUDA kernels of moe_parallel._C.
+//
+// Index conventions (all index tensors are int64):
+//   expert_idx [T, k]  global expert id of assignment (t, j), in [0, num_experts).
+//   keep       [T, k]  bool, optional: false marks an assignment dropped by capacity.
+//   row_map    [T, k]  row of assignment (t, j) in the permuted buffer, -1 when dropped.
+//   tokens_per_expert [E] kept assignments per expert (real rows, padding excluded).
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace moe_parallel {
+
+// ---- CPU kernels (csrc/cpu) ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(
+    const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
+    const std::optional<at::Tensor>& keep, int64_t pad_to);
+at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
+                         const std::optional<at::Tensor>& probs, int64_t num_tokens);
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
+    const std::optional<at::Tensor>& probs, int64_t num_rows);
+
+// ---- device-generic: CPU path with OpenMP, other devices through ATen copies/GEMMs ----
+at::Tensor sort_chunks_impl(const at::Tensor& x, const at::Tensor& split_sizes,
+                            const at::Tensor& order);
+// Per-group at::mm into views of the output (BLAS on CPU, cuBLAS on CUDA).
+at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& group_sizes, bool trans_b);
+at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const at::Tensor& group_sizes, bool trans_b);
+
+// ---- argument checks (csrc/checks.cpp), shared by every backend; they raise
+// ValueError/RuntimeError naming the argument, before any kernel runs ----
+void check_permute_args(const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
+                        const std::optional<at::Tensor>& keep, int64_t pad_to);
+void check_unpermute_args(const at::Tensor& y, const at::Tensor& row_map,
+                          const std::optional<at::Tensor>& probs, int64_t num_tokens);
+void check_unpermute_backward_args(const at::Tensor& grad_out, const at::Tensor& y,
+                                   const at::Tensor& row_map,
+                                   const std::optional<at::Tensor>& probs, int64_t num_rows);
+// sort_chunks: split_sizes/order CPU int64 [n], sizes >= 0 summing to x.size(0), order a
+// permutation of 0..n-1.
+void check_sort_chunks_args(const at::Tensor& x, const at::Tensor& split_sizes,
+                            const at::Tensor& order);
+// grouped_gemm: b [G,K,N] (or [G,N,K] with trans_b) of a's dtype/device; group_sizes CPU int64
+// [G], entries >= 0 summing to a.size(0).
+void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& group_sizes, bool trans_b);
+void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const at::Tensor& group_sizes);
+
+#ifdef MOE_PARALLEL_WITH_CUDA
+// ---- CUDA kernels (csrc/cuda) ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(
+    const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
+    const std::optional<at::Tensor>& keep, int64_t pad_to);
+at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
+                          const std::optional<at::Tensor>& probs, int64_t num_tokens);
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
+    const std::optional<at::Tensor>& probs, int64_t num_rows);
+#endif
+
+}  // namespace moe_parallel

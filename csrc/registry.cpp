@@ -1,0 +1,30 @@
+// Op schemas of the moe_parallel library and their CPU kernels. CUDA kernels are
+// registered in csrc/cuda/register_cuda.cpp; autograd and fake (meta) implementations in
+// moe_parallel/ops.py. Semantics: see the comments of the kernels and csrc/ops.h.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(moe_parallel, m) {
+  m.def(
+      "permute(Tensor x, Tensor expert_idx, int num_experts, Tensor? keep=None, int pad_to=0)"
+      " -> (Tensor permuted, Tensor row_map, Tensor tokens_per_expert)");
+  m.def("unpermute(Tensor y, Tensor row_map, Tensor? probs, int num_tokens) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor? probs,"
+      " int num_rows) -> (Tensor grad_y, Tensor grad_probs)");
+  m.def("sort_chunks(Tensor x, Tensor split_sizes, Tensor order) -> Tensor");
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False) -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor group_sizes, bool trans_b=False)"
+      " -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
+  m.impl("permute", &moe_parallel::permute_cpu);
+  m.impl("unpermute", &moe_parallel::unpermute_cpu);
+  m.impl("unpermute_backward", &moe_parallel::unpermute_backward_cpu);
+  m.impl("sort_chunks", &moe_parallel::sort_chunks_impl);
+  m.impl("grouped_gemm", &moe_parallel::grouped_gemm_impl);
+  m.impl("grouped_gemm_wgrad", &moe_parallel::grouped_gemm_wgrad_impl);
+}

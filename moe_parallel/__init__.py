@@ -1,0 +1,9 @@
+"""moe_parallel: an expert-parallel Mixture-of-Experts runtime for PyTorch."""
+
+from .config import MoEConfig
+from .layer import MoEAux, MoELayer
+from .metrics import RoutingStats
+from .reference import ReferenceMoE
+
+__all__ = ["MoEConfig", "MoELayer", "MoEAux", "RoutingStats", "ReferenceMoE"]
+__version__ = "0.1.0"

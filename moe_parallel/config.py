@@ -1,0 +1,243 @@
+"""MoEConfig: every knob of an MoE layer, validated in one place at construction.
+
+Field names follow Megatron-Core's ``moe_*`` arguments where one exists, without the prefix.
+Every invalid value raises ``ValueError`` naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+Activation = Literal["swiglu", "gelu", "relu"]
+RouterType = Literal["topk", "expert_choice"]
+ScoreFunction = Literal["softmax", "sigmoid"]
+DropPolicy = Literal["probs", "position"]
+
+_ACTIVATIONS = ("swiglu", "gelu", "relu")
+_ROUTER_TYPES = ("topk", "expert_choice")
+_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+_DROP_POLICIES = ("probs", "position")
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_BOOL_FIELDS = (
+    "softmax_before_topk",
+    "norm_topk_prob",
+    "noisy_gating",
+    "expert_bias",
+    "pad_to_capacity",
+    "shared_expert_gate",
+    "check_finite",
+)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one MoE layer.
+
+    Routing (token choice, ``router_type="topk"``):
+      logits = x W_r, in float32 whatever the input dtype (float64 when ``params_dtype`` is
+      float64); in training with ``noisy_gating`` logits += N(0,1)·softplus(x W_noise).
+      ``score_function="softmax"``: with ``softmax_before_topk`` probs = topk(softmax(logits)),
+      renormalised to sum 1 when ``norm_topk_prob``; else probs = softmax(topk(logits)).
+      ``score_function="sigmoid"``: scores = sigmoid(logits), probs = topk(scores), renormalised
+      when ``norm_topk_prob``. Selection may add a per-expert bias (``expert_bias``) that never
+      enters the weights; ``num_groups``/``group_topk`` restrict selection to the best groups.
+      probs are finally multiplied by ``routed_scaling_factor``.
+    Routing (expert choice): scores = softmax(logits) over experts; expert e takes its
+      top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor)) (capacity_factor None means 1.0).
+      The aux losses, ``min_capacity``, ``routed_scaling_factor``, noisy gating, expert bias and
+      ``pad_to_capacity`` do not apply to it and must keep their defaults.
+    Capacity (token choice): C = max(ceil(T·top_k/E·capacity_factor), min_capacity) per expert;
+      ``capacity_factor=None`` is dropless.
+    Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
+      ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
+      ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
+    Non-finite input: with ``check_finite`` (default) a NaN/Inf in the router logits raises
+      ``FloatingPointError``; without it NaN propagates to the output.
+    """
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int = 2
+    activation: Activation = "swiglu"
+
+    router_type: RouterType = "topk"
+    score_function: ScoreFunction = "softmax"
+    softmax_before_topk: bool = True
+    norm_topk_prob: bool = True
+    noisy_gating: bool = False
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    routed_scaling_factor: float = 1.0
+    num_groups: Optional[int] = None
+    group_topk: Optional[int] = None
+
+    aux_loss_coeff: float = 0.0
+    seq_aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+
+    capacity_factor: Optional[float] = None
+    min_capacity: int = 0
+    drop_policy: DropPolicy = "probs"
+    pad_to_capacity: bool = False
+
+    num_shared_experts: int = 0
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    shared_expert_gate: bool = False
+
+    params_dtype: torch.dtype = torch.float32
+    init_std: float = 0.02
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("hidden_size", self.hidden_size)
+        _positive_int("ffn_hidden_size", self.ffn_hidden_size)
+        _positive_int("num_experts", self.num_experts)
+        _positive_int("top_k", self.top_k)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k must be <= num_experts ({self.num_experts}), got top_k={self.top_k}"
+            )
+        _choice("activation", self.activation, _ACTIVATIONS)
+        _choice("router_type", self.router_type, _ROUTER_TYPES)
+        _choice("score_function", self.score_function, _SCORE_FUNCTIONS)
+        _choice("drop_policy", self.drop_policy, _DROP_POLICIES)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.capacity_factor is not None and not (
+            _is_real(self.capacity_factor)
+            and math.isfinite(self.capacity_factor)
+            and self.capacity_factor > 0
+        ):
+            raise ValueError(
+                "capacity_factor must be a number > 0, or None for dropless; "
+                f"got {self.capacity_factor!r}"
+            )
+        _nonneg_int("min_capacity", self.min_capacity)
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise ValueError("pad_to_capacity=True needs capacity_factor to be set (it is None)")
+        if self.score_function == "sigmoid" and not self.softmax_before_topk:
+            raise ValueError("softmax_before_topk=False applies only to score_function='softmax'")
+        if self.noisy_gating and self.score_function != "softmax":
+            raise ValueError("noisy_gating requires score_function='softmax'")
+        _nonneg_float("bias_update_rate", self.bias_update_rate)
+        if not (
+            _is_real(self.routed_scaling_factor)
+            and math.isfinite(self.routed_scaling_factor)
+            and self.routed_scaling_factor > 0
+        ):
+            raise ValueError(
+                f"routed_scaling_factor must be a finite number > 0, "
+                f"got {self.routed_scaling_factor!r}"
+            )
+        if (self.num_groups is None) != (self.group_topk is None):
+            raise ValueError(
+                "num_groups and group_topk must be set together "
+                f"(got num_groups={self.num_groups}, group_topk={self.group_topk})"
+            )
+        if self.num_groups is not None:
+            _positive_int("num_groups", self.num_groups)
+            _positive_int("group_topk", self.group_topk)
+            if self.num_experts % self.num_groups:
+                raise ValueError(
+                    f"num_experts ({self.num_experts}) must be divisible by "
+                    f"num_groups ({self.num_groups})"
+                )
+            if self.group_topk > self.num_groups:
+                raise ValueError(
+                    f"group_topk ({self.group_topk}) must be <= num_groups ({self.num_groups})"
+                )
+            if self.top_k % self.group_topk:
+                raise ValueError(
+                    f"top_k ({self.top_k}) must be divisible by group_topk ({self.group_topk})"
+                )
+            if self.top_k > self.group_topk * (self.num_experts // self.num_groups):
+                raise ValueError(
+                    f"top_k ({self.top_k}) exceeds the experts in group_topk "
+                    f"({self.group_topk}) groups of {self.num_experts // self.num_groups}"
+                )
+            if self.router_type != "topk":
+                raise ValueError("num_groups/group_topk apply only to router_type='topk'")
+        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
+            _nonneg_float(name, getattr(self, name))
+        if self.router_type == "expert_choice":
+            for name in ("noisy_gating", "expert_bias", "pad_to_capacity"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is not supported with router_type='expert_choice'")
+            for name in ("aux_loss_coeff", "seq_aux_loss_coeff"):
+                if getattr(self, name) > 0:
+                    raise ValueError(
+                        f"{name} must be 0 with router_type='expert_choice' (every expert "
+                        f"takes the same number of tokens), got {getattr(self, name)}"
+                    )
+            if self.min_capacity:
+                raise ValueError(
+                    "min_capacity applies only to router_type='topk' (expert choice uses "
+                    f"C = min(T, ceil(T*top_k/E*capacity_factor))), got {self.min_capacity}"
+                )
+            if self.routed_scaling_factor != 1.0:
+                raise ValueError(
+                    "routed_scaling_factor must be 1.0 with router_type='expert_choice', "
+                    f"got {self.routed_scaling_factor}"
+                )
+            if self.score_function != "softmax":
+                raise ValueError("router_type='expert_choice' requires score_function='softmax'")
+        _nonneg_int("num_shared_experts", self.num_shared_experts)
+        if self.shared_expert_ffn_hidden_size is not None:
+            _positive_int("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size)
+            if self.num_shared_experts == 0:
+                raise ValueError("shared_expert_ffn_hidden_size needs num_shared_experts >= 1")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        if self.params_dtype not in _DTYPES:
+            raise ValueError(f"params_dtype must be one of {_DTYPES}, got {self.params_dtype}")
+        if not (_is_real(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """Hidden size of the (merged) shared expert FFN; 0 when there is none."""
+        if self.num_shared_experts == 0:
+            return 0
+        if self.shared_expert_ffn_hidden_size is not None:
+            return self.shared_expert_ffn_hidden_size
+        return self.num_shared_experts * self.ffn_hidden_size
+
+    @property
+    def gated(self) -> bool:
+        """True when the first expert GEMM produces two halves (SwiGLU)."""
+        return self.activation == "swiglu"
+
+    def replace(self, **changes) -> MoEConfig:
+        """A copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _nonneg_float(name: str, value) -> None:
+    if not (_is_real(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _nonneg_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

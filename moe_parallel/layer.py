@@ -1,0 +1,122 @@
+"""MoELayer: router → capacity → dispatcher → grouped experts → dispatcher → (+ shared experts).
+
+    y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t])  +  shared(x[t])
+
+Input ``[T, H]`` or ``[S, B, H]`` (sequence-major, as in Megatron); the output has the input's
+shape. The losses and routing statistics of the last forward are kept on the layer
+(``last_losses``, ``aux_loss``, ``last_stats``) and are returned explicitly with
+``return_aux=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .capacity import apply_capacity, expert_capacity
+from .config import MoEConfig
+from .dispatcher import LocalDispatcher
+from .experts import GroupedExperts, SharedExpert
+from .metrics import RoutingStats
+from .router import Routing, build_router
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """Side outputs of one forward: coefficient-scaled losses and routing statistics."""
+
+    losses: dict[str, Tensor]
+    stats: RoutingStats
+
+    @property
+    def total_loss(self) -> Tensor | None:
+        """Sum of the losses (add it to the training loss), None when no loss is enabled."""
+        return sum(self.losses.values()) if self.losses else None
+
+
+class MoELayer(nn.Module):
+    """One Mixture-of-Experts FFN layer over this process's tokens.
+
+    ``dispatcher`` defaults to ``LocalDispatcher`` (every expert on this process); any object
+    with the same ``dispatch``/``combine`` contract (see ``dispatcher.py``) can replace it, in
+    which case ``experts`` must hold that dispatcher's local experts.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        dispatcher=None,
+        experts: nn.Module | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.router = build_router(config).to(device)
+        self.experts = experts if experts is not None else GroupedExperts(config, device=device)
+        self.shared_expert = (
+            SharedExpert(config, device=device) if config.num_shared_experts else None
+        )
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(
+            config.num_experts
+        )
+        self.last_losses: dict[str, Tensor] = {}
+        self.last_stats: RoutingStats | None = None
+
+    @property
+    def aux_loss(self) -> Tensor | None:
+        """Sum of the last forward's losses (None when no loss is enabled)."""
+        return sum(self.last_losses.values()) if self.last_losses else None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for ``num_tokens`` tokens in token-choice mode (None = dropless)."""
+        cfg = self.config
+        if cfg.router_type != "topk" or cfg.capacity_factor is None:
+            return None
+        return expert_capacity(
+            num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity
+        )
+
+    def route(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor], int]:
+        """Router plus capacity: the routing to dispatch, the losses, and the pad length."""
+        routing, losses = self.router(x, num_seqs=num_seqs)
+        capacity = self.capacity(x.shape[0])
+        pad_to = 0
+        if capacity is not None:
+            keep = apply_capacity(
+                routing.expert_idx, routing.probs, self.config.num_experts, capacity,
+                self.config.drop_policy, routing.keep,
+            )
+            routing = replace(routing, keep=keep)
+            pad_to = capacity if self.config.pad_to_capacity else 0
+        return routing, losses, pad_to
+
+    def forward(self, x: Tensor, return_aux: bool = False):
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"x must be [T, hidden_size] or [S, B, hidden_size] with hidden_size="
+                f"{cfg.hidden_size}, got shape {tuple(x.shape)}"
+            )
+        if x.dtype != cfg.params_dtype:
+            raise ValueError(
+                f"x dtype {x.dtype} does not match config.params_dtype {cfg.params_dtype}"
+            )
+        shape = x.shape
+        num_seqs = shape[1] if x.dim() == 3 else 1
+        tokens = x.reshape(-1, cfg.hidden_size)
+
+        routing, losses, pad_to = self.route(tokens, num_seqs)
+        expert_in, group_sizes, handle = self.dispatcher.dispatch(tokens, routing, pad_to)
+        expert_out = self.experts(expert_in, group_sizes)
+        y = self.dispatcher.combine(expert_out, handle)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(tokens)
+
+        stats = RoutingStats.from_counts(
+            routing.routed_per_expert, handle.tokens_per_expert, handle.row_map
+        )
+        self.last_losses, self.last_stats = losses, stats
+        y = y.reshape(shape)
+        return (y, MoEAux(losses, stats)) if return_aux else y

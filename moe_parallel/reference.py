@@ -1,0 +1,206 @@
+"""The executable specification: a plain loop-over-experts MoE with the semantics of MoEConfig.
+
+It shares no code with the runtime's router, capacity, dispatcher or experts: every formula of
+``config.py`` is written out once more, as directly as possible, so the runtime can be tested
+against it (and benchmarked against it as the naive baseline). Parameter names match
+``MoELayer``'s, so ``ReferenceMoE.from_layer(layer)`` copies weights and gradients compare by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+
+def _act(h: Tensor, activation: str) -> Tensor:
+    if activation == "swiglu":
+        half = h.shape[-1] // 2
+        return F.silu(h[..., :half]) * h[..., half:]
+    return F.gelu(h) if activation == "gelu" else F.relu(h)
+
+
+def router_dtype(config: MoEConfig) -> torch.dtype:
+    """Routing runs in float64 for float64 models, else in float32."""
+    return torch.float64 if config.params_dtype == torch.float64 else torch.float32
+
+
+class ReferenceMoE(nn.Module):
+    """forward(x [T, H] or [S, B, H]) -> (y, losses) with ``losses`` coefficient-scaled."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        E, H, Fh = config.num_experts, config.hidden_size, config.ffn_hidden_size
+        rd, pd = router_dtype(config), config.params_dtype
+        fc1 = 2 * Fh if config.gated else Fh
+        self.router = nn.Module()
+        self.router.weight = nn.Parameter(torch.randn(E, H, dtype=rd) * config.init_std)
+        if config.noisy_gating:
+            self.router.noise_weight = nn.Parameter(torch.randn(E, H, dtype=rd) * config.init_std)
+        if config.expert_bias:
+            self.router.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        self.experts = nn.Module()
+        self.experts.w1 = nn.Parameter(torch.randn(E, H, fc1, dtype=pd) * config.init_std)
+        self.experts.w2 = nn.Parameter(torch.randn(E, Fh, H, dtype=pd) * config.init_std)
+        if config.num_shared_experts:
+            Fs = config.shared_ffn_size
+            self.shared_expert = nn.Module()
+            self.shared_expert.w1 = nn.Parameter(
+                torch.randn(H, 2 * Fs if config.gated else Fs, dtype=pd) * config.init_std
+            )
+            self.shared_expert.w2 = nn.Parameter(torch.randn(Fs, H, dtype=pd) * config.init_std)
+            if config.shared_expert_gate:
+                self.shared_expert.gate_weight = nn.Parameter(
+                    torch.randn(1, H, dtype=pd) * config.init_std
+                )
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module) -> ReferenceMoE:
+        """A reference holding copies of ``layer``'s parameters and buffers (matched by name)."""
+        ref = cls(layer.config)
+        own = dict(ref.named_parameters()) | dict(ref.named_buffers())
+        theirs = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(theirs[name])
+        return ref
+
+    # ---- routing -------------------------------------------------------------------------
+    def _logits(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        xr = x.to(self.router.weight.dtype)
+        logits = xr @ self.router.weight.t()
+        if cfg.noisy_gating and self.training:
+            noise_std = F.softplus(xr @ self.router.noise_weight.t())
+            logits = logits + torch.randn_like(logits) * noise_std
+        if cfg.check_finite and not torch.isfinite(logits).all():
+            raise FloatingPointError("router logits are not finite")
+        return logits
+
+    def _full_scores(self, logits: Tensor) -> Tensor:
+        """Scores over all experts used by the aux losses."""
+        if self.config.score_function == "softmax":
+            return logits.softmax(-1)
+        s = logits.sigmoid()
+        return s / s.sum(-1, keepdim=True)
+
+    def _select(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Token-choice top-k: (expert_idx [T, k], probs [T, k])."""
+        cfg = self.config
+        k = cfg.top_k
+        if cfg.score_function == "softmax":
+            scores = logits.softmax(-1) if cfg.softmax_before_topk else logits
+        else:
+            scores = logits.sigmoid()
+        choose = scores.detach().clone()
+        if cfg.expert_bias:
+            choose = choose + self.router.expert_bias.to(choose.dtype)
+        if cfg.num_groups is not None:
+            T, G = choose.shape[0], cfg.num_groups
+            per_group = choose.view(T, G, -1)
+            group_score = per_group.topk(k // cfg.group_topk, dim=-1).values.sum(-1)
+            best_groups = group_score.topk(cfg.group_topk, dim=-1).indices
+            allowed = torch.zeros(T, G, dtype=torch.bool, device=choose.device)
+            allowed[torch.arange(T, device=choose.device)[:, None], best_groups] = True
+            allowed = allowed[:, :, None].expand_as(per_group).reshape(T, -1)
+            choose = choose.masked_fill(~allowed, float("-inf"))
+        idx = choose.topk(k, dim=-1).indices
+        picked = scores.gather(1, idx)
+        if cfg.score_function == "softmax" and not cfg.softmax_before_topk:
+            probs = picked.softmax(-1)
+        elif cfg.norm_topk_prob:
+            eps = 1e-20 if cfg.score_function == "sigmoid" else 0.0
+            probs = picked / (picked.sum(-1, keepdim=True) + eps)
+        else:
+            probs = picked
+        return idx, probs * cfg.routed_scaling_factor
+
+    def _capacity_keep(self, idx: Tensor, probs: Tensor) -> Tensor:
+        """Keep at most C assignments per expert, by drop policy."""
+        cfg = self.config
+        T, k = idx.shape
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        if cfg.capacity_factor is None:
+            return keep
+        cap = max(math.ceil(T * k / cfg.num_experts * cfg.capacity_factor), cfg.min_capacity)
+        for e in range(cfg.num_experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)  # sorted by token
+            if tok.numel() <= cap:
+                continue
+            if cfg.drop_policy == "probs":
+                order = torch.sort(-probs[tok, slot].detach(), stable=True).indices
+            else:
+                order = torch.arange(tok.numel(), device=idx.device)
+            dropped = order[cap:]
+            keep[tok[dropped], slot[dropped]] = False
+        return keep
+
+    def _losses(self, logits: Tensor, idx: Tensor, num_seqs: int) -> dict[str, Tensor]:
+        cfg = self.config
+        T, k, E = idx.shape[0], idx.shape[1], cfg.num_experts
+        losses: dict[str, Tensor] = {}
+        scores = self._full_scores(logits)
+        onehot = F.one_hot(idx, E).sum(1).to(scores.dtype)  # [T, E] 0/1 selections
+        if cfg.aux_loss_coeff > 0:
+            f = onehot.sum(0) / (T * k)
+            losses["aux"] = cfg.aux_loss_coeff * E * (f * scores.mean(0)).sum()
+        if cfg.seq_aux_loss_coeff > 0:
+            per_seq = []
+            for b in range(num_seqs):
+                rows = torch.arange(b, T, num_seqs, device=logits.device)
+                f = onehot[rows].sum(0) * E / (k * rows.numel())
+                per_seq.append((f * scores[rows].mean(0)).sum())
+            losses["seq_aux"] = cfg.seq_aux_loss_coeff * torch.stack(per_seq).mean()
+        if cfg.z_loss_coeff > 0:
+            losses["z"] = cfg.z_loss_coeff * logits.logsumexp(-1).square().mean()
+        return losses
+
+    # ---- experts -------------------------------------------------------------------------
+    def _expert(self, e: int, x: Tensor) -> Tensor:
+        w1, w2 = self.experts.w1[e], self.experts.w2[e]
+        return _act(x @ w1, self.config.activation) @ w2
+
+    def _shared(self, x: Tensor) -> Tensor:
+        se = self.shared_expert
+        y = _act(x @ se.w1, self.config.activation) @ se.w2
+        if self.config.shared_expert_gate:
+            y = torch.sigmoid(x @ se.gate_weight.t()) * y
+        return y
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        shape = x.shape
+        num_seqs = shape[1] if x.dim() == 3 else 1
+        x = x.reshape(-1, cfg.hidden_size)
+        T = x.shape[0]
+        logits = self._logits(x)
+        y = torch.zeros_like(x)
+        if cfg.router_type == "expert_choice":
+            losses = {}
+            if cfg.z_loss_coeff > 0:
+                losses["z"] = cfg.z_loss_coeff * logits.logsumexp(-1).square().mean()
+            scores = logits.softmax(-1)
+            cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+            cap = min(T, math.ceil(T * cfg.top_k / cfg.num_experts * cf))
+            for e in range(cfg.num_experts):
+                tok = scores[:, e].detach().topk(cap).indices
+                out = self._expert(e, x[tok])
+                y = y.index_add(0, tok, scores[tok, e, None].to(x.dtype) * out)
+        else:
+            idx, probs = self._select(logits)
+            losses = self._losses(logits, idx, num_seqs)
+            keep = self._capacity_keep(idx, probs)
+            for e in range(cfg.num_experts):
+                tok, slot = ((idx == e) & keep).nonzero(as_tuple=True)
+                if tok.numel() == 0:
+                    continue
+                out = self._expert(e, x[tok])
+                y = y.index_add(0, tok, probs[tok, slot, None].to(x.dtype) * out)
+        if cfg.num_shared_experts:
+            y = y + self._shared(x)
+        return y.reshape(shape), losses

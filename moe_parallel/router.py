@@ -1,0 +1,409 @@
+"""Routers: which experts each token goes to, with which combine weight, plus the routing losses.
+
+Token choice (``TopKRouter``), with ``logits = x W^T`` (``W`` = ``weight`` ``[E, H]``):
+
+* softmax, ``softmax_before_topk``: ``s = softmax(logits)``; select ``topk(s + b)``;
+  ``p = s[selected]``, divided by its sum when ``norm_topk_prob``.
+* softmax, not ``softmax_before_topk``: select ``topk(logits + b)``;
+  ``p = softmax(logits[selected])``.
+* sigmoid: ``s = sigmoid(logits)``; select ``topk(s + b)``; ``p = s[selected]``, divided by
+  ``sum + 1e-20`` when ``norm_topk_prob``.
+* ``p *= routed_scaling_factor``.
+
+``b`` is the selection-only expert bias (zero unless ``expert_bias``). With
+``num_groups = G`` and ``group_topk = M`` the selection scores ``s + b`` are viewed as
+``[T, G, E/G]``, a group's score is the sum of its ``top_k // M`` best scores, only the ``M``
+best groups stay selectable. With ``noisy_gating``, in training,
+``logits = x W^T + randn_like · softplus(x W_noise^T)``.
+
+Expert choice (``ExpertChoiceRouter``): ``s = softmax(logits)`` ``[T, E]``; expert ``e`` takes
+the ``C = min(T, ceil(T·top_k/E·cf))`` tokens with the highest ``s[:, e]``.
+
+Losses (returned coefficient-scaled, keyed ``"aux"``, ``"seq_aux"``, ``"z"``):
+
+* Switch: ``coeff · E · Σ_i f_i P_i``, ``f_i = count_i / (T·k)``, ``P_i = mean_t ŝ_{t,i}``;
+* per sequence (DeepSeek-V3): ``coeff · mean_b Σ_i (E·count_{b,i} / (k·T_b)) · mean_{t∈b} ŝ_{t,i}``;
+* z-loss: ``coeff · mean_t logsumexp(logits_t)^2``;
+
+where ``ŝ`` is the full distribution over experts (``softmax(logits)``, or
+``sigmoid(logits) / Σ_e sigmoid(logits)``) and ``count`` the selections before capacity drops.
+
+All router math runs in float32 whatever the input dtype (float64 when the router parameters
+are float64, i.e. ``params_dtype=torch.float64``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .capacity import expert_capacity
+from .config import MoEConfig
+
+__all__ = [
+    "ExpertChoiceRouter",
+    "Routing",
+    "TopKRouter",
+    "build_router",
+    "full_scores",
+    "sequence_load_balancing_loss",
+    "switch_load_balancing_loss",
+    "z_loss",
+]
+
+
+@dataclass
+class Routing:
+    """The routing of ``T`` tokens.
+
+    probs: ``[T, k']`` combine weights (``routed_scaling_factor`` applied), router dtype.
+    expert_idx: ``[T, k']`` int64 global expert ids, duplicate-free per token.
+    keep: ``[T, k']`` bool, or None when every assignment is kept.
+    logits: ``[T, E]`` router logits (after noise, if any), router dtype.
+    routed_per_expert: ``[E]`` int64 assignments per expert before any capacity drop.
+
+    Token choice has ``k' = top_k``; expert choice has ``k' = E`` with
+    ``expert_idx[t, e] = e``, ``keep[t, e]`` = expert ``e`` chose token ``t`` and
+    ``probs[t, e]`` its softmax score (0 where not chosen).
+    """
+
+    probs: Tensor
+    expert_idx: Tensor
+    keep: Optional[Tensor]
+    logits: Tensor
+    routed_per_expert: Tensor
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+
+def full_scores(logits: Tensor, score_function: str) -> Tensor:
+    """Per-token distribution over all experts used by the balancing losses, ``[T, E]``.
+
+    ``softmax(logits)`` for ``"softmax"``; ``sigmoid(logits) / Σ_e sigmoid(logits)`` for
+    ``"sigmoid"``.
+    """
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score_function == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s / s.sum(dim=-1, keepdim=True)
+    raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
+
+
+def switch_load_balancing_loss(
+    scores: Tensor, routed_per_expert: Tensor, top_k: int, coeff: float
+) -> Tensor:
+    """Switch aux loss ``coeff · E · Σ_i f_i P_i``.
+
+    ``scores``: ``[T, E]`` full distributions (see ``full_scores``); ``routed_per_expert``:
+    ``[E]`` selection counts; ``f_i = count_i / (T·k)``, ``P_i = mean_t scores[t, i]``.
+    Gradients flow through ``scores`` only. An empty batch gives 0.
+    """
+    T, E = scores.shape
+    denom = max(T, 1)
+    f = routed_per_expert.to(scores.dtype) / (denom * top_k)
+    p = scores.sum(dim=0) / denom
+    return coeff * E * torch.dot(f, p)
+
+
+def sequence_load_balancing_loss(
+    scores: Tensor, selected: Tensor, top_k: int, num_seqs: int, coeff: float
+) -> Tensor:
+    """Per-sequence aux loss (DeepSeek-V3) ``coeff · mean_b Σ_i f_{b,i} P_{b,i}``.
+
+    ``scores``: ``[T, E]`` full distributions; ``selected``: ``[T, E]`` 0/1 selection mask.
+    Tokens are sequence-major: sequence ``b`` owns the tokens ``t`` with ``t % num_seqs == b``
+    (``T_b = T / num_seqs`` of them). ``f_{b,i} = E · count_{b,i} / (k · T_b)``,
+    ``P_{b,i} = mean_{t∈b} scores[t, i]``. An empty batch gives 0.
+    """
+    T, E = scores.shape
+    seq_len = T // num_seqs
+    denom = max(seq_len, 1)
+    counts = selected.to(scores.dtype).view(seq_len, num_seqs, E).sum(dim=0)  # [B, E]
+    f = counts * (E / (top_k * denom))
+    p = scores.view(seq_len, num_seqs, E).sum(dim=0) / denom  # [B, E]
+    return coeff * (f * p).sum(dim=-1).mean()
+
+
+def z_loss(logits: Tensor, coeff: float) -> Tensor:
+    """Router z-loss ``coeff · mean_t logsumexp(logits_t)^2`` (0 for an empty batch)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return coeff * lse.square().sum() / max(lse.numel(), 1)
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+
+def _router_param_dtype(config: MoEConfig) -> torch.dtype:
+    return torch.float64 if config.params_dtype == torch.float64 else torch.float32
+
+
+def _check_input(x: Tensor, hidden_size: int, num_seqs: int) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"router input x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(
+            f"router input x must be [T, hidden_size] with hidden_size={hidden_size}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"router input x must be floating point, got {x.dtype}")
+    if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs < 1:
+        raise ValueError(f"num_seqs must be a positive int, got {num_seqs!r}")
+    if x.shape[0] % num_seqs:
+        raise ValueError(
+            f"router input x has {x.shape[0]} tokens, not divisible by num_seqs={num_seqs}"
+        )
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            "router input x produced non-finite router logits (NaN/Inf in x or in the router "
+            "weight); set check_finite=False to let them propagate"
+        )
+
+
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+# ---- token choice ------------------------------------------------------------------------------
+
+
+class TopKRouter(nn.Module):
+    """Token-choice top-k router (formulas in the module docstring).
+
+    Parameters: ``weight`` ``[E, H]`` (and ``noise_weight`` ``[E, H]`` with ``noisy_gating``),
+    both ``N(0, init_std)``, float32 (float64 for float64 models). Buffers: ``expert_bias``
+    ``[E]`` float32 (with ``expert_bias``; selection only) and ``local_tokens_per_expert``
+    ``[E]`` float32, the routed counts accumulated over training-mode forwards since the last
+    ``update_expert_bias``.
+
+    ``forward(x [T, H], num_seqs=1) -> (Routing, losses)``; ``keep`` is None (capacity is
+    applied downstream with ``capacity.apply_capacity``).
+    """
+
+    expert_bias: Optional[Tensor]
+    local_tokens_per_expert: Tensor
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if config.router_type != "topk":
+            raise ValueError(
+                f"TopKRouter needs router_type='topk', got router_type={config.router_type!r}"
+            )
+        self.config = config
+        E, H = config.num_experts, config.hidden_size
+        dtype = _router_param_dtype(config)
+        self.weight = nn.Parameter(torch.empty(E, H, dtype=dtype))
+        if config.noisy_gating:
+            self.noise_weight = nn.Parameter(torch.empty(E, H, dtype=dtype))
+        else:
+            self.register_parameter("noise_weight", None)
+        if config.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.register_buffer("expert_bias", None)
+        self.register_buffer(
+            "local_tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw ``weight`` (and ``noise_weight``) from ``N(0, init_std)``."""
+        nn.init.normal_(self.weight, mean=0.0, std=self.config.init_std)
+        if self.noise_weight is not None:
+            nn.init.normal_(self.noise_weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor]]:
+        """Route ``x`` ``[T, H]`` (sequence-major, ``num_seqs`` sequences) to ``top_k`` experts."""
+        cfg = self.config
+        _check_input(x, cfg.hidden_size, num_seqs)
+        E, k = cfg.num_experts, cfg.top_k
+        dtype = _compute_dtype(self.weight)
+        xr = x.to(dtype)
+        logits = F.linear(xr, self.weight.to(dtype))
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(F.linear(xr, self.noise_weight.to(dtype)))
+            logits = logits + torch.randn_like(logits) * noise_std
+        if cfg.check_finite:
+            _check_logits(logits)
+
+        if cfg.score_function == "softmax":
+            scores = torch.softmax(logits, dim=-1) if cfg.softmax_before_topk else logits
+        else:
+            scores = torch.sigmoid(logits)
+
+        expert_idx = self._select(scores.detach())
+        picked = scores.gather(1, expert_idx)
+        if cfg.score_function == "softmax" and not cfg.softmax_before_topk:
+            probs = torch.softmax(picked, dim=-1)
+        elif cfg.norm_topk_prob:
+            eps = 1e-20 if cfg.score_function == "sigmoid" else 0.0
+            probs = picked / (picked.sum(dim=-1, keepdim=True) + eps)
+        else:
+            probs = picked
+        if cfg.routed_scaling_factor != 1.0:
+            probs = probs * cfg.routed_scaling_factor
+
+        flat_idx = expert_idx.reshape(-1)
+        routed_per_expert = torch.zeros(E, dtype=torch.int64, device=logits.device)
+        routed_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+        if self.training:
+            with torch.no_grad():
+                self.local_tokens_per_expert += routed_per_expert.to(torch.float32)
+
+        losses: dict[str, Tensor] = {}
+        if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
+            dist = full_scores(logits, cfg.score_function)
+            if cfg.aux_loss_coeff > 0:
+                losses["aux"] = switch_load_balancing_loss(
+                    dist, routed_per_expert, k, cfg.aux_loss_coeff
+                )
+            if cfg.seq_aux_loss_coeff > 0:
+                selected = torch.zeros_like(dist).scatter_(1, expert_idx, 1.0)
+                losses["seq_aux"] = sequence_load_balancing_loss(
+                    dist, selected, k, num_seqs, cfg.seq_aux_loss_coeff
+                )
+        if cfg.z_loss_coeff > 0:
+            losses["z"] = z_loss(logits, cfg.z_loss_coeff)
+
+        routing = Routing(
+            probs=probs,
+            expert_idx=expert_idx,
+            keep=None,
+            logits=logits,
+            routed_per_expert=routed_per_expert,
+        )
+        return routing, losses
+
+    def _select(self, choose: Tensor) -> Tensor:
+        """Expert ids ``[T, k]`` from detached selection scores (bias and group limit applied)."""
+        cfg = self.config
+        if self.expert_bias is not None:
+            choose = choose + self.expert_bias.to(choose.dtype)
+        if cfg.num_groups is not None:
+            T, G = choose.shape[0], cfg.num_groups
+            per_group = choose.view(T, G, -1)
+            group_score = per_group.topk(cfg.top_k // cfg.group_topk, dim=-1).values.sum(dim=-1)
+            best_groups = group_score.topk(cfg.group_topk, dim=-1).indices
+            allowed = torch.zeros(T, G, dtype=torch.bool, device=choose.device)
+            allowed.scatter_(1, best_groups, True)
+            allowed = allowed.unsqueeze(-1).expand_as(per_group).reshape(T, -1)
+            choose = choose.masked_fill(~allowed, float("-inf"))
+        return choose.topk(cfg.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: Optional[Tensor] = None) -> None:
+        """DeepSeek-V3 bias update ``b_i += bias_update_rate · sign(mean(c) - c_i)``.
+
+        ``c`` is ``tokens_per_expert`` (e.g. already summed over data-parallel ranks) or, when
+        None, the accumulated ``local_tokens_per_expert``. Resets the accumulator afterwards.
+        """
+        if self.expert_bias is None:
+            raise RuntimeError("update_expert_bias needs a config with expert_bias=True")
+        E = self.config.num_experts
+        if tokens_per_expert is None:
+            c = self.local_tokens_per_expert
+        else:
+            if not isinstance(tokens_per_expert, Tensor) or tokens_per_expert.shape != (E,):
+                raise ValueError(
+                    f"tokens_per_expert must be a [num_experts={E}] tensor, got "
+                    f"{getattr(tokens_per_expert, 'shape', type(tokens_per_expert))}"
+                )
+            c = tokens_per_expert.to(device=self.expert_bias.device)
+        c = c.to(torch.float32)
+        self.expert_bias += self.config.bias_update_rate * torch.sign(c.mean() - c)
+        self.local_tokens_per_expert.zero_()
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"hidden_size={cfg.hidden_size}, num_experts={cfg.num_experts}, top_k={cfg.top_k}, "
+            f"score_function={cfg.score_function!r}"
+        )
+
+
+# ---- expert choice -----------------------------------------------------------------------------
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert-choice router: each expert takes its ``C`` highest-scoring tokens.
+
+    ``s = softmax(x W^T)`` ``[T, E]``; ``C = min(T, ceil(T·top_k/E·cf))`` with
+    ``cf = capacity_factor`` (1.0 when None). The Routing has ``k' = E``:
+    ``expert_idx[t, e] = e``, ``keep[t, e]`` = token ``t`` is among expert ``e``'s top ``C``,
+    ``probs[t, e] = s[t, e] · routed_scaling_factor`` where kept, else 0.
+    ``routed_per_expert[e]`` is the number of tokens expert ``e`` took. Only the z-loss applies.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        if config.router_type != "expert_choice":
+            raise ValueError(
+                "ExpertChoiceRouter needs router_type='expert_choice', "
+                f"got router_type={config.router_type!r}"
+            )
+        self.config = config
+        dtype = _router_param_dtype(config)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw ``weight`` from ``N(0, init_std)``."""
+        nn.init.normal_(self.weight, mean=0.0, std=self.config.init_std)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Tokens per expert: ``min(T, ceil(T·top_k/E·cf))``."""
+        cfg = self.config
+        cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+        return min(num_tokens, expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, cf))
+
+    def forward(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor]]:
+        """Route ``x`` ``[T, H]``: every expert picks its top-``C`` tokens."""
+        cfg = self.config
+        _check_input(x, cfg.hidden_size, num_seqs)
+        T, E = x.shape[0], cfg.num_experts
+        dtype = _compute_dtype(self.weight)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        if cfg.check_finite:
+            _check_logits(logits)
+        scores = torch.softmax(logits, dim=-1)
+        cap = self.capacity(T)
+        chosen = scores.detach().topk(cap, dim=0).indices  # [C, E] token ids per expert
+        keep = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+        keep.scatter_(0, chosen, True)
+        probs = scores * keep
+        if cfg.routed_scaling_factor != 1.0:
+            probs = probs * cfg.routed_scaling_factor
+        expert_idx = torch.arange(E, device=logits.device).expand(T, E).contiguous()
+        losses: dict[str, Tensor] = {}
+        if cfg.z_loss_coeff > 0:
+            losses["z"] = z_loss(logits, cfg.z_loss_coeff)
+        routing = Routing(
+            probs=probs,
+            expert_idx=expert_idx,
+            keep=keep,
+            logits=logits,
+            routed_per_expert=keep.sum(dim=0),
+        )
+        return routing, losses
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return f"hidden_size={cfg.hidden_size}, num_experts={cfg.num_experts}, top_k={cfg.top_k}"
+
+
+def build_router(config: MoEConfig) -> nn.Module:
+    """``TopKRouter`` for ``router_type='topk'``, ``ExpertChoiceRouter`` for ``'expert_choice'``."""
+    if config.router_type == "topk":
+        return TopKRouter(config)
+    if config.router_type == "expert_choice":
+        return ExpertChoiceRouter(config)
+    raise ValueError(f"router_type must be 'topk' or 'expert_choice', got {config.router_type!r}")

@@ -1,0 +1,135 @@
+"""Build of moe_parallel and its C++/CUDA extension moe_parallel._C.
+
+    python setup.py build_ext --inplace      (or: pip install .)
+
+Sources: csrc/*.cpp and csrc/cpu/*.cpp always; csrc/cuda/*.cu and csrc/cuda/*.cpp as well
+when torch is a CUDA build and nvcc is found, compiled with MOE_PARALLEL_WITH_CUDA defined.
+Environment:
+    MOE_PARALLEL_NO_CUDA=1   CPU-only build even when CUDA is available.
+    CUDA_HOME                CUDA toolkit (default: /usr/local/cuda, else nvcc on PATH).
+    TORCH_CUDA_ARCH_LIST     GPU targets (default "8.0;9.0").
+    MAX_JOBS                 parallel compile jobs (ninja).
+"""
+
+import glob
+import os
+import shutil
+import site
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _sources(*patterns):
+    found = []
+    for pattern in patterns:
+        found += glob.glob(os.path.join(ROOT, pattern))
+    return sorted(os.path.relpath(p, ROOT) for p in found)
+
+
+def _cuda_home():
+    """CUDA toolkit root holding bin/nvcc, or None. Sets CUDA_HOME for torch's helpers."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # nvcc on PATH may be a wrapper script; the toolkit is where the real binary lives.
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
+def _nvidia_include_dirs():
+    """Headers of the pip nvidia-* packages (cuBLAS, cuSPARSE, ... live there, not in every
+    system toolkit): <site-packages>/nvidia/*/include and nvidia/cu13/include."""
+    roots = []
+    try:
+        import nvidia  # namespace package of the pip CUDA wheels
+
+        roots += list(nvidia.__path__)
+    except ImportError:
+        pass
+    for sp in site.getsitepackages() + [site.getusersitepackages()]:
+        roots.append(os.path.join(sp, "nvidia"))
+    dirs = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            inc = os.path.realpath(inc)
+            if inc not in dirs:
+                dirs.append(inc)
+    return dirs
+
+
+def _extension():
+    import torch
+
+    use_cuda = bool(torch.version.cuda) and not _truthy("MOE_PARALLEL_NO_CUDA")
+    cuda_home = _cuda_home() if use_cuda else None
+    use_cuda = cuda_home is not None
+
+    # Imported after CUDA_HOME is settled: torch reads it when this module loads.
+    from torch.utils import cpp_extension
+
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-fopenmp"]
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if not use_cuda:
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags}
+        return cpp_extension.CppExtension("moe_parallel._C", sources, **kwargs)
+
+    cpp_extension.CUDA_HOME = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    kwargs["include_dirs"] += _nvidia_include_dirs()
+    kwargs["define_macros"] = [("MOE_PARALLEL_WITH_CUDA", None)]
+    # No fast-math: the kernels promise float32/float64 accumulation results.
+    kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3"]}
+    return cpp_extension.CUDAExtension("moe_parallel._C", sources, **kwargs)
+
+
+def _ninja_available():
+    """Whether ninja runs; puts the one of this Python's environment on PATH if needed."""
+    if shutil.which("ninja"):
+        return True
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # pip package
+
+        dirs.append(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, "ninja")):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return True
+    return False
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=_ninja_available())
+
+
+setup(
+    name="moe_parallel",
+    version="0.1.0",
+    description="Mixture-of-Experts runtime for PyTorch: token permutation, grouped GEMM, "
+    "expert-parallel dispatch",
+    packages=["moe_parallel"],
+    python_requires=">=3.10",
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+    zip_safe=False,
+)

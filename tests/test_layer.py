@@ -1,0 +1,222 @@
+"""MoELayer against the loop-over-experts reference (float64): outputs, losses, every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+from moe_parallel.dispatcher import LocalDispatcher
+
+BASE = dict(hidden_size=16, ffn_hidden_size=12, num_experts=8, top_k=2,
+            params_dtype=torch.float64, init_std=0.3)
+
+CASES = {
+    "softmax_pre_norm": dict(),
+    "softmax_pre_nonorm": dict(norm_topk_prob=False),
+    "softmax_post": dict(softmax_before_topk=False),
+    "sigmoid_norm": dict(score_function="sigmoid"),
+    "sigmoid_nonorm_scaled": dict(score_function="sigmoid", norm_topk_prob=False,
+                                  routed_scaling_factor=2.5),
+    "group_limited": dict(num_experts=16, top_k=4, num_groups=4, group_topk=2),
+    "expert_bias": dict(expert_bias=True, score_function="sigmoid"),
+    "noisy": dict(noisy_gating=True),
+    "top1_switch": dict(top_k=1, norm_topk_prob=False, capacity_factor=1.25),
+    "top1_gelu": dict(top_k=1, norm_topk_prob=False, activation="gelu"),
+    # top-1 renormalised: probs are all 1, the router learns from the aux loss only
+    "top1_renormalised": dict(top_k=1, aux_loss_coeff=0.1),
+    "relu": dict(activation="relu"),
+    "fine_grained_top6": dict(num_experts=16, top_k=6, ffn_hidden_size=6, num_shared_experts=2),
+    "capacity_probs": dict(capacity_factor=1.0, drop_policy="probs"),
+    "capacity_position": dict(capacity_factor=1.0, drop_policy="position"),
+    "capacity_tight_min": dict(capacity_factor=0.3, min_capacity=2, drop_policy="probs"),
+    "pad_to_capacity": dict(capacity_factor=1.25, pad_to_capacity=True),
+    "pad_position_top6": dict(num_experts=16, top_k=6, capacity_factor=0.8,
+                              drop_policy="position", pad_to_capacity=True),
+    "shared": dict(num_shared_experts=1),
+    "shared_gated": dict(num_shared_experts=2, shared_expert_ffn_hidden_size=10,
+                         shared_expert_gate=True),
+    "losses": dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.05, z_loss_coeff=0.01),
+    "expert_choice": dict(router_type="expert_choice", z_loss_coeff=0.01),
+    "expert_choice_cf": dict(router_type="expert_choice", capacity_factor=0.5),
+}
+
+
+def _pair(cfg: MoEConfig, seed: int = 0) -> tuple[MoELayer, ReferenceMoE]:
+    torch.manual_seed(seed)
+    layer = MoELayer(cfg)
+    if cfg.expert_bias:
+        with torch.no_grad():
+            layer.router.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.2)
+    return layer, ReferenceMoE.from_layer(layer)
+
+
+def _run(module, x, seed, cot):
+    """Forward with a fixed RNG state, backward of a random projection plus the losses."""
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    if isinstance(module, MoELayer):
+        y, aux = module(x, return_aux=True)
+        losses = aux.losses
+    else:
+        y, losses = module(x)
+    total = (y * cot).sum() + sum(losses.values(), torch.zeros((), dtype=y.dtype))
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return y.detach(), {k: v.detach() for k, v in losses.items()}, x.grad, grads
+
+
+def _close(a, b, what, tol=1e-10):
+    err = (a - b).norm() / b.norm().clamp_min(1e-12)
+    assert err < tol, f"{what}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("shape", ["2d", "3d"])
+def test_layer_matches_reference(name, shape):
+    cfg = MoEConfig(**{**BASE, **CASES[name]})
+    layer, ref = _pair(cfg)
+    layer.train(), ref.train()
+    gen = torch.Generator().manual_seed(1)
+    dims = (40, cfg.hidden_size) if shape == "2d" else (10, 4, cfg.hidden_size)
+    x = torch.randn(*dims, generator=gen, dtype=torch.float64)
+    cot = torch.randn(*dims, generator=gen, dtype=torch.float64)
+
+    y, losses, gx, grads = _run(layer, x, 7, cot)
+    y_ref, losses_ref, gx_ref, grads_ref = _run(ref, x, 7, cot)
+
+    assert y.shape == x.shape
+    _close(y, y_ref, "output")
+    assert losses.keys() == losses_ref.keys()
+    for k in losses:
+        _close(losses[k], losses_ref[k], f"loss {k}")
+    _close(gx, gx_ref, "input grad")
+    assert grads.keys() == grads_ref.keys(), (grads.keys(), grads_ref.keys())
+    for n in grads:
+        _close(grads[n], grads_ref[n], f"grad {n}")
+    # every routed parameter received a gradient signal
+    if cfg.top_k > 1 or not cfg.norm_topk_prob or cfg.aux_loss_coeff:
+        assert grads["router.weight"].norm() > 1e-6
+    assert grads["experts.w1"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_stats_count_drops(policy):
+    cfg = MoEConfig(**{**BASE, "capacity_factor": 0.5, "drop_policy": policy})
+    layer, _ = _pair(cfg)
+    x = torch.randn(64, cfg.hidden_size, dtype=torch.float64)
+    layer(x)
+    s = layer.last_stats
+    cap = math.ceil(64 * 2 / 8 * 0.5)
+    assert s.num_routed == 64 * 2
+    assert int(s.tokens_per_expert.max()) <= cap
+    expected_kept = int(torch.clamp(s.routed_per_expert, max=cap).sum())
+    assert s.num_processed == expected_kept
+    assert s.dropped == 128 - expected_kept > 0
+    assert s.drop_rate == pytest.approx(s.dropped / 128)
+    assert s.max_load == int(s.tokens_per_expert.max())
+
+
+def test_dropless_stats_and_pad_shapes():
+    cfg = MoEConfig(**BASE)
+    layer, _ = _pair(cfg)
+    layer(torch.randn(33, cfg.hidden_size, dtype=torch.float64))
+    s = layer.last_stats
+    assert s.dropped == 0 and s.drop_rate == 0.0
+    assert s.num_processed == 66
+    assert torch.equal(s.tokens_per_expert, s.routed_per_expert)
+
+
+def test_dispatcher_is_replaceable():
+    """A dispatcher object with the dispatch/combine contract drops in."""
+
+    class Counting(LocalDispatcher):
+        calls = 0
+
+        def dispatch(self, x, routing, pad_to=0):
+            Counting.calls += 1
+            return super().dispatch(x, routing, pad_to)
+
+    cfg = MoEConfig(**BASE)
+    torch.manual_seed(0)
+    plain = MoELayer(cfg)
+    swapped = MoELayer(cfg, dispatcher=Counting(cfg.num_experts))
+    swapped.load_state_dict(plain.state_dict())
+    x = torch.randn(20, cfg.hidden_size, dtype=torch.float64)
+    assert torch.equal(plain(x), swapped(x))
+    assert Counting.calls == 1
+
+
+def test_bf16_layer_close_to_float64_reference():
+    cfg = MoEConfig(**{**BASE, "params_dtype": torch.bfloat16, "num_shared_experts": 1})
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    ref = ReferenceMoE(cfg.replace(params_dtype=torch.float64))
+    own = dict(ref.named_parameters())
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            own[n].copy_(p.double())
+    x = torch.randn(48, cfg.hidden_size, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y_ref, _ = ref(x.double())
+    err = (y.double() - y_ref).norm() / y_ref.norm()
+    assert err < 2e-2, err
+
+
+def test_eval_mode_noisy_is_deterministic():
+    cfg = MoEConfig(**{**BASE, "noisy_gating": True})
+    layer, ref = _pair(cfg)
+    layer.eval(), ref.eval()
+    x = torch.randn(24, cfg.hidden_size, dtype=torch.float64)
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(2)
+    b = layer(x)
+    assert torch.equal(a, b)
+    _close(a, ref(x)[0], "eval output")
+
+
+def test_all_tokens_to_one_expert_dropless_and_capacity():
+    """A router biased onto expert 3: dropless keeps all, capacity keeps exactly C."""
+    for cf in (None, 1.0):
+        cfg = MoEConfig(**{**BASE, "top_k": 1, "capacity_factor": cf})
+        layer, ref = _pair(cfg)
+        with torch.no_grad():
+            for m in (layer, ref):
+                m.router.weight.zero_()
+                m.router.weight[3] = 5.0
+        x = torch.rand(32, cfg.hidden_size, dtype=torch.float64) + 0.5  # positive: expert 3 wins
+        y = layer(x)
+        _close(y, ref(x)[0], f"output cf={cf}")
+        counts = layer.last_stats.tokens_per_expert
+        assert int(counts[3]) == (32 if cf is None else 4)
+        assert int(counts.sum()) == int(counts[3])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.randn(5, 7, dtype=torch.float64), "hidden_size"),
+        (torch.randn(5, dtype=torch.float64), "hidden_size"),
+        (torch.randn(5, 16, dtype=torch.float32), "dtype"),
+    ],
+)
+def test_bad_input(bad, match):
+    layer, _ = _pair(MoEConfig(**BASE))
+    with pytest.raises(ValueError, match=match):
+        layer(bad)
+
+
+def test_nan_input_raises_by_default_and_propagates_when_unchecked():
+    x = torch.randn(8, 16, dtype=torch.float64)
+    x[3, 2] = float("nan")
+    layer, _ = _pair(MoEConfig(**BASE))
+    with pytest.raises(FloatingPointError):
+        layer(x)
+    unchecked, _ = _pair(MoEConfig(**BASE, check_finite=False))
+    y = unchecked(x)
+    assert torch.isnan(y[3]).any()
+    assert torch.isfinite(y[[0, 1, 2, 4, 5, 6, 7]]).all()
