@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
-EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 EXT_STAMP := build/.ext-stamp
 
 .PHONY: setup deps ext demo test lint clean

@@ -122,13 +122,9 @@ def _build_ext():
     return BuildExtension.with_options(use_ninja=_ninja_available())
 
 
+# Package metadata lives in pyproject.toml; this file adds only the extension.
 setup(
-    name="moe_parallel",
-    version="0.1.0",
-    description="Mixture-of-Experts runtime for PyTorch: token permutation, grouped GEMM, "
-    "expert-parallel dispatch",
     packages=["moe_parallel"],
-    python_requires=">=3.10",
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},
     zip_safe=False,

@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                     params_dtype=dtype)
     torch.manual_seed(0)
     layer = MoELayer(cfg, device=args.device)
-    ref = ReferenceMoE.from_layer(layer.cpu()).to(args.device)
-    layer.to(args.device)
+    ref = ReferenceMoE.from_layer(layer)
     x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
     rows = args.tokens * args.top_k
     xd = torch.randn(rows, args.hidden, device=args.device, dtype=dtype, requires_grad=True)

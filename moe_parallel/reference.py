@@ -62,7 +62,8 @@ class ReferenceMoE(nn.Module):
     @classmethod
     def from_layer(cls, layer: nn.Module) -> ReferenceMoE:
         """A reference holding copies of ``layer``'s parameters and buffers (matched by name)."""
-        ref = cls(layer.config)
+        with torch.device(next(layer.parameters()).device):
+            ref = cls(layer.config)
         own = dict(ref.named_parameters()) | dict(ref.named_buffers())
         theirs = dict(layer.named_parameters()) | dict(layer.named_buffers())
         with torch.no_grad():

@@ -82,10 +82,12 @@ __global__ void assign_rows_kernel(const int32_t* __restrict__ keys_sorted,
   }
 }
 
-// out[r] = x[src_token[r]], or zeros when src_token[r] < 0; rows copied as raw V words.
+// out[r] = x[src_token[r]], or zeros when src_token[r] < 0; rows copied as raw V words,
+// kLoads loads in flight per thread before the matching stores.
 template <typename V>
 __global__ void gather_rows_kernel(const V* __restrict__ x, const int32_t* __restrict__ src_token,
                                    int64_t num_rows, int64_t vecs_per_row, V* __restrict__ out) {
+  constexpr int kLoads = 4;
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
   if (r >= num_rows) return;
   const int32_t s = src_token[r];
@@ -93,9 +95,20 @@ __global__ void gather_rows_kernel(const V* __restrict__ x, const int32_t* __res
   if (s < 0) {
     const V zero{};
     for (int64_t c = threadIdx.x; c < vecs_per_row; c += blockDim.x) dst[c] = zero;
-  } else {
-    const V* src = x + s * vecs_per_row;
-    for (int64_t c = threadIdx.x; c < vecs_per_row; c += blockDim.x) dst[c] = src[c];
+    return;
+  }
+  const V* src = x + s * vecs_per_row;
+  const int64_t stride = blockDim.x;
+  for (int64_t c0 = threadIdx.x; c0 < vecs_per_row; c0 += kLoads * stride) {
+    V buf[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (c0 + u * stride < vecs_per_row) buf[u] = src[c0 + u * stride];
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (c0 + u * stride < vecs_per_row) dst[c0 + u * stride] = buf[u];
+    }
   }
 }
 

@@ -23,8 +23,12 @@ namespace {
 using cuda_rows::kBlockThreads;
 using cuda_rows::Pack;
 
+constexpr int kLoads = 4;     // unpermute: rows each thread loads before accumulating
+constexpr int kBwdLoads = 2;  // unpermute_backward: vectors each thread loads per batch
+
 template <typename scalar_t, typename acc_t, int VEC, bool HAS_PROBS>
-__global__ void unpermute_kernel(const scalar_t* __restrict__ y, const int64_t* __restrict__ row_map,
+__global__ void unpermute_kernel(const scalar_t* __restrict__ y,
+                                 const int64_t* __restrict__ row_map,
                                  const acc_t* __restrict__ probs, int64_t T, int64_t k,
                                  int64_t vecs_per_row, scalar_t* __restrict__ out) {
   using P = Pack<scalar_t, VEC>;
@@ -37,17 +41,26 @@ __global__ void unpermute_kernel(const scalar_t* __restrict__ y, const int64_t* 
     acc_t acc[VEC];
 #pragma unroll
     for (int u = 0; u < VEC; ++u) acc[u] = acc_t(0);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t r = rm[j];
-      if (r < 0) continue;
-      const P v = yv[r * vecs_per_row + c];
-      if constexpr (HAS_PROBS) {
-        const acc_t w = probs[t * k + j];
+    // kLoads rows are loaded before they are accumulated, still in ascending j.
+    for (int64_t j0 = 0; j0 < k; j0 += kLoads) {
+      P v[kLoads];
+      int64_t r[kLoads];
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) acc[u] += w * static_cast<acc_t>(v.v[u]);
-      } else {
+      for (int b = 0; b < kLoads; ++b) {
+        r[b] = j0 + b < k ? rm[j0 + b] : -1;
+        if (r[b] >= 0) v[b] = yv[r[b] * vecs_per_row + c];
+      }
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) acc[u] += static_cast<acc_t>(v.v[u]);
+      for (int b = 0; b < kLoads; ++b) {
+        if (r[b] < 0) continue;
+        if constexpr (HAS_PROBS) {
+          const acc_t w = probs[t * k + j0 + b];
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) acc[u] += w * static_cast<acc_t>(v[b].v[u]);
+        } else {
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) acc[u] += static_cast<acc_t>(v[b].v[u]);
+        }
       }
     }
     P o;
@@ -92,16 +105,33 @@ __global__ void unpermute_backward_kernel(
     acc_t dot = acc_t(0);
     if (r >= 0) {
       const acc_t w = HAS_PROBS ? probs[t * k + j] : acc_t(1);
-      for (int64_t c = threadIdx.x; c < vecs_per_row; c += blockDim.x) {
-        const P g = gv[c];
-        P o;
+      const int64_t stride = blockDim.x;
+      for (int64_t c0 = threadIdx.x; c0 < vecs_per_row; c0 += kBwdLoads * stride) {
+        P g[kBwdLoads], yr[kBwdLoads];
 #pragma unroll
-        for (int u = 0; u < VEC; ++u) o.v[u] = static_cast<scalar_t>(w * static_cast<acc_t>(g.v[u]));
-        gy[r * vecs_per_row + c] = o;
-        if constexpr (HAS_PROBS) {
-          const P yr = yv[r * vecs_per_row + c];
+        for (int b = 0; b < kBwdLoads; ++b) {
+          const int64_t c = c0 + b * stride;
+          if (c < vecs_per_row) {
+            g[b] = gv[c];
+            if constexpr (HAS_PROBS) yr[b] = yv[r * vecs_per_row + c];
+          }
+        }
 #pragma unroll
-          for (int u = 0; u < VEC; ++u) dot += static_cast<acc_t>(g.v[u]) * static_cast<acc_t>(yr.v[u]);
+        for (int b = 0; b < kBwdLoads; ++b) {
+          const int64_t c = c0 + b * stride;
+          if (c >= vecs_per_row) continue;
+          P o;
+#pragma unroll
+          for (int u = 0; u < VEC; ++u) {
+            o.v[u] = static_cast<scalar_t>(w * static_cast<acc_t>(g[b].v[u]));
+          }
+          gy[r * vecs_per_row + c] = o;
+          if constexpr (HAS_PROBS) {
+#pragma unroll
+            for (int u = 0; u < VEC; ++u) {
+              dot += static_cast<acc_t>(g[b].v[u]) * static_cast<acc_t>(yr[b].v[u]);
+            }
+          }
         }
       }
     }
@@ -150,6 +180,53 @@ at::Tensor probs_as(const std::optional<at::Tensor>& probs, at::ScalarType acc_t
   return probs->to(acc_type).contiguous();
 }
 
+// 16-byte packs need H to be a multiple of the pack and every row base 16-byte aligned.
+bool packs_fit(int64_t H, int vec, std::initializer_list<const void*> ptrs) {
+  bool ok = H % vec == 0;
+  for (const void* p : ptrs) ok = ok && cuda_rows::is_aligned(p, 16);
+  return ok;
+}
+
+template <typename scalar_t, int VEC>
+void launch_unpermute(const at::Tensor& y, const at::Tensor& rm, const at::Tensor& w,
+                      at::Tensor& out, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = rm.size(0), k = rm.size(1);
+  const int64_t vecs = out.size(1) / VEC;
+  const auto shape = cuda_rows::row_launch(T, vecs);
+  if (w.defined()) {
+    unpermute_kernel<scalar_t, acc_t, VEC, true><<<shape.grid, shape.block, 0, stream>>>(
+        y.const_data_ptr<scalar_t>(), rm.const_data_ptr<int64_t>(), w.const_data_ptr<acc_t>(),
+        T, k, vecs, out.mutable_data_ptr<scalar_t>());
+  } else {
+    unpermute_kernel<scalar_t, acc_t, VEC, false><<<shape.grid, shape.block, 0, stream>>>(
+        y.const_data_ptr<scalar_t>(), rm.const_data_ptr<int64_t>(), nullptr, T, k, vecs,
+        out.mutable_data_ptr<scalar_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int VEC>
+void launch_unpermute_backward(const at::Tensor& g, const at::Tensor& y, const at::Tensor& rm,
+                               const at::Tensor& w, at::Tensor& grad_y, at::Tensor& grad_w,
+                               cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = rm.size(0), k = rm.size(1);
+  const int64_t vecs = g.size(1) / VEC;
+  const auto shape = cuda_rows::row_launch(T, vecs);
+  if (w.defined()) {
+    unpermute_backward_kernel<scalar_t, acc_t, VEC, true><<<shape.grid, shape.block, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), rm.const_data_ptr<int64_t>(),
+        w.const_data_ptr<acc_t>(), T, k, vecs, grad_y.mutable_data_ptr<scalar_t>(),
+        grad_w.mutable_data_ptr<acc_t>());
+  } else {
+    unpermute_backward_kernel<scalar_t, acc_t, VEC, false><<<shape.grid, shape.block, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), rm.const_data_ptr<int64_t>(),
+        nullptr, T, k, vecs, grad_y.mutable_data_ptr<scalar_t>(), nullptr);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
@@ -160,39 +237,18 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
 
   const at::Tensor yc = y.contiguous();
   const at::Tensor rm = row_map.contiguous();
-  const int64_t T = num_tokens;
   const int64_t H = yc.size(1);
-  const int64_t k = rm.size(1);
-  at::Tensor out = at::empty({T, H}, yc.options());
-  if (T == 0 || H == 0) return out;
+  at::Tensor out = at::empty({num_tokens, H}, yc.options());
+  if (num_tokens == 0 || H == 0) return out;
   const at::ScalarType acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = probs_as(probs, acc_type);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "unpermute_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor w = probs_as(probs, acc_type);
-    const acc_t* w_ptr = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-    auto launch = [&](auto vec_tag) {
-      constexpr int kVec = decltype(vec_tag)::value;
-      const int64_t vecs = H / kVec;
-      const auto shape = cuda_rows::row_launch(T, vecs);
-      const auto* y_ptr = yc.const_data_ptr<scalar_t>();
-      const auto* rm_ptr = rm.const_data_ptr<int64_t>();
-      auto* out_ptr = out.mutable_data_ptr<scalar_t>();
-      if (w_ptr != nullptr) {
-        unpermute_kernel<scalar_t, acc_t, kVec, true><<<shape.grid, shape.block, 0, stream>>>(
-            y_ptr, rm_ptr, w_ptr, T, k, vecs, out_ptr);
-      } else {
-        unpermute_kernel<scalar_t, acc_t, kVec, false><<<shape.grid, shape.block, 0, stream>>>(
-            y_ptr, rm_ptr, nullptr, T, k, vecs, out_ptr);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, yc.scalar_type(), "unpermute", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (H % kVec == 0 && cuda_rows::is_aligned(yc.const_data_ptr(), 16) &&
-        cuda_rows::is_aligned(out.const_data_ptr(), 16)) {
-      launch(std::integral_constant<int, kVec>{});
+    if (packs_fit(H, kVec, {yc.const_data_ptr(), out.const_data_ptr()})) {
+      launch_unpermute<scalar_t, kVec>(yc, rm, w, out, stream);
     } else {
-      launch(std::integral_constant<int, 1>{});
+      launch_unpermute<scalar_t, 1>(yc, rm, w, out, stream);
     }
   });
   return out;
@@ -212,10 +268,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
   const int64_t k = rm.size(1);
   const int64_t H = yc.size(1);
   const at::ScalarType acc_type = yc.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = probs_as(probs, acc_type);
 
   at::Tensor grad_y = at::empty({num_rows, H}, yc.options());
-  at::Tensor grad_probs_acc = probs.has_value() ? at::empty({T, k}, yc.options().dtype(acc_type))
-                                                : at::Tensor();
+  at::Tensor grad_w = w.defined() ? at::empty({T, k}, w.options()) : at::Tensor();
 
   // Rows that no (t, j) refers to are zero; the others are written once by the main kernel.
   if (num_rows > 0 && H > 0) {
@@ -235,46 +291,19 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
 
   if (T > 0 && k > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, yc.scalar_type(), "unpermute_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const at::Tensor w = probs_as(probs, acc_type);
-          auto launch = [&](auto vec_tag) {
-            constexpr int kVec = decltype(vec_tag)::value;
-            const int64_t vecs = H / kVec;
-            const auto shape = cuda_rows::row_launch(T, vecs);
-            const auto* go_ptr = go.const_data_ptr<scalar_t>();
-            const auto* y_ptr = yc.const_data_ptr<scalar_t>();
-            const auto* rm_ptr = rm.const_data_ptr<int64_t>();
-            auto* gy_ptr = grad_y.mutable_data_ptr<scalar_t>();
-            if (w.defined()) {
-              unpermute_backward_kernel<scalar_t, acc_t, kVec, true>
-                  <<<shape.grid, shape.block, 0, stream>>>(
-                      go_ptr, y_ptr, rm_ptr, w.const_data_ptr<acc_t>(), T, k, vecs, gy_ptr,
-                      grad_probs_acc.mutable_data_ptr<acc_t>());
-            } else {
-              unpermute_backward_kernel<scalar_t, acc_t, kVec, false>
-                  <<<shape.grid, shape.block, 0, stream>>>(go_ptr, y_ptr, rm_ptr, nullptr, T, k,
-                                                           vecs, gy_ptr, nullptr);
-            }
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          };
+        at::kBFloat16, at::kHalf, yc.scalar_type(), "unpermute_backward", [&] {
           constexpr int kVec = 16 / sizeof(scalar_t);
-          if (H % kVec == 0 && cuda_rows::is_aligned(go.const_data_ptr(), 16) &&
-              cuda_rows::is_aligned(yc.const_data_ptr(), 16) &&
-              cuda_rows::is_aligned(grad_y.const_data_ptr(), 16)) {
-            launch(std::integral_constant<int, kVec>{});
+          if (packs_fit(H, kVec, {go.const_data_ptr(), yc.const_data_ptr(),
+                                  grad_y.const_data_ptr()})) {
+            launch_unpermute_backward<scalar_t, kVec>(go, yc, rm, w, grad_y, grad_w, stream);
           } else {
-            launch(std::integral_constant<int, 1>{});
+            launch_unpermute_backward<scalar_t, 1>(go, yc, rm, w, grad_y, grad_w, stream);
           }
         });
-  } else if (grad_probs_acc.defined()) {
-    grad_probs_acc.zero_();
   }
 
-  if (!probs.has_value()) {
-    return {grad_y, at::empty({0}, yc.options())};
-  }
-  return {grad_y, grad_probs_acc.to(probs->scalar_type())};
+  if (!w.defined()) return {grad_y, at::empty({0}, yc.options())};
+  return {grad_y, grad_w.to(probs->scalar_type())};
 }
 
 }  // namespace moe_parallel
