@@ -20,7 +20,7 @@ MODES = {
     "sigmoid_groups": dict(num_experts=16, top_k=4, score_function="sigmoid",
                            num_groups=4, group_topk=2, expert_bias=True),
     "expert_choice": dict(router_type="expert_choice"),
-    "gelu_top1": dict(top_k=1, activation="gelu", capacity_factor=1.25),
+    "gelu_top1": dict(top_k=1, norm_topk_prob=False, activation="gelu", capacity_factor=1.25),
 }
 
 
