@@ -603,7 +603,7 @@ def _load_ops_copy(monkeypatch, require: bool):
         monkeypatch.setenv("MOE_PARALLEL_REQUIRE_EXTENSION", "1")
     else:
         monkeypatch.delenv("MOE_PARALLEL_REQUIRE_EXTENSION", raising=False)
-    spec = importlib.util.spec_from_file_location("_ops_without_ext", ops.__file__)
+    spec = importlib.util.spec_from_file_location("moe_parallel._ops_without_ext", ops.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,207 @@
+"""Plain-PyTorch twins of the moe_parallel ops: the same contracts written with ordinary,
+differentiable torch ops. They are the test oracle and the fallback without the extension.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .op_checks import (
+    IntList,
+    _check_group_sizes_values,
+    _check_grouped_gemm_static,
+    _check_grouped_gemm_wgrad_static,
+    _check_permute_static,
+    _check_sort_chunks_static,
+    _check_unpermute_backward_static,
+    _check_unpermute_static,
+)
+
+# --------------------------------------------------------------------------------------------
+# Plain-PyTorch twins (differentiable through ordinary autograd).
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def permute_torch(
+    x: torch.Tensor,
+    expert_idx: torch.Tensor,
+    num_experts: int,
+    keep: Optional[torch.Tensor] = None,
+    pad_to: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Twin of :func:`permute`: expert-major gather of the kept assignments of ``x``.
+
+    Kept assignments ``(t, j)`` are ordered by ``(expert_idx[t, j], t, j)``; the one of rank ``r``
+    within expert ``e`` lands on row ``start(e) + r`` with
+    ``start(e) = sum_{e'<e} (pad_to if pad_to > 0 else count(e'))``. Returns
+    ``(permuted [N, H], row_map [T, k] int64 (-1 = dropped), tokens_per_expert [E] int64)`` with
+    ``N = E * pad_to`` if ``pad_to > 0`` else the number of kept assignments; padding rows are 0.
+    """
+    _check_permute_static(x, expert_idx, num_experts, keep, pad_to)
+    num_tokens, k = expert_idx.shape
+    flat = expert_idx.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(
+            f"expert_idx entries must be in [0, num_experts={num_experts}), "
+            f"got min {int(flat.min())} max {int(flat.max())}"
+        )
+    kept = torch.ones_like(flat, dtype=torch.bool) if keep is None else keep.reshape(-1)
+    counts = torch.bincount(flat[kept], minlength=num_experts)
+    if pad_to > 0 and counts.numel() and int(counts.max()) > pad_to:
+        raise ValueError(
+            f"pad_to={pad_to} is smaller than the largest expert count {int(counts.max())}"
+        )
+    # Stable sort by expert id; dropped assignments get key E and sort last.
+    key = torch.where(kept, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(key, stable=True)
+    n_kept = int(counts.sum())
+    src = order[:n_kept]  # flat assignment index t*k+j of each kept row, in row order
+    experts = flat[src]
+    seg = torch.full_like(counts, pad_to) if pad_to > 0 else counts
+    seg_start = torch.cumsum(seg, 0) - seg
+    real_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n_kept, device=flat.device) - real_start[experts]
+    rows = seg_start[experts] + rank
+    row_map = torch.full_like(flat, -1)
+    row_map[src] = rows
+    gathered = x.index_select(0, torch.div(src, k, rounding_mode="floor"))
+    if pad_to > 0:
+        permuted = x.new_zeros(num_experts * pad_to, x.shape[1]).index_copy(0, rows, gathered)
+    else:
+        permuted = gathered
+    return permuted, row_map.view(num_tokens, k), counts
+
+
+def _check_row_map_values(row_map: torch.Tensor, num_rows: int) -> None:
+    if row_map.numel() and (int(row_map.min()) < -1 or int(row_map.max()) >= num_rows):
+        raise ValueError(
+            f"row_map entries must be in [-1, {num_rows}), "
+            f"got min {int(row_map.min())} max {int(row_map.max())}"
+        )
+
+
+def unpermute_torch(
+    y: torch.Tensor, row_map: torch.Tensor, probs: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Twin of :func:`unpermute`: ``out[t] = sum_{j: row_map[t,j] >= 0} w[t,j] * y[row_map[t,j]]``.
+
+    ``w = probs`` (any float dtype) or 1. Accumulates in float32 (float64 for float64 ``y``) in the
+    order ``j = 0..k-1``; returns ``[T, H]`` in ``y``'s dtype.
+    """
+    _check_unpermute_static(y, row_map, probs)
+    _check_row_map_values(row_map, y.shape[0])
+    acc = _acc_dtype(y.dtype)
+    num_tokens, k = row_map.shape
+    out = torch.zeros(num_tokens, y.shape[1], dtype=acc, device=y.device)
+    if y.shape[0] == 0:  # every entry of row_map is -1
+        return out.to(y.dtype)
+    for j in range(k):
+        rows = row_map[:, j]
+        term = y.index_select(0, rows.clamp(min=0)).to(acc)
+        if probs is not None:
+            term = term * probs[:, j].to(acc).unsqueeze(1)
+        out = out + torch.where((rows >= 0).unsqueeze(1), term, 0.0)
+    return out.to(y.dtype)
+
+
+def unpermute_backward_torch(
+    grad_out: torch.Tensor,
+    y: torch.Tensor,
+    row_map: torch.Tensor,
+    probs: Optional[torch.Tensor],
+    num_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of ``unpermute_backward``.
+
+    ``grad_y [num_rows, H]`` (y's dtype) is zero except ``grad_y[row_map[t,j]] = w[t,j] *
+    grad_out[t]``; ``grad_probs [T, k]`` (probs' dtype) is ``<grad_out[t], y[row_map[t,j]]>``
+    accumulated in float32/float64, 0 where ``row_map == -1``; an empty ``[0]`` tensor of y's dtype
+    when ``probs`` is None.
+    """
+    _check_unpermute_backward_static(grad_out, y, row_map, probs, num_rows)
+    _check_row_map_values(row_map, y.shape[0])
+    acc = _acc_dtype(y.dtype)
+    t_idx, j_idx = (row_map >= 0).nonzero(as_tuple=True)
+    rows = row_map[t_idx, j_idx]
+    g = grad_out.index_select(0, t_idx).to(acc)
+    vals = g if probs is None else g * probs[t_idx, j_idx].to(acc).unsqueeze(1)
+    grad_y = torch.zeros(num_rows, y.shape[1], dtype=y.dtype, device=y.device)
+    grad_y[rows] = vals.to(y.dtype)
+    if probs is None:
+        return grad_y, y.new_empty(0)
+    dots = (g * y.index_select(0, rows).to(acc)).sum(1)
+    grad_probs = torch.zeros(row_map.shape, dtype=acc, device=y.device)
+    grad_probs[t_idx, j_idx] = dots
+    return grad_y, grad_probs.to(probs.dtype)
+
+
+def _as_index_tensor(v: IntList, name: str) -> torch.Tensor:
+    """A list/tuple of ints becomes a CPU int64 tensor; tensors pass through unchanged."""
+    if isinstance(v, torch.Tensor):
+        return v
+    try:
+        return torch.tensor(list(v), dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be a CPU int64 tensor or a sequence of ints: {exc}") from exc
+
+
+def sort_chunks_torch(x: torch.Tensor, split_sizes: IntList, order: IntList) -> torch.Tensor:
+    """Twin of :func:`sort_chunks`: ``cat([chunk[order[0]], chunk[order[1]], ...])``.
+
+    ``chunk[i]`` is the i-th block of ``x`` rows when ``x`` is split by ``split_sizes``.
+    """
+    split_sizes = _as_index_tensor(split_sizes, "split_sizes")
+    order = _as_index_tensor(order, "order")
+    _check_sort_chunks_static(x, split_sizes, order)
+    _check_group_sizes_values(split_sizes, x.shape[0], "split_sizes", "x.size(0)")
+    n = order.shape[0]
+    if not torch.equal(torch.sort(order).values, torch.arange(n)):
+        raise ValueError(f"order must be a permutation of 0..{n - 1}, got {order.tolist()}")
+    if n == 0:
+        return x.clone()
+    chunks = x.split(split_sizes.tolist(), 0)
+    return torch.cat([chunks[i] for i in order.tolist()], 0)
+
+
+def grouped_gemm_torch(
+    a: torch.Tensor, b: torch.Tensor, group_sizes: IntList, trans_b: bool = False
+) -> torch.Tensor:
+    """Twin of :func:`grouped_gemm`: rows of group g are ``a_g @ b[g]`` (``a_g @ b[g]^T``)."""
+    group_sizes = _as_index_tensor(group_sizes, "group_sizes")
+    _check_grouped_gemm_static(a, b, group_sizes, trans_b)
+    _check_group_sizes_values(group_sizes, a.shape[0], "group_sizes", "a.size(0)")
+    parts = [
+        a_g @ (b[g].transpose(0, 1) if trans_b else b[g])
+        for g, a_g in enumerate(a.split(group_sizes.tolist(), 0))
+    ]
+    if not parts:  # G = 0, M = 0
+        n = b.shape[1] if trans_b else b.shape[2]
+        return a.new_zeros(0, n)
+    return torch.cat(parts, 0)
+
+
+def grouped_gemm_wgrad_torch(
+    a: torch.Tensor, grad_out: torch.Tensor, group_sizes: IntList, trans_b: bool = False
+) -> torch.Tensor:
+    """Twin of ``grouped_gemm_wgrad``: ``grad_b[g] = a_g^T @ grad_out_g`` ([G, K, N]), or
+    ``grad_out_g^T @ a_g`` ([G, N, K]) when ``trans_b``; zero for empty groups."""
+    group_sizes = _as_index_tensor(group_sizes, "group_sizes")
+    _check_grouped_gemm_wgrad_static(a, grad_out, group_sizes)
+    _check_group_sizes_values(group_sizes, a.shape[0], "group_sizes", "a.size(0)")
+    sizes = group_sizes.tolist()
+    pairs = zip(a.split(sizes, 0), grad_out.split(sizes, 0))
+    mats = [go_g.t() @ a_g if trans_b else a_g.t() @ go_g for a_g, go_g in pairs]
+    if not mats:
+        shape = (
+            (0, grad_out.shape[1], a.shape[1]) if trans_b else (0, a.shape[1], grad_out.shape[1])
+        )
+        return a.new_zeros(shape)
+    return torch.stack(mats, 0)
+
+
