@@ -8,15 +8,27 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 EXT_STAMP := build/.ext-stamp
 
-.PHONY: setup deps ext demo test lint clean
+.PHONY: setup deps mpi ext demo test lint clean
 
-setup: deps ext
+setup: deps mpi ext
 
 deps: $(VENV)/.deps-stamp
 
 $(VENV)/.deps-stamp: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# Open MPI + mpi4py for the mpirun launch path (best effort: without root/apt its tests skip).
+mpi: $(VENV)/.mpi-stamp
+
+$(VENV)/.mpi-stamp: $(VENV)/.deps-stamp
+	command -v mpirun >/dev/null && command -v mpicc >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; } || \
+	  echo "warning: Open MPI not installed; mpirun tests will skip"
+	command -v mpicc >/dev/null && $(PY) -m pip install -q --disable-pip-version-check mpi4py || true
 	touch $@
 
 ext: $(EXT_STAMP)

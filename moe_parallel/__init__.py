@@ -1,9 +1,19 @@
 """moe_parallel: an expert-parallel Mixture-of-Experts runtime for PyTorch."""
 
 from .config import MoEConfig
+from .init import init_distributed
 from .layer import MoEAux, MoELayer
 from .metrics import RoutingStats
+from .parallel_state import ParallelState
 from .reference import ReferenceMoE
 
-__all__ = ["MoEConfig", "MoELayer", "MoEAux", "RoutingStats", "ReferenceMoE"]
+__all__ = [
+    "MoEConfig",
+    "MoELayer",
+    "MoEAux",
+    "ParallelState",
+    "ReferenceMoE",
+    "RoutingStats",
+    "init_distributed",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One node, NPROC worker processes started by torchrun (standalone c10d rendezvous on localhost).
+# Every worker calls moe_parallel.init_distributed, which reads torchrun's RANK/WORLD_SIZE/...
+#
+#   launch/torchrun_single_node.sh NPROC [train args...]
+#   e.g. launch/torchrun_single_node.sh 4 --steps 100
+#
+# Env: MODULE (default moe_parallel.train), PYTHON, DRY_RUN=1 (print the command only).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+[[ $# -ge 1 && "$1" =~ ^[1-9][0-9]*$ ]] || die "usage: $0 NPROC [train args...]"
+NPROC="$1"
+shift
+run "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
+    -m "$MODULE" "$@"

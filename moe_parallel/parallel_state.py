@@ -1,0 +1,184 @@
+"""ParallelState: the dense and expert process grids over one world, and this rank's place in them.
+
+Dense grid  ``world = PP × DP × CP × TP``,   rank = tp + TP·(cp + CP·(dp + DP·pp))
+Expert grid ``world = PP × EDP × EP × ETP``, rank = etp + ETP·(ep + EP·(edp + EDP·pp))
+(TP / ETP fastest, as Megatron-Core's ``tp-cp-ep-dp-pp`` order.) ``dp = world / (pp·cp·tp)`` and
+``edp = world / (pp·ep·etp)`` are derived. Groups held (torch ProcessGroups, one per grid axis
+through this rank): dense ``tp, cp, dp, dp_cp, pp``; expert ``ep, etp, edp, tp_ep`` (the ETP×EP
+block). Every rank creates every group in the same order, as ``new_group`` requires.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.distributed as dist
+
+GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep")
+
+
+def _check_sizes(world: int, tp: int, cp: int, ep: int, etp: int, pp: int) -> tuple[int, int]:
+    """Validate the grid sizes; return the derived (dp, edp)."""
+    for name, v in (("world_size", world), ("tp", tp), ("cp", cp), ("ep", ep), ("etp", etp),
+                    ("pp", pp)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if world % (tp * cp * pp):
+        raise ValueError(
+            f"world_size {world} is not divisible by tp*cp*pp = {tp}*{cp}*{pp} = {tp * cp * pp}"
+        )
+    if world % (etp * ep * pp):
+        raise ValueError(
+            f"world_size {world} is not divisible by etp*ep*pp = {etp}*{ep}*{pp} = "
+            f"{etp * ep * pp}"
+        )
+    return world // (tp * cp * pp), world // (etp * ep * pp)
+
+
+def grid_groups(world: int, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1,
+                pp: int = 1) -> dict[str, list[list[int]]]:
+    """Every group of every axis, as sorted rank lists (pure: no process group is created)."""
+    dp, edp = _check_sizes(world, tp, cp, ep, etp, pp)
+
+    def dense(t, c, d, p):
+        return t + tp * (c + cp * (d + dp * p))
+
+    def expert(t, e, d, p):
+        return t + etp * (e + ep * (d + edp * p))
+
+    def axis(shape, index_fn, vary):
+        """Groups along the axes in ``vary`` (indices into shape), one per other coordinate."""
+        fixed = [i for i in range(len(shape)) if i not in vary]
+        groups = []
+        for f in itertools.product(*(range(shape[i]) for i in fixed)):
+            members = []
+            for v in itertools.product(*(range(shape[i]) for i in vary)):
+                coord = [0] * len(shape)
+                for i, val in zip(fixed, f):
+                    coord[i] = val
+                for i, val in zip(vary, v):
+                    coord[i] = val
+                members.append(index_fn(*coord))
+            groups.append(sorted(members))
+        return groups
+
+    ds, es = (tp, cp, dp, pp), (etp, ep, edp, pp)
+    return {
+        "tp": axis(ds, dense, [0]),
+        "cp": axis(ds, dense, [1]),
+        "dp": axis(ds, dense, [2]),
+        "dp_cp": axis(ds, dense, [1, 2]),
+        "pp": axis(ds, dense, [3]),
+        "etp": axis(es, expert, [0]),
+        "ep": axis(es, expert, [1]),
+        "edp": axis(es, expert, [2]),
+        "tp_ep": axis(es, expert, [0, 1]),
+    }
+
+
+@dataclass
+class ParallelState:
+    """Sizes, this rank's coordinates and process groups of both grids.
+
+    Build with ``ParallelState.build(tp=..., ep=...)`` after ``torch.distributed`` is initialised
+    (or with ``world_size``/``rank`` given and ``create_groups=False`` for pure rank arithmetic).
+    ``ParallelState.single()`` is the one-process state (all sizes 1, no groups).
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    tp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp: int = 1
+    dp: int = 1
+    edp: int = 1
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+
+    @classmethod
+    def single(cls) -> ParallelState:
+        return cls(ranks={n: [0] for n in GROUP_NAMES}, groups={n: None for n in GROUP_NAMES})
+
+    @classmethod
+    def build(cls, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int = 1, *,
+              world_size: Optional[int] = None, rank: Optional[int] = None,
+              create_groups: bool = True) -> ParallelState:
+        if world_size is None or rank is None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    "ParallelState.build needs torch.distributed initialised "
+                    "(see moe_parallel.init_distributed) or explicit world_size and rank"
+                )
+            world_size = dist.get_world_size() if world_size is None else world_size
+            rank = dist.get_rank() if rank is None else rank
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        dp, edp = _check_sizes(world_size, tp, cp, ep, etp, pp)
+        all_groups = grid_groups(world_size, tp, cp, ep, etp, pp)
+        ranks, groups = {}, {}
+        for name in GROUP_NAMES:
+            for members in all_groups[name]:
+                pg = dist.new_group(members) if create_groups else None
+                if rank in members:
+                    ranks[name], groups[name] = members, pg
+        return cls(world_size, rank, tp, cp, ep, etp, pp, dp, edp, ranks, groups)
+
+    @classmethod
+    def from_megatron(cls, mpu=None) -> ParallelState:
+        """Adopt an initialised Megatron-Core parallel_state's groups (see megatron_compat)."""
+        from .megatron_compat import parallel_state_from_megatron
+
+        return parallel_state_from_megatron(mpu)
+
+    # ---- coordinates ------------------------------------------------------------------------
+    def group_rank(self, name: str) -> int:
+        """This rank's index inside its group ``name``."""
+        return self.ranks[name].index(self.rank)
+
+    def group(self, name: str) -> Optional[dist.ProcessGroup]:
+        return self.groups[name]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank // self.tp % self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp * self.cp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.cp * self.dp)
+
+    @property
+    def etp_rank(self) -> int:
+        return self.rank % self.etp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank // self.etp % self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.rank // (self.etp * self.ep) % self.edp
+
+    def check_experts(self, num_experts: int, ffn_hidden_size: int) -> None:
+        """The expert-grid rules: ``num_experts % ep == 0`` and ``ffn_hidden_size % etp == 0``."""
+        if num_experts % self.ep:
+            raise ValueError(f"num_experts {num_experts} is not divisible by ep {self.ep}")
+        if ffn_hidden_size % self.etp:
+            raise ValueError(
+                f"ffn_hidden_size {ffn_hidden_size} is not divisible by etp {self.etp}"
+            )
+
+    def __repr__(self) -> str:
+        return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp}, cp={self.cp}, "
+                f"dp={self.dp}, pp={self.pp}, ep={self.ep}, etp={self.etp}, edp={self.edp})")

@@ -1,0 +1,250 @@
+"""launch/ scripts: command lines (dry runs) and real launches of a tiny all-reduce script.
+
+Real launches: torchrun c10d with 2 "nodes" x 1 process on 127.0.0.1, Open MPI's mpirun (skipped
+when mpirun or mpi4py is absent), and slurm.sbatch under a fake ``srun``. Every launch runs in
+its own session and is killed as a whole if it outlives its deadline.
+"""
+
+import importlib.util
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import textwrap
+
+import pytest
+
+from moe_parallel.init import parse_nodelist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch")
+SCRIPTS = ("torchrun_single_node.sh", "torchrun_multi_node.sh", "mpirun.sh", "slurm.sbatch",
+           "single_process.sh")
+LAUNCH_TIMEOUT_S = 150
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "MPI_LOCALRANKID", "NNODES", "NODE_RANK", "RDZV_ENDPOINT")
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "SLURM_")
+
+ALLREDUCE_CHECK = """
+    import sys
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from moe_parallel.init import init_distributed
+
+    rank, world, local = init_distributed("gloo", timeout=timedelta(seconds=60))
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    print(f"RESULT rank={rank} world={world} local={local} sum={t.item():g} "
+          f"args={' '.join(sys.argv[1:])}", flush=True)
+    dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def entry_dir(tmp_path_factory):
+    """A directory holding the module ``allreduce_check`` that the scripts run (MODULE=...)."""
+    d = tmp_path_factory.mktemp("entry")
+    (d / "allreduce_check.py").write_text(textwrap.dedent(ALLREDUCE_CHECK))
+    return d
+
+
+def _env(entry_dir=None, **extra) -> dict:
+    """This environment without any launcher's variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+    if entry_dir is not None:
+        env.update(PYTHONPATH=str(entry_dir), MODULE="allreduce_check")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run_all(commands: list[tuple[list[str], dict]], timeout_s: float = LAUNCH_TIMEOUT_S
+             ) -> list[tuple[int, str]]:
+    """Start every command in its own session; (returncode, output) each. Past the deadline all
+    sessions are killed and the test fails with what they printed."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for cmd, env in commands]
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout_s)
+            results.append((p.returncode, out))
+    except subprocess.TimeoutExpired:
+        outputs = []
+        for p in procs:
+            _kill_session(p)
+            outputs.append(p.communicate()[0])
+        pytest.fail(f"launch still running after {timeout_s}s:\n" + "\n---\n".join(outputs))
+    finally:
+        for p in procs:
+            _kill_session(p)
+    return results
+
+
+def _kill_session(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _results(output: str) -> list[str]:
+    return sorted(line for line in output.splitlines() if line.startswith("RESULT "))
+
+
+def _expected(world: int, args: str, locals_=None) -> list[str]:
+    total = world * (world + 1) // 2
+    locals_ = locals_ or list(range(world))
+    return sorted(f"RESULT rank={r} world={world} local={locals_[r]} sum={total} args={args}"
+                  for r in range(world))
+
+
+def _free_port(lo: int = 0, hi: int = 0) -> int:
+    """A free TCP port (in [lo, hi) when given)."""
+    for _ in range(200):
+        port = random.randrange(lo, hi) if hi else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def _script(name: str) -> str:
+    return os.path.join(LAUNCH, name)
+
+
+# ---- static checks and dry runs -----------------------------------------------------------
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_parse_and_are_executable(name):
+    assert os.access(_script(name), os.X_OK)
+    subprocess.run(["bash", "-n", _script(name)], check=True, timeout=30)
+
+
+def _dry(name: str, *args: str, **env) -> str:
+    proc = subprocess.run([_script(name), *args], env=_env(DRY_RUN=1, **env), cwd="/",
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_dry_runs_print_the_commands():
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    py = py if os.access(py, os.X_OK) else ""
+    out = _dry("torchrun_single_node.sh", "4", "--steps", "3", "a b")
+    assert ("-m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
+            "-m moe_parallel.train --steps 3 a\\ b") in out
+    assert out.startswith(f"+ {py}")
+    out = _dry("torchrun_multi_node.sh", "8", "--steps", "1", NNODES=2, NODE_RANK=1,
+               RDZV_ENDPOINT="node0:29400", LOCAL_ADDR="10.0.0.2")
+    assert ("--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29400 "
+            "--rdzv-id moe_parallel --rdzv-conf join_timeout=600 --max-restarts 0 "
+            "--local-addr 10.0.0.2 -m moe_parallel.train --steps 1") in out
+    out = _dry("torchrun_multi_node.sh", "2", NNODES=2, NODE_RANK=1, RDZV_ENDPOINT="h:1",
+               RDZV_BACKEND="static")
+    assert "--rdzv-backend static" in out and "--node-rank 1" in out
+    out = _dry("mpirun.sh", "4", "--steps", "2", HOSTFILE="hosts", MPIRUN_ARGS="--oversubscribe",
+               MASTER_PORT=1234)
+    assert "mpirun -np 4 --bind-to none -x PYTHONPATH" in out
+    assert "--hostfile hosts -x MASTER_PORT" in out
+    assert "--oversubscribe " in out and out.rstrip().endswith("-m moe_parallel.train --steps 2")
+    out = _dry("slurm.sbatch", "--steps", "5", MODULE="other.entry")
+    assert "srun --kill-on-bad-exit=1" in out and out.rstrip().endswith("-m other.entry --steps 5")
+
+
+@pytest.mark.parametrize("name, env, message", [
+    ("torchrun_single_node.sh", {}, "usage"),
+    ("torchrun_multi_node.sh", {"RDZV_ENDPOINT": "h:1"}, "NNODES is not set"),
+    ("torchrun_multi_node.sh", {"NNODES": 2}, "RDZV_ENDPOINT is not set"),
+    ("torchrun_multi_node.sh", {"NNODES": 2, "RDZV_ENDPOINT": "h:1", "RDZV_BACKEND": "static"},
+     "NODE_RANK is not set"),
+])
+def test_missing_arguments_are_reported(name, env, message):
+    args = [] if name == "torchrun_single_node.sh" else ["2"]
+    proc = subprocess.run([_script(name), *args], env=_env(DRY_RUN=1, **env),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+# ---- SLURM nodelist parser ---------------------------------------------------------------------
+def test_parse_nodelist():
+    assert parse_nodelist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07",
+                                                      "gpu5"]
+    assert parse_nodelist("a1") == ["a1"]
+    assert parse_nodelist("r[1-2]n[8-10]") == ["r1n8", "r1n9", "r1n10", "r2n8", "r2n9", "r2n10"]
+    assert parse_nodelist("x[098-101]-ib,y") == ["x098-ib", "x099-ib", "x100-ib", "x101-ib", "y"]
+    for bad in ("n[1-", "n]1[", "n[3-1]", "n[a]", "n[[1]]", ""):
+        with pytest.raises(ValueError):
+            parse_nodelist(bad)
+
+
+# ---- real launches ------------------------------------------------------------------------
+def test_torchrun_c10d_two_nodes_on_localhost(entry_dir):
+    port = _free_port()
+    commands = [([_script("torchrun_multi_node.sh"), "1", "hello"],
+                 _env(entry_dir, NNODES=2, NODE_RANK=n, RDZV_ENDPOINT=f"127.0.0.1:{port}",
+                      LOCAL_ADDR="127.0.0.1", RDZV_ID=f"test{port}", RDZV_TIMEOUT=60))
+                for n in range(2)]
+    results = _run_all(commands)
+    for rc, out in results:
+        assert rc == 0, out
+    lines = sorted(line for _, out in results for line in _results(out))
+    assert lines == _expected(2, "hello", locals_=[0, 0])
+
+
+def _mpi_skip_reason():
+    if shutil.which("mpirun") is None:
+        return "mpirun not found: apt-get install -y openmpi-bin libopenmpi-dev"
+    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30)
+    if "Open MPI" not in version.stdout + version.stderr:
+        return "mpirun is not Open MPI (launch/mpirun.sh targets Open MPI)"
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py not installed: .venv/bin/pip install mpi4py (needs libopenmpi-dev)"
+    return None
+
+
+MPI_SKIP = _mpi_skip_reason()
+
+
+@pytest.mark.skipif(MPI_SKIP is not None, reason=str(MPI_SKIP))
+def test_mpirun_without_master_env_uses_mpi4py(entry_dir):
+    [(rc, out)] = _run_all([([_script("mpirun.sh"), "2", "hi"],
+                             _env(entry_dir, MPIRUN_ARGS="--oversubscribe"))])
+    assert rc == 0, out
+    assert _results(out) == _expected(2, "hi")
+
+
+FAKE_SRUN = """\
+#!/usr/bin/env bash
+# Fake srun: runs the command SLURM_NTASKS times on this host with srun's per-task variables.
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+    pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def test_slurm_sbatch_under_a_fake_srun(entry_dir, tmp_path):
+    srun = tmp_path / "srun"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(0o755)
+    job_id = _free_port(20000, 30000) - 20000  # the port init_distributed derives from the job id
+    env = _env(entry_dir, SLURM_NTASKS=2, SLURM_JOB_ID=job_id,
+               SLURM_JOB_NODELIST="localhost,node[2-3]",
+               PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    [(rc, out)] = _run_all([(["bash", _script("slurm.sbatch"), "s"], env)])
+    assert rc == 0, out
+    assert _results(out) == _expected(2, "s")
