@@ -7,6 +7,10 @@ Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecu
 Shared experts (``SharedExpert``): the same FFN applied densely to every token, optionally scaled
 by a learned sigmoid gate ``sigmoid(x @ gate_weight^T)`` per token (Qwen2-MoE style).
 With no biases, act(0) = 0 for every activation, so zero padding rows produce zero outputs.
+
+Expert parallelism shards the stacked weights (``shard_expert_weights``): EP rank ``p`` holds
+experts ``[p·E/ep, (p+1)·E/ep)``, ETP rank ``q`` the hidden units ``[q·F/etp, (q+1)·F/etp)`` of
+each; the experts' output is the sum over ETP ranks of their partial outputs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,38 @@ def _fc1_width(config: MoEConfig, ffn_size: int) -> int:
     return 2 * ffn_size if config.gated else ffn_size
 
 
+def shard_expert_weights(
+    w1: Tensor, w2: Tensor, ep_rank: int, ep: int, etp_rank: int, etp: int, gated: bool
+) -> tuple[Tensor, Tensor]:
+    """The (EP rank, ETP rank) shard of full stacked expert weights (or of their gradients).
+
+    ``w1 [E, H, F]`` (gated: ``[E, H, 2F]``, gate | up), ``w2 [E, F, H]``. With
+    ``El = E / ep``, ``Fl = F / etp``, ``e = ep_rank·El .. +El`` and ``f = etp_rank·Fl .. +Fl``:
+        w1_shard = w1[e][:, :, f]                      ([El, H, Fl])
+                 = cat(w1[e][:, :, f], w1[e][:, :, F + f])   when gated ([El, H, 2Fl])
+        w2_shard = w2[e][:, f, :]                      ([El, Fl, H])
+    Returns new contiguous tensors (no storage shared with the inputs).
+    """
+    E, F_full = w2.shape[0], w2.shape[1]
+    if E % ep or F_full % etp:
+        raise ValueError(f"E={E} must be divisible by ep={ep} and F={F_full} by etp={etp}")
+    if not (0 <= ep_rank < ep and 0 <= etp_rank < etp):
+        raise ValueError(f"ranks out of range: ep_rank={ep_rank}/{ep}, etp_rank={etp_rank}/{etp}")
+    if w1.shape[0] != E or w1.shape[2] != (2 * F_full if gated else F_full):
+        raise ValueError(f"w1 {tuple(w1.shape)} does not match w2 {tuple(w2.shape)} "
+                         f"(gated={gated})")
+    El, Fl = E // ep, F_full // etp
+    e = slice(ep_rank * El, (ep_rank + 1) * El)
+    f = slice(etp_rank * Fl, (etp_rank + 1) * Fl)
+    w1_e = w1[e]
+    if gated:
+        up = slice(F_full + f.start, F_full + f.stop)
+        w1_s = torch.cat([w1_e[:, :, f], w1_e[:, :, up]], dim=2)
+    else:
+        w1_s = w1_e[:, :, f].clone(memory_format=torch.contiguous_format)
+    return w1_s, w2[e][:, f, :].clone(memory_format=torch.contiguous_format)
+
+
 class GroupedExperts(nn.Module):
     """``num_local_experts`` expert FFNs of hidden size ``ffn_size`` as two stacked weights."""
 
@@ -54,6 +90,27 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, H, Fw, **kw))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, self.ffn_size, H, **kw))
         self.reset_parameters()
+
+    @classmethod
+    def from_full(
+        cls,
+        config: MoEConfig,
+        w1: Tensor,
+        w2: Tensor,
+        ep_rank: int = 0,
+        ep: int = 1,
+        etp_rank: int = 0,
+        etp: int = 1,
+    ) -> GroupedExperts:
+        """The local experts of (``ep_rank``, ``etp_rank``), copied from full weights ``w1``
+        ``[E, H, (2)F]`` and ``w2`` ``[E, F, H]`` (see ``shard_expert_weights``)."""
+        w1_s, w2_s = shard_expert_weights(w1.detach(), w2.detach(), ep_rank, ep, etp_rank, etp,
+                                          config.gated)
+        experts = cls(config, w1_s.shape[0], w2_s.shape[1], device=w1.device)
+        with torch.no_grad():
+            experts.w1.copy_(w1_s)
+            experts.w2.copy_(w2_s)
+        return experts
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w1, std=self.config.init_std)

@@ -11,16 +11,20 @@ shape. The losses and routing statistics of the last forward are kept on the lay
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .capacity import apply_capacity, expert_capacity
 from .config import MoEConfig
-from .dispatcher import LocalDispatcher
+from .dispatcher import AllToAllDispatcher, LocalDispatcher
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .router import Routing, build_router
+
+if TYPE_CHECKING:
+    from .parallel_state import ParallelState
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class MoELayer(nn.Module):
     ``dispatcher`` defaults to ``LocalDispatcher`` (every expert on this process); any object
     with the same ``dispatch``/``combine`` contract (see ``dispatcher.py``) can replace it, in
     which case ``experts`` must hold that dispatcher's local experts.
+
+    With ``parallel_state`` (a ``ParallelState``) the defaults become an ``AllToAllDispatcher``
+    over its EP/ETP groups and ``GroupedExperts`` holding this rank's ``E / ep`` experts with
+    ``F / etp`` hidden units each. Every parameter is tagged for gradient sync:
+    ``param.expert_parallel`` (True for the routed experts) and ``param.sync_group``
+    (``"edp"`` for the routed experts, ``"dp"`` for the dense router and shared experts); with
+    TP > 1 the dense ones also carry ``sequence_parallel`` (each TP rank brings distinct tokens,
+    so their gradients are summed over TP too). ``grads.sync_gradients`` reads these tags.
     """
 
     def __init__(
@@ -50,19 +62,40 @@ class MoELayer(nn.Module):
         dispatcher=None,
         experts: nn.Module | None = None,
         device: torch.device | str | None = None,
+        parallel_state: Optional[ParallelState] = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.parallel_state = ps = parallel_state
         self.router = build_router(config).to(device)
-        self.experts = experts if experts is not None else GroupedExperts(config, device=device)
+        if ps is not None:
+            ps.check_experts(config.num_experts, config.ffn_hidden_size)
+        if experts is None:
+            experts = GroupedExperts(config, device=device) if ps is None else GroupedExperts(
+                config, config.num_experts // ps.ep, config.ffn_hidden_size // ps.etp,
+                device=device,
+            )
+        self.experts = experts
         self.shared_expert = (
             SharedExpert(config, device=device) if config.num_shared_experts else None
         )
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(
-            config.num_experts
-        )
+        if dispatcher is None:
+            dispatcher = LocalDispatcher(config.num_experts) if ps is None else (
+                AllToAllDispatcher(config.num_experts, ps)
+            )
+        self.dispatcher = dispatcher
+        self._tag_parameters()
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: RoutingStats | None = None
+
+    def _tag_parameters(self) -> None:
+        """Mark routed-expert parameters (synced over EDP) apart from dense ones (over DP)."""
+        expert_ids = {id(p) for p in self.experts.parameters()}
+        tp = self.parallel_state.tp if self.parallel_state is not None else 1
+        for p in self.parameters():
+            p.expert_parallel = id(p) in expert_ids
+            p.sync_group = "edp" if p.expert_parallel else "dp"
+            p.sequence_parallel = not p.expert_parallel and tp > 1
 
     @property
     def aux_loss(self) -> Tensor | None:

@@ -28,6 +28,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "SLURM_")
 
 ALLREDUCE_CHECK = """
+    import os
     import sys
     from datetime import timedelta
 
@@ -39,8 +40,9 @@ ALLREDUCE_CHECK = """
     rank, world, local = init_distributed("gloo", timeout=timedelta(seconds=60))
     t = torch.tensor([float(rank + 1)])
     dist.all_reduce(t)
-    print(f"RESULT rank={rank} world={world} local={local} sum={t.item():g} "
-          f"args={' '.join(sys.argv[1:])}", flush=True)
+    line = (f"RESULT rank={rank} world={world} local={local} sum={t.item():g} "
+            f"args={' '.join(sys.argv[1:])}\\n")
+    os.write(1, line.encode())  # one write(2) per line: ranks sharing a pipe never interleave
     dist.destroy_process_group()
 """
 

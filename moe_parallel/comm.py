@@ -1,0 +1,210 @@
+"""Autograd-aware collectives along dim 0, with uneven sizes, for gloo and NCCL.
+
+Over a group of ``w`` ranks (``r`` = this rank's index in it), for tensors split into row blocks:
+
+* ``all_to_all(x, out_splits, in_splits, group)``: block ``i`` of ``x`` (``in_splits[i]`` rows)
+  goes to rank ``i``; the result is the blocks received from ranks ``0..w-1`` concatenated
+  (``out_splits[i]`` rows from rank ``i``). Backward: the all-to-all with swapped splits.
+* ``all_gather(x, group, sizes)``: ``cat([x_0, ..., x_{w-1}])`` on every rank, ``x_i`` having
+  ``sizes[i]`` rows. Backward: ``reduce_scatter(grad, sizes)`` (every rank's use of ``x_r``
+  contributes to its gradient).
+* ``reduce_scatter(x, sizes, group)``: ``Σ_i x_i[block r]`` where every rank's ``x`` is split
+  into blocks of ``sizes`` rows (``sizes`` identical on all ranks). Backward: ``all_gather``.
+
+Inputs are made contiguous. ``group=None`` means a one-process group (as
+``ParallelState.single()`` holds), not the default world group; a group of size 1 returns its
+input unchanged without communicating. The split sizes must be consistent across ranks (what
+rank ``i`` sends to ``j`` is what ``j`` expects from ``i``); zero-size blocks are allowed.
+Uneven all-gathers and reduce-scatters pad every block to the largest one and use the
+even-sized collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_gather", "all_gather_sizes", "all_to_all", "group_rank", "group_size",
+           "reduce_scatter"]
+
+Group = Optional[dist.ProcessGroup]
+
+# torch >= 2.10 renamed the even-sized collectives; keep the older names as a fallback.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = (
+    getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+)
+
+
+def group_size(group: Group) -> int:
+    """Number of ranks in ``group`` (1 for None)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    """This rank's index in ``group`` (0 for None)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _check_splits(name: str, splits: Sequence[int], world: int) -> list[int]:
+    splits = [int(s) for s in splits]
+    if len(splits) != world:
+        raise ValueError(f"{name} must have one entry per rank ({world}), got {splits}")
+    if any(s < 0 for s in splits):
+        raise ValueError(f"{name} entries must be >= 0, got {splits}")
+    return splits
+
+
+# ---- all-to-all -------------------------------------------------------------------------------
+
+
+def _all_to_all_raw(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all_raw(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_x = _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group)
+        return grad_x, None, None, None
+
+
+def all_to_all(
+    x: Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int], group: Group
+) -> Tensor:
+    """Send ``input_split_sizes[i]`` rows of ``x`` (consecutive blocks) to rank ``i``; return the
+    ``output_split_sizes[i]`` rows received from each rank ``i``, concatenated in rank order.
+
+    ``sum(input_split_sizes) == x.shape[0]``. Differentiable: the gradient is the all-to-all of
+    the output gradient with the splits swapped.
+    """
+    world = group_size(group)
+    out_splits = _check_splits("output_split_sizes", output_split_sizes, world)
+    in_splits = _check_splits("input_split_sizes", input_split_sizes, world)
+    if sum(in_splits) != x.shape[0]:
+        raise ValueError(
+            f"input_split_sizes {in_splits} must sum to x.shape[0]={x.shape[0]}"
+        )
+    if world == 1:
+        if out_splits != in_splits:
+            raise ValueError(
+                f"a one-rank all_to_all needs equal splits, got {out_splits} and {in_splits}"
+            )
+        return x
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+# ---- all-gather / reduce-scatter --------------------------------------------------------------
+
+
+def all_gather_sizes(n: int, group: Group, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's ``n`` (e.g. its row count), in group rank order. ``device`` must suit the
+    backend (CPU for gloo, the rank's GPU for NCCL)."""
+    world = group_size(group)
+    if world == 1:
+        return [int(n)]
+    mine = torch.tensor([int(n)], dtype=torch.int64, device=device)
+    out = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather_single(out, mine, group=group)
+    return out.tolist()
+
+
+def _all_gather_raw(x: Tensor, sizes: list[int], group) -> Tensor:
+    rest = x.shape[1:]
+    width = max(sizes)
+    if width == 0:  # every rank knows: nothing to move
+        return x.new_empty((0, *rest))
+    if all(s == width for s in sizes):
+        out = x.new_empty((len(sizes) * width, *rest))
+        _all_gather_single(out, x.contiguous(), group=group)
+        return out
+    padded = x.new_zeros((width, *rest))
+    padded[: x.shape[0]] = x
+    buf = x.new_empty((len(sizes) * width, *rest))
+    _all_gather_single(buf, padded, group=group)
+    return torch.cat([buf[i * width: i * width + s] for i, s in enumerate(sizes)])
+
+
+def _reduce_scatter_raw(x: Tensor, sizes: list[int], rank: int, group) -> Tensor:
+    rest = x.shape[1:]
+    width = max(sizes)
+    if width == 0:
+        return x.new_empty((0, *rest))
+    if all(s == width for s in sizes):
+        out = x.new_empty((width, *rest))
+        _reduce_scatter_single(out, x.contiguous(), group=group)
+        return out
+    padded = x.new_zeros((len(sizes), width, *rest))
+    for i, block in enumerate(x.split(sizes, 0)):
+        padded[i, : sizes[i]] = block
+    out = x.new_empty((width, *rest))
+    _reduce_scatter_single(out, padded.view(len(sizes) * width, *rest), group=group)
+    return out[: sizes[rank]]
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _all_gather_raw(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReduceScatter.apply(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _reduce_scatter_raw(x, sizes, rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllGather.apply(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+def all_gather(x: Tensor, group: Group, sizes: Optional[Sequence[int]] = None) -> Tensor:
+    """``cat([x_0, ..., x_{w-1}], 0)`` on every rank of ``group``; ``x_i`` is rank ``i``'s ``x``.
+
+    Ranks may hold different row counts; ``sizes`` (every rank's ``x.shape[0]``, in rank order)
+    saves one small all-gather when the caller knows them. Differentiable: the gradient of ``x``
+    is the sum over ranks of their output gradient's block ``r`` (a reduce-scatter).
+    """
+    world = group_size(group)
+    if world == 1:
+        return x
+    rank = group_rank(group)
+    if sizes is None:
+        sizes = all_gather_sizes(x.shape[0], group, x.device)
+    sizes = _check_splits("sizes", sizes, world)
+    if sizes[rank] != x.shape[0]:
+        raise ValueError(f"sizes[{rank}]={sizes[rank]} must equal x.shape[0]={x.shape[0]}")
+    return _AllGather.apply(x, sizes, rank, group)
+
+
+def reduce_scatter(x: Tensor, split_sizes: Sequence[int], group: Group) -> Tensor:
+    """Sum of every rank's ``x`` (split into blocks of ``split_sizes`` rows), block ``r`` only.
+
+    ``split_sizes`` is the same on every rank and sums to ``x.shape[0]``. Differentiable: the
+    gradient of ``x`` is the all-gather of the output gradients.
+    """
+    world = group_size(group)
+    sizes = _check_splits("split_sizes", split_sizes, world)
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"split_sizes {sizes} must sum to x.shape[0]={x.shape[0]}")
+    if world == 1:
+        return x
+    return _ReduceScatter.apply(x, sizes, group_rank(group), group)

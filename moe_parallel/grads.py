@@ -1,0 +1,144 @@
+"""Gradient synchronisation and global gradient-norm clipping across the dense and expert grids.
+
+Convention (Megatron-Core's): every rank's loss is the mean over the tokens of its dense
+data-parallel shard (identical on the TP ranks of that shard); the target gradient is that of
+the mean of those losses over the ``R = dp·cp`` shards. Parameters say how they are held through
+the attributes set by ``MoELayer`` (untagged parameters are dense and replicated):
+
+* ``sync_group == "edp"`` (routed experts, ``expert_parallel``): each EP/ETP rank holds a shard;
+  its gradient already sums the contributions of every token of the EP group, so it is summed
+  over EDP only, then divided by ``R``.
+* ``sync_group == "dp"`` (everything else): summed over DP×CP, divided by ``R``; parameters with
+  ``sequence_parallel`` (router and shared experts when TP ranks bring distinct tokens) are also
+  summed over TP, since each TP rank saw only its part of the tokens.
+
+Gradients are flattened into buckets of at most ``bucket_mb`` per (group, dtype): one
+all-reduce per bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .parallel_state import ParallelState
+
+
+def is_expert_param(p: Tensor) -> bool:
+    """True for parameters sharded over the expert grid (synced over EDP)."""
+    return getattr(p, "sync_group", "dp") == "edp"
+
+
+def _params_with_grad(params: Iterable[Tensor] | nn.Module) -> list[Tensor]:
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    return [p for p in params if p.grad is not None]
+
+
+def _buckets(grads: list[Tensor], bucket_bytes: int) -> Iterable[list[Tensor]]:
+    """Consecutive runs of ``grads`` of at most ``bucket_bytes`` (a larger tensor stands alone)."""
+    bucket: list[Tensor] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(g)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _allreduce_bucketed(grads: list[Tensor], group, bucket_bytes: int) -> None:
+    """Sum ``grads`` in place over ``group`` with one all-reduce per flat bucket."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        for bucket in _buckets(same, bucket_bytes):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+
+
+def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
+                   average: bool = True, bucket_mb: float = 25.0) -> None:
+    """Make every gradient the gradient of the global loss (see the module docstring).
+
+    ``average=False`` skips the division by ``R`` (for losses already normalised by the global
+    token count). Call once after backward, before the optimizer step.
+    """
+    params = _params_with_grad(params)
+    bucket_bytes = int(bucket_mb * 2**20)
+    expert = [p.grad for p in params if is_expert_param(p)]
+    dense = [p.grad for p in params if not is_expert_param(p)]
+    seq_parallel = [p.grad for p in params
+                    if not is_expert_param(p) and getattr(p, "sequence_parallel", False)]
+    _allreduce_bucketed(expert, ps.group("edp"), bucket_bytes)
+    _allreduce_bucketed(dense, ps.group("dp_cp"), bucket_bytes)
+    _allreduce_bucketed(seq_parallel, ps.group("tp"), bucket_bytes)
+    if average and ps.dp * ps.cp > 1:
+        scale = 1.0 / (ps.dp * ps.cp)
+        for g in expert + dense:
+            g.mul_(scale)
+
+
+def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
+                     norm_type: float = 2.0) -> Tensor:
+    """The norm over every parameter of the whole model, each counted exactly once.
+
+    Call after ``sync_gradients``. Dense replicated gradients are equal on every rank and count
+    once; expert shards are summed over the ETP×EP block (``tp_ep``); parameters marked
+    ``tensor_parallel`` (sharded over TP by the user's model) are summed over TP; everything is
+    summed over PP. Returns a float32 scalar on the gradients' device.
+    """
+    params = _params_with_grad(params)
+    if not params:
+        return torch.zeros(())
+    device = params[0].grad.device
+    inf = math.isinf(norm_type)
+
+    def local(ps_: list[Tensor]) -> Tensor:
+        if not ps_:
+            return torch.zeros((), device=device)
+        norms = torch.stack([p.grad.detach().float().norm(norm_type) for p in ps_])
+        return norms.max() if inf else norms.pow(norm_type).sum()
+
+    expert = [p for p in params if is_expert_param(p)]
+    tp_sharded = [p for p in params
+                  if not is_expert_param(p) and getattr(p, "tensor_parallel", False)]
+    replicated = [p for p in params
+                  if not is_expert_param(p) and not getattr(p, "tensor_parallel", False)]
+    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+    parts = []
+    for group_name, ps_ in (("tp_ep", expert), ("tp", tp_sharded), (None, replicated)):
+        value = local(ps_)
+        group = ps.group(group_name) if group_name else None
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(value, op=op, group=group)
+        parts.append(value)
+    total = torch.stack(parts).max() if inf else torch.stack(parts).sum()
+    pp_group = ps.group("pp")
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total, op=op, group=pp_group)
+    return total if inf else total.pow(1.0 / norm_type)
+
+
+def clip_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState, max_norm: float,
+                   norm_type: float = 2.0) -> Tensor:
+    """Scale every gradient by ``min(1, max_norm / (total + 1e-6))``; return the total norm."""
+    params = _params_with_grad(params)
+    total = global_grad_norm(params, ps, norm_type)
+    coeff = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.detach().mul_(coeff.to(p.grad.device, p.grad.dtype))
+    return total
