@@ -37,8 +37,10 @@ $(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES)
 	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	mkdir -p build && touch $@
 
+# The main job: 4 CPU processes, experts over EP=2, data over DP=2 (gloo).
+DEMO_ARGS ?= --ep 2
 demo: setup
-	$(PY) -m moe_parallel.train
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 4 -m moe_parallel.train $(DEMO_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check moe_parallel tests benchmarks launch setup.py

@@ -88,6 +88,25 @@ class MoELayer(nn.Module):
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: RoutingStats | None = None
 
+    @classmethod
+    def shard_from(cls, full: MoELayer, parallel_state: ParallelState) -> MoELayer:
+        """The expert-parallel layer of this rank holding ``full``'s weights: router, shared
+        experts and buffers copied, routed experts sliced to this rank's (EP, ETP) shard.
+
+        Every rank building the same ``full`` layer (same seed) and calling this gives a model
+        whose distributed forward/backward equals ``full``'s on the union of the ranks' tokens.
+        """
+        ps = parallel_state
+        device = full.experts.w1.device
+        layer = cls(full.config, device=device, parallel_state=ps, experts=GroupedExperts.from_full(
+            full.config, full.experts.w1, full.experts.w2, ps.ep_rank, ps.ep, ps.etp_rank, ps.etp))
+        own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        with torch.no_grad():
+            for name, t in list(full.named_parameters()) + list(full.named_buffers()):
+                if not name.startswith("experts."):
+                    own[name].copy_(t)
+        return layer
+
     def _tag_parameters(self) -> None:
         """Mark routed-expert parameters (synced over EDP) apart from dense ones (over DP)."""
         expert_ids = {id(p) for p in self.experts.parameters()}

@@ -5,7 +5,14 @@ drawn with probabilities (0.55, 0.25, 0.15, 0.05). Its conditional entropy (the 
 cross-entropy) is printed beside the loss. Every FFN is an ``MoELayer``; the layers' aux losses
 are added to the language-model loss.
 
+Parallel layout (under torchrun / mpirun / srun; ``dp`` is derived): experts over EP (and ETP);
+the dense part is replicated and data-parallel. With ``--tp`` > 1 each TP rank of a data shard
+sees the same batch and hands the MoE layers its 1/tp slice of the sequence (sequence
+parallelism), gathering their outputs back; its loss is then the shard's loss / tp and the
+replicated parameters' gradients are summed over TP (``grads.sync_gradients``).
+
     python -m moe_parallel.train --steps 150 --experts 8 --top-k 2 --capacity-factor 1.25
+    torchrun --nproc-per-node 4 -m moe_parallel.train --ep 2 --tp 2
 """
 
 from __future__ import annotations
@@ -13,15 +20,19 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import comm
 from .config import MoEConfig
+from .grads import clip_grad_norm, sync_gradients
+from .init import init_distributed
 from .layer import MoELayer
-from .metrics import RoutingStats
+from .parallel_state import ParallelState
 
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
 
@@ -66,6 +77,16 @@ class Block(nn.Module):
         self.proj = nn.Linear(H, H, bias=False, dtype=config.params_dtype)
         self.ln2 = nn.LayerNorm(H, dtype=config.params_dtype)
         self.moe = MoELayer(config)
+        self.tp_group = None
+
+    def _moe(self, x: Tensor) -> Tensor:
+        """MoE on ``x [S, B, H]``; with TP, on this TP rank's slice of S, gathered back."""
+        tp = comm.group_size(self.tp_group)
+        if tp == 1:
+            return self.moe(x)
+        chunk = x.shape[0] // tp
+        mine = x[comm.group_rank(self.tp_group) * chunk:][:chunk]
+        return comm.all_gather(self.moe(mine), self.tp_group, sizes=[chunk] * tp)
 
     def forward(self, x: Tensor) -> Tensor:
         B, S, H = x.shape
@@ -75,7 +96,7 @@ class Block(nn.Module):
         )
         x = x + self.proj(a.transpose(1, 2).reshape(B, S, H))
         # MoELayer takes sequence-major [S, B, H].
-        return x + self.moe(self.ln2(x).transpose(0, 1)).transpose(0, 1)
+        return x + self._moe(self.ln2(x).transpose(0, 1)).transpose(0, 1)
 
 
 class MoETransformerLM(nn.Module):
@@ -91,6 +112,21 @@ class MoETransformerLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.moe for b in self.blocks]
 
+    def parallelize(self, ps: ParallelState) -> MoETransformerLM:
+        """Shard every MoE layer's experts over EP/ETP (from the full weights this model holds)
+        and tag the replicated parameters for gradient sync over TP as well (see module doc)."""
+        if ps.world_size == 1:
+            return self
+        if ps.cp > 1 or ps.pp > 1:
+            raise ValueError(f"the demo model supports tp, ep, etp and dp; got {ps}")
+        for block in self.blocks:
+            block.moe = MoELayer.shard_from(block.moe, ps)
+            block.tp_group = ps.group("tp")
+        for p in self.parameters():
+            if getattr(p, "sync_group", "dp") == "dp":
+                p.sequence_parallel = ps.tp > 1
+        return self
+
     def forward(self, tokens: Tensor) -> Tensor:
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + self.pos(pos)
@@ -103,10 +139,47 @@ class MoETransformerLM(nn.Module):
         return sum(losses) if losses else 0.0
 
 
+def build_config(args: argparse.Namespace) -> MoEConfig:
+    return MoEConfig(
+        hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
+        top_k=args.top_k, capacity_factor=args.capacity_factor or None,
+        aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
+        params_dtype=getattr(torch, args.dtype),
+    )
+
+
+def build_model(args: argparse.Namespace, ps: ParallelState) -> MoETransformerLM:
+    """The full model from ``args.seed`` (identical on every rank), then sharded for ``ps``."""
+    torch.manual_seed(args.seed)
+    model = MoETransformerLM(build_config(args), args.vocab, args.layers, args.heads, args.seq_len)
+    return model.parallelize(ps)
+
+
+def local_batch(global_batch: Tensor, ps: ParallelState) -> Tensor:
+    """This rank's data-parallel slice of the global batch (TP ranks of a shard share it)."""
+    per_rank = global_batch.shape[0] // ps.dp
+    return global_batch[ps.dp_rank * per_rank:][:per_rank]
+
+
+def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tensor,
+               ps: ParallelState, clip: float) -> tuple[Tensor, Tensor]:
+    """One optimizer step on this rank's ``tokens [B, S+1]``; returns (lm loss, grad norm)."""
+    logits = model(tokens[:, :-1])
+    lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                              tokens[:, 1:].reshape(-1))
+    loss = (lm_loss + model.aux_loss()) / ps.tp
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sync_gradients(model, ps)
+    norm = clip_grad_norm(model, ps, clip)
+    opt.step()
+    return lm_loss.detach(), norm
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per data-parallel rank")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
@@ -120,63 +193,80 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aux-loss-coeff", type=float, default=1e-2)
     p.add_argument("--z-loss-coeff", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+    p.add_argument("--tp", type=int, default=1, help="tensor (sequence) parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    p.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    p.add_argument("--dp", type=int, default=None,
+                   help="data parallel size (derived: world / tp; given only to check it)")
+    p.add_argument("--timeout-s", type=float, default=300.0,
+                   help="collective timeout: a lost rank ends the job with an error")
     return p.parse_args(argv)
 
 
-def _load_line(stats: list[RoutingStats]) -> str:
-    load = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
-    drop = sum(s.dropped for s in stats) / max(sum(s.num_routed for s in stats), 1)
-    return f"load/expert {load.tolist()}  drop {100 * drop:.1f}%"
+def _global_stats(model: MoETransformerLM, ps: ParallelState) -> tuple[list[int], float]:
+    """Tokens per expert summed over layers and ranks, and the drop rate."""
+    stats = [m.last_stats for m in model.moe_layers()]
+    load = torch.stack([s.tokens_per_expert for s in stats]).sum(0).double()
+    counts = torch.cat([load, torch.tensor([float(sum(s.dropped for s in stats)),
+                                            float(sum(s.num_routed for s in stats))])])
+    if ps.world_size > 1:
+        torch.distributed.all_reduce(counts)
+    dropped, routed = counts[-2:].tolist()
+    return [int(v) for v in counts[:-2].tolist()], dropped / max(routed, 1.0)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
-    torch.manual_seed(args.seed)
-    config = MoEConfig(
-        hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
-        top_k=args.top_k, capacity_factor=args.capacity_factor or None,
-        aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
-        params_dtype=getattr(torch, args.dtype),
-    )
-    model = MoETransformerLM(config, args.vocab, args.layers, args.heads, args.seq_len)
+    rank, world, _ = init_distributed(timeout=timedelta(seconds=args.timeout_s))
+    ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp) if world > 1 else (
+        ParallelState.single())
+    if args.dp is not None and args.dp != ps.dp:
+        raise ValueError(f"--dp {args.dp} does not match world {world} / tp {args.tp} = {ps.dp}")
+    if args.seq_len % args.tp:
+        raise ValueError(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp}")
+    model = build_model(args, ps)
     source = MarkovSource(args.vocab, args.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
     )
-    print(f"moe_parallel demo: {args.layers} layers, H={args.hidden}, E={args.experts}, "
-          f"top-{args.top_k}, capacity_factor={config.capacity_factor}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
-          f"loss floor (source entropy) ~{source.entropy:.3f}, uniform {math.log(args.vocab):.3f}")
+    lead = rank == 0
+    if lead:
+        print(f"moe_parallel demo: {world} process(es) tp={ps.tp} ep={ps.ep} etp={ps.etp} "
+              f"dp={ps.dp} edp={ps.edp}; {args.layers} layers, H={args.hidden}, "
+              f"E={args.experts}, top-{args.top_k}, "
+              f"capacity_factor={args.capacity_factor or None}; "
+              f"loss floor (source entropy) ~{source.entropy:.3f}, "
+              f"uniform {math.log(args.vocab):.3f}", flush=True)
     history: list[float] = []
-    tokens_per_step = args.batch_size * args.seq_len
+    tokens_per_step = args.batch_size * ps.dp * args.seq_len
     t_start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
+    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, disable=not lead)
     for step in bar:
-        batch = source.batch(args.batch_size, args.seq_len)
+        batch = local_batch(source.batch(args.batch_size * ps.dp, args.seq_len), ps)
         t0 = time.perf_counter()
-        logits = model(batch[:, :-1])
-        lm_loss = F.cross_entropy(logits.float().reshape(-1, args.vocab), batch[:, 1:].reshape(-1))
-        loss = lm_loss + model.aux_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        lm_loss, _ = train_step(model, opt, batch, ps, args.clip)
         sched.step()
+        if ps.dp > 1:
+            torch.distributed.all_reduce(lm_loss, group=ps.group("dp"))
+            lm_loss /= ps.dp
         tok_s = tokens_per_step / (time.perf_counter() - t0)
         history.append(lm_loss.item())
         bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tok_s:,.0f}")
         if step % args.log_every == 0 or step == args.steps - 1:
-            stats = [m.last_stats for m in model.moe_layers()]
-            tqdm.write(f"step {step:4d}  loss {history[-1]:.4f}  tok/s {tok_s:,.0f}  "
-                       f"{_load_line(stats)}")
+            load, drop = _global_stats(model, ps)
+            if lead:
+                tqdm.write(f"step {step:4d}  loss {history[-1]:.4f}  tok/s {tok_s:,.0f}  "
+                           f"load/expert {load}  drop {100 * drop:.1f}%")
     elapsed = time.perf_counter() - t_start
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
-    print(f"loss {first:.3f} -> {last:.3f} (floor ~{source.entropy:.3f}) in {args.steps} steps, "
-          f"{args.steps * tokens_per_step / elapsed:,.0f} tok/s overall")
+    if lead:
+        print(f"loss {first:.3f} -> {last:.3f} (floor ~{source.entropy:.3f}) in {args.steps} "
+              f"steps, {args.steps * tokens_per_step / elapsed:,.0f} tok/s overall", flush=True)
     return {"first_loss": first, "last_loss": last, "history": history}
 
 

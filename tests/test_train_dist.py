@@ -1,0 +1,125 @@
+"""The training job across processes: one optimizer step on 4 ranks equals the single-process
+step; a rank that fails mid-step ends the whole job with an error instead of a hang."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_harness import get_pool, parallel_state
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "--heads", "2",
+        "--experts", "8", "--top-k", "2", "--vocab", "32", "--seq-len", "8", "--batch-size", "2",
+        "--capacity-factor", "0", "--aux-loss-coeff", "0", "--z-loss-coeff", "0.01",
+        "--clip", "0.05", "--lr", "0.01"]
+LAYOUTS = [dict(ep=4), dict(ep=2), dict(tp=2, ep=2), dict(ep=2, etp=2), dict(tp=2, ep=4)]
+
+
+def _steps_match(layout: dict, steps: int) -> float:
+    """Train ``steps`` steps distributed and on one process; return the largest relative
+    difference over all parameters (expert shards compared with the full model's slice)."""
+    from moe_parallel import train
+    from moe_parallel.experts import shard_expert_weights
+    from moe_parallel.parallel_state import ParallelState
+
+    ps = parallel_state(**layout)
+    args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
+    single = ParallelState.single()
+    dist_model, full_model = train.build_model(args, ps), train.build_model(args, single)
+    opts = [torch.optim.AdamW(m.parameters(), lr=args.lr) for m in (dist_model, full_model)]
+    source = train.MarkovSource(args.vocab, seed=7)
+    for _ in range(steps):
+        batch = source.batch(args.batch_size * ps.dp, args.seq_len)
+        _, norm = train.train_step(dist_model, opts[0], train.local_batch(batch, ps), ps, args.clip)
+        _, full_norm = train.train_step(full_model, opts[1], batch, single, args.clip)
+        assert abs(float(norm) - float(full_norm)) <= 1e-10 * float(full_norm)
+        assert float(full_norm) > args.clip  # clipping is active, so the norm matters
+    full = dict(full_model.named_parameters())
+    worst = 0.0
+    for name, p in dist_model.named_parameters():
+        want = full[name]
+        if name.endswith("experts.w1") or name.endswith("experts.w2"):
+            prefix = name.rsplit(".", 1)[0]
+            w1, w2 = shard_expert_weights(full[prefix + ".w1"], full[prefix + ".w2"], ps.ep_rank,
+                                          ps.ep, ps.etp_rank, ps.etp, gated=True)
+            want = w1 if name.endswith("w1") else w2
+        err = float((p.detach() - want.detach()).norm() / want.detach().norm())
+        worst = max(worst, err)
+    return worst
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "_".join(f"{k}{v}" for k, v in d.items()))
+def test_training_steps_equal_single_process(layout):
+    errors = get_pool(4).run(_steps_match, layout, 2, timeout=300)
+    assert max(errors) < 1e-10, errors
+
+
+FAILING_RANK = textwrap.dedent("""
+    import sys, time
+    from datetime import timedelta
+    import torch
+    from moe_parallel import MoEConfig, MoELayer, ParallelState, init_distributed
+
+    rank, world, _ = init_distributed("gloo", timeout=timedelta(seconds=float(sys.argv[1])))
+    ps = ParallelState.build(ep=world)
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=2 * world, top_k=2)
+    layer = MoELayer(cfg, parallel_state=ps)
+    layer(torch.randn(16, 8)).sum().backward()          # step 1: every rank
+    if rank == 2:
+        raise RuntimeError("injected failure on rank 2")
+    layer(torch.randn(16, 8)).sum().backward()          # step 2: rank 2 never arrives
+    print("UNREACHABLE", rank, flush=True)
+""")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TORCHELASTIC_", "OMPI_", "PMI_", "SLURM_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_failing_rank_ends_torchrun_job(tmp_path):
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+         str(script), "600"],
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "injected failure on rank 2" in proc.stdout + proc.stderr
+    assert "UNREACHABLE" not in proc.stdout
+    assert elapsed < 120, elapsed  # the agent ends the others; no 600 s collective timeout
+
+
+def test_failing_rank_ends_every_rank_by_timeout_without_launcher(tmp_path):
+    """Bare processes (no launcher watching): the survivors' collective times out."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    port = 29000 + os.getpid() % 1000
+    procs = []
+    for rank in range(4):
+        env = _env() | {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank),
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script), "10"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    t0 = time.monotonic()
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    elapsed = time.monotonic() - t0
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode != 0, f"rank {rank} exited 0:\n{out[-2000:]}"
+        assert "UNREACHABLE" not in out
+    assert "injected failure on rank 2" in outs[2]
+    assert elapsed < 150, elapsed
