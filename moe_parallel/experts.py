@@ -80,11 +80,18 @@ class GroupedExperts(nn.Module):
         num_local_experts: int | None = None,
         ffn_size: int | None = None,
         device: torch.device | str | None = None,
+        first_expert: int = 0,
+        etp_rank: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
         self.num_local_experts = num_local_experts or config.num_experts
         self.ffn_size = ffn_size or config.ffn_hidden_size
+        if config.ffn_hidden_size % self.ffn_size:
+            raise ValueError(f"ffn_size {self.ffn_size} must divide ffn_hidden_size "
+                             f"{config.ffn_hidden_size}")
+        self.first_expert, self.etp_rank = first_expert, etp_rank
+        self.etp = config.ffn_hidden_size // self.ffn_size
         kw = dict(device=device, dtype=config.params_dtype)
         H, Fw = config.hidden_size, _fc1_width(config, self.ffn_size)
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, H, Fw, **kw))
@@ -106,15 +113,30 @@ class GroupedExperts(nn.Module):
         ``[E, H, (2)F]`` and ``w2`` ``[E, F, H]`` (see ``shard_expert_weights``)."""
         w1_s, w2_s = shard_expert_weights(w1.detach(), w2.detach(), ep_rank, ep, etp_rank, etp,
                                           config.gated)
-        experts = cls(config, w1_s.shape[0], w2_s.shape[1], device=w1.device)
+        experts = cls(config, w1_s.shape[0], w2_s.shape[1], device=w1.device,
+                      first_expert=ep_rank * w1_s.shape[0], etp_rank=etp_rank)
         with torch.no_grad():
             experts.w1.copy_(w1_s)
             experts.w2.copy_(w2_s)
         return experts
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.w1, std=self.config.init_std)
-        nn.init.normal_(self.w2, std=self.config.init_std)
+        """N(0, init_std), layout-invariant: global expert e's full weights are drawn from a
+        generator seeded ``base + e`` (``base``: one draw from torch's global RNG) and sliced to
+        this rank's ETP shard, so one seed gives the same model on every EP/ETP layout."""
+        cfg = self.config
+        base = int(torch.randint(0, 2**62, (1,)))
+        device = self.w1.device
+        H, F = cfg.hidden_size, cfg.ffn_hidden_size
+        with torch.no_grad():
+            for i in range(self.num_local_experts):
+                g = torch.Generator(device).manual_seed(base + self.first_expert + i)
+                w1 = torch.randn(1, H, _fc1_width(cfg, F), generator=g, device=device,
+                                 dtype=torch.float32)
+                w2 = torch.randn(1, F, H, generator=g, device=device, dtype=torch.float32)
+                w1, w2 = shard_expert_weights(w1, w2, 0, 1, self.etp_rank, self.etp, cfg.gated)
+                self.w1[i].copy_(w1[0] * cfg.init_std)
+                self.w2[i].copy_(w2[0] * cfg.init_std)
 
     def forward(self, x: Tensor, group_sizes: Tensor) -> Tensor:
         """``x`` [N, H] grouped by local expert; ``group_sizes`` [E_local] CPU int64, sum N."""

@@ -71,9 +71,11 @@ class MoELayer(nn.Module):
         if ps is not None:
             ps.check_experts(config.num_experts, config.ffn_hidden_size)
         if experts is None:
-            experts = GroupedExperts(config, device=device) if ps is None else GroupedExperts(
-                config, config.num_experts // ps.ep, config.ffn_hidden_size // ps.etp,
-                device=device,
+            local = config.num_experts // ps.ep if ps is not None else config.num_experts
+            experts = GroupedExperts(
+                config, local, config.ffn_hidden_size // (ps.etp if ps is not None else 1),
+                device=device, first_expert=ps.ep_rank * local if ps is not None else 0,
+                etp_rank=ps.etp_rank if ps is not None else 0,
             )
         self.experts = experts
         self.shared_expert = (

@@ -61,6 +61,30 @@ def test_training_steps_equal_single_process(layout):
     assert max(errors) < 1e-10, errors
 
 
+def _init_matches(layout: dict) -> float:
+    """One seed builds the same layer on every layout: largest relative difference between this
+    rank's parameters and the matching slice of a single-process layer."""
+    from moe_parallel import MoEConfig, MoELayer
+    from moe_parallel.experts import shard_expert_weights
+
+    ps = parallel_state(**layout)
+    cfg = MoEConfig(hidden_size=12, ffn_hidden_size=8, num_experts=8, top_k=2,
+                    num_shared_experts=1, shared_expert_gate=True)
+    torch.manual_seed(3)
+    layer = MoELayer(cfg, parallel_state=ps)
+    torch.manual_seed(3)
+    full = dict(MoELayer(cfg).named_parameters())
+    w1, w2 = shard_expert_weights(full["experts.w1"], full["experts.w2"], ps.ep_rank, ps.ep,
+                                  ps.etp_rank, ps.etp, cfg.gated)
+    full["experts.w1"], full["experts.w2"] = w1, w2
+    return max(float((p - full[n]).norm() / full[n].norm()) for n, p in layer.named_parameters())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "_".join(f"{k}{v}" for k, v in d.items()))
+def test_initialisation_is_layout_invariant(layout):
+    assert max(get_pool(4).run(_init_matches, layout)) == 0.0
+
+
 FAILING_RANK = textwrap.dedent("""
     import sys, time
     from datetime import timedelta
