@@ -1,7 +1,6 @@
 """moe_parallel.init: launcher detection on fake environments, and one real 2-rank gloo start."""
 
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from proc_utils import free_port, spawn_bounded
 
 from moe_parallel import init as init_mod
 from moe_parallel.init import LaunchEnv, detect_launch_env, init_distributed
@@ -162,26 +162,6 @@ def _init_worker(rank: int, port: int, start, peer_done) -> None:
     assert TIMEOUT_S * 0.5 <= elapsed <= TIMEOUT_S + 20, elapsed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_bounded(fn, nprocs: int, args: tuple, timeout_s: float) -> None:
-    """mp.spawn with a deadline: a hang kills the ranks and fails the test."""
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"spawned ranks still running after {timeout_s}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 def test_init_distributed_two_gloo_ranks_and_timeout():
     ctx = mp.get_context("spawn")
-    _spawn_bounded(_init_worker, 2, (_free_port(), ctx.Barrier(2), ctx.Event()), timeout_s=90)
+    spawn_bounded(_init_worker, 2, (free_port(), ctx.Barrier(2), ctx.Event()), timeout_s=90)

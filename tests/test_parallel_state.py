@@ -2,14 +2,13 @@
 
 import importlib.util
 import itertools
-import socket
-import time
 from collections import defaultdict
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from proc_utils import free_port, spawn_bounded
 
 from moe_parallel.megatron_compat import MEGATRON_GROUPS, parallel_state_from_megatron
 from moe_parallel.parallel_state import GROUP_NAMES, ParallelState, grid_groups
@@ -283,29 +282,9 @@ def _state_worker(rank: int, world: int, port: int, start) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn_bounded(fn, nprocs: int, args: tuple, timeout_s: float) -> None:
-    """mp.spawn with a deadline: a hang kills the ranks and fails the test."""
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"spawned ranks still running after {timeout_s}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-
-
 def test_build_creates_groups_whose_all_reduce_matches_the_rank_lists():
     start = mp.get_context("spawn").Barrier(4)
-    _spawn_bounded(_state_worker, 4, (4, _free_port(), start), timeout_s=120)
+    spawn_bounded(_state_worker, 4, (4, free_port(), start), timeout_s=120)
 
 
 def _megatron_worker(rank: int, world: int, port: int, start) -> None:
@@ -336,4 +315,4 @@ def _megatron_worker(rank: int, world: int, port: int, start) -> None:
                     reason="megatron-core is not installed (optional; not a project dependency)")
 def test_from_megatron_with_real_megatron_core():
     start = mp.get_context("spawn").Barrier(4)
-    _spawn_bounded(_megatron_worker, 4, (4, _free_port(), start), timeout_s=180)
+    spawn_bounded(_megatron_worker, 4, (4, free_port(), start), timeout_s=180)
