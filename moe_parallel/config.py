@@ -56,6 +56,9 @@ class MoEConfig:
     Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
       ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
       ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
+    Dispatch across processes (``token_dispatcher_type``): ``"alltoall"`` sends each token copy
+      to the EP rank of its expert; ``"allgather"`` gathers the ETP×EP group's tokens on every
+      rank (for TP-heavy layouts or large top_k).
     Non-finite input: with ``check_finite`` (default) a NaN/Inf in the router logits raises
       ``FloatingPointError``; without it NaN propagates to the output.
     """
@@ -93,6 +96,7 @@ class MoEConfig:
     params_dtype: torch.dtype = torch.float32
     init_std: float = 0.02
     check_finite: bool = True
+    token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
 
     def __post_init__(self) -> None:
         _positive_int("hidden_size", self.hidden_size)
@@ -107,6 +111,7 @@ class MoEConfig:
         _choice("router_type", self.router_type, _ROUTER_TYPES)
         _choice("score_function", self.score_function, _SCORE_FUNCTIONS)
         _choice("drop_policy", self.drop_policy, _DROP_POLICIES)
+        _choice("token_dispatcher_type", self.token_dispatcher_type, ("alltoall", "allgather"))
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

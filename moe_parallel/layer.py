@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .capacity import apply_capacity, expert_capacity
 from .config import MoEConfig
-from .dispatcher import AllToAllDispatcher, LocalDispatcher
+from .dispatcher import build_dispatcher
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .router import Routing, build_router
@@ -47,8 +47,9 @@ class MoELayer(nn.Module):
     with the same ``dispatch``/``combine`` contract (see ``dispatcher.py``) can replace it, in
     which case ``experts`` must hold that dispatcher's local experts.
 
-    With ``parallel_state`` (a ``ParallelState``) the defaults become an ``AllToAllDispatcher``
-    over its EP/ETP groups and ``GroupedExperts`` holding this rank's ``E / ep`` experts with
+    With ``parallel_state`` (a ``ParallelState``) the defaults become the dispatcher named by
+    ``config.token_dispatcher_type`` (all-to-all over EP then all-gather over ETP, or all-gather
+    over the ETP×EP group) and ``GroupedExperts`` holding this rank's ``E / ep`` experts with
     ``F / etp`` hidden units each. Every parameter is tagged for gradient sync:
     ``param.expert_parallel`` (True for the routed experts) and ``param.sync_group``
     (``"edp"`` for the routed experts, ``"dp"`` for the dense router and shared experts); with
@@ -82,9 +83,7 @@ class MoELayer(nn.Module):
             SharedExpert(config, device=device) if config.num_shared_experts else None
         )
         if dispatcher is None:
-            dispatcher = LocalDispatcher(config.num_experts) if ps is None else (
-                AllToAllDispatcher(config.num_experts, ps)
-            )
+            dispatcher = build_dispatcher(config.num_experts, ps, config.token_dispatcher_type)
         self.dispatcher = dispatcher
         self._tag_parameters()
         self.last_losses: dict[str, Tensor] = {}

@@ -144,7 +144,7 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
         top_k=args.top_k, capacity_factor=args.capacity_factor or None,
         aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
-        params_dtype=getattr(torch, args.dtype),
+        params_dtype=getattr(torch, args.dtype), token_dispatcher_type=args.dispatcher,
     )
 
 
@@ -200,6 +200,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor (sequence) parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     p.add_argument("--dp", type=int, default=None,
                    help="data parallel size (derived: world / tp; given only to check it)")
     p.add_argument("--timeout-s", type=float, default=300.0,

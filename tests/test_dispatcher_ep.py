@@ -3,7 +3,10 @@
 Layouts on 4 ranks: ep=4; ep=2 with edp=2; ep=2 with etp=2; tp=2 (sequence parallel: TP ranks
 bring distinct tokens) with ep=2; each with top-1/top-2/fine-grained top-6 + shared expert,
 dropless, capacity (both drop policies), pad-to-capacity, all tokens to one expert, expert
-choice, 3-D input, ranks without tokens. Three 8-rank layouts run a subset of the cases.
+choice, 3-D input, ranks without tokens; every case with both the AllToAllDispatcher and the
+AllGatherDispatcher. Six 8-rank layouts run a subset of the cases: the three that need 8 ranks
+for ETP×EDP or TP×EP4 (and the all-gather dispatcher on them), and ep=8, ep=4 with edp=2,
+tp=2 with ep=2 and edp=2 (top-1/top-2/fine-grained top-6 + shared, dropless and capacity).
 
 Every rank builds the same full layer from one seed, its reference copy, and the parallel layer
 holding its shard (EP rank's experts, ETP rank's hidden units). Each rank draws its own tokens
@@ -15,6 +18,10 @@ per rank). float64, compared at relative error 1e-10:
   * dense gradients (router, shared expert) summed over all ranks against the same sum of the
     reference's (this stands in for grads.py: DP/EDP/TP sync done by hand here);
   * the routing statistics (tokens per expert, drops) against the local layer's.
+The all-gather cases also check the dispatcher against the all-to-all one: identical group sizes
+and, per local expert, the same rows (as a multiset); the layer output with the all-to-all
+dispatcher swapped in; and the handle's own-token ``row_map`` (every kept assignment's row in its
+owning rank's ``expert_in`` holds that token).
 All cases of one layout run in one pool call; each case is reported as its own test.
 """
 
@@ -25,7 +32,13 @@ import torch
 import torch.distributed as dist
 from dist_harness import DistFailure, get_pool, parallel_state
 
-from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+from moe_parallel import MoEConfig, MoELayer, ReferenceMoE, comm
+from moe_parallel.dispatcher import (
+    AllGatherDispatcher,
+    AllToAllDispatcher,
+    LocalDispatcher,
+    build_dispatcher,
+)
 from moe_parallel.experts import shard_expert_weights
 
 TOKENS = [6, 0, 11, 3, 5, 9, 0, 2]  # tokens of each global rank: uneven, ranks 1 and 6 empty
@@ -42,7 +55,11 @@ LAYOUTS = {  # name -> (world size, ParallelState sizes)
     "w8_ep2_etp2_edp2": (8, dict(ep=2, etp=2)),
     "w8_tp2_ep4": (8, dict(tp=2, ep=4)),
     "w8_ep4_etp2": (8, dict(ep=4, etp=2)),
+    "w8_ep8": (8, dict(ep=8)),
+    "w8_ep4_edp2": (8, dict(ep=4)),
+    "w8_tp2_ep2_edp2": (8, dict(tp=2, ep=2)),
 }
+DISPATCHER_CLASSES = {"alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}
 
 ROUTINGS = {
     "top1": dict(top_k=1, norm_topk_prob=False),
@@ -76,10 +93,21 @@ CASES["no_tokens_anywhere_padded"] = dict(
 )
 EIGHT_RANK_CASES = ["top1-cap_probs", "top2-dropless", "top6_fine_shared-pad_position",
                     "one_expert-cap_probs"]
+# the 8-rank layouts that 4 ranks also hold in a smaller form: every routing, dropless/capacity
+EIGHT_RANK_ROUTING_CASES = [
+    "top1-dropless", "top1-cap_probs", "top2-dropless", "top2-cap_position",
+    "top6_fine_shared-dropless", "top6_fine_shared-cap_probs", "top6_fine_shared-pad_position",
+]
+ROUTING_LAYOUTS = ("w8_ep8", "w8_ep4_edp2", "w8_tp2_ep2_edp2")
 
 
-def _cases(layout: str) -> list[str]:
-    return sorted(CASES) if LAYOUTS[layout][0] == 4 else EIGHT_RANK_CASES
+def _cases(layout: str) -> list[tuple[str, str]]:
+    """(dispatcher, case) pairs run on ``layout``."""
+    if LAYOUTS[layout][0] == 4:
+        return [(d, c) for d in DISPATCHER_CLASSES for c in sorted(CASES)]
+    if layout in ROUTING_LAYOUTS:
+        return [("alltoall", c) for c in EIGHT_RANK_ROUTING_CASES]
+    return [(d, c) for d in DISPATCHER_CLASSES for c in EIGHT_RANK_CASES]
 
 
 # ---- worker side ------------------------------------------------------------------------------
@@ -101,7 +129,7 @@ def _grads(module) -> dict[str, torch.Tensor]:
             for n, p in module.named_parameters()}
 
 
-def _build(cfg: MoEConfig, ps, seed: int, one_expert: bool):
+def _build(cfg: MoEConfig, ps, seed: int, one_expert: bool, dispatcher: str):
     """The full local layer, its reference copy and this rank's parallel layer (same weights)."""
     torch.manual_seed(seed)
     full = MoELayer(cfg)
@@ -110,7 +138,8 @@ def _build(cfg: MoEConfig, ps, seed: int, one_expert: bool):
             full.router.weight.zero_()
             full.router.weight[-1] = 5.0
     ref = ReferenceMoE.from_layer(full)
-    par = MoELayer(cfg, parallel_state=ps)
+    par = MoELayer(cfg, parallel_state=ps,
+                   dispatcher=DISPATCHER_CLASSES[dispatcher](cfg.num_experts, ps))
     own = dict(full.named_parameters())
     w1, w2 = shard_expert_weights(own["experts.w1"], own["experts.w2"], ps.ep_rank, ps.ep,
                                   ps.etp_rank, ps.etp, cfg.gated)
@@ -121,10 +150,69 @@ def _build(cfg: MoEConfig, ps, seed: int, one_expert: bool):
     return full, ref, par
 
 
-def _run_case(cfg: MoEConfig, ps, seed: int, case: dict) -> dict:
+def _sorted_rows(rows: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """Each group's rows in a canonical order (by a fixed random projection): rows as a
+    multiset per group."""
+    v = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(7),
+                    dtype=rows.dtype)
+    return torch.cat([g[(g @ v).argsort()] for g in rows.split(group_sizes.tolist())])
+
+
+def _check_allgather(par: MoELayer, ps, x: torch.Tensor, spied: dict, y: torch.Tensor) -> dict:
+    """All-gather dispatch against all-to-all dispatch on the same routing, and the handle's
+    own-token row map against the owning rank's expert input. 0.0 / relative errors."""
+    cfg = par.config
+    tokens = x.reshape(-1, cfg.hidden_size)
+    expert_in, group_sizes, handle = spied["out"]
+    routing, pad_to = spied["routing"], spied["pad_to"]
+    out = {}
+    with torch.no_grad():
+        a2a = AllToAllDispatcher(cfg.num_experts, ps)
+        rows, gs, _ = a2a.dispatch(tokens, routing, pad_to)
+        out["group_sizes_differ"] = float(not torch.equal(gs, group_sizes))
+        out["expert_rows_differ"] = float(
+            out["group_sizes_differ"] > 0
+            or not torch.equal(_sorted_rows(rows, gs), _sorted_rows(expert_in, group_sizes))
+        )
+        ag = par.dispatcher
+        par.dispatcher = a2a
+        out["vs_alltoall"] = _rel(y.detach(), par(x))
+        par.dispatcher = ag
+
+        # own row map: row_map[t, j] is a row of the owner's expert_in holding token t
+        group = ps.group("tp_ep") if ps.ep * ps.etp > 1 else None
+        everyone = comm.all_gather(expert_in, group)
+        sizes = comm.all_gather_sizes(expert_in.shape[0], group)
+        starts = torch.tensor([0, *sizes]).cumsum(0)
+        E_local = cfg.num_experts // ps.ep
+        row_map, idx = handle.row_map, routing.expert_idx
+        bad = 0
+        for t, j in (row_map >= 0).nonzero().tolist():
+            owner = ps.etp_rank + ps.etp * (int(idx[t, j]) // E_local)
+            r = int(row_map[t, j])
+            bad += not (r < sizes[owner]
+                        and torch.equal(everyone[starts[owner] + r], tokens[t]))
+        keep = torch.ones_like(idx, dtype=torch.bool) if routing.keep is None else routing.keep
+        bad += not torch.equal(row_map >= 0, keep)
+        own = handle.gathered_row_map[handle.offset: handle.offset + tokens.shape[0]]
+        bad += not torch.equal(own[own >= 0], row_map[own >= 0])
+        out["row_map_wrong"] = float(bad)
+    return out
+
+
+def _run_case(cfg: MoEConfig, ps, seed: int, case: dict, dispatcher: str) -> dict:
     rank = dist.get_rank()
     one_expert = case.get("one_expert", False)
-    full, ref, par = _build(cfg, ps, seed, one_expert)
+    full, ref, par = _build(cfg, ps, seed, one_expert, dispatcher)
+    spied: dict = {}
+    if dispatcher == "allgather":
+        dispatch = par.dispatcher.dispatch
+
+        def spy(x, routing, pad_to=0):
+            spied.update(out=dispatch(x, routing, pad_to), routing=routing, pad_to=pad_to)
+            return spied["out"]
+
+        par.dispatcher.dispatch = spy
     gen = torch.Generator().manual_seed(100 * seed + rank)
     T, H = case.get("tokens", TOKENS)[rank], cfg.hidden_size
     seqs = case.get("seqs")
@@ -170,17 +258,22 @@ def _run_case(cfg: MoEConfig, ps, seed: int, case: dict) -> dict:
         out[f"grad {name}"] = _rel(par_sum, ref_sum)
         out[f"norm {name}"] = float(_all_reduce(ref_sum.norm().reshape(1)))
     out["dropped"] = stats.dropped
+    if dispatcher == "allgather":
+        par.dispatcher.dispatch = dispatch
+        out.update(_check_allgather(par, ps, x, spied, y))
     return out
 
 
-def run_layout(layout: str, names: list[str]) -> dict[str, dict]:
-    """Every case of ``names`` on this rank's layout; {case: metrics}."""
+def run_layout(layout: str, names: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """Every (dispatcher, case) of ``names`` on this rank's layout; {(dispatcher, case):
+    metrics}. A case has the same seed with either dispatcher."""
     ps = parallel_state(**LAYOUTS[layout][1])
+    seeds = {name: i + 1 for i, name in enumerate(sorted(CASES))}
     results = {}
-    for i, name in enumerate(names):
+    for dispatcher, name in names:
         case = CASES[name]
         cfg = MoEConfig(**{**BASE, **case["cfg"]})
-        results[name] = _run_case(cfg, ps, seed=i + 1, case=case)
+        results[dispatcher, name] = _run_case(cfg, ps, seeds[name], case, dispatcher)
     return results
 
 
@@ -206,15 +299,19 @@ def _layout_results(layout: str) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "layout, case", [(lay, case) for lay in LAYOUTS for case in _cases(lay)]
+    "layout, dispatcher, case", [(lay, *dc) for lay in LAYOUTS for dc in _cases(lay)]
 )
-def test_layer_matches_reference(layout, case):
-    per_rank = [r[case] for r in _layout_results(layout)]
+def test_layer_matches_reference(layout, dispatcher, case):
+    per_rank = [r[dispatcher, case] for r in _layout_results(layout)]
     for rank, m in enumerate(per_rank):
         for key, err in m.items():
-            if key in ("output", "input_grad") or key.startswith("grad "):
+            if key in ("output", "input_grad", "vs_alltoall") or key.startswith("grad "):
                 assert err < TOL, f"rank {rank} {key}: relative error {err:.3e}"
-        assert m["tokens_per_expert_equal"] == 0.0, f"rank {rank}: stats differ"
+        for key in ("tokens_per_expert_equal", "group_sizes_differ", "expert_rows_differ",
+                    "row_map_wrong"):
+            assert m.get(key, 0.0) == 0.0, f"rank {rank}: {key}"
+        if dispatcher == "allgather":
+            assert "row_map_wrong" in m
     # not vacuous: every parameter's reference gradient is nonzero somewhere
     has_tokens = any(CASES[case].get("tokens", TOKENS))
     for key, norm in per_rank[0].items():
@@ -281,3 +378,48 @@ def test_layout_rules_are_checked():
     ps = ParallelState(world_size=4, rank=0, ep=1, etp=4, dp=4, edp=1)
     with pytest.raises(ValueError, match="ffn_hidden_size"):
         MoELayer(MoEConfig(**{**BASE, "ffn_hidden_size": 6}), parallel_state=ps)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_allgather_single_process_is_the_local_dispatcher(pad):
+    """With ParallelState.single() the all-gather dispatcher is the local one, bit for bit:
+    the same expert input, group sizes, output and gradients (x and router)."""
+    from moe_parallel.parallel_state import ParallelState
+
+    cfg = MoEConfig(**{**BASE, "top_k": 2, "capacity_factor": 1.0, "pad_to_capacity": pad})
+    torch.manual_seed(0)
+    local = MoELayer(cfg)
+    par = MoELayer(cfg, dispatcher=AllGatherDispatcher(cfg.num_experts, ParallelState.single()))
+    par.load_state_dict(local.state_dict())
+    x = torch.randn(13, cfg.hidden_size, dtype=torch.float64)
+    routing, _, pad_to = local.route(x)
+    assert (pad_to > 0) == pad
+    a_in, a_gs, a_h = local.dispatcher.dispatch(x, routing, pad_to)
+    b_in, b_gs, b_h = par.dispatcher.dispatch(x, routing, pad_to)
+    assert torch.equal(a_in, b_in) and torch.equal(a_gs, b_gs)
+    assert torch.equal(a_h.row_map, b_h.row_map) and torch.equal(b_h.row_map, b_h.gathered_row_map)
+    assert torch.equal(a_h.tokens_per_expert, b_h.tokens_per_expert)
+    assert int((a_h.row_map < 0).sum()) > 0  # capacity dropped something
+    xl, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yl, yp = local(xl), par(xp)
+    assert torch.equal(yl, yp)
+    cot = torch.randn_like(yl)
+    (yl * cot).sum().backward()
+    (yp * cot).sum().backward()
+    assert torch.equal(xl.grad, xp.grad)
+    for (n, p), q in zip(local.named_parameters(), par.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_build_dispatcher():
+    from moe_parallel.parallel_state import ParallelState
+
+    single = ParallelState.single()
+    assert type(build_dispatcher(8)) is LocalDispatcher
+    assert type(build_dispatcher(8, single)) is AllToAllDispatcher
+    assert type(build_dispatcher(8, single, "allgather")) is AllGatherDispatcher
+    with pytest.raises(ValueError, match="alltoall"):
+        build_dispatcher(8, single, "ring")
+    ps = ParallelState(world_size=4, rank=0, ep=4, etp=1, dp=4, edp=1)
+    with pytest.raises(ValueError, match="num_experts"):
+        AllGatherDispatcher(6, ps)

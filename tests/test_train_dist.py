@@ -20,6 +20,8 @@ ARGS = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "
         "--capacity-factor", "0", "--aux-loss-coeff", "0", "--z-loss-coeff", "0.01",
         "--clip", "0.05", "--lr", "0.01"]
 LAYOUTS = [dict(ep=4), dict(ep=2), dict(tp=2, ep=2), dict(ep=2, etp=2), dict(tp=2, ep=4)]
+STEP_CASES = LAYOUTS + [dict(tp=2, ep=2, dispatcher="allgather"),
+                        dict(ep=2, etp=2, dispatcher="allgather")]
 
 
 def _steps_match(layout: dict, steps: int) -> float:
@@ -29,7 +31,7 @@ def _steps_match(layout: dict, steps: int) -> float:
     from moe_parallel.experts import shard_expert_weights
     from moe_parallel.parallel_state import ParallelState
 
-    ps = parallel_state(**layout)
+    ps = parallel_state(**{k: v for k, v in layout.items() if k != "dispatcher"})
     args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
     single = ParallelState.single()
     dist_model, full_model = train.build_model(args, ps), train.build_model(args, single)
@@ -55,7 +57,8 @@ def _steps_match(layout: dict, steps: int) -> float:
     return worst
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "_".join(f"{k}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("layout", STEP_CASES,
+                         ids=lambda d: "_".join(f"{k}{v}" for k, v in d.items()))
 def test_training_steps_equal_single_process(layout):
     errors = get_pool(4).run(_steps_match, layout, 2, timeout=300)
     assert max(errors) < 1e-10, errors
