@@ -191,7 +191,7 @@ def test_parse_nodelist():
 # ---- real launches ------------------------------------------------------------------------
 def test_torchrun_c10d_two_nodes_on_localhost(entry_dir):
     port = _free_port()
-    commands = [([_script("torchrun_multi_node.sh"), "1", "hello"],
+    commands = [([_script("torchrun_multi_node.sh"), "2", "hello"],
                  _env(entry_dir, NNODES=2, NODE_RANK=n, RDZV_ENDPOINT=f"127.0.0.1:{port}",
                       LOCAL_ADDR="127.0.0.1", RDZV_ID=f"test{port}", RDZV_TIMEOUT=60))
                 for n in range(2)]
@@ -199,7 +199,7 @@ def test_torchrun_c10d_two_nodes_on_localhost(entry_dir):
     for rc, out in results:
         assert rc == 0, out
     lines = sorted(line for _, out in results for line in _results(out))
-    assert lines == _expected(2, "hello", locals_=[0, 0])
+    assert lines == _expected(4, "hello", locals_=[0, 1, 0, 1])
 
 
 def _mpi_skip_reason():
@@ -218,10 +218,10 @@ MPI_SKIP = _mpi_skip_reason()
 
 @pytest.mark.skipif(MPI_SKIP is not None, reason=str(MPI_SKIP))
 def test_mpirun_without_master_env_uses_mpi4py(entry_dir):
-    [(rc, out)] = _run_all([([_script("mpirun.sh"), "2", "hi"],
+    [(rc, out)] = _run_all([([_script("mpirun.sh"), "4", "hi"],
                              _env(entry_dir, MPIRUN_ARGS="--oversubscribe"))])
     assert rc == 0, out
-    assert _results(out) == _expected(2, "hi")
+    assert _results(out) == _expected(4, "hi")
 
 
 FAKE_SRUN = """\
