@@ -203,19 +203,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     p.add_argument("--dp", type=int, default=None,
                    help="data parallel size (derived: world / tp; given only to check it)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (this rank's GPU when CUDA is available, else cpu), cpu, cuda")
     p.add_argument("--timeout-s", type=float, default=300.0,
                    help="collective timeout: a lost rank ends the job with an error")
     return p.parse_args(argv)
 
 
-def _global_stats(model: MoETransformerLM, ps: ParallelState) -> tuple[list[int], float]:
+def _global_stats(model: MoETransformerLM, ps: ParallelState,
+                  device: torch.device) -> tuple[list[int], float]:
     """Tokens per expert summed over layers and ranks, and the drop rate."""
     stats = [m.last_stats for m in model.moe_layers()]
     load = torch.stack([s.tokens_per_expert for s in stats]).sum(0).double()
     counts = torch.cat([load, torch.tensor([float(sum(s.dropped for s in stats)),
                                             float(sum(s.num_routed for s in stats))])])
     if ps.world_size > 1:
+        counts = counts.to(device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
     dropped, routed = counts[-2:].tolist()
     return [int(v) for v in counts[:-2].tolist()], dropped / max(routed, 1.0)
 
@@ -229,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--dp {args.dp} does not match world {world} / tp {args.tp} = {ps.dp}")
     if args.seq_len % args.tp:
         raise ValueError(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp}")
-    model = build_model(args, ps)
+    if args.device == "auto":
+        args.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    model = build_model(args, ps).to(device)
     source = MarkovSource(args.vocab, args.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -237,8 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     lead = rank == 0
     if lead:
-        print(f"moe_parallel demo: {world} process(es) tp={ps.tp} ep={ps.ep} etp={ps.etp} "
-              f"dp={ps.dp} edp={ps.edp}; {args.layers} layers, H={args.hidden}, "
+        print(f"moe_parallel demo on {device}: {world} process(es) tp={ps.tp} ep={ps.ep} "
+              f"etp={ps.etp} dp={ps.dp} edp={ps.edp}; {args.layers} layers, H={args.hidden}, "
               f"E={args.experts}, top-{args.top_k}, "
               f"capacity_factor={args.capacity_factor or None}; "
               f"loss floor (source entropy) ~{source.entropy:.3f}, "
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, disable=not lead)
     for step in bar:
-        batch = local_batch(source.batch(args.batch_size * ps.dp, args.seq_len), ps)
+        batch = local_batch(source.batch(args.batch_size * ps.dp, args.seq_len), ps).to(device)
         t0 = time.perf_counter()
         lm_loss, _ = train_step(model, opt, batch, ps, args.clip)
         sched.step()
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         history.append(lm_loss.item())
         bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tok_s:,.0f}")
         if step % args.log_every == 0 or step == args.steps - 1:
-            load, drop = _global_stats(model, ps)
+            load, drop = _global_stats(model, ps, device)
             if lead:
                 tqdm.write(f"step {step:4d}  loss {history[-1]:.4f}  tok/s {tok_s:,.0f}  "
                            f"load/expert {load}  drop {100 * drop:.1f}%")
