@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cuda_ops_bench import time_ms as cuda_event_times  # noqa: E402
 from moe_parallel import ops  # noqa: E402
 
 CONFIGS = {
@@ -28,18 +29,8 @@ CONFIGS = {
 
 
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    """Median of ``cuda_ops_bench.time_ms``'s per-call CUDA-event times."""
+    return statistics.median(cuda_event_times(fn, iters, warmup))
 
 
 def group_sizes(M: int, E: int, skew: str) -> torch.Tensor:

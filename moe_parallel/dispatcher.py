@@ -90,6 +90,15 @@ def _expert_major_order(etp: int, ep: int, num_local: int) -> Optional[Tensor]:
     return torch.arange(etp * ep * num_local).view(etp * ep, num_local).t().reshape(-1)
 
 
+def _set_expert_grid(dispatcher, num_experts: int, ps: ParallelState) -> None:
+    """The expert-grid sizes every expert-parallel dispatcher keeps (``E % ep`` checked)."""
+    if num_experts % ps.ep:
+        raise ValueError(f"num_experts {num_experts} is not divisible by ep {ps.ep}")
+    dispatcher.num_experts = num_experts
+    dispatcher.ep, dispatcher.etp = ps.ep, ps.etp
+    dispatcher.num_local_experts = num_experts // ps.ep
+
+
 class AllToAllDispatcher:
     """Expert-parallel dispatch over the EP (and ETP) groups of a ``ParallelState``.
 
@@ -115,11 +124,7 @@ class AllToAllDispatcher:
 
     def __init__(self, num_experts: int, parallel_state: ParallelState) -> None:
         ps = parallel_state
-        if num_experts % ps.ep:
-            raise ValueError(f"num_experts {num_experts} is not divisible by ep {ps.ep}")
-        self.num_experts = num_experts
-        self.ep, self.etp = ps.ep, ps.etp
-        self.num_local_experts = num_experts // ps.ep
+        _set_expert_grid(self, num_experts, ps)
         self.ep_group = ps.group("ep") if ps.ep > 1 else None
         self.etp_group = ps.group("etp") if ps.etp > 1 else None
         self.order = _expert_major_order(self.etp, self.ep, self.num_local_experts)
@@ -249,11 +254,7 @@ class AllGatherDispatcher:
 
     def __init__(self, num_experts: int, parallel_state: ParallelState) -> None:
         ps = parallel_state
-        if num_experts % ps.ep:
-            raise ValueError(f"num_experts {num_experts} is not divisible by ep {ps.ep}")
-        self.num_experts = num_experts
-        self.ep, self.etp = ps.ep, ps.etp
-        self.num_local_experts = num_experts // ps.ep
+        _set_expert_grid(self, num_experts, ps)
         self.first_expert = ps.ep_rank * self.num_local_experts
         self.group = ps.group("tp_ep") if ps.ep * ps.etp > 1 else None
 
