@@ -51,6 +51,18 @@ void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
 void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_out,
                                    const at::Tensor& group_sizes);
 
+// ---- block-sparse (dropless) expert products, device-generic (csrc/block_sparse.cpp) ----
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+block_topology_impl(const at::Tensor& tokens_per_expert, int64_t block_size,
+                    int64_t n_col_blocks);
+at::Tensor bsr_sdd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& block_row,
+                        const at::Tensor& block_col, int64_t block_size);
+at::Tensor bsr_dsd_impl(const at::Tensor& blocks, const at::Tensor& w, const at::Tensor& row_ptr,
+                        const at::Tensor& block_col, int64_t num_rows);
+at::Tensor bsr_wgrad_impl(const at::Tensor& x, const at::Tensor& blocks,
+                          const at::Tensor& block_row, const at::Tensor& col_ptr,
+                          const at::Tensor& transpose_idx, int64_t num_experts, bool trans);
+
 #ifdef MOE_PARALLEL_WITH_CUDA
 // ---- CUDA kernels (csrc/cuda) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(

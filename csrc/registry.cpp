@@ -18,6 +18,19 @@ TORCH_LIBRARY(moe_parallel, m) {
   m.def(
       "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor group_sizes, bool trans_b=False)"
       " -> Tensor");
+  m.def(
+      "block_topology(Tensor tokens_per_expert, int block_size, int n_col_blocks) -> (Tensor"
+      " padded_offsets, Tensor block_row, Tensor block_col, Tensor row_ptr, Tensor col_ptr,"
+      " Tensor transpose_idx)");
+  m.def(
+      "bsr_sdd(Tensor x, Tensor w, Tensor block_row, Tensor block_col, int block_size)"
+      " -> Tensor");
+  m.def(
+      "bsr_dsd(Tensor blocks, Tensor w, Tensor row_ptr, Tensor block_col, int num_rows)"
+      " -> Tensor");
+  m.def(
+      "bsr_wgrad(Tensor x, Tensor blocks, Tensor block_row, Tensor col_ptr,"
+      " Tensor transpose_idx, int num_experts, bool trans=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
@@ -27,4 +40,8 @@ TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
   m.impl("sort_chunks", &moe_parallel::sort_chunks_impl);
   m.impl("grouped_gemm", &moe_parallel::grouped_gemm_impl);
   m.impl("grouped_gemm_wgrad", &moe_parallel::grouped_gemm_wgrad_impl);
+  m.impl("block_topology", &moe_parallel::block_topology_impl);
+  m.impl("bsr_sdd", &moe_parallel::bsr_sdd_impl);
+  m.impl("bsr_dsd", &moe_parallel::bsr_dsd_impl);
+  m.impl("bsr_wgrad", &moe_parallel::bsr_wgrad_impl);
 }

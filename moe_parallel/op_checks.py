@@ -187,3 +187,152 @@ def _check_group_sizes_values(group_sizes: torch.Tensor, total: int, name: str, 
         raise ValueError(f"{name} must sum to {what}={total}, got sum {s}")
 
 
+
+
+# ---- block-sparse (dropless) products ----
+
+
+def _check_block_size(block_size: int, name: str = "block_size") -> None:
+    if block_size <= 0:
+        raise ValueError(f"{name} must be > 0, got {block_size}")
+
+
+def _check_block_topology_static(
+    tokens_per_expert: torch.Tensor, block_size: int, n_col_blocks: int
+) -> None:
+    _check_index(tokens_per_expert, "tokens_per_expert", 1)
+    _check_cpu(tokens_per_expert, "tokens_per_expert")
+    _check_block_size(block_size)
+    if n_col_blocks <= 0:
+        raise ValueError(f"n_col_blocks must be > 0, got {n_col_blocks}")
+
+
+def _check_bsr_sdd_static(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    block_row: torch.Tensor,
+    block_col: torch.Tensor,
+    block_size: int,
+) -> None:
+    _check_block_size(block_size)
+    _check_float(x, "x", 2)
+    _check_float(w, "w", 3)
+    if w.dtype != x.dtype:
+        raise ValueError(f"w must have the dtype of x ({x.dtype}), got {w.dtype}")
+    _check_same_device(w, "w", x, "x")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"w must have shape [E, K, N] with K = x.size(1) = {x.shape[1]}, got {tuple(w.shape)}"
+        )
+    if w.shape[2] % block_size:
+        raise ValueError(
+            f"w.size(2) (N={w.shape[2]}) must be a multiple of block_size={block_size}"
+        )
+    if x.shape[0] % block_size:
+        raise ValueError(
+            f"x.size(0) (M_pad={x.shape[0]}) must be a multiple of block_size={block_size}"
+        )
+    _check_index(block_row, "block_row", 1)
+    _check_cpu(block_row, "block_row")
+    _check_index(block_col, "block_col", 1)
+    _check_cpu(block_col, "block_col")
+    if block_col.shape != block_row.shape:
+        raise ValueError(
+            f"block_col must have {block_row.shape[0]} entries (block_row), "
+            f"got {block_col.shape[0]}"
+        )
+
+
+def _check_blocks(blocks: torch.Tensor) -> int:
+    _check_float(blocks, "blocks", 3)
+    b = blocks.shape[1]
+    if b <= 0 or blocks.shape[2] != b:
+        raise ValueError(
+            f"blocks must have shape [nnz, B, B] with B > 0, got {tuple(blocks.shape)}"
+        )
+    return b
+
+
+def _check_bsr_dsd_static(
+    blocks: torch.Tensor,
+    w: torch.Tensor,
+    row_ptr: torch.Tensor,
+    block_col: torch.Tensor,
+    num_rows: int,
+) -> None:
+    b = _check_blocks(blocks)
+    _check_float(w, "w", 3)
+    if w.dtype != blocks.dtype:
+        raise ValueError(f"w must have the dtype of blocks ({blocks.dtype}), got {w.dtype}")
+    _check_same_device(w, "w", blocks, "blocks")
+    if w.shape[1] % b:
+        raise ValueError(f"w.size(1) (N={w.shape[1]}) must be a multiple of the block size {b}")
+    if num_rows < 0 or num_rows % b:
+        raise ValueError(
+            f"num_rows ({num_rows}) must be a non-negative multiple of the block size {b}"
+        )
+    _check_index(row_ptr, "row_ptr", 1)
+    _check_cpu(row_ptr, "row_ptr")
+    if row_ptr.shape[0] != num_rows // b + 1:
+        raise ValueError(
+            f"row_ptr must have num_rows / B + 1 = {num_rows // b + 1} entries, "
+            f"got {row_ptr.shape[0]}"
+        )
+    _check_index(block_col, "block_col", 1)
+    _check_cpu(block_col, "block_col")
+    if block_col.shape[0] != blocks.shape[0]:
+        raise ValueError(
+            f"block_col must have blocks.size(0) = {blocks.shape[0]} entries, "
+            f"got {block_col.shape[0]}"
+        )
+
+
+def _check_bsr_wgrad_static(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    block_row: torch.Tensor,
+    col_ptr: torch.Tensor,
+    transpose_idx: torch.Tensor,
+    num_experts: int,
+) -> None:
+    _check_float(x, "x", 2)
+    b = _check_blocks(blocks)
+    if blocks.dtype != x.dtype:
+        raise ValueError(f"blocks must have the dtype of x ({x.dtype}), got {blocks.dtype}")
+    _check_same_device(blocks, "blocks", x, "x")
+    if x.shape[0] % b:
+        raise ValueError(f"x.size(0) (M_pad={x.shape[0]}) must be a multiple of the block size {b}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    named = ((block_row, "block_row"), (col_ptr, "col_ptr"), (transpose_idx, "transpose_idx"))
+    for t, name in named:
+        _check_index(t, name, 1)
+        _check_cpu(t, name)
+    c = col_ptr.shape[0] - 1
+    if c < 1 or c % num_experts:
+        raise ValueError(
+            f"col_ptr must have E * n_col_blocks + 1 entries with E = num_experts = {num_experts}, "
+            f"got {col_ptr.shape[0]}"
+        )
+    for t, name in ((block_row, "block_row"), (transpose_idx, "transpose_idx")):
+        if t.shape[0] != blocks.shape[0]:
+            raise ValueError(
+                f"{name} must have blocks.size(0) = {blocks.shape[0]} entries, got {t.shape[0]}"
+            )
+
+
+def _check_range_values(t: torch.Tensor, hi: int, name: str, allowed: str) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= hi):
+        raise ValueError(
+            f"{name} entries must lie in {allowed} = [0, {hi}), "
+            f"got values in [{int(t.min())}, {int(t.max())}]"
+        )
+
+
+def _check_offsets_values(ptr: torch.Tensor, total: int, name: str, what: str) -> None:
+    if ptr.numel() == 0 or int(ptr[0]) != 0 or int(ptr[-1]) != total:
+        raise ValueError(
+            f"{name} must start with 0 and end with {what} ({total}), got {ptr.tolist()}"
+        )
+    if ptr.numel() > 1 and bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {ptr.tolist()}")

@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 
 from .op_checks import (
+    _check_block_topology_static,
+    _check_bsr_dsd_static,
+    _check_bsr_sdd_static,
+    _check_bsr_wgrad_static,
     _check_grouped_gemm_static,
     _check_grouped_gemm_wgrad_static,
     _check_permute_static,
@@ -57,6 +61,39 @@ def _grouped_gemm_wgrad_fake(a, grad_out, group_sizes, trans_b=False):
     _check_grouped_gemm_wgrad_static(a, grad_out, group_sizes)
     g, k, n = group_sizes.shape[0], a.shape[1], grad_out.shape[1]
     return a.new_empty((g, n, k) if trans_b else (g, k, n))
+
+
+def _block_topology_fake(tokens_per_expert, block_size, n_col_blocks):
+    _check_block_topology_static(tokens_per_expert, block_size, n_col_blocks)
+    num_e = tokens_per_expert.shape[0]
+    r = torch.library.get_ctx().new_dynamic_size()  # row blocks: data-dependent
+    new = tokens_per_expert.new_empty
+    nnz = r * n_col_blocks
+    return (
+        new(num_e + 1),
+        new(nnz),
+        new(nnz),
+        new(r + 1),
+        new(num_e * n_col_blocks + 1),
+        new(nnz),
+    )
+
+
+def _bsr_sdd_fake(x, w, block_row, block_col, block_size):
+    _check_bsr_sdd_static(x, w, block_row, block_col, block_size)
+    return x.new_empty(block_row.shape[0], block_size, block_size)
+
+
+def _bsr_dsd_fake(blocks, w, row_ptr, block_col, num_rows):
+    _check_bsr_dsd_static(blocks, w, row_ptr, block_col, num_rows)
+    return blocks.new_empty(num_rows, w.shape[2])
+
+
+def _bsr_wgrad_fake(x, blocks, block_row, col_ptr, transpose_idx, num_experts, trans=False):
+    _check_bsr_wgrad_static(x, blocks, block_row, col_ptr, transpose_idx, num_experts)
+    n = (col_ptr.shape[0] - 1) // num_experts * blocks.shape[1]
+    k = x.shape[1]
+    return x.new_empty((num_experts, n, k) if trans else (num_experts, k, n))
 
 
 def _arg_names(name: str) -> list[str]:
@@ -136,6 +173,64 @@ def _grouped_gemm_backward(ctx, grad_out):
     return grads
 
 
+def _csc_of(block_col: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(col_ptr, transpose_idx)`` of a block list: blocks in column order, list order within
+    a column (stable sort), so the weight-gradient sums run in a fixed order. Static shapes."""
+    cols, transpose_idx = torch.sort(block_col, stable=True)
+    col_ptr = torch.searchsorted(cols, torch.arange(num_cols + 1, dtype=cols.dtype))
+    return col_ptr, transpose_idx
+
+
+def _bsr_sdd_setup(ctx, args, output):
+    ctx.save_for_backward(args["x"], args["w"], args["block_row"], args["block_col"])
+    ctx.block_size = args["block_size"]
+
+
+def _bsr_sdd_backward(ctx, grad_blocks):
+    # block_row is row-major (non-decreasing), as block_topology lists it.
+    x, w, block_row, block_col = ctx.saved_tensors
+    b = ctx.block_size
+    num_e = w.shape[0]
+    grad_blocks = grad_blocks.contiguous()
+    grads = {}
+    if ctx.needs_input_grad[0]:  # x: per row block, sum_i grad_blocks[i] @ w[e_i][:, cols j_i]^T
+        num_r = x.shape[0] // b
+        row_ptr = torch.searchsorted(block_row, torch.arange(num_r + 1, dtype=block_row.dtype))
+        grads["x"] = torch.ops.moe_parallel.bsr_dsd(
+            grad_blocks, w.transpose(1, 2), row_ptr, block_col, x.shape[0]
+        )
+    if ctx.needs_input_grad[1]:  # w: per column block, sum_i x[rows_i]^T @ grad_blocks[i]
+        col_ptr, transpose_idx = _csc_of(block_col, num_e * (w.shape[2] // b))
+        grads["w"] = torch.ops.moe_parallel.bsr_wgrad(
+            x, grad_blocks, block_row, col_ptr, transpose_idx, num_e, False
+        )
+    return grads
+
+
+def _bsr_dsd_setup(ctx, args, output):
+    ctx.save_for_backward(args["blocks"], args["w"], args["row_ptr"], args["block_col"])
+
+
+def _bsr_dsd_backward(ctx, grad_y):
+    blocks, w, row_ptr, block_col = ctx.saved_tensors
+    b = blocks.shape[1]
+    num_e = w.shape[0]
+    grad_y = grad_y.contiguous()
+    idx = torch.arange(blocks.shape[0], dtype=row_ptr.dtype)
+    block_row = torch.searchsorted(row_ptr, idx, right=True) - 1
+    grads = {}
+    if ctx.needs_input_grad[0]:  # blocks[i]: grad_y[rows_i] @ w[e_i][rows j_i, :]^T
+        grads["blocks"] = torch.ops.moe_parallel.bsr_sdd(
+            grad_y, w.transpose(1, 2), block_row, block_col, b
+        )
+    if ctx.needs_input_grad[1]:  # w[e][rows j]: sum_i blocks[i]^T @ grad_y[rows_i]
+        col_ptr, transpose_idx = _csc_of(block_col, num_e * (w.shape[1] // b))
+        grads["w"] = torch.ops.moe_parallel.bsr_wgrad(
+            grad_y, blocks, block_row, col_ptr, transpose_idx, num_e, True
+        )
+    return grads
+
+
 def register() -> None:
     fakes = {
         "permute": _permute_fake,
@@ -144,6 +239,10 @@ def register() -> None:
         "sort_chunks": _sort_chunks_fake,
         "grouped_gemm": _grouped_gemm_fake,
         "grouped_gemm_wgrad": _grouped_gemm_wgrad_fake,
+        "block_topology": _block_topology_fake,
+        "bsr_sdd": _bsr_sdd_fake,
+        "bsr_dsd": _bsr_dsd_fake,
+        "bsr_wgrad": _bsr_wgrad_fake,
     }
     for name, fn in fakes.items():
         torch.library.register_fake(f"moe_parallel::{name}", fn)
@@ -152,6 +251,8 @@ def register() -> None:
         "unpermute": (_unpermute_setup, _unpermute_backward),
         "sort_chunks": (_sort_chunks_setup, _sort_chunks_backward),
         "grouped_gemm": (_grouped_gemm_setup, _grouped_gemm_backward),
+        "bsr_sdd": (_bsr_sdd_setup, _bsr_sdd_backward),
+        "bsr_dsd": (_bsr_dsd_setup, _bsr_dsd_backward),
     }
     for name, (setup, backward) in rules.items():
         backward_fn, setup_context = _autograd_rule(name, setup, backward)

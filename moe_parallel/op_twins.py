@@ -10,10 +10,16 @@ import torch
 
 from .op_checks import (
     IntList,
+    _check_block_topology_static,
+    _check_bsr_dsd_static,
+    _check_bsr_sdd_static,
+    _check_bsr_wgrad_static,
     _check_group_sizes_values,
     _check_grouped_gemm_static,
     _check_grouped_gemm_wgrad_static,
+    _check_offsets_values,
     _check_permute_static,
+    _check_range_values,
     _check_sort_chunks_static,
     _check_unpermute_backward_static,
     _check_unpermute_static,
@@ -205,3 +211,115 @@ def grouped_gemm_wgrad_torch(
     return torch.stack(mats, 0)
 
 
+
+
+# ---- block-sparse (dropless) products; contracts in ops.py / csrc/block_sparse.cpp ----
+
+
+def block_topology_torch(
+    tokens_per_expert: torch.Tensor, block_size: int, n_col_blocks: int
+) -> tuple[torch.Tensor, ...]:
+    """Twin of ``block_topology``: ``(padded_offsets, block_row, block_col, row_ptr, col_ptr,
+    transpose_idx)``, all CPU int64."""
+    _check_block_topology_static(tokens_per_expert, block_size, n_col_blocks)
+    c = tokens_per_expert
+    if c.numel() and int(c.min()) < 0:
+        raise ValueError(f"tokens_per_expert entries must be >= 0, got {c.tolist()}")
+    num_e = c.shape[0]
+    nblk = (c + block_size - 1) // block_size
+    zero = torch.zeros(1, dtype=torch.int64)
+    padded_offsets = torch.cat([zero, torch.cumsum(nblk * block_size, 0)])
+    expert_of_row = torch.repeat_interleave(torch.arange(num_e), nblk)  # [R]
+    r = expert_of_row.shape[0]
+    j = torch.arange(n_col_blocks)
+    block_row = torch.arange(r).repeat_interleave(n_col_blocks)
+    block_col = (expert_of_row[:, None] * n_col_blocks + j[None, :]).reshape(-1)
+    row_ptr = torch.arange(r + 1, dtype=torch.int64) * n_col_blocks
+    transpose_idx = torch.argsort(block_col, stable=True)
+    col_counts = torch.bincount(block_col, minlength=num_e * n_col_blocks)
+    col_ptr = torch.cat([zero, torch.cumsum(col_counts, 0)])
+    return padded_offsets, block_row, block_col, row_ptr, col_ptr, transpose_idx
+
+
+def _weight_col_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``w [E, K, N]`` as ``[E * N/B, K, B]``: entry ``e*N/B + j`` is ``w[e][:, jB:(j+1)B]``."""
+    e, k, n = w.shape
+    blocked = w.reshape(e, k, n // block_size, block_size)
+    return blocked.permute(0, 2, 1, 3).reshape(-1, k, block_size)
+
+
+def bsr_sdd_torch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    block_row: torch.Tensor,
+    block_col: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Twin of ``bsr_sdd``: ``blocks[i] = x[rows r_i] @ w[e_i][:, cols j_i]``."""
+    _check_bsr_sdd_static(x, w, block_row, block_col, block_size)
+    b = block_size
+    _check_range_values(block_row, x.shape[0] // b, "block_row", "[0, x.size(0) / block_size)")
+    _check_range_values(
+        block_col, w.shape[0] * (w.shape[2] // b), "block_col", "[0, E * N / block_size)"
+    )
+    acc = _acc_dtype(x.dtype)
+    xb = x.to(acc).reshape(-1, b, x.shape[1])[block_row]  # [nnz, B, K]
+    wb = _weight_col_blocks(w.to(acc), b)[block_col]  # [nnz, K, B]
+    return torch.bmm(xb, wb).to(x.dtype)
+
+
+def bsr_dsd_torch(
+    blocks: torch.Tensor,
+    w: torch.Tensor,
+    row_ptr: torch.Tensor,
+    block_col: torch.Tensor,
+    num_rows: int,
+) -> torch.Tensor:
+    """Twin of ``bsr_dsd``: ``y[rows r] = sum_{i in row r} blocks[i] @ w[e_i][rows j_i, :]``."""
+    _check_bsr_dsd_static(blocks, w, row_ptr, block_col, num_rows)
+    b = blocks.shape[1]
+    nnz = blocks.shape[0]
+    _check_offsets_values(row_ptr, nnz, "row_ptr", "blocks.size(0)")
+    num_e, n, k = w.shape
+    _check_range_values(block_col, num_e * (n // b), "block_col", "[0, E * N / block_size)")
+    acc = _acc_dtype(blocks.dtype)
+    wb = w.to(acc).reshape(-1, b, k)[block_col]  # [nnz, B, K]
+    prod = torch.bmm(blocks.to(acc), wb)
+    nrb = num_rows // b
+    block_row = torch.repeat_interleave(torch.arange(nrb), row_ptr.diff())
+    y = torch.zeros(nrb, b, k, dtype=acc, device=blocks.device).index_add(0, block_row, prod)
+    return y.reshape(num_rows, k).to(blocks.dtype)
+
+
+def bsr_wgrad_torch(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    block_row: torch.Tensor,
+    col_ptr: torch.Tensor,
+    transpose_idx: torch.Tensor,
+    num_experts: int,
+    trans: bool = False,
+) -> torch.Tensor:
+    """Twin of ``bsr_wgrad``: per column block ``c = e*ncb + j``, the sum over its blocks of
+    ``x[rows_i]^T @ blocks[i]`` into ``out[e][:, cols j]`` (``[E, K, N]``), or with ``trans``
+    ``blocks[i]^T @ x[rows_i]`` into ``out[e][rows j, :]`` (``[E, N, K]``)."""
+    _check_bsr_wgrad_static(x, blocks, block_row, col_ptr, transpose_idx, num_experts)
+    b = blocks.shape[1]
+    nnz = blocks.shape[0]
+    _check_range_values(block_row, x.shape[0] // b, "block_row", "[0, x.size(0) / block_size)")
+    _check_offsets_values(col_ptr, nnz, "col_ptr", "blocks.size(0)")
+    _check_range_values(transpose_idx, max(nnz, 1), "transpose_idx", "[0, nnz)")
+    c = col_ptr.shape[0] - 1
+    ncb = c // num_experts
+    k = x.shape[1]
+    acc = _acc_dtype(x.dtype)
+    col_of = torch.empty(nnz, dtype=torch.int64)
+    col_of[transpose_idx] = torch.repeat_interleave(torch.arange(c), col_ptr.diff())
+    xb = x.to(acc).reshape(-1, b, k)[block_row]  # [nnz, B, K]
+    prod = torch.bmm(xb.transpose(1, 2), blocks.to(acc))  # [nnz, K, B]
+    per_col = torch.zeros(c, k, b, dtype=acc, device=x.device).index_add(0, col_of, prod)
+    out = per_col.reshape(num_experts, ncb, k, b).permute(0, 2, 1, 3)
+    out = out.reshape(num_experts, k, ncb * b)
+    if trans:
+        out = out.transpose(1, 2).contiguous()
+    return out.to(x.dtype)

@@ -12,6 +12,8 @@ Index tensors are int64; float tensors are float32, float64, bfloat16 or float16
 * ``sort_chunks(x, split_sizes, order) -> cat([chunk[order[0]], chunk[order[1]], ...])``.
 * ``grouped_gemm(a, b, group_sizes, trans_b=False) -> out``: rows of group ``g`` are
   ``a_g @ b[g]`` (``a_g @ b[g]^T`` when ``trans_b``).
+* ``block_topology`` / ``bsr_sdd`` / ``bsr_dsd``: block-sparse (dropless) expert products, see
+  the functions below and csrc/block_sparse.cpp.
 
 Each public function runs the compiled op when ``moe_parallel._C`` is loaded and its
 plain-PyTorch twin ``<op>_torch`` otherwise. The twins implement the same contract with ordinary
@@ -23,6 +25,10 @@ registers the fake (meta) kernels and the autograd formulas of the ops:
 * sort_chunks:  ``grad_x = sort_chunks(grad, split_sizes[order], argsort(order))``
 * grouped_gemm: ``grad_a = grouped_gemm(grad_out, b, gs, not trans_b)``,
   ``grad_b = grouped_gemm_wgrad(a, grad_out, gs, trans_b)``
+* bsr_sdd:      ``grad_x = bsr_dsd(grad_blocks, w^T, row_ptr, block_col)``,
+  ``grad_w = bsr_wgrad(x, grad_blocks, ..., trans=False)``
+* bsr_dsd:      ``grad_blocks = bsr_sdd(grad_y, w^T, block_row, block_col)``,
+  ``grad_w = bsr_wgrad(grad_y, blocks, ..., trans=True)``
 
 Setting ``MOE_PARALLEL_REQUIRE_EXTENSION=1`` turns a failure to load the extension into an
 ``ImportError`` carrying the cause.
@@ -38,6 +44,10 @@ import torch
 from .op_checks import FLOAT_DTYPES, IntList, _check_tensor  # noqa: F401
 from .op_twins import (  # noqa: F401  (re-exported)
     _as_index_tensor,
+    block_topology_torch,
+    bsr_dsd_torch,
+    bsr_sdd_torch,
+    bsr_wgrad_torch,
     grouped_gemm_torch,
     grouped_gemm_wgrad_torch,
     permute_torch,
@@ -59,6 +69,13 @@ __all__ = [
     "sort_chunks_torch",
     "grouped_gemm_torch",
     "grouped_gemm_wgrad_torch",
+    "block_topology",
+    "bsr_sdd",
+    "bsr_dsd",
+    "block_topology_torch",
+    "bsr_sdd_torch",
+    "bsr_dsd_torch",
+    "bsr_wgrad_torch",
 ]
 
 OP_NAMES = (
@@ -68,6 +85,10 @@ OP_NAMES = (
     "sort_chunks",
     "grouped_gemm",
     "grouped_gemm_wgrad",
+    "block_topology",
+    "bsr_sdd",
+    "bsr_dsd",
+    "bsr_wgrad",
 )
 _REQUIRE_ENV = "MOE_PARALLEL_REQUIRE_EXTENSION"
 
@@ -195,3 +216,77 @@ def grouped_gemm(
         )
     return grouped_gemm_torch(a, b, group_sizes, trans_b)
 
+
+
+def block_topology(
+    tokens_per_expert: IntList, block_size: int, n_col_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block layout of the dropless expert product (host metadata, all CPU int64).
+
+    Expert ``e``'s ``c_e = tokens_per_expert[e] >= 0`` rows are padded to
+    ``p_e = ceil(c_e / B) * B``. Returns ``padded_offsets [E+1]`` (exclusive prefix sum of
+    ``p_e``), and the nonzero ``B x B`` blocks of the ``[sum p_e, E * n_col_blocks * B]``
+    block-diagonal matrix: every row block ``r`` of expert ``e`` holds the column blocks
+    ``e*n_col_blocks .. (e+1)*n_col_blocks-1``. Row-major: ``block_row [nnz]``,
+    ``block_col [nnz]``, ``row_ptr [R+1]`` (CSR, ``R = sum p_e / B``); column-major:
+    ``col_ptr [E*n_col_blocks+1]`` (CSC) and ``transpose_idx [nnz]`` (row-major index of the
+    k-th block in column order). Use ``n_col_blocks = N / B`` for weights ``w [E, K, N]``.
+    """
+    tokens_per_expert = _as_index_tensor(tokens_per_expert, "tokens_per_expert")
+    if has_extension():
+        return torch.ops.moe_parallel.block_topology(
+            tokens_per_expert.contiguous(), block_size, n_col_blocks
+        )
+    return block_topology_torch(tokens_per_expert, block_size, n_col_blocks)
+
+
+def bsr_sdd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    block_row: torch.Tensor,
+    block_col: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """Sampled dense-dense product: ``blocks [nnz, B, B]`` with
+    ``blocks[i] = x[r_i*B:(r_i+1)*B] @ w[e_i][:, j_i*B:(j_i+1)*B]``.
+
+    ``x [M_pad, K]`` holds each expert's rows padded to a multiple of ``B`` (layout of
+    ``padded_offsets``); ``w [E, K, N]`` with ``N % B == 0``; ``r_i = block_row[i]``,
+    ``c_i = block_col[i]``, ``e_i = c_i // (N/B)``, ``j_i = c_i % (N/B)``. Padding contract:
+    padding rows of ``x`` produce padding rows of ``blocks``; they never mix with real rows in
+    ``bsr_sdd``/``bsr_dsd`` (all products are row-wise), but an activation with ``act(0) != 0``
+    or non-zero padding rows make them non-zero, so callers must zero (or ignore) the padding
+    rows of the final output, and must zero the padding rows of ``x`` (or of the incoming
+    gradient) for the weight gradients to be those of the real rows only.
+    Differentiable in ``x`` and ``w``; the backward needs ``block_row`` in row-major
+    (non-decreasing) order, as ``block_topology`` lists it.
+    """
+    if has_extension():
+        return torch.ops.moe_parallel.bsr_sdd(
+            x.contiguous(), w.contiguous(), block_row.contiguous(), block_col.contiguous(),
+            block_size,
+        )
+    return bsr_sdd_torch(x, w, block_row, block_col, block_size)
+
+
+def bsr_dsd(
+    blocks: torch.Tensor,
+    w: torch.Tensor,
+    row_ptr: torch.Tensor,
+    block_col: torch.Tensor,
+    num_rows: int,
+) -> torch.Tensor:
+    """Block-sparse times dense: ``y [num_rows, K']`` with ``y[rB:(r+1)B]`` the sum over the
+    blocks i of row block r (``row_ptr[r] <= i < row_ptr[r+1]``) of
+    ``blocks[i] @ w[e_i][j_i*B:(j_i+1)*B]``.
+
+    ``blocks [nnz, B, B]`` (e.g. ``act(bsr_sdd(...))``), ``w [E, N, K']`` (the second expert
+    GEMM's weight, e.g. ``w2 [E, F, H]``), ``N % B == 0``; row blocks without blocks are zero.
+    Differentiable in ``blocks`` and ``w``.
+    """
+    if has_extension():
+        return torch.ops.moe_parallel.bsr_dsd(
+            blocks.contiguous(), w.contiguous(), row_ptr.contiguous(), block_col.contiguous(),
+            num_rows,
+        )
+    return bsr_dsd_torch(blocks, w, row_ptr, block_col, num_rows)

@@ -503,6 +503,11 @@ def test_public_functions_call_compiled_ops():
         y, row_map, _ = ops.permute(x, expert_idx, E, keep)
         ops.unpermute(ops.sort_chunks(y, [y.shape[0]], [0]), row_map).sum().backward()
         ops.grouped_gemm(a.requires_grad_(), b.requires_grad_(), sizes).sum().backward()
+        _, br, bc, rp, _, _ = ops.block_topology(torch.tensor([3, 0, 2]), 2, 2)
+        xb = randn(6, 3, seed=2, requires_grad=True)
+        w1, w2 = randn(3, 3, 4, seed=3, requires_grad=True), randn(3, 4, 3, seed=4)
+        blocks = ops.bsr_sdd(xb, w1, br, bc, 2)
+        ops.bsr_dsd(blocks, w2.requires_grad_(), rp, bc, 6).sum().backward()  # uses bsr_wgrad
 
     seen = set(_dispatched_ops(run))
     for name in ops.OP_NAMES:
