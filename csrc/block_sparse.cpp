@@ -34,6 +34,29 @@
 namespace moe_parallel {
 namespace {
 
+// Runs body(i) for i in [0, n) on ``chunks`` OpenMP threads (serially when chunks <= 1). The
+// workers run with the caller's thread-local dispatch state (below autograd); the first
+// exception of any worker is rethrown after the loop.
+template <typename Body>
+void for_each_block(int64_t chunks, int64_t n, const Body& body) {
+  const at::ThreadLocalState tls;
+  std::exception_ptr error;
+#pragma omp parallel num_threads(chunks) if (chunks > 1)
+  {
+    at::ThreadLocalStateGuard tls_guard(tls);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      try {
+        body(i);
+      } catch (...) {
+#pragma omp critical(moe_parallel_bsr_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 void check_float_t(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf,
@@ -175,25 +198,11 @@ at::Tensor bsr_sdd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const at::Tensor xc = upcast(x), wc = upcast(w);
   at::Tensor out = at::empty({nnz, B, B}, xc.options());
   const int64_t chunks = x.is_cpu() ? num_chunks(nnz, nnz * B * B * x.size(1)) : 1;
-  // Worker threads run with the caller's thread-local dispatch state (below autograd).
-  const at::ThreadLocalState tls;
-  std::exception_ptr error;  // first exception of a worker, rethrown after the loop
-#pragma omp parallel num_threads(chunks) if (chunks > 1)
-  {
-    at::ThreadLocalStateGuard tls_guard(tls);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < nnz; ++i) {
-      try {
-        const int64_t e = bc[i] / ncb, j = bc[i] % ncb;
-        at::Tensor dst = out.select(0, i);
-        at::mm_out(dst, xc.narrow(0, br[i] * B, B), wc.select(0, e).narrow(1, j * B, B));
-      } catch (...) {
-#pragma omp critical(moe_parallel_bsr_error)
-        if (!error) error = std::current_exception();
-      }
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  for_each_block(chunks, nnz, [&](int64_t i) {
+    const int64_t e = bc[i] / ncb, j = bc[i] % ncb;
+    at::Tensor dst = out.select(0, i);
+    at::mm_out(dst, xc.narrow(0, br[i] * B, B), wc.select(0, e).narrow(1, j * B, B));
+  });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
@@ -224,36 +233,22 @@ at::Tensor bsr_dsd_impl(const at::Tensor& blocks, const at::Tensor& w, const at:
   const at::Tensor bl = upcast(blocks), wc = upcast(w);
   at::Tensor out = at::empty({num_rows, K}, bl.options());
   const int64_t chunks = blocks.is_cpu() ? num_chunks(R, nnz * B * B * K) : 1;
-  // Worker threads run with the caller's thread-local dispatch state (below autograd).
-  const at::ThreadLocalState tls;
-  std::exception_ptr error;  // first exception of a worker, rethrown after the loop
-#pragma omp parallel num_threads(chunks) if (chunks > 1)
-  {
-    at::ThreadLocalStateGuard tls_guard(tls);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      try {
-        at::Tensor dst = out.narrow(0, r * B, B);
-        if (rp[r] == rp[r + 1]) {
-          dst.zero_();
-          continue;
-        }
-        for (int64_t i = rp[r]; i < rp[r + 1]; ++i) {
-          const int64_t e = bc[i] / ncb, j = bc[i] % ncb;
-          const at::Tensor wj = wc.select(0, e).narrow(0, j * B, B);
-          if (i == rp[r]) {
-            at::mm_out(dst, bl.select(0, i), wj);
-          } else {
-            dst.addmm_(bl.select(0, i), wj);
-          }
-        }
-      } catch (...) {
-#pragma omp critical(moe_parallel_bsr_error)
-        if (!error) error = std::current_exception();
+  for_each_block(chunks, R, [&](int64_t r) {
+    at::Tensor dst = out.narrow(0, r * B, B);
+    if (rp[r] == rp[r + 1]) {
+      dst.zero_();
+      return;
+    }
+    for (int64_t i = rp[r]; i < rp[r + 1]; ++i) {
+      const int64_t e = bc[i] / ncb, j = bc[i] % ncb;
+      const at::Tensor wj = wc.select(0, e).narrow(0, j * B, B);
+      if (i == rp[r]) {
+        at::mm_out(dst, bl.select(0, i), wj);
+      } else {
+        dst.addmm_(bl.select(0, i), wj);
       }
     }
-  }
-  if (error) std::rethrow_exception(error);
+  });
   return out.scalar_type() == blocks.scalar_type() ? out : out.to(blocks.scalar_type());
 }
 
@@ -290,41 +285,27 @@ at::Tensor bsr_wgrad_impl(const at::Tensor& x, const at::Tensor& blocks,
   const at::Tensor xc = upcast(x), bl = upcast(blocks);
   at::Tensor out = trans ? at::empty({E, N, K}, xc.options()) : at::empty({E, K, N}, xc.options());
   const int64_t chunks = x.is_cpu() ? num_chunks(C, nnz * B * B * K) : 1;
-  // Worker threads run with the caller's thread-local dispatch state (below autograd).
-  const at::ThreadLocalState tls;
-  std::exception_ptr error;  // first exception of a worker, rethrown after the loop
-#pragma omp parallel num_threads(chunks) if (chunks > 1)
-  {
-    at::ThreadLocalStateGuard tls_guard(tls);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) {
-      try {
-        const int64_t e = c / ncb, j = c % ncb;
-        at::Tensor dst = trans ? out.select(0, e).narrow(0, j * B, B)   // [B, K]
-                               : out.select(0, e).narrow(1, j * B, B);  // [K, B]
-        if (cp[c] == cp[c + 1]) {
-          dst.zero_();
-          continue;
-        }
-        for (int64_t k = cp[c]; k < cp[c + 1]; ++k) {
-          const int64_t i = ti[k];
-          const at::Tensor xr = xc.narrow(0, br[i] * B, B);  // [B, K]
-          const at::Tensor bi = bl.select(0, i);             // [B, B]
-          const at::Tensor a = trans ? bi.t() : xr.t();
-          const at::Tensor b = trans ? xr : bi;
-          if (k == cp[c]) {
-            at::mm_out(dst, a, b);
-          } else {
-            dst.addmm_(a, b);
-          }
-        }
-      } catch (...) {
-#pragma omp critical(moe_parallel_bsr_error)
-        if (!error) error = std::current_exception();
+  for_each_block(chunks, C, [&](int64_t c) {
+    const int64_t e = c / ncb, j = c % ncb;
+    at::Tensor dst = trans ? out.select(0, e).narrow(0, j * B, B)   // [B, K]
+                           : out.select(0, e).narrow(1, j * B, B);  // [K, B]
+    if (cp[c] == cp[c + 1]) {
+      dst.zero_();
+      return;
+    }
+    for (int64_t k = cp[c]; k < cp[c + 1]; ++k) {
+      const int64_t i = ti[k];
+      const at::Tensor xr = xc.narrow(0, br[i] * B, B);  // [B, K]
+      const at::Tensor bi = bl.select(0, i);             // [B, B]
+      const at::Tensor a = trans ? bi.t() : xr.t();
+      const at::Tensor b = trans ? xr : bi;
+      if (k == cp[c]) {
+        at::mm_out(dst, a, b);
+      } else {
+        dst.addmm_(a, b);
       }
     }
-  }
-  if (error) std::rethrow_exception(error);
+  });
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
