@@ -17,45 +17,96 @@
 //       trans=False: out [E, K, N], out[e][:, cols j] = sum_{i in column c} x[rows_i]^T @ blocks[i]
 //       trans=True:  out [E, N, K], out[e][rows j, :] = sum_{i in column c} blocks[i]^T @ x[rows_i]
 //       (columns without blocks are zero). Weight gradients of sdd (trans=False) and dsd (True).
-// Row-wise outputs are parallel over row blocks (OpenMP), weight gradients over column blocks;
-// every sum runs in a fixed order (no atomics): results are bitwise deterministic. bfloat16 and
-// float16 inputs are computed in float32 and rounded once at the end. The products are at::mm
-// on block views, so the same code serves any device ATen supports (off the CPU the loops run
-// on the calling thread: the current CUDA stream is thread-local). Only CPU is registered so far
-// (csrc/registry.cpp); CUDA registration in csrc/cuda/register_cuda.cpp is still to do.
-#include <ATen/ThreadLocalState.h>
-
-#include <exception>
+// The products run panel by panel (see Panel below): each expert's run of row blocks and
+// column blocks is one dense GEMM (at::mm, threaded by ATen's BLAS) plus a layout copy between
+// the [P*B, m*B] panel and its [P, m, B, B] blocks, so the GEMM size follows the expert's load
+// and the block size only sets the padding. Every sum runs in a fixed order (no atomics):
+// results are bitwise deterministic. bfloat16 and float16 inputs are computed in float32 and
+// rounded once at the end. The code is device generic (at::mm and copies on views): registered
+// for CPU in csrc/registry.cpp and for CUDA in csrc/cuda/register_cuda.cpp (the topology
+// tensors stay on the host there).
+#include <algorithm>
 #include <vector>
 
-#include "cpu/parallel.h"
 #include "ops.h"
 
 namespace moe_parallel {
 namespace {
 
-// Runs body(i) for i in [0, n) on ``chunks`` OpenMP threads (serially when chunks <= 1). The
-// workers run with the caller's thread-local dispatch state (below autograd); the first
-// exception of any worker is rethrown after the loop.
-template <typename Body>
-void for_each_block(int64_t chunks, int64_t n, const Body& body) {
-  const at::ThreadLocalState tls;
-  std::exception_ptr error;
-#pragma omp parallel num_threads(chunks) if (chunks > 1)
-  {
-    at::ThreadLocalStateGuard tls_guard(tls);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      try {
-        body(i);
-      } catch (...) {
-#pragma omp critical(moe_parallel_bsr_error)
-        if (!error) error = std::current_exception();
+// A panel: P consecutive row blocks row0..row0+P-1, each holding the same m consecutive
+// column blocks c0..c0+m-1 of one expert, stored at block indices first + p*m + q (p < P,
+// q < m). Every product runs panel by panel as one dense GEMM of [P*B, K] x [K, m*B] (or its
+// transposes), so the GEMM size follows the expert's load, not the block size.
+struct Panel {
+  int64_t first, row0, P, c0, m;
+};
+
+// Partitions the block list (block i at row br[i], column bc[i]) into maximal panels, in list
+// order, each at most ~kPanelElems output elements. The topology of block_topology gives one
+// panel per expert (split by that bound); any other list still gets a valid partition.
+constexpr int64_t kPanelElems = int64_t{1} << 22;
+
+std::vector<Panel> find_panels(const int64_t* br, const int64_t* bc, int64_t nnz, int64_t ncb,
+                               int64_t B) {
+  std::vector<Panel> panels;
+  for (int64_t i = 0; i < nnz;) {
+    const int64_t r = br[i], c0 = bc[i], e = c0 / ncb;
+    int64_t m = 1;
+    while (i + m < nnz && br[i + m] == r && bc[i + m] == c0 + m && (c0 + m) / ncb == e) ++m;
+    const int64_t max_p = std::max<int64_t>(1, kPanelElems / (m * B * B));
+    const auto row_matches = [&](int64_t p) {
+      const int64_t s = i + p * m;
+      if (s + m > nnz) return false;
+      for (int64_t q = 0; q < m; ++q) {
+        if (br[s + q] != r + p || bc[s + q] != c0 + q) return false;
       }
+      return true;
+    };
+    int64_t P = 1;
+    while (P < max_p && row_matches(P)) ++P;
+    panels.push_back({i, r, P, c0, m});
+    i += P * m;
+  }
+  return panels;
+}
+
+// The panel's blocks of ``blocks [nnz, B, B]`` as a [P, m, B, B] view.
+at::Tensor panel_of(const at::Tensor& blocks, const Panel& pn, int64_t B) {
+  return blocks.narrow(0, pn.first, pn.P * pn.m).view({pn.P, pn.m, B, B});
+}
+
+// Which units (row blocks of y, column blocks of a weight gradient) have been written. A
+// panel's units are overwritten when none was written before, accumulated otherwise (units
+// not yet written are zeroed first); units never written are zeroed at the end. Panels run in
+// list order, so every sum has a fixed order: results are bitwise deterministic.
+class Coverage {
+ public:
+  explicit Coverage(int64_t n) : written_(n, 0) {}
+
+  template <typename Zero>
+  bool claim(int64_t first, int64_t count, const Zero& zero) {
+    bool any = false, all = true;
+    for (int64_t u = first; u < first + count; ++u) {
+      any = any || written_[u];
+      all = all && written_[u];
+    }
+    for (int64_t u = first; u < first + count; ++u) {
+      if (any && !all && !written_[u]) zero(u);
+      written_[u] = 1;
+    }
+    return !any;
+  }
+
+  template <typename Zero>
+  void zero_unclaimed(const Zero& zero) const {
+    for (int64_t u = 0; u < static_cast<int64_t>(written_.size()); ++u) {
+      if (!written_[u]) zero(u);
     }
   }
-  if (error) std::rethrow_exception(error);
-}
+
+ private:
+  std::vector<char> written_;
+};
 
 void check_float_t(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
@@ -194,15 +245,14 @@ at::Tensor bsr_sdd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const at::Tensor brc = block_row.contiguous(), bcc = block_col.contiguous();
   check_range(brc, 0, R, "block_row", "[0, x.size(0) / block_size)");
   check_range(bcc, 0, E * ncb, "block_col", "[0, E * N / block_size)");
-  const int64_t *br = brc.data_ptr<int64_t>(), *bc = bcc.data_ptr<int64_t>();
   const at::Tensor xc = upcast(x), wc = upcast(w);
   at::Tensor out = at::empty({nnz, B, B}, xc.options());
-  const int64_t chunks = x.is_cpu() ? num_chunks(nnz, nnz * B * B * x.size(1)) : 1;
-  for_each_block(chunks, nnz, [&](int64_t i) {
-    const int64_t e = bc[i] / ncb, j = bc[i] % ncb;
-    at::Tensor dst = out.select(0, i);
-    at::mm_out(dst, xc.narrow(0, br[i] * B, B), wc.select(0, e).narrow(1, j * B, B));
-  });
+  for (const Panel& pn : find_panels(brc.data_ptr<int64_t>(), bcc.data_ptr<int64_t>(), nnz,
+                                     ncb, B)) {
+    const at::Tensor xp = xc.narrow(0, pn.row0 * B, pn.P * B);
+    const at::Tensor wp = wc.select(0, pn.c0 / ncb).narrow(1, (pn.c0 % ncb) * B, pn.m * B);
+    panel_of(out, pn, B).copy_(at::mm(xp, wp).view({pn.P, B, pn.m, B}).permute({0, 2, 1, 3}));
+  }
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
@@ -229,26 +279,27 @@ at::Tensor bsr_dsd_impl(const at::Tensor& blocks, const at::Tensor& w, const at:
   const at::Tensor rpc = row_ptr.contiguous(), bcc = block_col.contiguous();
   check_offsets(rpc, nnz, "row_ptr", "blocks.size(0)");
   check_range(bcc, 0, E * ncb, "block_col", "[0, E * N / block_size)");
-  const int64_t *rp = rpc.data_ptr<int64_t>(), *bc = bcc.data_ptr<int64_t>();
+  const int64_t* rp = rpc.data_ptr<int64_t>();
+  std::vector<int64_t> br(nnz);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = rp[r]; i < rp[r + 1]; ++i) br[i] = r;
+  }
   const at::Tensor bl = upcast(blocks), wc = upcast(w);
   at::Tensor out = at::empty({num_rows, K}, bl.options());
-  const int64_t chunks = blocks.is_cpu() ? num_chunks(R, nnz * B * B * K) : 1;
-  for_each_block(chunks, R, [&](int64_t r) {
-    at::Tensor dst = out.narrow(0, r * B, B);
-    if (rp[r] == rp[r + 1]) {
-      dst.zero_();
-      return;
+  // Row block r of out is written by its first panel and accumulated by later ones.
+  Coverage rows(R);
+  const auto zero_row = [&](int64_t r) { out.narrow(0, r * B, B).zero_(); };
+  for (const Panel& pn : find_panels(br.data(), bcc.data_ptr<int64_t>(), nnz, ncb, B)) {
+    const at::Tensor a = panel_of(bl, pn, B).permute({0, 2, 1, 3}).reshape({pn.P * B, pn.m * B});
+    const at::Tensor wp = wc.select(0, pn.c0 / ncb).narrow(0, (pn.c0 % ncb) * B, pn.m * B);
+    at::Tensor dst = out.narrow(0, pn.row0 * B, pn.P * B);
+    if (rows.claim(pn.row0, pn.P, zero_row)) {
+      at::mm_out(dst, a, wp);
+    } else {
+      dst.addmm_(a, wp);
     }
-    for (int64_t i = rp[r]; i < rp[r + 1]; ++i) {
-      const int64_t e = bc[i] / ncb, j = bc[i] % ncb;
-      const at::Tensor wj = wc.select(0, e).narrow(0, j * B, B);
-      if (i == rp[r]) {
-        at::mm_out(dst, bl.select(0, i), wj);
-      } else {
-        dst.addmm_(bl.select(0, i), wj);
-      }
-    }
-  });
+  }
+  rows.zero_unclaimed(zero_row);
   return out.scalar_type() == blocks.scalar_type() ? out : out.to(blocks.scalar_type());
 }
 
@@ -279,33 +330,41 @@ at::Tensor bsr_wgrad_impl(const at::Tensor& x, const at::Tensor& blocks,
   check_range(brc, 0, x.size(0) / B, "block_row", "[0, x.size(0) / block_size)");
   check_offsets(cpc, nnz, "col_ptr", "blocks.size(0)");
   check_range(tic, 0, nnz, "transpose_idx", "[0, nnz)");
-  const int64_t *br = brc.data_ptr<int64_t>(), *cp = cpc.data_ptr<int64_t>(),
-                *ti = tic.data_ptr<int64_t>();
+  const int64_t *cp = cpc.data_ptr<int64_t>(), *ti = tic.data_ptr<int64_t>();
+  // Column of every block from the CSC view; transpose_idx must be a permutation.
+  std::vector<int64_t> bc(nnz, -1);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t k = cp[c]; k < cp[c + 1]; ++k) {
+      TORCH_CHECK_VALUE(bc[ti[k]] < 0, "transpose_idx must be a permutation of [0, nnz), got ",
+                        ti[k], " twice");
+      bc[ti[k]] = c;
+    }
+  }
   const int64_t E = num_experts, ncb = C / E, N = ncb * B;
   const at::Tensor xc = upcast(x), bl = upcast(blocks);
   at::Tensor out = trans ? at::empty({E, N, K}, xc.options()) : at::empty({E, K, N}, xc.options());
-  const int64_t chunks = x.is_cpu() ? num_chunks(C, nnz * B * B * K) : 1;
-  for_each_block(chunks, C, [&](int64_t c) {
-    const int64_t e = c / ncb, j = c % ncb;
-    at::Tensor dst = trans ? out.select(0, e).narrow(0, j * B, B)   // [B, K]
-                           : out.select(0, e).narrow(1, j * B, B);  // [K, B]
-    if (cp[c] == cp[c + 1]) {
-      dst.zero_();
-      return;
+  // Column block c of the weight gradient is written by its first panel, accumulated later.
+  Coverage cols(C);
+  const auto col_block = [&](int64_t c) {
+    return trans ? out.select(0, c / ncb).narrow(0, (c % ncb) * B, B)   // [B, K]
+                 : out.select(0, c / ncb).narrow(1, (c % ncb) * B, B);  // [K, B]
+  };
+  const auto zero_col = [&](int64_t c) { col_block(c).zero_(); };
+  for (const Panel& pn : find_panels(brc.data_ptr<int64_t>(), bc.data(), nnz, ncb, B)) {
+    const int64_t e = pn.c0 / ncb, j0 = pn.c0 % ncb;
+    const at::Tensor xp = xc.narrow(0, pn.row0 * B, pn.P * B);  // [P*B, K]
+    const at::Tensor g = panel_of(bl, pn, B).permute({0, 2, 1, 3}).reshape({pn.P * B, pn.m * B});
+    at::Tensor dst = trans ? out.select(0, e).narrow(0, j0 * B, pn.m * B)   // [m*B, K]
+                           : out.select(0, e).narrow(1, j0 * B, pn.m * B);  // [K, m*B]
+    const at::Tensor a = trans ? g.t() : xp.t();
+    const at::Tensor b = trans ? xp : g;
+    if (cols.claim(pn.c0, pn.m, zero_col)) {
+      at::mm_out(dst, a, b);
+    } else {
+      dst.addmm_(a, b);
     }
-    for (int64_t k = cp[c]; k < cp[c + 1]; ++k) {
-      const int64_t i = ti[k];
-      const at::Tensor xr = xc.narrow(0, br[i] * B, B);  // [B, K]
-      const at::Tensor bi = bl.select(0, i);             // [B, B]
-      const at::Tensor a = trans ? bi.t() : xr.t();
-      const at::Tensor b = trans ? xr : bi;
-      if (k == cp[c]) {
-        at::mm_out(dst, a, b);
-      } else {
-        dst.addmm_(a, b);
-      }
-    }
-  });
+  }
+  cols.zero_unclaimed(zero_col);
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 

@@ -17,11 +17,15 @@ Activation = Literal["swiglu", "gelu", "relu"]
 RouterType = Literal["topk", "expert_choice"]
 ScoreFunction = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["probs", "position"]
+ExpertImpl = Literal["block_sparse", "grouped"]
+RowOverflow = Literal["error", "capacity"]
 
 _ACTIVATIONS = ("swiglu", "gelu", "relu")
 _ROUTER_TYPES = ("topk", "expert_choice")
 _SCORE_FUNCTIONS = ("softmax", "sigmoid")
 _DROP_POLICIES = ("probs", "position")
+_EXPERT_IMPLS = ("block_sparse", "grouped")
+_ROW_OVERFLOWS = ("error", "capacity")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _BOOL_FIELDS = (
     "softmax_before_topk",
@@ -56,6 +60,18 @@ class MoEConfig:
     Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
       ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
       ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
+    Expert computation (``expert_impl``): ``"block_sparse"`` (MegaBlocks-style: each local
+      expert's rows padded to a multiple of ``block_size``, first GEMM as a sampled dense-dense
+      block product, second as a dense-sparse one; at most ``E_local·(block_size-1)`` padding
+      rows) or ``"grouped"`` (grouped GEMM on the unpadded groups); both give the same result.
+      ``block_size=None`` picks 128 on CUDA and 32 on CPU, halved until it divides the local
+      ffn size (``ffn_hidden_size / etp``); an explicit value must divide it.
+    Bounded memory in dropless mode: the rows a rank's experts receive per forward may be
+      capped by ``max_rows_per_rank`` and/or ``max_rows_factor`` (times the balanced load,
+      ``top_k·Σ tokens / ep`` over the rank's ETP×EP group). Over the cap, ``row_overflow=
+      "error"`` raises ``RuntimeError`` on every rank of the group (naming the load and the
+      knob); ``"capacity"`` drops the excess for that forward, as capacity mode would, and
+      reports it in ``RoutingStats.overflow``.
     Dispatch across processes (``token_dispatcher_type``): ``"alltoall"`` sends each token copy
       to the EP rank of its expert; ``"allgather"`` gathers the ETP×EP group's tokens on every
       rank (for TP-heavy layouts or large top_k).
@@ -97,6 +113,12 @@ class MoEConfig:
     init_std: float = 0.02
     check_finite: bool = True
     token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+
+    expert_impl: ExpertImpl = "block_sparse"
+    block_size: Optional[int] = None
+    max_rows_per_rank: Optional[int] = None
+    max_rows_factor: Optional[float] = None
+    row_overflow: RowOverflow = "error"
 
     def __post_init__(self) -> None:
         _positive_int("hidden_size", self.hidden_size)
@@ -200,10 +222,44 @@ class MoEConfig:
                 raise ValueError("shared_expert_ffn_hidden_size needs num_shared_experts >= 1")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
+        self._check_dropless()
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"params_dtype must be one of {_DTYPES}, got {self.params_dtype}")
         if not (_is_real(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+
+    def _check_dropless(self) -> None:
+        _choice("expert_impl", self.expert_impl, _EXPERT_IMPLS)
+        _choice("row_overflow", self.row_overflow, _ROW_OVERFLOWS)
+        if self.block_size is not None:
+            _positive_int("block_size", self.block_size)
+        if self.max_rows_per_rank is not None:
+            _positive_int("max_rows_per_rank", self.max_rows_per_rank)
+        if self.max_rows_factor is not None and not (
+            _is_real(self.max_rows_factor)
+            and math.isfinite(self.max_rows_factor)
+            and self.max_rows_factor >= 1
+        ):
+            raise ValueError(
+                "max_rows_factor must be a finite number >= 1 (a multiple of the balanced "
+                f"load), or None; got {self.max_rows_factor!r}"
+            )
+        if self.row_cap_enabled and not self.dropless:
+            raise ValueError(
+                "max_rows_per_rank/max_rows_factor apply only to dropless token choice "
+                "(router_type='topk', capacity_factor=None), got "
+                f"router_type={self.router_type!r}, capacity_factor={self.capacity_factor!r}"
+            )
+
+    @property
+    def dropless(self) -> bool:
+        """True for token choice without capacity: every assignment reaches its expert."""
+        return self.router_type == "topk" and self.capacity_factor is None
+
+    @property
+    def row_cap_enabled(self) -> bool:
+        """True when a ceiling on rows per rank is configured."""
+        return self.max_rows_per_rank is not None or self.max_rows_factor is not None
 
     @property
     def shared_ffn_size(self) -> int:

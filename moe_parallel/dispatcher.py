@@ -8,7 +8,10 @@ experts grouped by local expert, ``group_sizes`` [E_local] (CPU int64) their row
 included); ``expert_out`` is the experts' output for those rows. ``combine`` returns
     y[t] = Σ_{j kept} probs[t, j] · expert_out[row of (t, j)]            [T, H].
 Every handle also carries, for the routing statistics, ``row_map`` [T, k] (-1 where ``(t, j)``
-was dropped) and ``tokens_per_expert`` [E] (this rank's kept assignments per global expert).
+was dropped), ``tokens_per_expert`` [E] (this rank's kept assignments per global expert) and
+``overflow`` (True when a ``RowBudget`` ceiling made this forward drop assignments).
+Every dispatcher takes an optional ``row_budget`` (``row_budget.RowBudget``): before anything
+moves, it all-gathers the kept counts of its group and enforces the ceiling on rows per rank.
 
 Dispatchers: ``LocalDispatcher`` (every expert here), ``AllToAllDispatcher`` (tokens travel to
 their experts' EP ranks) and ``AllGatherDispatcher`` (every rank of the ETP×EP group sees all
@@ -26,6 +29,7 @@ from torch import Tensor
 
 from . import comm, ops
 from .router import Routing
+from .row_budget import RowBudget
 
 if TYPE_CHECKING:
     from .parallel_state import ParallelState
@@ -38,6 +42,7 @@ class LocalHandle:
     row_map: Tensor            # [T, k] row of (t, j) in expert_in, -1 when dropped
     probs: Tensor              # [T, k] combine weights
     tokens_per_expert: Tensor  # [E] real (unpadded) rows per expert
+    overflow: bool = False
 
 
 class LocalDispatcher:
@@ -47,12 +52,18 @@ class LocalDispatcher:
     the real ones), giving static shapes for capacity mode.
     """
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, row_budget: Optional[RowBudget] = None) -> None:
         self.num_experts = num_experts
+        self.row_budget = row_budget
 
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, LocalHandle]:
+        overflow = False
+        if self.row_budget is not None:
+            routing, overflow = self.row_budget.enforce(
+                routing, self.num_experts, 1, lambda c: c.view(1, -1).to("cpu")
+            )
         expert_in, row_map, counts = ops.permute(
             x, routing.expert_idx, self.num_experts, routing.keep, pad_to
         )
@@ -60,7 +71,7 @@ class LocalDispatcher:
             group_sizes = torch.full((self.num_experts,), pad_to, dtype=torch.int64)
         else:
             group_sizes = counts.to("cpu", torch.int64)
-        return expert_in, group_sizes, LocalHandle(row_map, routing.probs, counts)
+        return expert_in, group_sizes, LocalHandle(row_map, routing.probs, counts, overflow)
 
     def combine(self, expert_out: Tensor, handle: LocalHandle) -> Tensor:
         return ops.unpermute(expert_out, handle.row_map, handle.probs)
@@ -80,6 +91,7 @@ class AllToAllHandle:
     recv_splits: list[int]     # rows received from each EP rank
     etp_splits: list[int]      # rows each ETP rank received from its all-to-all (etp > 1)
     chunk_sizes: Tensor        # [etp * ep * E_local] CPU int64, rows in arrival order
+    overflow: bool = False
 
 
 def _expert_major_order(etp: int, ep: int, num_local: int) -> Optional[Tensor]:
@@ -90,13 +102,34 @@ def _expert_major_order(etp: int, ep: int, num_local: int) -> Optional[Tensor]:
     return torch.arange(etp * ep * num_local).view(etp * ep, num_local).t().reshape(-1)
 
 
-def _set_expert_grid(dispatcher, num_experts: int, ps: ParallelState) -> None:
-    """The expert-grid sizes every expert-parallel dispatcher keeps (``E % ep`` checked)."""
+def _set_expert_grid(
+    dispatcher, num_experts: int, ps: ParallelState, row_budget: Optional[RowBudget]
+) -> None:
+    """What every expert-parallel dispatcher keeps: the expert-grid sizes (``E % ep``
+    checked), the ETP×EP (``tp_ep``) group and the row budget."""
     if num_experts % ps.ep:
         raise ValueError(f"num_experts {num_experts} is not divisible by ep {ps.ep}")
     dispatcher.num_experts = num_experts
     dispatcher.ep, dispatcher.etp = ps.ep, ps.etp
     dispatcher.num_local_experts = num_experts // ps.ep
+    dispatcher.tp_ep_group = ps.group("tp_ep") if ps.ep * ps.etp > 1 else None
+    dispatcher.row_budget = row_budget
+
+
+def _gather_counts(counts: Tensor, group) -> Tensor:
+    """``[w, E]`` CPU int64: every ``tp_ep`` rank's ``counts [E]``, in group rank order
+    (``r = etp_rank + etp·ep_rank``)."""
+    w = comm.group_size(group)
+    return comm.all_gather(counts.view(1, -1), group, [1] * w).to("cpu")
+
+
+def _enforce_budget(dispatcher, routing: Routing) -> tuple[Routing, bool]:
+    if dispatcher.row_budget is None:
+        return routing, False
+    return dispatcher.row_budget.enforce(
+        routing, dispatcher.num_experts, dispatcher.ep,
+        lambda c: _gather_counts(c, dispatcher.tp_ep_group),
+    )
 
 
 class AllToAllDispatcher:
@@ -109,9 +142,10 @@ class AllToAllDispatcher:
     dispatch:
       1. ``permute`` this rank's kept assignments by global expert id: rank-major, expert-minor.
          With ``pad_to > 0`` every expert's segment has exactly ``pad_to`` rows (static shapes).
-      2. Exchange the per-expert row counts ``[ep, E_local]`` (one all-to-all over EP), then the
-         rows (all-to-all with uneven splits). Received: ``[EP source][local expert]``.
-      3. ETP > 1: all-gather the counts and the rows over ETP: ``[ETP src][EP src][local expert]``.
+      2. All-gather every rank's per-expert row counts over the ETP×EP group (as Megatron does),
+         then exchange the rows (all-to-all over EP with uneven splits). Received:
+         ``[EP source][local expert]``.
+      3. ETP > 1: all-gather the rows over ETP: ``[ETP src][EP src][local expert]``.
       4. ``sort_chunks`` to ``[local expert][ETP src][EP src]``: each local expert's rows are
          contiguous; ``group_sizes[l] = Σ_{t,s} count[t, s, l]`` (padding included).
     combine (the mirror): ``sort_chunks`` back; ETP > 1: reduce-scatter the partial outputs (each
@@ -122,9 +156,13 @@ class AllToAllDispatcher:
     in the same order as the other ranks of its EP and ETP groups.
     """
 
-    def __init__(self, num_experts: int, parallel_state: ParallelState) -> None:
+    def __init__(
+        self, num_experts: int, parallel_state: ParallelState,
+        row_budget: Optional[RowBudget] = None,
+    ) -> None:
         ps = parallel_state
-        _set_expert_grid(self, num_experts, ps)
+        _set_expert_grid(self, num_experts, ps, row_budget)
+        self.ep_rank = ps.ep_rank
         self.ep_group = ps.group("ep") if ps.ep > 1 else None
         self.etp_group = ps.group("etp") if ps.etp > 1 else None
         self.order = _expert_major_order(self.etp, self.ep, self.num_local_experts)
@@ -132,16 +170,16 @@ class AllToAllDispatcher:
 
     def _exchange_counts(self, send_counts: Tensor) -> Tensor:
         """``[etp, ep, E_local]`` CPU int64: rows this ETP group's rank ``t`` receives from EP
-        rank ``s`` for local expert ``l``."""
+        rank ``s`` for local expert ``l``, from the ``tp_ep`` all-gather of ``send_counts``."""
         ep, etp, E_local = self.ep, self.etp, self.num_local_experts
-        recv = comm.all_to_all(send_counts, [E_local] * ep, [E_local] * ep, self.ep_group)
-        recv = comm.all_gather(recv, self.etp_group, [ep * E_local] * etp)
-        return recv.to("cpu").view(self.etp, self.ep, self.num_local_experts)
+        counts = _gather_counts(send_counts, self.tp_ep_group).view(ep, etp, ep, E_local)
+        return counts[:, :, self.ep_rank].transpose(0, 1)
 
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllToAllHandle]:
         E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
+        routing, overflow = _enforce_budget(self, routing)
         permuted, row_map, counts = ops.permute(x, routing.expert_idx, E, routing.keep, pad_to)
         send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
         chunk_sizes = self._exchange_counts(send_counts)
@@ -156,7 +194,8 @@ class AllToAllDispatcher:
             rows = ops.sort_chunks(rows, chunk_sizes, self.order)
         group_sizes = chunk_sizes.view(self.etp * ep, E_local).sum(0)
         handle = AllToAllHandle(
-            row_map, routing.probs, counts, send_splits, recv_splits, etp_splits, chunk_sizes
+            row_map, routing.probs, counts, send_splits, recv_splits, etp_splits, chunk_sizes,
+            overflow,
         )
         return rows, group_sizes, handle
 
@@ -189,6 +228,7 @@ class AllGatherHandle:
     group_rank: int            # this rank's index in the tp_ep group
     num_local_experts: int
     tokens_per_expert: Tensor  # [E] this rank's own real (unpadded) kept assignments per expert
+    overflow: bool = False
 
     @property
     def offset(self) -> int:
@@ -252,17 +292,21 @@ class AllGatherDispatcher:
     group must call ``dispatch``/``combine`` (and backward) in the same order.
     """
 
-    def __init__(self, num_experts: int, parallel_state: ParallelState) -> None:
+    def __init__(
+        self, num_experts: int, parallel_state: ParallelState,
+        row_budget: Optional[RowBudget] = None,
+    ) -> None:
         ps = parallel_state
-        _set_expert_grid(self, num_experts, ps)
+        _set_expert_grid(self, num_experts, ps, row_budget)
         self.first_expert = ps.ep_rank * self.num_local_experts
-        self.group = ps.group("tp_ep") if ps.ep * ps.etp > 1 else None
+        self.group = self.tp_ep_group
 
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllGatherHandle]:
         E, E_local, group = self.num_experts, self.num_local_experts, self.group
         w = comm.group_size(group)
+        routing, overflow = _enforce_budget(self, routing)
         idx = routing.expert_idx
         keep = torch.ones_like(idx, dtype=torch.bool) if routing.keep is None else routing.keep
         tokens_per_expert = torch.bincount(idx[keep], minlength=E)
@@ -286,7 +330,7 @@ class AllGatherDispatcher:
             group_sizes = counts.to("cpu", torch.int64)
         handle = AllGatherHandle(
             row_map, probs_all, idx_all, keep_all, token_counts, pads, comm.group_rank(group),
-            E_local, tokens_per_expert,
+            E_local, tokens_per_expert, overflow,
         )
         return expert_in, group_sizes, handle
 
@@ -299,15 +343,18 @@ DISPATCHERS = ("alltoall", "allgather")
 
 
 def build_dispatcher(
-    num_experts: int, parallel_state: Optional[ParallelState] = None, kind: str = "alltoall"
+    num_experts: int,
+    parallel_state: Optional[ParallelState] = None,
+    kind: str = "alltoall",
+    row_budget: Optional[RowBudget] = None,
 ):
     """The dispatcher for a layer: ``LocalDispatcher`` without ``parallel_state``, else
     ``AllToAllDispatcher`` (``kind="alltoall"``) or ``AllGatherDispatcher`` (``"allgather"``),
-    as Megatron's ``moe_token_dispatcher_type``."""
+    as Megatron's ``moe_token_dispatcher_type``; ``row_budget`` caps the rows per rank."""
     if kind not in DISPATCHERS:
         raise ValueError(f"dispatcher kind must be one of {DISPATCHERS}, got {kind!r}")
     if parallel_state is None:
-        return LocalDispatcher(num_experts)
+        return LocalDispatcher(num_experts, row_budget)
     if kind == "allgather":
-        return AllGatherDispatcher(num_experts, parallel_state)
-    return AllToAllDispatcher(num_experts, parallel_state)
+        return AllGatherDispatcher(num_experts, parallel_state, row_budget)
+    return AllToAllDispatcher(num_experts, parallel_state, row_budget)

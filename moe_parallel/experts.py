@@ -1,4 +1,4 @@
-"""Expert FFNs: all local experts as stacked weights, computed with grouped GEMMs.
+"""Expert FFNs: all local experts as stacked weights, computed with block-sparse or grouped GEMMs.
 
 Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecutive in ``x``):
     h = x_e @ w1[e]                     w1: [E_local, H, F]   (SwiGLU: [E_local, H, 2F], gate | up)
@@ -7,6 +7,8 @@ Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecu
 Shared experts (``SharedExpert``): the same FFN applied densely to every token, optionally scaled
 by a learned sigmoid gate ``sigmoid(x @ gate_weight^T)`` per token (Qwen2-MoE style).
 With no biases, act(0) = 0 for every activation, so zero padding rows produce zero outputs.
+``config.expert_impl`` picks the computation of the same formula: ``"block_sparse"`` (dropless
+block-sparse products, ``block_sparse.py``) or ``"grouped"`` (``ops.grouped_gemm``).
 
 Expert parallelism shards the stacked weights (``shard_expert_weights``): EP rank ``p`` holds
 experts ``[p·E/ep, (p+1)·E/ep)``, ETP rank ``q`` the hidden units ``[q·F/etp, (q+1)·F/etp)`` of
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .block_sparse import block_sparse_ffn, resolve_block_size
 from .config import MoEConfig
 
 
@@ -72,7 +75,12 @@ def shard_expert_weights(
 
 
 class GroupedExperts(nn.Module):
-    """``num_local_experts`` expert FFNs of hidden size ``ffn_size`` as two stacked weights."""
+    """``num_local_experts`` expert FFNs of hidden size ``ffn_size`` as two stacked weights.
+
+    With ``expert_impl="block_sparse"``, ``block_size`` is resolved for the weights' device
+    (``block_sparse.resolve_block_size``) and ``last_padded_rows`` holds the padded row count
+    of the last forward (``None`` for ``"grouped"``).
+    """
 
     def __init__(
         self,
@@ -96,6 +104,11 @@ class GroupedExperts(nn.Module):
         H, Fw = config.hidden_size, _fc1_width(config, self.ffn_size)
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, H, Fw, **kw))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, self.ffn_size, H, **kw))
+        self.block_size = (
+            resolve_block_size(config.block_size, self.ffn_size, self.w1.device)
+            if config.expert_impl == "block_sparse" else None
+        )
+        self.last_padded_rows: int | None = None
         self.reset_parameters()
 
     @classmethod
@@ -140,6 +153,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, group_sizes: Tensor) -> Tensor:
         """``x`` [N, H] grouped by local expert; ``group_sizes`` [E_local] CPU int64, sum N."""
+        if self.block_size is not None:
+            y, self.last_padded_rows = block_sparse_ffn(
+                x, self.w1, self.w2, group_sizes, self.block_size, self.config.activation
+            )
+            return y
         h = ops.grouped_gemm(x, self.w1, group_sizes)
         return ops.grouped_gemm(activate(h, self.config.activation), self.w2, group_sizes)
 

@@ -10,6 +10,7 @@ shape. The losses and routing statistics of the last forward are kept on the lay
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
@@ -22,6 +23,7 @@ from .dispatcher import build_dispatcher
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .router import Routing, build_router
+from .row_budget import RowBudget
 
 if TYPE_CHECKING:
     from .parallel_state import ParallelState
@@ -82,8 +84,17 @@ class MoELayer(nn.Module):
         self.shared_expert = (
             SharedExpert(config, device=device) if config.num_shared_experts else None
         )
+        budget = RowBudget.from_config(config)
         if dispatcher is None:
-            dispatcher = build_dispatcher(config.num_experts, ps, config.token_dispatcher_type)
+            dispatcher = build_dispatcher(config.num_experts, ps, config.token_dispatcher_type,
+                                          budget)
+        elif budget is not None:
+            if not hasattr(dispatcher, "row_budget"):
+                raise ValueError(
+                    f"max_rows_per_rank/max_rows_factor need a dispatcher with a row_budget; "
+                    f"{type(dispatcher).__name__} has none"
+                )
+            dispatcher.row_budget = dispatcher.row_budget or budget
         self.dispatcher = dispatcher
         self._tag_parameters()
         self.last_losses: dict[str, Tensor] = {}
@@ -167,8 +178,16 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
 
+        overflow = getattr(handle, "overflow", False)
+        if overflow:
+            warnings.warn(
+                "dropless MoE: the rows per rank exceeded max_rows_per_rank/max_rows_factor; "
+                "this forward fell back to capacity and dropped assignments "
+                "(see RoutingStats.overflow and drop_rate)", RuntimeWarning, stacklevel=2,
+            )
         stats = RoutingStats.from_counts(
-            routing.routed_per_expert, handle.tokens_per_expert, handle.row_map
+            routing.routed_per_expert, handle.tokens_per_expert, handle.row_map,
+            expert_in.shape[0], getattr(self.experts, "last_padded_rows", None), overflow,
         )
         self.last_losses, self.last_stats = losses, stats
         y = y.reshape(shape)

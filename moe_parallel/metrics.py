@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -17,16 +18,29 @@ class RoutingStats:
     dropped = Σ routed − Σ processed; drop_rate = dropped / Σ routed.
     max_load / mean_load: max and mean of tokens_per_expert (imbalance = max / mean).
     unrouted_tokens: tokens that reached no expert at all (dropped everywhere / chosen by none).
+    expert_rows: rows this rank's local experts computed (from every rank of its group; capacity
+      padding included). padded_rows: the same after block-sparse padding (None for grouped),
+      padding_fraction = (padded_rows − expert_rows) / padded_rows.
+    overflow: True when the dropless row ceiling (``max_rows_*``) made this forward drop.
     """
 
     routed_per_expert: Tensor
     tokens_per_expert: Tensor
     num_tokens: int
     unrouted_tokens: int
+    expert_rows: int = 0
+    padded_rows: Optional[int] = None
+    overflow: bool = False
 
     @classmethod
     def from_counts(
-        cls, routed_per_expert: Tensor, tokens_per_expert: Tensor, row_map: Tensor
+        cls,
+        routed_per_expert: Tensor,
+        tokens_per_expert: Tensor,
+        row_map: Tensor,
+        expert_rows: int = 0,
+        padded_rows: Optional[int] = None,
+        overflow: bool = False,
     ) -> RoutingStats:
         """Build from the two count vectors and the dispatch row map ([T, k], -1 = dropped)."""
         unrouted = int((row_map < 0).all(dim=1).sum()) if row_map.numel() else row_map.shape[0]
@@ -35,7 +49,17 @@ class RoutingStats:
             tokens_per_expert=tokens_per_expert.detach().to("cpu", torch.int64),
             num_tokens=row_map.shape[0],
             unrouted_tokens=unrouted,
+            expert_rows=expert_rows,
+            padded_rows=padded_rows,
+            overflow=overflow,
         )
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the block-padded rows that are padding (0.0 without block padding)."""
+        if not self.padded_rows:
+            return 0.0
+        return (self.padded_rows - self.expert_rows) / self.padded_rows
 
     @property
     def num_routed(self) -> int:
@@ -76,4 +100,8 @@ class RoutingStats:
             "max_load": self.max_load,
             "mean_load": self.mean_load,
             "unrouted_tokens": self.unrouted_tokens,
+            "expert_rows": self.expert_rows,
+            "padded_rows": self.padded_rows,
+            "padding_fraction": self.padding_fraction,
+            "overflow": self.overflow,
         }

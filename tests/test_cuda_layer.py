@@ -1,4 +1,5 @@
-"""MoELayer on CUDA against the float64 reference on CPU, in every dispatch mode."""
+"""MoELayer on CUDA against the float64 reference on CPU, in every dispatch mode (block-sparse
+experts, the default, and grouped GEMMs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ MODES = {
                            num_groups=4, group_topk=2, expert_bias=True),
     "expert_choice": dict(router_type="expert_choice"),
     "gelu_top1": dict(top_k=1, norm_topk_prob=False, activation="gelu", capacity_factor=1.25),
+    "dropless_grouped": dict(expert_impl="grouped"),
+    "dropless_block128": dict(ffn_hidden_size=256, block_size=128),
 }
 
 

@@ -22,6 +22,12 @@ The all-gather cases also check the dispatcher against the all-to-all one: ident
 and, per local expert, the same rows (as a multiset); the layer output with the all-to-all
 dispatcher swapped in; and the handle's own-token ``row_map`` (every kept assignment's row in its
 owning rank's ``expert_in`` holds that token).
+The experts run the dropless block-sparse products (the default ``expert_impl``) in every case
+except the ``-grouped`` ones; block-sparse cases also check the padding bound (at most
+``E_local·(B-1)`` padding rows per rank) and, when dropless, the output against the same layer
+with grouped GEMMs. The row ceiling (``max_rows_per_rank``) is checked on 4 ranks: the ETP×EP
+groups over it raise on every rank (or, opted in, fall back to capacity and equal the
+reference with that capacity), the others run dropless.
 All cases of one layout run in one pool call; each case is reported as its own test.
 """
 
@@ -82,6 +88,8 @@ for _m in ("dropless", "cap_probs", "pad_probs"):
         cfg={**ROUTINGS["top1"], **MODES[_m], "activation": "gelu"}, one_expert=True
     )
 CASES["expert_choice"] = dict(cfg=dict(router_type="expert_choice", top_k=2))
+for _r in ("top2", "top6_fine_shared"):
+    CASES[f"{_r}-dropless-grouped"] = dict(cfg={**ROUTINGS[_r], "expert_impl": "grouped"})
 CASES["relu_shared_gated"] = dict(
     cfg=dict(top_k=2, activation="relu", num_shared_experts=2, shared_expert_gate=True)
 )
@@ -95,8 +103,9 @@ EIGHT_RANK_CASES = ["top1-cap_probs", "top2-dropless", "top6_fine_shared-pad_pos
                     "one_expert-cap_probs"]
 # the 8-rank layouts that 4 ranks also hold in a smaller form: every routing, dropless/capacity
 EIGHT_RANK_ROUTING_CASES = [
-    "top1-dropless", "top1-cap_probs", "top2-dropless", "top2-cap_position",
-    "top6_fine_shared-dropless", "top6_fine_shared-cap_probs", "top6_fine_shared-pad_position",
+    "top1-dropless", "top1-cap_probs", "top2-dropless", "top2-dropless-grouped",
+    "top2-cap_position", "top6_fine_shared-dropless", "top6_fine_shared-cap_probs",
+    "top6_fine_shared-pad_position",
 ]
 ROUTING_LAYOUTS = ("w8_ep8", "w8_ep4_edp2", "w8_tp2_ep2_edp2")
 
@@ -258,9 +267,27 @@ def _run_case(cfg: MoEConfig, ps, seed: int, case: dict, dispatcher: str) -> dic
         out[f"grad {name}"] = _rel(par_sum, ref_sum)
         out[f"norm {name}"] = float(_all_reduce(ref_sum.norm().reshape(1)))
     out["dropped"] = stats.dropped
+    out.update(_check_block_sparse(cfg, ps, par, dispatcher, x, y))
     if dispatcher == "allgather":
         par.dispatcher.dispatch = dispatch
         out.update(_check_allgather(par, ps, x, spied, y))
+    return out
+
+
+def _check_block_sparse(cfg: MoEConfig, ps, par: MoELayer, dispatcher: str, x, y) -> dict:
+    """Padding rows over the bound ``E_local·(B-1)`` (must be 0), and in dropless mode the
+    relative difference to the grouped-GEMM layer with the same weights."""
+    if cfg.expert_impl != "block_sparse":
+        return {}
+    stats, b = par.last_stats, par.experts.block_size
+    bound = cfg.num_experts // ps.ep * (b - 1)
+    out = {"padding_over_bound": float(max(0, stats.padded_rows - stats.expert_rows - bound))}
+    if cfg.dropless:
+        grouped = MoELayer(cfg.replace(expert_impl="grouped"), parallel_state=ps,
+                           dispatcher=DISPATCHER_CLASSES[dispatcher](cfg.num_experts, ps))
+        grouped.load_state_dict(par.state_dict())
+        with torch.no_grad():
+            out["vs_grouped"] = _rel(grouped(x), y.detach())
     return out
 
 
@@ -305,10 +332,11 @@ def test_layer_matches_reference(layout, dispatcher, case):
     per_rank = [r[dispatcher, case] for r in _layout_results(layout)]
     for rank, m in enumerate(per_rank):
         for key, err in m.items():
-            if key in ("output", "input_grad", "vs_alltoall") or key.startswith("grad "):
+            if key in ("output", "input_grad", "vs_alltoall", "vs_grouped") or key.startswith(
+                    "grad "):
                 assert err < TOL, f"rank {rank} {key}: relative error {err:.3e}"
         for key in ("tokens_per_expert_equal", "group_sizes_differ", "expert_rows_differ",
-                    "row_map_wrong"):
+                    "row_map_wrong", "padding_over_bound"):
             assert m.get(key, 0.0) == 0.0, f"rank {rank}: {key}"
         if dispatcher == "allgather":
             assert "row_map_wrong" in m
@@ -319,6 +347,96 @@ def test_layer_matches_reference(layout, dispatcher, case):
             assert norm > 0, f"{key} is zero: the case exercises nothing"
     if ("cap" in case or "pad" in case) and has_tokens:
         assert sum(m["dropped"] for m in per_rank) > 0, "capacity case dropped nothing"
+    cfg = MoEConfig(**{**BASE, **CASES[case]["cfg"]})
+    block_sparse = cfg.expert_impl == "block_sparse"
+    assert ("padding_over_bound" in per_rank[0]) == block_sparse
+    assert ("vs_grouped" in per_rank[0]) == (block_sparse and cfg.dropless)
+
+
+# ---- row ceiling (bounded memory in dropless mode) ---------------------------------------------
+
+CEILING_LAYOUTS = ("ep4", "ep2_edp2", "ep2_etp2", "tp2_ep2")
+
+
+def run_row_ceiling(layout: str, overflow: str, dispatcher: str) -> dict:
+    """Every token to the last expert, ``max_rows_per_rank = E_local·w`` (fallback capacity 1
+    per rank and expert). Reports whether this rank's group overflowed (expected: the group's
+    tokens exceed the ceiling), and with ``overflow="capacity"`` the errors against the
+    reference with capacity 1 (overflowing groups) or dropless (the others)."""
+    ps = parallel_state(**LAYOUTS[layout][1])
+    rank = dist.get_rank()
+    group = ps.group("tp_ep") if ps.ep * ps.etp > 1 else None
+    members = dist.get_process_group_ranks(group) if group is not None else [rank]
+    ceiling = BASE["num_experts"] // ps.ep * len(members)
+    expected = sum(TOKENS[r] for r in members) > ceiling
+    cfg = MoEConfig(**{**BASE, **ROUTINGS["top1"], "activation": "gelu",
+                       "max_rows_per_rank": ceiling, "row_overflow": overflow})
+    full, ref, par = _build(cfg, ps, 3, True, dispatcher)
+    gen = torch.Generator().manual_seed(40 + rank)
+    x = torch.rand(TOKENS[rank], cfg.hidden_size, generator=gen, dtype=torch.float64) + 0.5
+    cot = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    out = {"expected": expected}
+    xp = x.clone().requires_grad_(True)
+    if overflow == "error":
+        try:
+            y = par(xp)
+        except RuntimeError as exc:
+            return {**out, "raised": True, "message": str(exc)}
+        (y * cot).sum().backward()  # the group's other ranks run the backward too
+        return {**out, "raised": False}
+    y = par(xp)
+    (y * cot).sum().backward()
+    stats = par.last_stats
+    out.update(overflow=stats.overflow, dropped=stats.dropped, rows=stats.expert_rows,
+               ceiling=ceiling)
+    if expected:  # the reference with capacity 1 per (rank, expert)
+        ref_cfg = cfg.replace(max_rows_per_rank=None, capacity_factor=1e-9, min_capacity=1)
+        capped = ReferenceMoE(ref_cfg)
+        capped.load_state_dict(ref.state_dict())
+        ref = capped
+    xr = x.clone().requires_grad_(True)
+    y_ref, _ = ref(xr)
+    loss_ref = (y_ref * cot).sum()
+    if loss_ref.requires_grad:  # a rank without tokens has nothing to differentiate
+        loss_ref.backward()
+    out["output"] = _rel(y.detach(), y_ref.detach())
+    out["input_grad"] = _rel(xp.grad, xr.grad if xr.grad is not None else torch.zeros_like(x))
+    g_par, g_ref = _grads(par), _grads(ref)
+    w1, w2 = shard_expert_weights(_all_reduce(g_ref["experts.w1"]),
+                                  _all_reduce(g_ref["experts.w2"]),
+                                  ps.ep_rank, ps.ep, ps.etp_rank, ps.etp, cfg.gated)
+    out["grad experts.w1"] = _rel(_all_reduce(g_par["experts.w1"], ps.group("edp")), w1)
+    out["grad experts.w2"] = _rel(_all_reduce(g_par["experts.w2"], ps.group("edp")), w2)
+    out["grad router.weight"] = _rel(_all_reduce(g_par["router.weight"]),
+                                     _all_reduce(g_ref["router.weight"]))
+    return out
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHER_CLASSES))
+@pytest.mark.parametrize("layout", CEILING_LAYOUTS)
+def test_row_ceiling_error_is_raised_by_the_whole_group(layout, dispatcher):
+    per_rank = get_pool(4).run(run_row_ceiling, layout, "error", dispatcher, timeout=60)
+    assert any(m["expected"] for m in per_rank), "no group over the ceiling: vacuous"
+    for rank, m in enumerate(per_rank):
+        assert m["raised"] == m["expected"], f"rank {rank}: raised={m['raised']}"
+        if m["raised"]:
+            assert "max_rows_per_rank=" in m["message"] and "expert rows" in m["message"]
+    if layout == "ep2_edp2":  # one group over the ceiling, the other under it
+        assert not all(m["expected"] for m in per_rank)
+
+
+@pytest.mark.parametrize("dispatcher", sorted(DISPATCHER_CLASSES))
+@pytest.mark.parametrize("layout", CEILING_LAYOUTS)
+def test_row_ceiling_capacity_fallback(layout, dispatcher):
+    per_rank = get_pool(4).run(run_row_ceiling, layout, "capacity", dispatcher, timeout=60)
+    assert any(m["expected"] for m in per_rank)
+    for rank, m in enumerate(per_rank):
+        assert m["overflow"] == m["expected"], f"rank {rank}: overflow={m['overflow']}"
+        assert m["rows"] <= m["ceiling"], f"rank {rank}: {m['rows']} rows"
+        for key in ("output", "input_grad", "grad experts.w1", "grad experts.w2",
+                    "grad router.weight"):
+            assert m[key] < TOL, f"rank {rank} {key}: relative error {m[key]:.3e}"
+    assert sum(m["dropped"] for m in per_rank) > 0
 
 
 # ---- single-process pieces --------------------------------------------------------------------

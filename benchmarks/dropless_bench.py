@@ -1,0 +1,205 @@
+"""Dropless block-sparse vs grouped-GEMM dropless vs capacity mode, under three routings.
+
+One MoE layer, forward+backward, on one process. The routing is imposed (the router's own
+probabilities are kept, the expert choice is drawn from a fixed pattern):
+  * balanced:   every expert receives exactly T·k/E assignments;
+  * zipf:       expert popularity ∝ 1/rank^1.2, k distinct experts per token;
+  * single_hot: every token's first choice is expert 0, the other k-1 uniform.
+Modes: ``block_sparse`` and ``grouped`` (both dropless), ``capacity_1.0`` and
+``capacity_1.25`` (capacity factor, padded to capacity as Switch/GShard do, grouped GEMM).
+Per case: median seconds per forward+backward, peak memory above the idle process (CPU: peak
+RSS of a fresh process; CUDA: max allocated), rows computed, padding fraction (rows computed
+that are padding) and drop rate. A block-size sweep of the block-sparse mode backs the CPU
+default of ``block_sparse.DEFAULT_BLOCK_SIZE``.
+
+    python -m benchmarks.dropless_bench                     # table + JSON in benchmarks/results/
+    python -m benchmarks.dropless_bench --tokens 1024 --repeats 2 --block-sizes 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROUTINGS = ("balanced", "zipf", "single_hot")
+MODES = {
+    "block_sparse": dict(expert_impl="block_sparse"),
+    "grouped": dict(expert_impl="grouped"),
+    "capacity_1.0": dict(expert_impl="grouped", capacity_factor=1.0, pad_to_capacity=True),
+    "capacity_1.25": dict(expert_impl="grouped", capacity_factor=1.25, pad_to_capacity=True),
+}
+
+
+def expert_pattern(kind: str, tokens: int, experts: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``[T, k]`` distinct expert ids per token following the routing ``kind``."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "balanced":  # token t takes experts t·k .. t·k+k-1 (mod E): exact balance
+        idx = (torch.arange(tokens * k) % experts).view(tokens, k)
+        return idx[torch.randperm(tokens, generator=g)]
+    if kind == "zipf":
+        weights = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
+        return torch.multinomial(weights.expand(tokens, experts), k, generator=g)
+    if kind == "single_hot":
+        rest = torch.multinomial(torch.ones(tokens, experts - 1), k - 1, generator=g) + 1
+        return torch.cat([torch.zeros(tokens, 1, dtype=torch.int64), rest], dim=1)
+    raise ValueError(f"routing must be one of {ROUTINGS}, got {kind!r}")
+
+
+class ImposedRouter(nn.Module):
+    """The layer's router with the expert choice replaced by ``pattern``: probs are the
+    router's softmax at the imposed experts, renormalised (gradients reach the router)."""
+
+    def __init__(self, router: nn.Module, pattern: torch.Tensor, num_experts: int) -> None:
+        super().__init__()
+        self.weight = router.weight
+        self.register_buffer("pattern", pattern)
+        self.num_experts = num_experts
+
+    def forward(self, x: torch.Tensor, num_seqs: int = 1):
+        from moe_parallel.router import Routing
+
+        logits = x.float() @ self.weight.float().t()
+        probs = logits.softmax(-1).gather(1, self.pattern)
+        probs = probs / probs.sum(-1, keepdim=True)
+        routed = torch.bincount(self.pattern.reshape(-1), minlength=self.num_experts)
+        return Routing(probs, self.pattern, None, logits, routed), {}
+
+
+def run_case(case: dict) -> dict:
+    """One (routing, mode, block size) case in this (fresh) process."""
+    from moe_parallel import MoEConfig, MoELayer
+
+    torch.set_num_threads(case["threads"])
+    device, dtype = case["device"], getattr(torch, case["dtype"])
+    cfg = MoEConfig(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
+                    num_experts=case["experts"], top_k=case["top_k"], params_dtype=dtype,
+                    block_size=case["block_size"], **MODES[case["mode"]])
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, device=device)
+    pattern = expert_pattern(case["routing"], case["tokens"], case["experts"], case["top_k"])
+    layer.router = ImposedRouter(layer.router, pattern.to(device), case["experts"])
+    x = torch.randn(case["tokens"], case["hidden"], device=device, dtype=dtype,
+                    requires_grad=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        layer(x).sum().backward()
+        sync()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()
+    step()
+    times = []
+    for _ in range(case["repeats"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    s = layer.last_stats
+    computed = s.padded_rows if s.padded_rows is not None else s.expert_rows
+    return {
+        **case,
+        "block_size": layer.experts.block_size,
+        "seconds": statistics.median(times),
+        "peak_mem_mb": peak / 2**20,
+        "rows_routed": s.num_routed,
+        "rows_computed": computed,
+        "padding_fraction": 1.0 - s.num_processed / computed if computed else 0.0,
+        "drop_rate": s.drop_rate,
+        "max_load": s.max_load,
+    }
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--block-sizes", type=int, nargs="*", default=[16, 32, 64, 128],
+                   help="block-size sweep of block_sparse (balanced and zipf routings)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    common = dict(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts,
+                  top_k=args.top_k, dtype=args.dtype, device=args.device,
+                  threads=args.threads, repeats=args.repeats, block_size=None)
+    cases = [dict(common, routing=r, mode=m) for r in ROUTINGS for m in MODES]
+    cases += [dict(common, routing=r, mode="block_sparse", block_size=b, sweep=True)
+              for b in args.block_sizes for r in ("balanced", "zipf")]
+    ctx = multiprocessing.get_context("spawn")
+    results = []
+    for i, case in enumerate(cases, 1):
+        # a fresh process per case: independent peak memory, no allocator carry-over
+        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            r = pool.submit(run_case, case).result()
+        results.append(r)
+        print(f"[{i}/{len(cases)}] {r['routing']:<10} {r['mode']:<13} B={r['block_size']}: "
+              f"{r['seconds'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+
+    print(f"\nT={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k} "
+          f"{args.dtype} on {args.device}, {args.threads} threads, forward+backward")
+    head = (f"{'routing':<10} {'mode':<14} {'B':>4} {'ms':>8} {'vs grouped':>10} "
+            f"{'peak MB':>8} {'rows':>7} {'padding':>8} {'dropped':>8}")
+    print(head)
+    print("-" * len(head))
+    grouped = {r["routing"]: r["seconds"] for r in results
+               if r["mode"] == "grouped" and not r.get("sweep")}
+    for r in results:
+        print(f"{r['routing']:<10} {r['mode'] + ('*' if r.get('sweep') else ''):<14} "
+              f"{r['block_size'] or '-':>4} {r['seconds'] * 1e3:8.1f} "
+              f"{r['seconds'] / grouped[r['routing']]:10.3f} {r['peak_mem_mb']:8.1f} "
+              f"{r['rows_computed']:7d} {r['padding_fraction']:8.2%} {r['drop_rate']:8.2%}")
+    print("* block-size sweep")
+    out = {"date": str(date.today()), "command": " ".join(["python -m benchmarks.dropless_bench",
+                                                           *(argv or sys.argv[1:])]),
+           "machine": machine(), "results": results}
+    path = args.out or (Path(__file__).parent / "results"
+                        / f"dropless_{args.device}_{date.today()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

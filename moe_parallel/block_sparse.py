@@ -1,0 +1,99 @@
+"""Dropless block-sparse expert FFN (MegaBlocks-style): pad → SDD → activation → DSD → unpad.
+
+For the local experts' rows ``x [N, H]`` grouped by expert with counts ``c_e`` and block size
+``B`` (which divides the ffn size ``F``):
+    p_e = ceil(c_e / B) · B                   padded rows of expert e (p_e - c_e <= B - 1)
+    x_pad [Σ p_e, H]                          expert e's rows at padded_offsets[e] .., then zeros
+    blocks = bsr_sdd(x_pad, w1, topology(w1 columns / B))
+             the nonzero [B, B] blocks of x_pad @ blockdiag(w1[0], .., w1[E-1])
+    a = act(blocks)                           SwiGLU: silu(gate block j) * up block j, where each
+                                              row block lists gate blocks 0..n-1 then up blocks
+                                              n..2n-1 (n = F / B; w1 columns are gate | up)
+    y_pad = bsr_dsd(a, w2, topology(F / B))
+    y = y_pad[real rows]                      [N, H]
+Padding rows are zero in ``x_pad`` (act(0) = 0 for every activation here), never reach ``y``,
+and receive no gradient (``y`` gathers only the real rows), so the weight gradients are those
+of the real rows. Per call at most ``E·(B - 1)`` padding rows are added.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+DEFAULT_BLOCK_SIZE = {"cuda": 128, "cpu": 32}
+
+
+def resolve_block_size(block_size: Optional[int], ffn_size: int, device: torch.device) -> int:
+    """The block size for experts with ``ffn_size`` local hidden units on ``device``.
+
+    ``None``: ``DEFAULT_BLOCK_SIZE`` of the device type (128 on CUDA, 32 elsewhere), halved
+    until it divides ``ffn_size``. An explicit ``block_size`` must divide ``ffn_size``.
+    """
+    if block_size is None:
+        b = DEFAULT_BLOCK_SIZE.get(torch.device(device).type, DEFAULT_BLOCK_SIZE["cpu"])
+        while ffn_size % b:
+            b //= 2
+        return b
+    if block_size <= 0 or ffn_size % block_size:
+        raise ValueError(
+            f"block_size ({block_size}) must be a positive divisor of the experts' local ffn "
+            f"size ({ffn_size} = ffn_hidden_size / expert_tensor_parallel_size)"
+        )
+    return block_size
+
+
+def padded_rows(group_sizes: Tensor, block_size: int) -> int:
+    """``Σ_e ceil(c_e / B) · B``: the rows of ``x_pad`` for counts ``group_sizes``."""
+    return int(((group_sizes + block_size - 1) // block_size).sum()) * block_size
+
+
+def _real_rows(group_sizes: Tensor, padded_offsets: Tensor, device: torch.device) -> Tensor:
+    """Row of ``x_pad`` holding each of the ``N`` real rows: ``padded_offsets[e] + i`` for the
+    ``i``-th row of expert ``e``."""
+    offsets = torch.cumsum(group_sizes, 0) - group_sizes
+    shift = torch.repeat_interleave(padded_offsets[:-1] - offsets, group_sizes)
+    return (torch.arange(shift.numel(), dtype=torch.int64) + shift).to(device)
+
+
+def _activate_blocks(blocks: Tensor, activation: str, n_blocks: int, block_size: int) -> Tensor:
+    """The activation on the first product's blocks, returned in the second product's layout."""
+    b = block_size
+    if activation == "swiglu":
+        gate, up = blocks.view(-1, 2, n_blocks, b, b).unbind(1)
+        return (F.silu(gate) * up).reshape(-1, b, b)
+    if activation == "gelu":
+        return F.gelu(blocks)
+    if activation == "relu":
+        return F.relu(blocks)
+    raise ValueError(f"activation must be one of ('swiglu', 'gelu', 'relu'), got {activation!r}")
+
+
+def block_sparse_ffn(
+    x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, block_size: int, activation: str
+) -> tuple[Tensor, int]:
+    """``y [N, H]`` of the experts (see the module docstring) and the padded row count.
+
+    ``x [N, H]`` grouped by expert; ``w1 [E, H, F1]`` (``F1 = 2F`` for SwiGLU, else ``F``);
+    ``w2 [E, F, H]``; ``group_sizes [E]`` CPU int64 summing to ``N``; ``F % block_size == 0``.
+    """
+    b = block_size
+    ffn = w2.shape[1]
+    if ffn % b or w1.shape[2] % b:
+        raise ValueError(f"block_size ({b}) must divide the ffn size ({ffn})")
+    group_sizes = group_sizes.to("cpu", torch.int64)
+    n1, n2 = w1.shape[2] // b, ffn // b
+    padded_offsets, block_row, block_col, _, _, _ = ops.block_topology(group_sizes, b, n1)
+    _, _, block_col2, row_ptr2, _, _ = ops.block_topology(group_sizes, b, n2)
+    num_padded = int(padded_offsets[-1])
+    real = _real_rows(group_sizes, padded_offsets, x.device)
+    x_pad = x.new_zeros(num_padded, x.shape[1]).index_copy(0, real, x)
+    blocks = ops.bsr_sdd(x_pad, w1, block_row, block_col, b)
+    a = _activate_blocks(blocks, activation, n2, b)
+    y_pad = ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)
+    return y_pad.index_select(0, real), num_padded
