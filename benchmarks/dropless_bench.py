@@ -7,9 +7,10 @@ probabilities are kept, the expert choice is drawn from a fixed pattern):
   * single_hot: every token's first choice is expert 0, the other k-1 uniform.
 Modes: ``block_sparse`` and ``grouped`` (both dropless), ``capacity_1.0`` and
 ``capacity_1.25`` (capacity factor, padded to capacity as Switch/GShard do, grouped GEMM).
-Per case: median seconds per forward+backward, peak memory above the idle process (CPU: peak
-RSS of a fresh process; CUDA: max allocated), rows computed, padding fraction (rows computed
-that are padding) and drop rate. A block-size sweep of the block-sparse mode backs the CPU
+Per case: median seconds per forward+backward (all cases timed side by side in one process,
+round-robin), peak memory of the first forward+backward above the idle layer (a fresh process
+per case; CPU: growth of peak RSS, CUDA: max allocated), rows computed, padding fraction (rows
+computed that are padding) and drop rate. A block-size sweep of the block-sparse mode backs the CPU
 default of ``block_sparse.DEFAULT_BLOCK_SIZE``.
 
     python -m benchmarks.dropless_bench                     # table + JSON in benchmarks/results/
@@ -77,11 +78,10 @@ class ImposedRouter(nn.Module):
         return Routing(probs, self.pattern, None, logits, routed), {}
 
 
-def run_case(case: dict) -> dict:
-    """One (routing, mode, block size) case in this (fresh) process."""
+def build_case(case: dict):
+    """The layer of one (routing, mode, block size) case and its forward+backward step."""
     from moe_parallel import MoEConfig, MoELayer
 
-    torch.set_num_threads(case["threads"])
     device, dtype = case["device"], getattr(torch, case["dtype"])
     cfg = MoEConfig(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
                     num_experts=case["experts"], top_k=case["top_k"], params_dtype=dtype,
@@ -98,28 +98,28 @@ def run_case(case: dict) -> dict:
         layer(x).sum().backward()
         sync()
 
-    if device == "cuda":
+    return layer, step
+
+
+def measure_memory(case: dict) -> dict:
+    """Run in a fresh process: peak memory of its first forward+backward above the idle
+    layer (on CPU the growth of peak RSS, so the one-time buffers of BLAS and the thread pool,
+    alike for every mode, are included), and the routing statistics of the case."""
+    torch.set_num_threads(case["threads"])
+    layer, step = build_case(case)
+    if case["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step()
-    step()
-    times = []
-    for _ in range(case["repeats"]):
-        t0 = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
-    if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     s = layer.last_stats
     computed = s.padded_rows if s.padded_rows is not None else s.expert_rows
     return {
-        **case,
         "block_size": layer.experts.block_size,
-        "seconds": statistics.median(times),
         "peak_mem_mb": peak / 2**20,
         "rows_routed": s.num_routed,
         "rows_computed": computed,
@@ -127,6 +127,22 @@ def run_case(case: dict) -> dict:
         "drop_rate": s.drop_rate,
         "max_load": s.max_load,
     }
+
+
+def time_cases(cases: list[dict], repeats: int) -> list[float]:
+    """Median seconds per forward+backward of every case, timed side by side in this process:
+    one warm-up step each, then ``repeats`` rounds running every case once per round."""
+    steps = [build_case(c)[1] for c in cases]
+    for step in steps:
+        step()
+    times: list[list[float]] = [[] for _ in cases]
+    for r in range(repeats):
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - t0)
+        print(f"timing round {r + 1}/{repeats}", file=sys.stderr, flush=True)
+    return [statistics.median(t) for t in times]
 
 
 def machine() -> dict:
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--block-sizes", type=int, nargs="*", default=[16, 32, 64, 128],
                    help="block-size sweep of block_sparse (balanced and zipf routings)")
     p.add_argument("--out", type=Path, default=None)
@@ -169,12 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = multiprocessing.get_context("spawn")
     results = []
     for i, case in enumerate(cases, 1):
-        # a fresh process per case: independent peak memory, no allocator carry-over
+        # a fresh process per case: its own peak memory, no allocator carry-over
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            r = pool.submit(run_case, case).result()
-        results.append(r)
-        print(f"[{i}/{len(cases)}] {r['routing']:<10} {r['mode']:<13} B={r['block_size']}: "
-              f"{r['seconds'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+            results.append({**case, **pool.submit(measure_memory, case).result()})
+        print(f"memory [{i}/{len(cases)}] {case['routing']} {case['mode']}", file=sys.stderr,
+              flush=True)
+    torch.set_num_threads(args.threads)
+    for r, seconds in zip(results, time_cases(cases, args.repeats)):
+        r["seconds"] = seconds
 
     print(f"\nT={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k} "
           f"{args.dtype} on {args.device}, {args.threads} threads, forward+backward")

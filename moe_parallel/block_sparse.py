@@ -53,12 +53,17 @@ def padded_rows(group_sizes: Tensor, block_size: int) -> int:
     return int(((group_sizes + block_size - 1) // block_size).sum()) * block_size
 
 
-def _real_rows(group_sizes: Tensor, padded_offsets: Tensor, device: torch.device) -> Tensor:
-    """Row of ``x_pad`` holding each of the ``N`` real rows: ``padded_offsets[e] + i`` for the
-    ``i``-th row of expert ``e``."""
+def _row_maps(group_sizes: Tensor, padded_offsets: Tensor, device: torch.device
+              ) -> tuple[Tensor, Tensor]:
+    """``(pad_map [M_pad, 1], real_map [N, 1])``: the real row held by each row of ``x_pad``
+    (-1 for padding rows), and the row of ``x_pad`` holding each real row
+    (``padded_offsets[e] + i`` for the ``i``-th row of expert ``e``)."""
     offsets = torch.cumsum(group_sizes, 0) - group_sizes
     shift = torch.repeat_interleave(padded_offsets[:-1] - offsets, group_sizes)
-    return (torch.arange(shift.numel(), dtype=torch.int64) + shift).to(device)
+    real = torch.arange(shift.numel(), dtype=torch.int64) + shift
+    pad_map = torch.full((int(padded_offsets[-1]), 1), -1, dtype=torch.int64)
+    pad_map[real, 0] = torch.arange(real.numel(), dtype=torch.int64)
+    return pad_map.to(device), real.view(-1, 1).to(device)
 
 
 def _activate_blocks(blocks: Tensor, activation: str, n_blocks: int, block_size: int) -> Tensor:
@@ -91,9 +96,12 @@ def block_sparse_ffn(
     padded_offsets, block_row, block_col, _, _, _ = ops.block_topology(group_sizes, b, n1)
     _, _, block_col2, row_ptr2, _, _ = ops.block_topology(group_sizes, b, n2)
     num_padded = int(padded_offsets[-1])
-    real = _real_rows(group_sizes, padded_offsets, x.device)
-    x_pad = x.new_zeros(num_padded, x.shape[1]).index_copy(0, real, x)
+    if num_padded == x.shape[0]:  # every count a multiple of B: x is already x_pad
+        real_map, x_pad = None, x
+    else:  # row gathers (unpermute with one term per row, -1: a zero row), both directions
+        pad_map, real_map = _row_maps(group_sizes, padded_offsets, x.device)
+        x_pad = ops.unpermute(x, pad_map)
     blocks = ops.bsr_sdd(x_pad, w1, block_row, block_col, b)
     a = _activate_blocks(blocks, activation, n2, b)
     y_pad = ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)
-    return y_pad.index_select(0, real), num_padded
+    return (y_pad if real_map is None else ops.unpermute(y_pad, real_map)), num_padded

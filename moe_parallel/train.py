@@ -145,6 +145,8 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         top_k=args.top_k, capacity_factor=args.capacity_factor or None,
         aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
         params_dtype=getattr(torch, args.dtype), token_dispatcher_type=args.dispatcher,
+        expert_impl=args.expert_impl, block_size=args.block_size,
+        max_rows_factor=args.max_rows_factor, row_overflow=args.row_overflow,
     )
 
 
@@ -188,8 +190,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=1.25,
-                   help="expert capacity factor; 0 for dropless")
+    p.add_argument("--capacity-factor", type=float, default=0.0,
+                   help="expert capacity factor; 0 (default) for dropless")
+    p.add_argument("--expert-impl", choices=("block_sparse", "grouped"), default="block_sparse")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="block-sparse block size (default: 128 on CUDA, 32 on CPU)")
+    p.add_argument("--max-rows-factor", type=float, default=None,
+                   help="dropless: ceiling on rows per rank, times the balanced load")
+    p.add_argument("--row-overflow", choices=("error", "capacity"), default="error")
     p.add_argument("--aux-loss-coeff", type=float, default=1e-2)
     p.add_argument("--z-loss-coeff", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=3e-3)
