@@ -1,5 +1,6 @@
 # make demo : set up (idempotent) and run the main job
 # make test : set up (idempotent) and run lint + the test suite
+# make bench BENCH=layer BENCH_ARGS="--config a" : one benchmark (python -m benchmarks --help)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 EXT_STAMP := build/.ext-stamp
 
-.PHONY: setup deps mpi ext demo test lint clean
+.PHONY: setup deps mpi ext demo test lint clean bench bench-deps
 
 setup: deps mpi ext
 
@@ -41,6 +42,18 @@ $(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES)
 DEMO_ARGS ?= --ep 2
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 4 -m moe_parallel.train $(DEMO_ARGS)
+
+# Benchmark extras (DeepSpeed without its CUDA ops, on the CPU accelerator in dispatch_bench).
+bench-deps: $(VENV)/.bench-stamp
+
+$(VENV)/.bench-stamp: requirements-bench.txt $(VENV)/.deps-stamp
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+BENCH ?= layer
+BENCH_ARGS ?=
+bench: setup bench-deps
+	$(PY) -m benchmarks $(BENCH) $(BENCH_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check moe_parallel tests benchmarks launch setup.py

@@ -63,7 +63,7 @@ def unpermute_index_add(y, row_map, probs):
     return out.index_add_(0, tokens, vals).to(y.dtype)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch versions")
     ap.add_argument("--out", help="write the results as JSON to this path")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.iters < 20:
         ap.error("--iters must be >= 20")
     if not torch.cuda.is_available():

@@ -23,7 +23,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import multiprocessing
-import platform
 import resource
 import statistics
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from benchmarks.machine import machine_info
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 MODES = {
@@ -145,21 +146,6 @@ def time_cases(cases: list[dict], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def machine() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2048)
@@ -210,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("* block-size sweep")
     out = {"date": str(date.today()), "command": " ".join(["python -m benchmarks.dropless_bench",
                                                            *(argv or sys.argv[1:])]),
-           "machine": machine(), "results": results}
+           "machine": machine_info(), "results": results}
     path = args.out or (Path(__file__).parent / "results"
                         / f"dropless_{args.device}_{date.today()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,11 +78,11 @@ def bench(cfg: dict, skew: str, dtype: torch.dtype) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--dtype", default="bfloat16")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": {}}
     print(f"{'config':<34}{'skew':<10}{'backend':<20}{'fwd ms':>9}{'TF/s':>8}"

@@ -1,102 +1,209 @@
-"""One MoE layer, forward+backward, on one process: MoELayer vs the loop-over-experts reference
-vs a dense FFN doing the same FLOPs (T·k rows through one expert-sized FFN).
+"""One MoE layer, forward+backward, on one process, against its peers on the same config.
 
-MoE efficiency = dense-equivalent time / MoE layer time (1.0 is the limit).
+Contenders, timed side by side in one process (round-robin, median per contender):
+  * ``dense``: a dense SwiGLU FFN of one expert's size on the T·k rows: the same FLOPs;
+  * ``block_sparse`` / ``grouped``: ``MoELayer`` (dropless) with either expert computation;
+  * ``reference``: ``moe_parallel.reference.ReferenceMoE`` (loop over experts);
+  * ``hf_loop``: the Hugging Face Mixtral sparse-MoE block pattern (softmax router, top-k,
+    renormalise, loop over experts with ``torch.where`` + ``index_add_``).
+MoE efficiency = t(dense) / t(contender); tokens/s = T / t. Peak memory is the growth of peak
+RSS (CPU) or max allocated memory (CUDA) during the first forward+backward of a fresh process.
 
-    python -m benchmarks.layer_bench --tokens 4096 --hidden 1024 --ffn 2048 --experts 8 --top-k 2
+Presets (``--config``): ``a`` E=8 k=2 H=1024 F=2048 T=4096; ``b`` (fine-grained) E=64 k=6
+H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--experts/--top-k``.
+
+    python -m benchmarks layer --config a
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
-import platform
+import multiprocessing
+import resource
 import statistics
+import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from moe_parallel import MoEConfig, MoELayer, ReferenceMoE, ops
-from moe_parallel.experts import activate
+from benchmarks.machine import machine_info
+
+PRESETS = {
+    "a": dict(experts=8, top_k=2, hidden=1024, ffn=2048, tokens=4096),
+    "b": dict(experts=64, top_k=6, hidden=1024, ffn=256, tokens=4096),
+}
+CONTENDERS = ("dense", "block_sparse", "grouped", "reference", "hf_loop")
 
 
-def _time(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after two warm-ups."""
+class HFMixtralLoop(nn.Module):
+    """The Hugging Face Mixtral sparse-MoE block pattern: per expert, gather its tokens with
+    ``torch.where`` on the one-hot routing mask, run its SwiGLU FFN, scale by the routing
+    weight and ``index_add_`` into the output. Weights taken from an ``MoELayer``."""
+
+    def __init__(self, layer: nn.Module, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Parameter(layer.router.weight.detach().clone())
+        w1 = layer.experts.w1.detach()
+        f = w1.shape[2] // 2
+        self.w_gate = nn.ParameterList(nn.Parameter(w1[e, :, :f].t().contiguous())
+                                       for e in range(w1.shape[0]))
+        self.w_up = nn.ParameterList(nn.Parameter(w1[e, :, f:].t().contiguous())
+                                     for e in range(w1.shape[0]))
+        self.w_down = nn.ParameterList(nn.Parameter(w.t().contiguous())
+                                       for w in layer.experts.w2.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.gate)
+        weights = logits.softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        weights, selected = torch.topk(weights, self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(selected, num_classes=len(self.w_down)).permute(2, 1, 0)
+        for e in range(len(self.w_down)):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            h = x[token]
+            y = F.linear(F.silu(F.linear(h, self.w_gate[e])) * F.linear(h, self.w_up[e]),
+                         self.w_down[e])
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+def build(case: dict, contender: str):
+    """The forward+backward step of ``contender`` on ``case`` (and the module it runs)."""
+    from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+
+    device, dtype = case["device"], getattr(torch, case["dtype"])
+    impl = "grouped" if contender == "grouped" else "block_sparse"
+    cfg = MoEConfig(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
+                    num_experts=case["experts"], top_k=case["top_k"], params_dtype=dtype,
+                    expert_impl=impl, check_finite=False)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
+    if contender == "dense":
+        rows = case["tokens"] * case["top_k"]
+        x = torch.randn(rows, case["hidden"], device=device, dtype=dtype, requires_grad=True)
+        w1 = layer.experts.w1[0].detach().clone().requires_grad_(True)
+        w2 = layer.experts.w2[0].detach().clone().requires_grad_(True)
+
+        def run():
+            gate, up = (x @ w1).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ w2
+    else:
+        x = torch.randn(case["tokens"], case["hidden"], device=device, dtype=dtype,
+                        requires_grad=True)
+        module = {"reference": lambda: ReferenceMoE.from_layer(layer),
+                  "hf_loop": lambda: HFMixtralLoop(layer, case["top_k"])}.get(
+                      contender, lambda: layer)()
+
+        def run():
+            y = module(x)
+            return y[0] if isinstance(y, tuple) else y
+
+    def step():
+        run().sum().backward()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return step
+
+
+def measure_memory(case: dict, contender: str) -> float:
+    """MiB of peak-memory growth during the first step of ``contender`` in this process."""
+    torch.set_num_threads(case["threads"])
+    step = build(case, contender)
+    if case["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def time_contenders(case: dict, contenders: list[str], repeats: int) -> dict[str, float]:
+    """Median seconds per step, all contenders side by side (one warm-up, then rounds)."""
+    steps = {c: build(case, c) for c in contenders}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {c: [] for c in contenders}
+    for r in range(repeats):
+        for c, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[c].append(time.perf_counter() - t0)
+        print(f"timing round {r + 1}/{repeats}", file=sys.stderr, flush=True)
+    return {c: statistics.median(t) for c, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=0.0)
+    p.add_argument("--config", choices=sorted(PRESETS), default="a")
+    for name in ("tokens", "hidden", "ffn", "experts", "top-k"):
+        p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--contenders", nargs="*", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
-    dtype = getattr(torch, args.dtype)
-    cfg = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
-                    top_k=args.top_k, capacity_factor=args.capacity_factor or None,
-                    params_dtype=dtype)
-    torch.manual_seed(0)
-    layer = MoELayer(cfg, device=args.device)
-    ref = ReferenceMoE.from_layer(layer)
-    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
-    rows = args.tokens * args.top_k
-    xd = torch.randn(rows, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
-    w1 = layer.experts.w1[0].detach().clone().requires_grad_(True)
-    w2 = layer.experts.w2[0].detach().clone().requires_grad_(True)
+    case = dict(PRESETS[args.config])
+    for name in ("tokens", "hidden", "ffn", "experts", "top_k"):
+        if getattr(args, name) is not None:
+            case[name] = getattr(args, name)
+    case.update(dtype=args.dtype, device=args.device, threads=args.threads)
+    contenders = list(dict.fromkeys(["dense", *args.contenders]))
 
-    def run_layer():
-        layer(x).sum().backward()
+    memory = {}
+    if not args.no_memory:
+        ctx = multiprocessing.get_context("spawn")
+        for c in contenders:  # a fresh process each: independent peaks
+            with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                memory[c] = pool.submit(measure_memory, case, c).result()
+            print(f"memory {c}: {memory[c]:.0f} MiB", file=sys.stderr, flush=True)
+    torch.set_num_threads(args.threads)
+    seconds = time_contenders(case, contenders, args.repeats)
 
-    def run_ref():
-        ref(x)[0].sum().backward()
-
-    def run_dense():
-        (activate(xd @ w1, cfg.activation) @ w2).sum().backward()
-
-    t_dense = _time(run_dense, args.repeats, args.device)
-    t_layer = _time(run_layer, args.repeats, args.device)
-    t_ref = _time(run_ref, args.repeats, args.device)
-    result = {
-        "config": vars(args) | {"out": str(args.out)},
-        "extension": ops.has_extension(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "seconds": {"dense_equivalent": t_dense, "moe_layer": t_layer, "reference": t_ref},
-        "moe_efficiency": t_dense / t_layer,
-        "speedup_vs_reference": t_ref / t_layer,
-        "tokens_per_s": args.tokens / t_layer,
-    }
-    print(f"{'what':<22}{'ms fwd+bwd':>12}")
-    for k, v in result["seconds"].items():
-        print(f"{k:<22}{1e3 * v:>12.2f}")
-    print(f"MoE efficiency {result['moe_efficiency']:.3f}   "
-          f"speed vs reference {result['speedup_vs_reference']:.2f}x   "
-          f"{result['tokens_per_s']:,.0f} tokens/s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    return result
+    rows = []
+    for c in contenders:
+        rows.append({"contender": c, "seconds": seconds[c],
+                     "moe_efficiency": seconds["dense"] / seconds[c],
+                     "tokens_per_s": case["tokens"] / seconds[c],
+                     "peak_mem_mib": memory.get(c)})
+    ours = seconds.get("block_sparse")
+    print(f"\nconfig {args.config}: T={case['tokens']} H={case['hidden']} F={case['ffn']} "
+          f"E={case['experts']} k={case['top_k']} {args.dtype} on {args.device}, "
+          f"{args.threads} threads, forward+backward")
+    head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
+            f"{'block_sparse speedup':>22}{'peak MiB':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        speed = f"{r['seconds'] / ours:.3f}x" if ours else "-"
+        mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
+        print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
+              f"{r['tokens_per_s']:11,.0f}{speed:>22}{mem:>10}")
+    out = {"date": str(date.today()),
+           "command": " ".join(["python -m benchmarks layer", *(argv or sys.argv[1:])]),
+           "machine": machine_info(), "case": case, "results": rows}
+    path = args.out or (Path(__file__).parent / "results"
+                        / f"layer_{args.config}_{args.device}_{date.today()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The benchmark scripts run end to end at tiny sizes and write their JSON (not timed tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.__main__ import BENCHMARKS
+from benchmarks.__main__ import main as bench_main
+from benchmarks.layer_bench import HFMixtralLoop
+from benchmarks.machine import machine_info
+from moe_parallel import MoEConfig, MoELayer, ReferenceMoE, ops
+
+
+def test_entry_point_lists_and_rejects(capsys):
+    assert bench_main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in BENCHMARKS)
+    assert bench_main(["nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_machine_info_without_gpu():
+    info = machine_info()
+    assert info["cpu"] and info["torch"] == torch.__version__
+    if not info["gpus"]:
+        assert info["gpu_note"]
+
+
+@pytest.mark.skipif(not ops.has_extension(), reason="needs moe_parallel._C")
+def test_ops_bench_tiny(tmp_path):
+    out = tmp_path / "ops.json"
+    bench_main(["ops", "--tokens", "64", "--hidden", "16", "--ffn", "24", "--experts", "4",
+                "--top-k", "2", "--ep", "2", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["op"] for r in rows][:2] == ["permute fwd", "permute bwd"]
+    assert len(rows) == 8
+    assert all(r["op_ms"] > 0 and r["twin_ms"] > 0 and r["baseline_ms"] > 0 for r in rows)
+
+
+def test_layer_bench_tiny(tmp_path):
+    out = tmp_path / "layer.json"
+    bench_main(["layer", "--tokens", "64", "--hidden", "16", "--ffn", "32", "--experts", "4",
+                "--top-k", "2", "--repeats", "1", "--no-memory", "--out", str(out)])
+    rows = {r["contender"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"dense", "block_sparse", "grouped", "reference", "hf_loop"}
+    assert rows["dense"]["moe_efficiency"] == 1.0
+    assert all(r["seconds"] > 0 for r in rows.values())
+
+
+def test_hf_loop_computes_the_same_layer():
+    """The HF Mixtral-style contender is the same function as the layer (float64)."""
+    cfg = MoEConfig(hidden_size=16, ffn_hidden_size=12, num_experts=6, top_k=2,
+                    params_dtype=torch.float64)
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y_ref, _ = ReferenceMoE.from_layer(layer)(x)
+        y_hf = HFMixtralLoop(layer, cfg.top_k)(x)
+    assert float((y_hf - y_ref).norm() / y_ref.norm()) < 1e-12
