@@ -15,6 +15,7 @@ default of ``block_sparse.DEFAULT_BLOCK_SIZE``.
 
     python -m benchmarks.dropless_bench                     # table + JSON in benchmarks/results/
     python -m benchmarks.dropless_bench --tokens 1024 --repeats 2 --block-sizes 32
+    python -m benchmarks.dropless_bench --replot benchmarks/results/dropless_....json
 """
 
 from __future__ import annotations
@@ -146,6 +147,44 @@ def time_cases(cases: list[dict], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def plot_sweep(results: list[dict], path: Path) -> bool:
+    """The block-size sweep as a PNG: time relative to grouped dropless and padding fraction
+    vs B, per routing; False (with a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    grouped = {r["routing"]: r["seconds"] for r in results
+               if r["mode"] == "grouped" and not r.get("sweep")}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for routing in sorted({r["routing"] for r in results if r.get("sweep")}):
+        rows = sorted((r for r in results if r.get("sweep") and r["routing"] == routing),
+                      key=lambda r: r["block_size"])
+        bs = [r["block_size"] for r in rows]
+        ax1.plot(bs, [r["seconds"] / grouped[routing] for r in rows], "o-", label=routing)
+        ax2.plot(bs, [100 * r["padding_fraction"] for r in rows], "o-", label=routing)
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set_ylabel("time / grouped dropless")
+    ax2.set_ylabel("padding rows (%)")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block size B")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    c = results[0]
+    fig.suptitle(f"block-sparse block size: T={c['tokens']} H={c['hidden']} F={c['ffn']} "
+                 f"E={c['experts']} k={c['top_k']} {c['dtype']} on {c['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=2048)
@@ -160,7 +199,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block-sizes", type=int, nargs="*", default=[16, 32, 64, 128],
                    help="block-size sweep of block_sparse (balanced and zipf routings)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only redraw the sweep plot of a recorded JSON (next to it)")
     args = p.parse_args(argv)
+    if args.replot is not None:
+        recorded = json.loads(args.replot.read_text())
+        plot_sweep(recorded["results"], args.replot.with_suffix(".png"))
+        return recorded
 
     common = dict(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts,
                   top_k=args.top_k, dtype=args.dtype, device=args.device,
@@ -202,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
+    if any(r.get("sweep") for r in results) and plot_sweep(results, path.with_suffix(".png")):
+        print(f"wrote {path.with_suffix('.png')}")
     return out
 
 

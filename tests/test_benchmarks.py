@@ -61,3 +61,20 @@ def test_hf_loop_computes_the_same_layer():
         y_ref, _ = ReferenceMoE.from_layer(layer)(x)
         y_hf = HFMixtralLoop(layer, cfg.top_k)(x)
     assert float((y_hf - y_ref).norm() / y_ref.norm()) < 1e-12
+
+
+def test_dropless_sweep_plot(tmp_path):
+    """The block-size sweep plot is drawn when matplotlib is there, skipped cleanly if not."""
+    from benchmarks.dropless_bench import plot_sweep
+
+    base = dict(tokens=8, hidden=4, ffn=8, experts=2, top_k=1, dtype="float32", device="cpu")
+    results = [dict(base, routing="zipf", mode="grouped", seconds=1.0, block_size=None)]
+    results += [dict(base, routing="zipf", mode="block_sparse", sweep=True, block_size=b,
+                     seconds=1.0 + b / 100, padding_fraction=b / 200) for b in (4, 8)]
+    path = tmp_path / "sweep.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plot_sweep(results, path) is False and not path.exists()
+    else:
+        assert plot_sweep(results, path) is True and path.stat().st_size > 1000
