@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from benchmarks.machine import machine_info
+from benchmarks.plotting import pyplot
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 MODES = {
@@ -150,14 +151,8 @@ def time_cases(cases: list[dict], repeats: int) -> list[float]:
 def plot_sweep(results: list[dict], path: Path) -> bool:
     """The block-size sweep as a PNG: time relative to grouped dropless and padding fraction
     vs B, per routing; False (with a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped (pip install matplotlib)",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     grouped = {r["routing"]: r["seconds"] for r in results
                if r["mode"] == "grouped" and not r.get("sweep")}

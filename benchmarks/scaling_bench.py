@@ -63,6 +63,8 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from benchmarks.plotting import pyplot
+
 EP_SIZES = (8, 16, 32, 64, 128, 256)
 DEFAULT_ASSUMPTIONS = {
     "gpus_per_node": 8,
@@ -371,14 +373,8 @@ def print_cost_model(cm: dict) -> None:
 def plot_cost_model(cm: dict, path: Path) -> bool:
     """Predicted step time (GEMM, exposed communication) and communication share vs EP, as a
     PNG; False (with a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped (pip install matplotlib)",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     rows, a, m = cm["rows"], cm["assumptions"], cm["assumptions"]["model"]
     eps = [r["ep"] for r in rows]

@@ -1,0 +1,20 @@
+"""Optional plotting: matplotlib (Agg backend) when installed, else a message and None."""
+
+from __future__ import annotations
+
+import sys
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None (with a message on
+    stderr) when matplotlib is not installed (``make bench-deps`` installs it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install matplotlib)",
+              file=sys.stderr)
+        return None
+    return plt
