@@ -59,14 +59,14 @@ import tempfile
 import time
 import traceback
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.machine import machine_info
+from benchmarks.record import save_result
 
 TARGET_RATIO = 1.3
 DISPATCH_MODES = ("dropless", "capacity")
@@ -607,15 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
                + (f", DeepSpeed {ds['version']}" if ds["available"] else ""))
         _print_layer(res, cfg)
 
-    out = {"date": str(date.today()),
-           "command": " ".join(["python -m benchmarks.dispatch_bench",
-                                *(sys.argv[1:] if argv is None else argv)]),
-           "machine": machine_info(), "results": results}
-    path = args.out or Path(__file__).parent / "results" / f"dispatch_{date.today()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
-    return out
+    return save_result("dispatch", argv, {"results": results}, args.out, "dispatch")[0]
 
 
 if __name__ == "__main__":

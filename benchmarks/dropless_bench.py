@@ -28,14 +28,13 @@ import resource
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.machine import machine_info
 from benchmarks.plotting import pyplot
+from benchmarks.record import save_result
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 MODES = {
@@ -234,14 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['seconds'] / grouped[r['routing']]:10.3f} {r['peak_mem_mb']:8.1f} "
               f"{r['rows_computed']:7d} {r['padding_fraction']:8.2%} {r['drop_rate']:8.2%}")
     print("* block-size sweep")
-    out = {"date": str(date.today()), "command": " ".join(["python -m benchmarks.dropless_bench",
-                                                           *(argv or sys.argv[1:])]),
-           "machine": machine_info(), "results": results}
-    path = args.out or (Path(__file__).parent / "results"
-                        / f"dropless_{args.device}_{date.today()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    out, path = save_result("dropless", argv, {"results": results}, args.out,
+                            f"dropless_{args.device}")
     if any(r.get("sweep") for r in results) and plot_sweep(results, path.with_suffix(".png")):
         print(f"wrote {path.with_suffix('.png')}")
     return out

@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import multiprocessing
 import resource
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.machine import machine_info
+from benchmarks.record import save_result
 
 PRESETS = {
     "a": dict(experts=8, top_k=2, hidden=1024, ffn=2048, tokens=4096),
@@ -195,15 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
         print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
               f"{r['tokens_per_s']:11,.0f}{speed:>22}{mem:>10}")
-    out = {"date": str(date.today()),
-           "command": " ".join(["python -m benchmarks layer", *(argv or sys.argv[1:])]),
-           "machine": machine_info(), "case": case, "results": rows}
-    path = args.out or (Path(__file__).parent / "results"
-                        / f"layer_{args.config}_{args.device}_{date.today()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
-    return out
+    return save_result("layer", argv, {"case": case, "results": rows}, args.out,
+                       f"layer_{args.config}_{args.device}")[0]
 
 
 if __name__ == "__main__":

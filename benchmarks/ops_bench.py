@@ -17,17 +17,15 @@ baseline ÷ op (1.0 = as fast as the copy / dense GEMM). All timings side by sid
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.record import save_result
 from moe_parallel import ops
 
 
@@ -136,16 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['op']:<18}{r['op_ms']:9.2f}{r['twin_ms']:9.2f}{r['speedup_vs_twin']:8.2f}x"
               f"{r['baseline']:>10}{r['baseline_ms']:9.2f}{r['baseline_ratio']:9.2f}")
-    out = {"date": str(date.today()),
-           "command": " ".join(["python -m benchmarks ops", *(argv or sys.argv[1:])]),
-           "machine": machine_info(), "config": {k: str(v) for k, v in vars(args).items()},
-           "results": rows}
-    path = args.out or (Path(__file__).parent / "results"
-                        / f"ops_{args.device}_{date.today()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
-    return out
+    return save_result("ops", argv, {"config": {k: str(v) for k, v in vars(args).items()},
+                                     "results": rows}, args.out, f"ops_{args.device}")[0]
 
 
 if __name__ == "__main__":

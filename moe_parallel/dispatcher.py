@@ -61,7 +61,7 @@ class LocalDispatcher:
     ) -> tuple[Tensor, Tensor, LocalHandle]:
         overflow = False
         if self.row_budget is not None:
-            routing, overflow = self.row_budget.enforce(
+            routing, overflow, _ = self.row_budget.enforce(
                 routing, self.num_experts, 1, lambda c: c.view(1, -1).to("cpu")
             )
         expert_in, row_map, counts = ops.permute(
@@ -123,9 +123,11 @@ def _gather_counts(counts: Tensor, group) -> Tensor:
     return comm.all_gather(counts.view(1, -1), group, [1] * w).to("cpu")
 
 
-def _enforce_budget(dispatcher, routing: Routing) -> tuple[Routing, bool]:
+def _enforce_budget(dispatcher, routing: Routing) -> tuple[Routing, bool, Optional[Tensor]]:
+    """The routing after the row budget, whether it overflowed, and every ``tp_ep`` rank's kept
+    counts ``[w, E]`` of it (None without a budget: nothing was gathered)."""
     if dispatcher.row_budget is None:
-        return routing, False
+        return routing, False, None
     return dispatcher.row_budget.enforce(
         routing, dispatcher.num_experts, dispatcher.ep,
         lambda c: _gather_counts(c, dispatcher.tp_ep_group),
@@ -168,21 +170,22 @@ class AllToAllDispatcher:
         self.order = _expert_major_order(self.etp, self.ep, self.num_local_experts)
         self.inverse_order = None if self.order is None else torch.argsort(self.order)
 
-    def _exchange_counts(self, send_counts: Tensor) -> Tensor:
+    def _chunk_sizes(self, gathered: Tensor) -> Tensor:
         """``[etp, ep, E_local]`` CPU int64: rows this ETP group's rank ``t`` receives from EP
-        rank ``s`` for local expert ``l``, from the ``tp_ep`` all-gather of ``send_counts``."""
+        rank ``s`` for local expert ``l``, from every ``tp_ep`` rank's send counts ``[w, E]``."""
         ep, etp, E_local = self.ep, self.etp, self.num_local_experts
-        counts = _gather_counts(send_counts, self.tp_ep_group).view(ep, etp, ep, E_local)
-        return counts[:, :, self.ep_rank].transpose(0, 1)
+        return gathered.view(ep, etp, ep, E_local)[:, :, self.ep_rank].transpose(0, 1)
 
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllToAllHandle]:
         E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
-        routing, overflow = _enforce_budget(self, routing)
+        routing, overflow, gathered = _enforce_budget(self, routing)
         permuted, row_map, counts = ops.permute(x, routing.expert_idx, E, routing.keep, pad_to)
         send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
-        chunk_sizes = self._exchange_counts(send_counts)
+        if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
+            gathered = _gather_counts(send_counts, self.tp_ep_group)
+        chunk_sizes = self._chunk_sizes(gathered)
         send_splits = send_counts.view(ep, E_local).sum(1).tolist()
         etp_splits = chunk_sizes.sum((1, 2)).tolist()
         recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
@@ -306,7 +309,7 @@ class AllGatherDispatcher:
     ) -> tuple[Tensor, Tensor, AllGatherHandle]:
         E, E_local, group = self.num_experts, self.num_local_experts, self.group
         w = comm.group_size(group)
-        routing, overflow = _enforce_budget(self, routing)
+        routing, overflow, _ = _enforce_budget(self, routing)
         idx = routing.expert_idx
         keep = torch.ones_like(idx, dtype=torch.bool) if routing.keep is None else routing.keep
         tokens_per_expert = torch.bincount(idx[keep], minlength=E)

@@ -102,14 +102,18 @@ class RowBudget:
     def enforce(
         self, routing: Routing, num_experts: int, ep: int,
         gather_counts: Callable[[Tensor], Tensor],
-    ) -> tuple[Routing, bool]:
-        """``(routing, overflowed)``: ``routing`` unchanged when the group fits, else with the
-        fallback capacity applied to its ``keep`` (``overflow="capacity"``).
+    ) -> tuple[Routing, bool, Tensor]:
+        """``(routing, overflowed, counts)``: ``routing`` unchanged when the group fits, else
+        with the fallback capacity applied to its ``keep`` (``overflow="capacity"``);
+        ``counts [w, E]`` are every rank's kept counts of the returned routing.
         ``gather_counts(counts [E]) -> [w, E]`` all-gathers every rank's counts (a collective:
-        every rank of the group must call ``enforce`` for the same layer)."""
-        cap = self.check(gather_counts(kept_counts(routing, num_experts)), ep)
+        every rank of the group must call ``enforce`` for the same layer; a second time after
+        a fallback, on every rank alike)."""
+        counts = gather_counts(kept_counts(routing, num_experts))
+        cap = self.check(counts, ep)
         if cap is None:
-            return routing, False
+            return routing, False, counts
         keep = apply_capacity(routing.expert_idx, routing.probs, num_experts, cap,
                               self.drop_policy, routing.keep)
-        return replace(routing, keep=keep), True
+        routing = replace(routing, keep=keep)
+        return routing, True, gather_counts(kept_counts(routing, num_experts))
