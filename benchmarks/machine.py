@@ -11,6 +11,8 @@ import platform
 
 import torch
 
+from moe_parallel.cpu_memory import reusing_freed_memory
+
 
 def _cpu_model() -> str:
     try:
@@ -60,6 +62,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpus": gpus,
+        "heap_reuse": reusing_freed_memory(),
     }
     if note:
         info["gpu_note"] = note

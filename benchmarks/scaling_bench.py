@@ -309,7 +309,7 @@ def measure(procs: list[int], tokens_per_proc: int, strong_tokens: int, hidden: 
                 r["efficiency"] = base["procs"] * base["step_s"] / (r["procs"] * r["step_s"])
             r["core_bound"] = core_bound(r["procs"], cores, base["procs"])
     return {"config": {"hidden": hidden, "ffn": ffn, "experts": experts, "top_k": top_k,
-                       "dtype": "float32", "expert_impl": "block_sparse",
+                       "dtype": "float32", "expert_impl": "grouped",
                        "tokens_per_proc": tokens_per_proc, "strong_tokens": strong_tokens,
                        "warmup": warmup, "steps": steps, "threads_per_proc": 1,
                        "backend": "gloo"},

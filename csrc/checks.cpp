@@ -205,4 +205,23 @@ void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_o
   check_sizes_sum(group_sizes, a.size(0), "group_sizes", "a.size(0)");
 }
 
+void check_swiglu_args(const at::Tensor& h) {
+  check_dim(h, 2, "h", "[N, 2F]");
+  check_float(h, "h");
+  TORCH_CHECK_VALUE(h.size(1) % 2 == 0, "h must have an even number of columns [N, 2F] "
+                    "(gate | up), got shape ", h.sizes());
+}
+
+void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h) {
+  check_swiglu_args(h);
+  check_dim(grad_out, 2, "grad_out", "[N, F]");
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == h.scalar_type(),
+                    "grad_out must have the dtype of h (", h.scalar_type(), "), got ",
+                    grad_out.scalar_type());
+  check_same_device(grad_out, "grad_out", h, "h");
+  TORCH_CHECK_VALUE(grad_out.size(0) == h.size(0) && 2 * grad_out.size(1) == h.size(1),
+                    "grad_out must have shape [N, F] = [", h.size(0), ", ", h.size(1) / 2,
+                    "] for h ", h.sizes(), ", got ", grad_out.sizes());
+}
+
 }  // namespace moe_parallel

@@ -4,10 +4,61 @@
 //   grouped_gemm_wgrad: grad_b[g] = a_g^T @ grad_out_g        ([G,K,N])
 //                       grad_b[g] = grad_out_g^T @ a_g        ([G,N,K], trans_b)
 //                       zero for empty groups.
-// One at::mm_out per group into a view of the output: BLAS on CPU, cuBLAS on CUDA.
+// One at::mm_out per group into a view of the output: BLAS on CPU, cuBLAS on CUDA. On CPU many
+// small groups run side by side on the OpenMP threads (for_each_group).
+#include <algorithm>
+#include <exception>
+#include <numeric>
+#include <vector>
+
+#include "cpu/parallel.h"
 #include "ops.h"
 
+#include <ATen/ThreadLocalState.h>
+
 namespace moe_parallel {
+
+namespace {
+
+// Groups' GEMMs side by side on the OpenMP threads (each BLAS call then runs on one thread)
+// rather than one after another with a multi-threaded BLAS call each: on CPU, when there are
+// at least 2 groups per thread and the mean group GEMM is under kSideBySideFlops. Small GEMMs
+// split over threads waste time in the split; many of them keep the threads busy whole.
+// Measured on 2 cores, fp32 forward+backward of the expert FFN: 64 groups of 384 rows
+// (H=1024, 2F=512): 10% faster side by side; 8 groups of 1024 rows (H=1024, 2F=4096): 3% slower.
+constexpr double kSideBySideFlops = 1e9;
+
+// Calls one(g) for every group: side by side largest first (dynamic schedule), or in order.
+template <typename Fn>
+void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k_times_n,
+                    const Fn& one) {
+  const int64_t threads = max_threads();
+  const double mean_flops =
+      2.0 * static_cast<double>(a.size(0)) * k_times_n / std::max<int64_t>(G, 1);
+  if (!a.is_cpu() || threads < 2 || G < 2 * threads || mean_flops >= kSideBySideFlops) {
+    for (int64_t g = 0; g < G; ++g) one(g);
+    return;
+  }
+  std::vector<int64_t> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return gs[x] > gs[y]; });
+  const at::ThreadLocalState tls;  // grad mode and dispatch keys of the caller, for each thread
+  std::exception_ptr err;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t i = 0; i < G; ++i) {
+    at::ThreadLocalStateGuard guard(tls);
+    try {
+      one(order[i]);
+    } catch (...) {
+#pragma omp critical
+      err = std::current_exception();
+    }
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+}  // namespace
 
 at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b) {
@@ -16,15 +67,15 @@ at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor out = at::empty({a.size(0), N}, a.options());
-  int64_t row = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    if (gs[g] > 0) {
-      const at::Tensor bg = trans_b ? b.select(0, g).t() : b.select(0, g);
-      at::Tensor dst = out.narrow(0, row, gs[g]);
-      at::mm_out(dst, a.narrow(0, row, gs[g]), bg);
-    }
-    row += gs[g];
-  }
+  std::vector<int64_t> start(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) start[g + 1] = start[g] + gs[g];
+  auto one = [&](int64_t g) {
+    if (gs[g] == 0) return;
+    const at::Tensor bg = trans_b ? b.select(0, g).t() : b.select(0, g);
+    at::Tensor dst = out.narrow(0, start[g], gs[g]);
+    at::mm_out(dst, a.narrow(0, start[g], gs[g]), bg);
+  };
+  for_each_group(a, gs, G, a.size(1) * N, one);
   return out;
 }
 
@@ -35,22 +86,23 @@ at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_o
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor grad_b = trans_b ? at::empty({G, N, K}, a.options()) : at::empty({G, K, N}, a.options());
-  int64_t row = 0;
-  for (int64_t g = 0; g < G; ++g) {
+  std::vector<int64_t> start(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) start[g + 1] = start[g] + gs[g];
+  auto one = [&](int64_t g) {
     at::Tensor dst = grad_b.select(0, g);
     if (gs[g] == 0) {
       dst.zero_();
-      continue;
+      return;
     }
-    const at::Tensor a_g = a.narrow(0, row, gs[g]);
-    const at::Tensor go_g = grad_out.narrow(0, row, gs[g]);
+    const at::Tensor a_g = a.narrow(0, start[g], gs[g]);
+    const at::Tensor go_g = grad_out.narrow(0, start[g], gs[g]);
     if (trans_b) {
       at::mm_out(dst, go_g.t(), a_g);
     } else {
       at::mm_out(dst, a_g.t(), go_g);
     }
-    row += gs[g];
-  }
+  };
+  for_each_group(a, gs, G, K * N, one);
   return grad_b;
 }
 

@@ -21,6 +21,9 @@ at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
     const std::optional<at::Tensor>& probs, int64_t num_rows);
+// SwiGLU of h [N, 2F] = [gate | up]: out [N, F] = silu(gate) * up, and its backward.
+at::Tensor swiglu_cpu(const at::Tensor& h);
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
 
 // ---- device-generic: CPU path with OpenMP, other devices through ATen copies/GEMMs ----
 at::Tensor sort_chunks_impl(const at::Tensor& x, const at::Tensor& split_sizes,
@@ -50,6 +53,9 @@ void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b);
 void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_out,
                                    const at::Tensor& group_sizes);
+// swiglu: h 2-D float with an even width; backward: grad_out [N, F] of h's dtype/device.
+void check_swiglu_args(const at::Tensor& h);
+void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h);
 
 // ---- block-sparse (dropless) expert products, device-generic (csrc/block_sparse.cpp) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -73,6 +79,8 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
     const std::optional<at::Tensor>& probs, int64_t num_rows);
+at::Tensor swiglu_cuda(const at::Tensor& h);
+at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h);
 #endif
 
 }  // namespace moe_parallel

@@ -31,6 +31,8 @@ TORCH_LIBRARY(moe_parallel, m) {
   m.def(
       "bsr_wgrad(Tensor x, Tensor blocks, Tensor block_row, Tensor col_ptr,"
       " Tensor transpose_idx, int num_experts, bool trans=False) -> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
@@ -44,4 +46,6 @@ TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
   m.impl("bsr_sdd", &moe_parallel::bsr_sdd_impl);
   m.impl("bsr_dsd", &moe_parallel::bsr_dsd_impl);
   m.impl("bsr_wgrad", &moe_parallel::bsr_wgrad_impl);
+  m.impl("swiglu", &moe_parallel::swiglu_cpu);
+  m.impl("swiglu_backward", &moe_parallel::swiglu_backward_cpu);
 }

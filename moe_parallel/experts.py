@@ -29,8 +29,7 @@ from .config import MoEConfig
 def activate(h: Tensor, activation: str) -> Tensor:
     """Apply the expert activation to the first GEMM's output ``h`` ([rows, F] or [rows, 2F])."""
     if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.swiglu(h)
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":

@@ -189,6 +189,26 @@ def _check_group_sizes_values(group_sizes: torch.Tensor, total: int, name: str, 
 
 
 
+def _check_swiglu_static(h: torch.Tensor) -> None:
+    _check_float(h, "h", 2)
+    if h.shape[1] % 2:
+        raise ValueError(
+            f"h must have an even number of columns [N, 2F] (gate | up), got {tuple(h.shape)}"
+        )
+
+
+def _check_swiglu_backward_static(grad_out: torch.Tensor, h: torch.Tensor) -> None:
+    _check_swiglu_static(h)
+    _check_float(grad_out, "grad_out", 2)
+    if grad_out.dtype != h.dtype:
+        raise ValueError(f"grad_out must have the dtype of h ({h.dtype}), got {grad_out.dtype}")
+    _check_same_device(grad_out, "grad_out", h, "h")
+    want = (h.shape[0], h.shape[1] // 2)
+    if tuple(grad_out.shape) != want:
+        raise ValueError(f"grad_out must have shape [N, F] = {list(want)} for h "
+                         f"{tuple(h.shape)}, got {tuple(grad_out.shape)}")
+
+
 # ---- block-sparse (dropless) products ----
 
 

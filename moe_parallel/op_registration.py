@@ -16,6 +16,8 @@ from .op_checks import (
     _check_grouped_gemm_wgrad_static,
     _check_permute_static,
     _check_sort_chunks_static,
+    _check_swiglu_backward_static,
+    _check_swiglu_static,
     _check_unpermute_backward_static,
     _check_unpermute_static,
 )
@@ -61,6 +63,16 @@ def _grouped_gemm_wgrad_fake(a, grad_out, group_sizes, trans_b=False):
     _check_grouped_gemm_wgrad_static(a, grad_out, group_sizes)
     g, k, n = group_sizes.shape[0], a.shape[1], grad_out.shape[1]
     return a.new_empty((g, n, k) if trans_b else (g, k, n))
+
+
+def _swiglu_fake(h):
+    _check_swiglu_static(h)
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+def _swiglu_backward_fake(grad_out, h):
+    _check_swiglu_backward_static(grad_out, h)
+    return torch.empty_like(h)
 
 
 def _block_topology_fake(tokens_per_expert, block_size, n_col_blocks):
@@ -173,6 +185,15 @@ def _grouped_gemm_backward(ctx, grad_out):
     return grads
 
 
+def _swiglu_setup(ctx, args, output):
+    ctx.save_for_backward(args["h"])
+
+
+def _swiglu_backward(ctx, grad_out):
+    (h,) = ctx.saved_tensors
+    return {"h": torch.ops.moe_parallel.swiglu_backward(grad_out.contiguous(), h)}
+
+
 def _csc_of(block_col: torch.Tensor, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(col_ptr, transpose_idx)`` of a block list: blocks in column order, list order within
     a column (stable sort), so the weight-gradient sums run in a fixed order. Static shapes."""
@@ -243,6 +264,8 @@ def register() -> None:
         "bsr_sdd": _bsr_sdd_fake,
         "bsr_dsd": _bsr_dsd_fake,
         "bsr_wgrad": _bsr_wgrad_fake,
+        "swiglu": _swiglu_fake,
+        "swiglu_backward": _swiglu_backward_fake,
     }
     for name, fn in fakes.items():
         torch.library.register_fake(f"moe_parallel::{name}", fn)
@@ -253,6 +276,7 @@ def register() -> None:
         "grouped_gemm": (_grouped_gemm_setup, _grouped_gemm_backward),
         "bsr_sdd": (_bsr_sdd_setup, _bsr_sdd_backward),
         "bsr_dsd": (_bsr_dsd_setup, _bsr_dsd_backward),
+        "swiglu": (_swiglu_setup, _swiglu_backward),
     }
     for name, (setup, backward) in rules.items():
         backward_fn, setup_context = _autograd_rule(name, setup, backward)

@@ -21,6 +21,8 @@ from .op_checks import (
     _check_permute_static,
     _check_range_values,
     _check_sort_chunks_static,
+    _check_swiglu_backward_static,
+    _check_swiglu_static,
     _check_unpermute_backward_static,
     _check_unpermute_static,
 )
@@ -214,6 +216,25 @@ def grouped_gemm_wgrad_torch(
 
 
 # ---- block-sparse (dropless) products; contracts in ops.py / csrc/block_sparse.cpp ----
+
+
+def swiglu_torch(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` ``[N, 2F]``, computed in float32 (float64
+    for float64) and returned in h's dtype."""
+    _check_swiglu_static(h)
+    gate, up = h.to(_acc_dtype(h.dtype)).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h.dtype)
+
+
+def swiglu_backward_torch(grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``[grad_gate | grad_up]`` of ``swiglu``, with ``s = sigmoid(gate)``:
+    ``grad_gate = grad_out·up·s·(1 + gate·(1 - s))``, ``grad_up = grad_out·gate·s``."""
+    _check_swiglu_backward_static(grad_out, h)
+    acc = _acc_dtype(h.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    d = grad_out.to(acc)
+    s = torch.sigmoid(gate)
+    return torch.cat([d * up * s * (1 + gate * (1 - s)), d * gate * s], dim=-1).to(h.dtype)
 
 
 def block_topology_torch(

@@ -12,6 +12,7 @@ Index tensors are int64; float tensors are float32, float64, bfloat16 or float16
 * ``sort_chunks(x, split_sizes, order) -> cat([chunk[order[0]], chunk[order[1]], ...])``.
 * ``grouped_gemm(a, b, group_sizes, trans_b=False) -> out``: rows of group ``g`` are
   ``a_g @ b[g]`` (``a_g @ b[g]^T`` when ``trans_b``).
+* ``swiglu(h) -> out``: ``silu(h[:, :F]) * h[:, F:]`` for ``h [N, 2F]``, fused in one pass.
 * ``block_topology`` / ``bsr_sdd`` / ``bsr_dsd``: block-sparse (dropless) expert products, see
   the functions below and csrc/block_sparse.cpp.
 
@@ -25,6 +26,7 @@ registers the fake (meta) kernels and the autograd formulas of the ops:
 * sort_chunks:  ``grad_x = sort_chunks(grad, split_sizes[order], argsort(order))``
 * grouped_gemm: ``grad_a = grouped_gemm(grad_out, b, gs, not trans_b)``,
   ``grad_b = grouped_gemm_wgrad(a, grad_out, gs, trans_b)``
+* swiglu:       ``grad_h = swiglu_backward(grad_out, h)``
 * bsr_sdd:      ``grad_x = bsr_dsd(grad_blocks, w^T, row_ptr, block_col)``,
   ``grad_w = bsr_wgrad(x, grad_blocks, ..., trans=False)``
 * bsr_dsd:      ``grad_blocks = bsr_sdd(grad_y, w^T, block_row, block_col)``,
@@ -52,6 +54,8 @@ from .op_twins import (  # noqa: F401  (re-exported)
     grouped_gemm_wgrad_torch,
     permute_torch,
     sort_chunks_torch,
+    swiglu_backward_torch,
+    swiglu_torch,
     unpermute_backward_torch,
     unpermute_torch,
 )
@@ -63,12 +67,15 @@ __all__ = [
     "unpermute",
     "sort_chunks",
     "grouped_gemm",
+    "swiglu",
     "permute_torch",
     "unpermute_torch",
     "unpermute_backward_torch",
     "sort_chunks_torch",
     "grouped_gemm_torch",
     "grouped_gemm_wgrad_torch",
+    "swiglu_torch",
+    "swiglu_backward_torch",
     "block_topology",
     "bsr_sdd",
     "bsr_dsd",
@@ -89,6 +96,8 @@ OP_NAMES = (
     "bsr_sdd",
     "bsr_dsd",
     "bsr_wgrad",
+    "swiglu",
+    "swiglu_backward",
 )
 _REQUIRE_ENV = "MOE_PARALLEL_REQUIRE_EXTENSION"
 
@@ -216,6 +225,18 @@ def grouped_gemm(
         )
     return grouped_gemm_torch(a, b, group_sizes, trans_b)
 
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of the first expert GEMM's output: ``out = silu(gate) * up`` for
+    ``h = [gate | up]`` ``[N, 2F]``, ``silu(g) = g·sigmoid(g)``; ``out [N, F]`` in h's dtype,
+    computed in float32 (float64 for float64) in one pass over ``h``.
+    Gradient, with ``s = sigmoid(gate)``: ``grad_gate = grad·up·s·(1 + gate·(1 - s))``,
+    ``grad_up = grad·gate·s`` (one pass, ``swiglu_backward``).
+    """
+    if has_extension():
+        return torch.ops.moe_parallel.swiglu(h.contiguous())
+    return swiglu_torch(h)
 
 
 def block_topology(

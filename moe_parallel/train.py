@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import comm
 from .config import MoEConfig
+from .cpu_memory import reuse_freed_memory
 from .grads import clip_grad_norm, sync_gradients
 from .init import init_distributed
 from .layer import MoELayer
@@ -192,7 +193,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=0.0,
                    help="expert capacity factor; 0 (default) for dropless")
-    p.add_argument("--expert-impl", choices=("block_sparse", "grouped"), default="block_sparse")
+    p.add_argument("--expert-impl", choices=("grouped", "block_sparse"), default="grouped")
     p.add_argument("--block-size", type=int, default=None,
                    help="block-sparse block size (default: 128 on CUDA, 32 on CPU)")
     p.add_argument("--max-rows-factor", type=float, default=None,
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "auto":
         args.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # see cpu_memory: no page faults on each step's large tensors
     model = build_model(args, ps).to(device)
     source = MarkovSource(args.vocab, args.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

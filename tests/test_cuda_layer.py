@@ -22,8 +22,8 @@ MODES = {
                            num_groups=4, group_topk=2, expert_bias=True),
     "expert_choice": dict(router_type="expert_choice"),
     "gelu_top1": dict(top_k=1, norm_topk_prob=False, activation="gelu", capacity_factor=1.25),
-    "dropless_grouped": dict(expert_impl="grouped"),
-    "dropless_block128": dict(ffn_hidden_size=256, block_size=128),
+    "dropless_block_sparse": dict(expert_impl="block_sparse"),
+    "dropless_block128": dict(ffn_hidden_size=256, expert_impl="block_sparse", block_size=128),
 }
 
 

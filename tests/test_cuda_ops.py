@@ -1,11 +1,11 @@
 """CUDA kernels of moe_parallel against the CPU kernels and float64 plain-PyTorch references.
 
 Every op registered for CUDA (permute, unpermute, unpermute_backward, sort_chunks, grouped_gemm,
-grouped_gemm_wgrad) runs on random non-zero data with ragged expert counts, empty experts, drops,
-padding, k in {1, 2, 6, 8}, T = 1 up to T = 4096 x H = 1024, in float32/float64/bfloat16/float16,
-forward and backward (the backward ops directly and through autograd). Freed allocator blocks
-are filled with 0x7F bytes first, so output rows a kernel forgets to write show up. Bad input
-must raise before any moe_parallel kernel runs.
+grouped_gemm_wgrad, the block-sparse products, swiglu) runs on random non-zero data with ragged
+expert counts, empty experts, drops, padding, k in {1, 2, 6, 8}, T = 1 up to T = 4096 x
+H = 1024, in float32/float64/bfloat16/float16, forward and backward (the backward ops directly
+and through autograd). Freed allocator blocks are filled with 0x7F bytes first, so output rows
+a kernel forgets to write show up. Bad input must raise before any moe_parallel kernel runs.
 """
 
 from __future__ import annotations
@@ -542,6 +542,31 @@ def test_block_sparse(dtype, counts):
             assert g.numel() == 0 or bool((g == 0).all())
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("n,f", [(1, 1), (37, 13), (300, 64), (4096, 1408), (0, 8)])
+def test_swiglu(dtype, n, f):
+    """swiglu forward and backward (through autograd) on CUDA against float64 and the CPU op;
+    f = 13 takes the one-element path, 64 and 1408 the 16-byte one. Outputs land in poisoned
+    allocator blocks, so an unwritten element shows."""
+    h = randn(n, 2 * f, dtype=dtype, seed=n + f) * 3
+    grad = randn(n, f, dtype=dtype, seed=7)
+    poison_allocator()
+    hd = h.to(DEV).requires_grad_(True)
+    out = ops.swiglu(hd)
+    out.backward(grad.to(DEV))
+    h64 = h.double().requires_grad_(True)
+    gate, up = h64.chunk(2, dim=-1)
+    ref = gate * torch.sigmoid(gate) * up
+    ref.backward(grad.double())
+    assert out.dtype == dtype and out.shape == (n, f) and hd.grad.shape == (n, 2 * f)
+    if n == 0:
+        return
+    assert_ref(out, ref, TOL[dtype])
+    assert_ref(hd.grad, h64.grad, TOL[dtype])
+    assert_cpu_close(out, M().swiglu(h), dtype)
+    assert_cpu_close(hd.grad, M().swiglu_backward(grad, h), dtype)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -578,7 +603,12 @@ def _bad_cases():
     b = randn(1, H, 4)
     sizes = torch.tensor([T * k])
     cpu_keep = torch.ones(T, k, dtype=torch.bool)
+    h = randn(T, 2 * H).to(DEV)
     return {
+        "swiglu_odd_width": (ValueError, "h", lambda: P.swiglu(h[:, :-1].contiguous())),
+        "swiglu_int": (ValueError, "h", lambda: P.swiglu(h.long())),
+        "swiglu_grad_on_cpu": (RuntimeError, "grad_out", lambda: P.swiglu_backward(g.cpu(), h)),
+        "swiglu_grad_shape": (ValueError, "grad_out", lambda: P.swiglu_backward(h, h)),
         "expert_idx_on_cpu": (RuntimeError, "expert_idx", lambda: P.permute(x, idx, E)),
         "keep_on_cpu": (RuntimeError, "keep", lambda: P.permute(x, idx_d, E, cpu_keep)),
         "x_int": (ValueError, "x", lambda: P.permute(x.int(), idx_d, E)),

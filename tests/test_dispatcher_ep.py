@@ -22,10 +22,10 @@ The all-gather cases also check the dispatcher against the all-to-all one: ident
 and, per local expert, the same rows (as a multiset); the layer output with the all-to-all
 dispatcher swapped in; and the handle's own-token ``row_map`` (every kept assignment's row in its
 owning rank's ``expert_in`` holds that token).
-The experts run the dropless block-sparse products (the default ``expert_impl``) in every case
-except the ``-grouped`` ones; block-sparse cases also check the padding bound (at most
-``E_local·(B-1)`` padding rows per rank) and, when dropless, the output against the same layer
-with grouped GEMMs. The row ceiling (``max_rows_per_rank``) is checked on 4 ranks: the ETP×EP
+The experts run grouped GEMMs (the default ``expert_impl``) except in the ``-block_sparse``
+cases, which run the dropless block-sparse products and also check the padding bound (at most
+``E_local·(B-1)`` padding rows per rank) and the output against the same layer with grouped
+GEMMs. The row ceiling (``max_rows_per_rank``) is checked on 4 ranks: the ETP×EP
 groups over it raise on every rank (or, opted in, fall back to capacity and equal the
 reference with that capacity), the others run dropless.
 All cases of one layout run in one pool call; each case is reported as its own test.
@@ -88,8 +88,13 @@ for _m in ("dropless", "cap_probs", "pad_probs"):
         cfg={**ROUTINGS["top1"], **MODES[_m], "activation": "gelu"}, one_expert=True
     )
 CASES["expert_choice"] = dict(cfg=dict(router_type="expert_choice", top_k=2))
-for _r in ("top2", "top6_fine_shared"):
-    CASES[f"{_r}-dropless-grouped"] = dict(cfg={**ROUTINGS[_r], "expert_impl": "grouped"})
+for _r in ("top1", "top2", "top6_fine_shared"):
+    CASES[f"{_r}-dropless-block_sparse"] = dict(
+        cfg={**ROUTINGS[_r], "expert_impl": "block_sparse"})
+CASES["one_expert-dropless-block_sparse"] = dict(
+    cfg={**ROUTINGS["top1"], "activation": "gelu", "expert_impl": "block_sparse"},
+    one_expert=True,
+)
 CASES["relu_shared_gated"] = dict(
     cfg=dict(top_k=2, activation="relu", num_shared_experts=2, shared_expert_gate=True)
 )
@@ -103,7 +108,7 @@ EIGHT_RANK_CASES = ["top1-cap_probs", "top2-dropless", "top6_fine_shared-pad_pos
                     "one_expert-cap_probs"]
 # the 8-rank layouts that 4 ranks also hold in a smaller form: every routing, dropless/capacity
 EIGHT_RANK_ROUTING_CASES = [
-    "top1-dropless", "top1-cap_probs", "top2-dropless", "top2-dropless-grouped",
+    "top1-dropless", "top1-cap_probs", "top2-dropless", "top2-dropless-block_sparse",
     "top2-cap_position", "top6_fine_shared-dropless", "top6_fine_shared-cap_probs",
     "top6_fine_shared-pad_position",
 ]

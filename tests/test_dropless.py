@@ -10,7 +10,7 @@ from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
 from moe_parallel.block_sparse import padded_rows, resolve_block_size
 
 BASE = dict(hidden_size=16, ffn_hidden_size=16, num_experts=8, top_k=2,
-            params_dtype=torch.float64, init_std=0.3)
+            params_dtype=torch.float64, init_std=0.3, expert_impl="block_sparse")
 
 CASES = {
     "top1_gelu": dict(top_k=1, norm_topk_prob=False, activation="gelu"),

@@ -508,6 +508,7 @@ def test_public_functions_call_compiled_ops():
         w1, w2 = randn(3, 3, 4, seed=3, requires_grad=True), randn(3, 4, 3, seed=4)
         blocks = ops.bsr_sdd(xb, w1, br, bc, 2)
         ops.bsr_dsd(blocks, w2.requires_grad_(), rp, bc, 6).sum().backward()  # uses bsr_wgrad
+        ops.swiglu(randn(3, 4, seed=5, requires_grad=True)).sum().backward()
 
     seen = set(_dispatched_ops(run))
     for name in ops.OP_NAMES:

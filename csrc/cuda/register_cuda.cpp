@@ -1,5 +1,5 @@
 // CUDA implementations of the moe_parallel ops (schemas live in csrc/registry.cpp).
-// permute/unpermute/unpermute_backward use the kernels in csrc/cuda; sort_chunks, the grouped
+// permute/unpermute/unpermute_backward and swiglu(_backward) use the kernels in csrc/cuda; sort_chunks, the grouped
 // GEMMs and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one cuBLAS GEMM per expert
 // panel, with the block topology kept on the host) use the device-generic implementations.
 #ifdef MOE_PARALLEL_WITH_CUDA
@@ -18,6 +18,8 @@ TORCH_LIBRARY_IMPL(moe_parallel, CUDA, m) {
   m.impl("bsr_sdd", &moe_parallel::bsr_sdd_impl);
   m.impl("bsr_dsd", &moe_parallel::bsr_dsd_impl);
   m.impl("bsr_wgrad", &moe_parallel::bsr_wgrad_impl);
+  m.impl("swiglu", &moe_parallel::swiglu_cuda);
+  m.impl("swiglu_backward", &moe_parallel::swiglu_backward_cuda);
 }
 
 #endif  // MOE_PARALLEL_WITH_CUDA
