@@ -1,7 +1,8 @@
 // unpermute_backward (CPU): gradients of out[t] = sum_j w[t,j] * y[row_map[t,j]].
 //   grad_y[row_map[t,j]] = w[t,j] * grad_out[t]; rows no (t,j) points at are zero.
 //   grad_probs[t,j] = <grad_out[t], y[row_map[t,j]]> (0 where row_map == -1), accumulated in
-//   float32 (float64 for float64 y) and returned in probs' dtype; an empty [0] tensor of y's
+//   float32 (float64 for float64 y) in SIMD lanes (a fixed order for a given build) and
+//   returned in probs' dtype; an empty [0] tensor of y's
 //   dtype when probs is None.
 // Relies on the contract that each row is the target of at most one (t, j): threads own
 // tokens, so their writes to grad_y rows never overlap.
@@ -43,6 +44,7 @@ void unpermute_backward_kernel(const scalar_t* grad_out, const scalar_t* y,
       if (grad_w) {
         const scalar_t* yr = y + r * H;
         acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t h = 0; h < H; ++h) dot += static_cast<acc_t>(g[h]) * static_cast<acc_t>(yr[h]);
         grad_w[i] = dot;
       }
