@@ -5,6 +5,10 @@ Over a group of ``w`` ranks (``r`` = this rank's index in it), for tensors split
 * ``all_to_all(x, out_splits, in_splits, group)``: block ``i`` of ``x`` (``in_splits[i]`` rows)
   goes to rank ``i``; the result is the blocks received from ranks ``0..w-1`` concatenated
   (``out_splits[i]`` rows from rank ``i``). Backward: the all-to-all with swapped splits.
+* ``all_to_all_chunked(x, out_splits, in_splits, group)``: one all-to-all per chunk ``c``:
+  input chunk ``c`` (``Σ in_splits[c]`` rows, chunks consecutive in ``x``) is sent with splits
+  ``in_splits[c]`` and its received rows land, in rank order, as output chunk ``c`` (chunks
+  consecutive in the result). Backward: the same with the splits swapped.
 * ``all_gather(x, group, sizes)``: ``cat([x_0, ..., x_{w-1}])`` on every rank, ``x_i`` having
   ``sizes[i]`` rows. Backward: ``reduce_scatter(grad, sizes)`` (every rank's use of ``x_r``
   contributes to its gradient).
@@ -28,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather", "all_gather_sizes", "all_to_all", "group_rank", "group_size",
-           "reduce_scatter"]
+__all__ = ["all_gather", "all_gather_sizes", "all_to_all", "all_to_all_chunked", "group_rank",
+           "group_size", "reduce_scatter"]
 
 Group = Optional[dist.ProcessGroup]
 
@@ -62,25 +66,6 @@ def _check_splits(name: str, splits: Sequence[int], world: int) -> list[int]:
 # ---- all-to-all -------------------------------------------------------------------------------
 
 
-def _all_to_all_raw(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _all_to_all_raw(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        grad_x = _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group)
-        return grad_x, None, None, None
-
-
 def all_to_all(
     x: Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int], group: Group
 ) -> Tensor:
@@ -102,6 +87,64 @@ def all_to_all(
             raise ValueError(
                 f"a one-rank all_to_all needs equal splits, got {out_splits} and {in_splits}"
             )
+        return x
+    return _AllToAll.apply(x, [out_splits], [in_splits], group)
+
+
+def _all_to_all_raw(x: Tensor, out_splits: list[list[int]], in_splits: list[list[int]],
+                    group) -> Tensor:
+    """One ``all_to_all_single`` per chunk, each writing into its slice of one output."""
+    out = x.new_empty((sum(map(sum, out_splits)), *x.shape[1:]))
+    x = x.contiguous()
+    src = dst = 0
+    for o, i in zip(out_splits, in_splits):
+        n_in, n_out = sum(i), sum(o)
+        dist.all_to_all_single(out.narrow(0, dst, n_out), x.narrow(0, src, n_in), o, i,
+                               group=group)
+        src, dst = src + n_in, dst + n_out
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Chunked all-to-all (one chunk: the plain one); backward swaps the splits."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all_raw(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_x = _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group)
+        return grad_x, None, None, None
+
+
+def all_to_all_chunked(
+    x: Tensor, output_splits: Sequence[Sequence[int]], input_splits: Sequence[Sequence[int]],
+    group: Group,
+) -> Tensor:
+    """Chunk ``c`` of ``x`` (the next ``sum(input_splits[c])`` rows) goes out as an all-to-all
+    with splits ``input_splits[c]``; what it brings back (``output_splits[c][i]`` rows from
+    rank ``i``, in rank order) is chunk ``c`` of the result. Chunked exchanges reorder rows
+    ``[chunk][rank]`` on the sender into ``[chunk][rank]`` on the receiver with no local copy.
+
+    Both split lists have one entry per chunk, each with one entry per rank. Differentiable:
+    the gradient is the chunked all-to-all of the output gradient with the splits swapped.
+    """
+    world = group_size(group)
+    if len(output_splits) != len(input_splits):
+        raise ValueError(f"output_splits ({len(output_splits)} chunks) and input_splits "
+                         f"({len(input_splits)} chunks) must have the same number of chunks")
+    out_splits = [_check_splits("output_splits[c]", o, world) for o in output_splits]
+    in_splits = [_check_splits("input_splits[c]", i, world) for i in input_splits]
+    if sum(map(sum, in_splits)) != x.shape[0]:
+        raise ValueError(f"input_splits must sum to x.shape[0]={x.shape[0]}, got "
+                         f"{sum(map(sum, in_splits))}")
+    if world == 1:
+        if out_splits != in_splits:
+            raise ValueError("a one-rank all_to_all_chunked needs equal splits, got "
+                             f"{out_splits} and {in_splits}")
         return x
     return _AllToAll.apply(x, out_splits, in_splits, group)
 

@@ -92,6 +92,12 @@ class AllToAllHandle:
     etp_splits: list[int]      # rows each ETP rank received from its all-to-all (etp > 1)
     chunk_sizes: Tensor        # [etp * ep * E_local] CPU int64, rows in arrival order
     overflow: bool = False
+    # per-expert exchange (AllToAllDispatcher._chunked): rows [l][source rank] this rank
+    # receives and [l][destination rank] it sends; None for one all-to-all + sort_chunks
+    chunk_splits: Optional[tuple[list[list[int]], list[list[int]]]] = None
+
+
+MAX_CHUNKED_EXPERTS = 8
 
 
 def _expert_major_order(etp: int, ep: int, num_local: int) -> Optional[Tensor]:
@@ -150,6 +156,9 @@ class AllToAllDispatcher:
       3. ETP > 1: all-gather the rows over ETP: ``[ETP src][EP src][local expert]``.
       4. ``sort_chunks`` to ``[local expert][ETP src][EP src]``: each local expert's rows are
          contiguous; ``group_sizes[l] = Σ_{t,s} count[t, s, l]`` (padding included).
+    On CPU with ETP = 1 and 2..``MAX_CHUNKED_EXPERTS`` local experts, steps 1-4 become: permute
+    local-expert-major (``[l][destination rank]``), then one all-to-all per local expert
+    (``comm.all_to_all_chunked``), whose rows arrive as ``[l][EP src]``: no ``sort_chunks``.
     combine (the mirror): ``sort_chunks`` back; ETP > 1: reduce-scatter the partial outputs (each
     ETP rank computed ``F / etp`` hidden units, their sum is the expert output) back to the ETP
     rank that received the rows; all-to-all back over EP;
@@ -176,16 +185,41 @@ class AllToAllDispatcher:
         ep, etp, E_local = self.ep, self.etp, self.num_local_experts
         return gathered.view(ep, etp, ep, E_local)[:, :, self.ep_rank].transpose(0, 1)
 
+    def _chunked(self, x: Tensor) -> bool:
+        """Whether this dispatch exchanges rows per local expert (``all_to_all_chunked``) so
+        they arrive expert-major, instead of one all-to-all and ``sort_chunks``: on CPU, with
+        ETP = 1 and 2..``MAX_CHUNKED_EXPERTS`` local experts (a local copy costs about as much
+        as sending the rows there; each extra exchange adds one round of messages)."""
+        return (x.device.type == "cpu" and self.etp == 1 and self.ep > 1
+                and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS)
+
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllToAllHandle]:
         E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
         routing, overflow, gathered = _enforce_budget(self, routing)
-        permuted, row_map, counts = ops.permute(x, routing.expert_idx, E, routing.keep, pad_to)
+        chunked = self._chunked(x)
+        idx = routing.expert_idx
+        if chunked:  # local expert first, then EP rank: e = r·E_local + l  ->  l·ep + r
+            idx = (idx % E_local) * ep + idx // E_local
+        permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to)
+        if chunked:
+            counts = counts.view(E_local, ep).t().reshape(E)  # back to global expert order
         send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
         if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
             gathered = _gather_counts(send_counts, self.tp_ep_group)
         chunk_sizes = self._chunk_sizes(gathered)
+        if chunked:
+            to_ranks = send_counts.view(ep, E_local).t().tolist()    # [l][destination rank]
+            from_ranks = chunk_sizes[0].t().tolist()                 # [l][source rank]
+            rows = comm.all_to_all_chunked(permuted, from_ranks, to_ranks, self.ep_group)
+            group_sizes = chunk_sizes[0].sum(0)
+            send_splits = [sum(col) for col in zip(*to_ranks)]
+            recv_splits = [sum(col) for col in zip(*from_ranks)]
+            handle = AllToAllHandle(row_map, routing.probs, counts, send_splits, recv_splits,
+                                    [sum(recv_splits)], chunk_sizes.reshape(-1), overflow,
+                                    (from_ranks, to_ranks))
+            return rows, group_sizes, handle
         send_splits = send_counts.view(ep, E_local).sum(1).tolist()
         etp_splits = chunk_sizes.sum((1, 2)).tolist()
         recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
@@ -203,6 +237,10 @@ class AllToAllDispatcher:
         return rows, group_sizes, handle
 
     def combine(self, expert_out: Tensor, handle: AllToAllHandle) -> Tensor:
+        if handle.chunk_splits is not None:
+            from_ranks, to_ranks = handle.chunk_splits
+            y = comm.all_to_all_chunked(expert_out, to_ranks, from_ranks, self.ep_group)
+            return ops.unpermute(y, handle.row_map, handle.probs)
         y = expert_out
         if self.order is not None:
             y = ops.sort_chunks(y, handle.chunk_sizes[self.order], self.inverse_order)

@@ -1,5 +1,6 @@
-"""moe_parallel.comm on 4 gloo ranks: all_to_all / all_gather / reduce_scatter, forward and
-backward, uneven splits with zero-size blocks, sub-groups, the one-rank identity.
+"""moe_parallel.comm on 4 gloo ranks: all_to_all (plain and chunked) / all_gather /
+reduce_scatter, forward and backward, uneven splits with zero-size blocks, sub-groups, the
+one-rank identity.
 
 Every rank draws every rank's inputs from known seeds, so each can compute the exact expected
 output and gradient on its own. Backward is checked against that explicit adjoint and with the
@@ -86,6 +87,30 @@ def _check_all_to_all() -> dict[str, float]:
     return errs
 
 
+def _check_all_to_all_chunked() -> dict[str, float]:
+    """Three chunks with different split matrices (one all empty): chunk c of the output is
+    what chunk c of every rank's input sent here, in rank order."""
+    errs = {}
+    for gname, group in _groups().items():
+        members = _members(group)
+        w, r = len(members), members.index(dist.get_rank())
+        mats = [[row[:w] for row in SPLITS[n][:w]] for n in ("uneven_zeros", "all_empty", "even")]
+        xs = [[_data(i, sum(S[i]), 10 + c) for i in range(w)] for c, S in enumerate(mats)]
+        gs = [[_data(j, sum(S[i][j] for i in range(w)), 20 + c) for j in range(w)]
+              for c, S in enumerate(mats)]
+        x = torch.cat([xs[c][r] for c in range(3)]).requires_grad_(True)
+        y = comm.all_to_all_chunked(x, [[S[i][r] for i in range(w)] for S in mats],
+                                    [S[r] for S in mats], group)
+        expect = torch.cat([xs[c][i].split(S[i])[r] for c, S in enumerate(mats)
+                            for i in range(w)])
+        y.backward(torch.cat([gs[c][r] for c in range(3)]))
+        grad_expect = torch.cat([gs[c][j].split([S[i][j] for i in range(w)])[r]
+                                 for c, S in enumerate(mats) for j in range(w)])
+        errs[f"{gname}/fwd"] = 0.0 if torch.equal(y, expect) else float("inf")
+        errs[f"{gname}/bwd"] = 0.0 if torch.equal(x.grad, grad_expect) else float("inf")
+    return errs
+
+
 def _check_gather_scatter() -> dict[str, float]:
     errs = {}
     for gname, group in _groups().items():
@@ -145,6 +170,10 @@ def _check_bad_splits() -> dict[str, str]:
         "a2a_sum": lambda: comm.all_to_all(x, [1] * 4, [1, 1, 0, 0], dist.group.WORLD),
         "a2a_len": lambda: comm.all_to_all(x, [3], [3], dist.group.WORLD),
         "a2a_neg": lambda: comm.all_to_all(x, [1] * 4, [4, -1, 0, 0], dist.group.WORLD),
+        "chunked_sum": lambda: comm.all_to_all_chunked(x, [[1] * 4], [[1, 1, 0, 0]],
+                                                       dist.group.WORLD),
+        "chunked_chunks": lambda: comm.all_to_all_chunked(x, [[1] * 4], [[3, 0, 0, 0], [0] * 4],
+                                                          dist.group.WORLD),
         "rs_sum": lambda: comm.reduce_scatter(x, [1, 1, 1, 1], dist.group.WORLD),
         "gather_own": lambda: comm.all_gather(x, dist.group.WORLD, [1, 1, 1, 1]),
     }.items():
@@ -156,8 +185,8 @@ def _check_bad_splits() -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("check", [_check_all_to_all, _check_gather_scatter,
-                                   _check_identity_and_ints])
+@pytest.mark.parametrize("check", [_check_all_to_all, _check_all_to_all_chunked,
+                                   _check_gather_scatter, _check_identity_and_ints])
 def test_collectives(pool, check):
     results = pool.run(check)
     for rank, errs in enumerate(results):
