@@ -5,9 +5,12 @@ For routing ``T`` tokens of width ``H`` to ``k`` of ``E`` experts (``N = T·k`` 
   * permute fwd: gather ``N`` rows; bwd: ``unpermute`` without weights;
   * unpermute fwd: weighted sum of ``k`` rows per token; bwd: ``unpermute_backward``;
   * sort_chunks fwd/bwd: reorder ``N`` rows in ``ep·E_local`` chunks (``--ep``);
-  * grouped_gemm fwd ``[N, H] × [E, H, F]``; bwd: dgrad + wgrad.
+  * grouped_gemm fwd ``[N, H] × [E, H, F]``; bwd: dgrad + wgrad;
+  * swiglu fwd on ``h [N, F]`` (gate | up halves); bwd: ``swiglu_backward``. Its twin is the
+    unfused PyTorch code (``silu(gate) * up``; the backward formula in elementwise torch ops).
 Baselines: ``copy`` = ``clone`` of the bytes the op writes (an ``[N, H]`` tensor, ``[T, H]`` for
-unpermute fwd); ``dense`` = one ``[N, H] × [H, F]`` GEMM (fwd) and its two backward GEMMs.
+unpermute fwd, ``[N, F/2]`` / ``[N, F]`` for swiglu fwd / bwd); ``dense`` = one
+``[N, H] × [H, F]`` GEMM (fwd) and its two backward GEMMs.
 Columns: median ms of the compiled op and of its twin, twin ÷ op (speedup), and
 baseline ÷ op (1.0 = as fast as the copy / dense GEMM). All timings side by side in one process.
 
@@ -67,6 +70,13 @@ def cases(T: int, H: int, F: int, E: int, k: int, ep: int, dtype, device) -> dic
     w_dense = w[0]
     grad_out = torch.randn(N, F, generator=g).to(device, dtype)
     copy_rows = lambda: grad_rows.clone()  # noqa: E731
+    h = torch.randn(N, F - F % 2, generator=g).to(device, dtype)
+    grad_act = torch.randn(N, h.shape[1] // 2, generator=g).to(device, dtype)
+
+    def swiglu_unfused():
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
     return {
         "permute fwd": (lambda: ops.permute(x, idx, E),
                         lambda: ops.permute_torch(x, idx, E), copy_rows, "copy"),
@@ -94,6 +104,9 @@ def cases(T: int, H: int, F: int, E: int, k: int, ep: int, dtype, device) -> dic
                                       ops.grouped_gemm_wgrad_torch(permuted, grad_out, gs)),
                              lambda: (grad_out @ w_dense.t(), a_dense.t() @ grad_out),
                              "dense"),
+        "swiglu fwd": (lambda: ops.swiglu(h), swiglu_unfused, lambda: grad_act.clone(), "copy"),
+        "swiglu bwd": (lambda: M.swiglu_backward(grad_act, h),
+                       lambda: ops.swiglu_backward_torch(grad_act, h), lambda: h.clone(), "copy"),
     }
 
 

@@ -25,6 +25,7 @@ def test_entry_point_lists_and_rejects(capsys):
 def test_machine_info_without_gpu():
     info = machine_info()
     assert info["cpu"] and info["torch"] == torch.__version__
+    assert isinstance(info["heap_reuse"], bool)
     if not info["gpus"]:
         assert info["gpu_note"]
 
@@ -36,7 +37,8 @@ def test_ops_bench_tiny(tmp_path):
                 "--top-k", "2", "--ep", "2", "--repeats", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
     assert [r["op"] for r in rows][:2] == ["permute fwd", "permute bwd"]
-    assert len(rows) == 8
+    assert [r["op"] for r in rows][-2:] == ["swiglu fwd", "swiglu bwd"]
+    assert len(rows) == 10
     assert all(r["op_ms"] > 0 and r["twin_ms"] > 0 and r["baseline_ms"] > 0 for r in rows)
 
 
