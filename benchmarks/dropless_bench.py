@@ -25,9 +25,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from torch import nn
 
 from benchmarks.plotting import pyplot
 from benchmarks.record import save_result
+from benchmarks.timing import median_seconds
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 MODES = {
@@ -134,17 +133,9 @@ def measure_memory(case: dict) -> dict:
 def time_cases(cases: list[dict], repeats: int) -> list[float]:
     """Median seconds per forward+backward of every case, timed side by side in this process:
     one warm-up step each, then ``repeats`` rounds running every case once per round."""
-    steps = [build_case(c)[1] for c in cases]
-    for step in steps:
-        step()
-    times: list[list[float]] = [[] for _ in cases]
-    for r in range(repeats):
-        for i, step in enumerate(steps):
-            t0 = time.perf_counter()
-            step()
-            times[i].append(time.perf_counter() - t0)
-        print(f"timing round {r + 1}/{repeats}", file=sys.stderr, flush=True)
-    return [statistics.median(t) for t in times]
+    seconds = median_seconds({i: build_case(c)[1] for i, c in enumerate(cases)}, repeats,
+                             progress=True)
+    return [seconds[i] for i in range(len(cases))]
 
 
 def plot_sweep(results: list[dict], path: Path) -> bool:

@@ -24,9 +24,7 @@ import argparse
 import concurrent.futures as cf
 import multiprocessing
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.record import save_result
+from benchmarks.timing import median_seconds
 
 PRESETS = {
     "a": dict(experts=8, top_k=2, hidden=1024, ffn=2048, tokens=4096),
@@ -138,17 +137,7 @@ def measure_memory(case: dict, contender: str) -> float:
 
 def time_contenders(case: dict, contenders: list[str], repeats: int) -> dict[str, float]:
     """Median seconds per step, all contenders side by side (one warm-up, then rounds)."""
-    steps = {c: build(case, c) for c in contenders}
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {c: [] for c in contenders}
-    for r in range(repeats):
-        for c, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[c].append(time.perf_counter() - t0)
-        print(f"timing round {r + 1}/{repeats}", file=sys.stderr, flush=True)
-    return {c: statistics.median(t) for c, t in times.items()}
+    return median_seconds({c: build(case, c) for c in contenders}, repeats, progress=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,32 +20,14 @@ baseline ÷ op (1.0 = as fast as the copy / dense GEMM). All timings side by sid
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from benchmarks.record import save_result
+from benchmarks.timing import median_seconds
 from moe_parallel import ops
-
-
-def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict:
-    """Median ms of every fn, timed round-robin after one warm-up each."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for fn in fns.values():
-        fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def cases(T: int, H: int, F: int, E: int, k: int, ep: int, dtype, device) -> dict:
@@ -131,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                   dtype, args.device)
     rows = []
     for i, (name, (op, twin, base, kind)) in enumerate(table.items(), 1):
-        ms = _median_ms({"op": op, "twin": twin, "base": base}, args.repeats, args.device)
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        ms = {k: v * 1e3 for k, v in median_seconds({"op": op, "twin": twin, "base": base},
+                                                    args.repeats, sync).items()}
         rows.append({"op": name, "op_ms": ms["op"], "twin_ms": ms["twin"],
                      "baseline": kind, "baseline_ms": ms["base"],
                      "speedup_vs_twin": ms["twin"] / ms["op"],

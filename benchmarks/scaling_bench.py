@@ -65,6 +65,7 @@ from pathlib import Path
 
 from benchmarks.plotting import pyplot
 
+EXPERT_IMPL = "grouped"  # the measured layers' expert computation (MoEConfig's default)
 EP_SIZES = (8, 16, 32, 64, 128, 256)
 DEFAULT_ASSUMPTIONS = {
     "gpus_per_node": 8,
@@ -223,7 +224,8 @@ def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None
     try:
         ps = ParallelState.build(ep=world)
         cfg = MoEConfig(hidden_size=spec["hidden"], ffn_hidden_size=spec["ffn"],
-                        num_experts=spec["experts"], top_k=spec["top_k"])
+                        num_experts=spec["experts"], top_k=spec["top_k"],
+                        expert_impl=spec["expert_impl"])
         torch.manual_seed(0)
         layer = MoELayer(cfg, parallel_state=ps)
         out = {}
@@ -289,7 +291,7 @@ def measure(procs: list[int], tokens_per_proc: int, strong_tokens: int, hidden: 
         print(f"measuring N={n} ...", file=sys.stderr, flush=True)
         cases = {"weak": [tokens_per_proc] * n, "strong": split_tokens(strong_tokens, n)}
         spec = dict(hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, warmup=warmup,
-                    steps=steps, timeout=timeout_s, cases=cases)
+                    steps=steps, timeout=timeout_s, cases=cases, expert_impl=EXPERT_IMPL)
         t0 = time.perf_counter()
         times = run_world(n, spec, timeout_s)
         print(f"  N={n} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -309,7 +311,7 @@ def measure(procs: list[int], tokens_per_proc: int, strong_tokens: int, hidden: 
                 r["efficiency"] = base["procs"] * base["step_s"] / (r["procs"] * r["step_s"])
             r["core_bound"] = core_bound(r["procs"], cores, base["procs"])
     return {"config": {"hidden": hidden, "ffn": ffn, "experts": experts, "top_k": top_k,
-                       "dtype": "float32", "expert_impl": "grouped",
+                       "dtype": "float32", "expert_impl": EXPERT_IMPL,
                        "tokens_per_proc": tokens_per_proc, "strong_tokens": strong_tokens,
                        "warmup": warmup, "steps": steps, "threads_per_proc": 1,
                        "backend": "gloo"},
@@ -331,7 +333,8 @@ def _machine_info() -> dict:
 def print_measured(measured: dict) -> None:
     c = measured["config"]
     print(f"\nMeasured: H={c['hidden']} F={c['ffn']} E={c['experts']} k={c['top_k']} float32 "
-          f"block-sparse, gloo, 1 thread per process, forward+backward, median of {c['steps']}")
+          f"{c['expert_impl']}, gloo, 1 thread per process, forward+backward, median of "
+          f"{c['steps']}")
     head = (f"{'mode':<7} {'procs':>5} {'E/rank':>6} {'tok/proc':>8} {'global':>7} "
             f"{'step ms':>8} {'tokens/s':>9} {'effic.':>7} {'bound':>6}")
     print(head)

@@ -28,15 +28,19 @@ namespace {
 // (H=1024, 2F=512): 10% faster side by side; 8 groups of 1024 rows (H=1024, 2F=4096): 3% slower.
 constexpr double kSideBySideFlops = 1e9;
 
-// Calls one(g) for every group: side by side largest first (dynamic schedule), or in order.
+// Calls one(g, row) for every group g, row = its first row (the sum of the sizes before it):
+// side by side largest first (dynamic schedule), or in order. A worker's first exception is
+// rethrown after the loop.
 template <typename Fn>
 void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k_times_n,
                     const Fn& one) {
+  std::vector<int64_t> row(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) row[g + 1] = row[g] + gs[g];
   const int64_t threads = max_threads();
   const double mean_flops =
       2.0 * static_cast<double>(a.size(0)) * k_times_n / std::max<int64_t>(G, 1);
   if (!a.is_cpu() || threads < 2 || G < 2 * threads || mean_flops >= kSideBySideFlops) {
-    for (int64_t g = 0; g < G; ++g) one(g);
+    for (int64_t g = 0; g < G; ++g) one(g, row[g]);
     return;
   }
   std::vector<int64_t> order(G);
@@ -49,10 +53,10 @@ void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k
   for (int64_t i = 0; i < G; ++i) {
     at::ThreadLocalStateGuard guard(tls);
     try {
-      one(order[i]);
+      one(order[i], row[order[i]]);
     } catch (...) {
-#pragma omp critical
-      err = std::current_exception();
+#pragma omp critical(moe_parallel_grouped_gemm_error)
+      if (!err) err = std::current_exception();
     }
   }
   if (err) std::rethrow_exception(err);
@@ -67,13 +71,11 @@ at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor out = at::empty({a.size(0), N}, a.options());
-  std::vector<int64_t> start(G + 1, 0);
-  for (int64_t g = 0; g < G; ++g) start[g + 1] = start[g] + gs[g];
-  auto one = [&](int64_t g) {
+  auto one = [&](int64_t g, int64_t row) {
     if (gs[g] == 0) return;
     const at::Tensor bg = trans_b ? b.select(0, g).t() : b.select(0, g);
-    at::Tensor dst = out.narrow(0, start[g], gs[g]);
-    at::mm_out(dst, a.narrow(0, start[g], gs[g]), bg);
+    at::Tensor dst = out.narrow(0, row, gs[g]);
+    at::mm_out(dst, a.narrow(0, row, gs[g]), bg);
   };
   for_each_group(a, gs, G, a.size(1) * N, one);
   return out;
@@ -86,16 +88,14 @@ at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_o
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor grad_b = trans_b ? at::empty({G, N, K}, a.options()) : at::empty({G, K, N}, a.options());
-  std::vector<int64_t> start(G + 1, 0);
-  for (int64_t g = 0; g < G; ++g) start[g + 1] = start[g] + gs[g];
-  auto one = [&](int64_t g) {
+  auto one = [&](int64_t g, int64_t row) {
     at::Tensor dst = grad_b.select(0, g);
     if (gs[g] == 0) {
       dst.zero_();
       return;
     }
-    const at::Tensor a_g = a.narrow(0, start[g], gs[g]);
-    const at::Tensor go_g = grad_out.narrow(0, start[g], gs[g]);
+    const at::Tensor a_g = a.narrow(0, row, gs[g]);
+    const at::Tensor go_g = grad_out.narrow(0, row, gs[g]);
     if (trans_b) {
       at::mm_out(dst, go_g.t(), a_g);
     } else {

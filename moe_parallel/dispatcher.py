@@ -209,43 +209,36 @@ class AllToAllDispatcher:
         if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
             gathered = _gather_counts(send_counts, self.tp_ep_group)
         chunk_sizes = self._chunk_sizes(gathered)
-        if chunked:
-            to_ranks = send_counts.view(ep, E_local).t().tolist()    # [l][destination rank]
-            from_ranks = chunk_sizes[0].t().tolist()                 # [l][source rank]
-            rows = comm.all_to_all_chunked(permuted, from_ranks, to_ranks, self.ep_group)
-            group_sizes = chunk_sizes[0].sum(0)
-            send_splits = [sum(col) for col in zip(*to_ranks)]
-            recv_splits = [sum(col) for col in zip(*from_ranks)]
-            handle = AllToAllHandle(row_map, routing.probs, counts, send_splits, recv_splits,
-                                    [sum(recv_splits)], chunk_sizes.reshape(-1), overflow,
-                                    (from_ranks, to_ranks))
-            return rows, group_sizes, handle
         send_splits = send_counts.view(ep, E_local).sum(1).tolist()
         etp_splits = chunk_sizes.sum((1, 2)).tolist()
         recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
-
-        rows = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group)
-        rows = comm.all_gather(rows, self.etp_group, etp_splits)
-        chunk_sizes = chunk_sizes.reshape(-1)
-        if self.order is not None:
-            rows = ops.sort_chunks(rows, chunk_sizes, self.order)
-        group_sizes = chunk_sizes.view(self.etp * ep, E_local).sum(0)
+        group_sizes = chunk_sizes.sum((0, 1))  # [E_local], over ETP and EP sources
+        chunk_splits = None
+        if chunked:  # [l][source rank] received, [l][destination rank] sent
+            chunk_splits = (chunk_sizes[0].t().tolist(),
+                            send_counts.view(ep, E_local).t().tolist())
+            rows = comm.all_to_all_chunked(permuted, *chunk_splits, self.ep_group)
+        else:
+            rows = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group)
+            rows = comm.all_gather(rows, self.etp_group, etp_splits)
+            if self.order is not None:
+                rows = ops.sort_chunks(rows, chunk_sizes.reshape(-1), self.order)
         handle = AllToAllHandle(
-            row_map, routing.probs, counts, send_splits, recv_splits, etp_splits, chunk_sizes,
-            overflow,
+            row_map, routing.probs, counts, send_splits, recv_splits, etp_splits,
+            chunk_sizes.reshape(-1), overflow, chunk_splits,
         )
         return rows, group_sizes, handle
 
     def combine(self, expert_out: Tensor, handle: AllToAllHandle) -> Tensor:
-        if handle.chunk_splits is not None:
-            from_ranks, to_ranks = handle.chunk_splits
-            y = comm.all_to_all_chunked(expert_out, to_ranks, from_ranks, self.ep_group)
-            return ops.unpermute(y, handle.row_map, handle.probs)
         y = expert_out
-        if self.order is not None:
-            y = ops.sort_chunks(y, handle.chunk_sizes[self.order], self.inverse_order)
-        y = comm.reduce_scatter(y, handle.etp_splits, self.etp_group)
-        y = comm.all_to_all(y, handle.send_splits, handle.recv_splits, self.ep_group)
+        if handle.chunk_splits is not None:
+            received, sent = handle.chunk_splits
+            y = comm.all_to_all_chunked(y, sent, received, self.ep_group)
+        else:
+            if self.order is not None:
+                y = ops.sort_chunks(y, handle.chunk_sizes[self.order], self.inverse_order)
+            y = comm.reduce_scatter(y, handle.etp_splits, self.etp_group)
+            y = comm.all_to_all(y, handle.send_splits, handle.recv_splits, self.ep_group)
         return ops.unpermute(y, handle.row_map, handle.probs)
 
 

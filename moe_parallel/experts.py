@@ -1,4 +1,4 @@
-"""Expert FFNs: all local experts as stacked weights, computed with block-sparse or grouped GEMMs.
+"""Expert FFNs: all local experts as stacked weights, computed with grouped or block-sparse GEMMs.
 
 Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecutive in ``x``):
     h = x_e @ w1[e]                     w1: [E_local, H, F]   (SwiGLU: [E_local, H, 2F], gate | up)
@@ -7,8 +7,9 @@ Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecu
 Shared experts (``SharedExpert``): the same FFN applied densely to every token, optionally scaled
 by a learned sigmoid gate ``sigmoid(x @ gate_weight^T)`` per token (Qwen2-MoE style).
 With no biases, act(0) = 0 for every activation, so zero padding rows produce zero outputs.
-``config.expert_impl`` picks the computation of the same formula: ``"block_sparse"`` (dropless
-block-sparse products, ``block_sparse.py``) or ``"grouped"`` (``ops.grouped_gemm``).
+``config.expert_impl`` picks the computation of the same formula: ``"grouped"``
+(``ops.grouped_gemm``, the default) or ``"block_sparse"`` (dropless block-sparse products,
+``block_sparse.py``).
 
 Expert parallelism shards the stacked weights (``shard_expert_weights``): EP rank ``p`` holds
 experts ``[p·E/ep, (p+1)·E/ep)``, ETP rank ``q`` the hidden units ``[q·F/etp, (q+1)·F/etp)`` of
