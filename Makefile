@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda),/usr/local/cuda,)
 EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 EXT_STAMP := build/.ext-stamp
+# CUTLASS C++ headers for the 'cutlass' grouped GEMM backend (its Python deps are not needed).
+CUTLASS_HEADERS := nvidia-cutlass==4.2.0.0
 
-.PHONY: setup deps mpi ext demo test lint clean bench bench-deps
+.PHONY: setup deps mpi ext demo test lint clean bench bench-deps cutlass-headers
 
 setup: deps mpi ext
 
@@ -18,6 +20,7 @@ deps: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(CUTLASS_HEADERS)
 	touch $@
 
 # Open MPI + mpi4py for the mpirun launch path (best effort: without root/apt its tests skip).
@@ -54,6 +57,12 @@ BENCH ?= layer
 BENCH_ARGS ?=
 bench: setup bench-deps
 	$(PY) -m benchmarks $(BENCH) $(BENCH_ARGS)
+
+# CUTLASS headers in an ignored folder, for a build on a machine without PyPI
+# (benchmarks/device_session.sh reads build/cutlass_include).
+cutlass-headers: deps
+	rm -rf build/cutlass_include && mkdir -p build/cutlass_include
+	cp -r "$$($(PY) -c 'import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))')/source/include/." build/cutlass_include/
 
 lint: deps
 	$(VENV)/bin/ruff check moe_parallel tests benchmarks launch setup.py

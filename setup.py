@@ -9,6 +9,10 @@ Environment:
     CUDA_HOME                CUDA toolkit (default: /usr/local/cuda, else nvcc on PATH).
     TORCH_CUDA_ARCH_LIST     GPU targets (default "8.0;9.0").
     MAX_JOBS                 parallel compile jobs (ninja).
+    MOE_PARALLEL_CUTLASS_INCLUDE  CUTLASS include directory (default: from nvidia-cutlass).
+The CUTLASS grouped GEMM (csrc/cuda/grouped_gemm_cutlass.cu) is built when the CUTLASS headers
+of the pip package nvidia-cutlass are found (MOE_PARALLEL_WITH_CUTLASS defined); the cuBLAS
+grouped GEMM links the libcublas of the pip nvidia-* packages or of the toolkit.
 """
 
 import glob
@@ -68,6 +72,43 @@ def _nvidia_include_dirs():
     return dirs
 
 
+def _site_dirs():
+    return site.getsitepackages() + [site.getusersitepackages()] + sys.path
+
+
+def _cutlass_include_dir():
+    """CUTLASS headers: $MOE_PARALLEL_CUTLASS_INCLUDE, else those shipped in the pip package
+    nvidia-cutlass, else None."""
+    given = os.environ.get("MOE_PARALLEL_CUTLASS_INCLUDE")
+    if given:
+        if not os.path.isfile(os.path.join(given, "cutlass", "cutlass.h")):
+            raise RuntimeError(f"MOE_PARALLEL_CUTLASS_INCLUDE={given} has no cutlass/cutlass.h")
+        return given
+    for sp in _site_dirs():
+        inc = os.path.join(sp, "cutlass_library", "source", "include")
+        if os.path.isfile(os.path.join(inc, "cutlass", "cutlass.h")):
+            return inc
+    return None
+
+
+def _cublas_link_args(cuda_home):
+    """Linker arguments for libcublas: the pip nvidia-* package's (versioned soname) or the
+    toolkit's."""
+    dirs = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    for sp in _site_dirs():
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "lib")))
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, "libcublas.so")):
+            return [f"-L{d}", "-lcublas"]
+        found = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
+        if found:
+            return [f"-L{d}", f"-l:{os.path.basename(found[0])}"]
+    raise RuntimeError(
+        "libcublas not found (looked in the CUDA toolkit and the pip nvidia-* packages); "
+        "install nvidia-cublas or set MOE_PARALLEL_NO_CUDA=1"
+    )
+
+
 def _extension():
     import torch
 
@@ -93,6 +134,15 @@ def _extension():
     sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
     kwargs["include_dirs"] += _nvidia_include_dirs()
     kwargs["define_macros"] = [("MOE_PARALLEL_WITH_CUDA", None)]
+    kwargs["extra_link_args"] += _cublas_link_args(cuda_home)
+    cutlass = _cutlass_include_dir()
+    if cutlass is None:
+        print("moe_parallel: CUTLASS headers not found (pip install --no-deps nvidia-cutlass); "
+              "building without the 'cutlass' grouped GEMM backend")
+        sources.remove(os.path.join("csrc", "cuda", "grouped_gemm_cutlass.cu"))
+    else:
+        kwargs["include_dirs"].append(cutlass)
+        kwargs["define_macros"].append(("MOE_PARALLEL_WITH_CUTLASS", None))
     # No fast-math: the kernels promise float32/float64 accumulation results.
     kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3"]}
     return cpp_extension.CUDAExtension("moe_parallel._C", sources, **kwargs)

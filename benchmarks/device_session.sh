@@ -2,7 +2,9 @@
 # The image's default CXX (a wrapper linking its own libstdc++ statically) makes C++ exceptions
 # crash inside the extension, so the system compiler is forced.
 # One lent-GPU session: build the extension there, run the CUDA tests, memcheck the kernel tests,
-# time the ops and the layer. Writes logs and JSON under $OUT (default ./device_out).
+# time the ops, the grouped GEMM backends and the layer. Writes logs and JSON under $OUT
+# (default ./device_out). The device has no PyPI: run `make cutlass-headers` here first and pass
+# build/cutlass_include in the device call's carry, or the 'cutlass' backend is left out.
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -13,18 +15,22 @@ export PYTHONUNBUFFERED=1
   nvcc --version | tail -2
 } 2>&1 | tee "$OUT/device.txt"
 t0=$(date +%s)
+[ -f build/cutlass_include/cutlass/cutlass.h ] && export MOE_PARALLEL_CUTLASS_INCLUDE=$PWD/build/cutlass_include
 CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py -q build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/test_cuda_ops.py \
+  tests/test_cuda_grouped_gemm.py \
   2>&1 | tee "$OUT/cuda_tests.log" | tail -15
 if [ -z "${SKIP_MEMCHECK:-}" ]; then
   compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
-    tests/test_cuda_ops.py -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
+    tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
+    -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
 fi
 [ -z "${SKIP_BENCH:-}" ] || exit 0
 $PY benchmarks/cuda_ops_bench.py --out "$OUT/cuda_ops.json" 2>&1 | tee "$OUT/cuda_ops.txt" | tail -20
+$PY benchmarks/grouped_gemm_bench.py --out "$OUT/grouped_gemm.json" 2>&1 | tee "$OUT/grouped_gemm.txt" | tail -24
 $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hidden 4096 \
   --ffn 14336 --experts 8 --top-k 2 --repeats 10 --out "$OUT/layer_mixtral_bf16.json" 2>&1 | tail -6
 $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hidden 2048 \

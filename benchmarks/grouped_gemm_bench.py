@@ -1,10 +1,12 @@
-"""Grouped GEMM on GPU: moe_parallel.grouped_gemm vs torch._grouped_mm vs one dense GEMM of the
-same FLOPs, forward and forward+backward, for the expert FFN's first GEMM
-``[M, H] × [E, H, N]`` (M = T·k rows, N = 2F for SwiGLU).
+"""Grouped GEMM on GPU: every backend of moe_parallel.grouped_gemm (loop, streams, cublas, torch,
+cutlass) vs torch._grouped_mm called directly vs one dense GEMM of the same FLOPs, forward and
+forward+backward, for the expert FFN's first GEMM ``[M, H] × [E, H, N]`` (M = T·k rows, N = 2F
+for SwiGLU), balanced and Zipf group sizes.
 
-TFLOP/s = 2·M·H·N / time (forward); ×3 for forward+backward (dgrad and wgrad).
+TFLOP/s = 2·M·H·N / time (forward); ×3 for forward+backward (dgrad and wgrad). The summary
+gives each backend's forward+backward TFLOP/s ÷ the dense GEMM's and ÷ torch._grouped_mm's.
 
-    python benchmarks/grouped_gemm_bench.py --out results.json
+    python benchmarks/grouped_gemm_bench.py --out results.json [--dtype float32]
 """
 
 from __future__ import annotations
@@ -26,6 +28,25 @@ CONFIGS = {
     "mixtral_E8_H4096_F14336_k2": dict(E=8, H=4096, N=2 * 14336, T=16384, k=2),
     "finegrained_E64_H2048_F1408_k6": dict(E=64, H=2048, N=2 * 1408, T=16384, k=6),
 }
+
+
+BACKENDS = ("loop", "streams", "cublas", "torch", "cutlass")
+ROWS = tuple(f"moe_parallel[{be}]" for be in BACKENDS) + ("torch._grouped_mm", "dense_mm")
+
+
+def warm_up_clocks(seconds: float = 2.0) -> None:
+    """Dense matmuls until the GPU has run ``seconds``, so the first timings are not taken at idle
+    clocks."""
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    while True:
+        for _ in range(10):
+            x @ x
+        stop.record()
+        stop.synchronize()
+        if start.elapsed_time(stop) > seconds * 1e3:
+            return
 
 
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -58,9 +79,10 @@ def bench(cfg: dict, skew: str, dtype: torch.dtype) -> dict:
     assert int(gs[0]) >= 256
     ref = a.detach()[:256].double() @ b.detach()[0].double()  # rows of group 0, float64
     candidates = {
-        "moe_parallel": (a, b, lambda x, w: ops.grouped_gemm(x, w, gs)),
-        "dense_mm": (ad, bd, torch.matmul),
+        f"moe_parallel[{be}]": (a, b, lambda x, w, be=be: ops.grouped_gemm(x, w, gs, backend=be))
+        for be in BACKENDS
     }
+    candidates["dense_mm"] = (ad, bd, torch.matmul)
     if hasattr(torch, "_grouped_mm"):
         candidates["torch._grouped_mm"] = (a, b, lambda x, w: torch._grouped_mm(x, w, offs=offs))
     for name, (x, w, fn) in candidates.items():
@@ -78,12 +100,28 @@ def bench(cfg: dict, skew: str, dtype: torch.dtype) -> dict:
     return out
 
 
+def print_summary(runs: dict) -> None:
+    """Forward+backward TFLOP/s of each moe_parallel backend ÷ dense and ÷ torch._grouped_mm."""
+    print(f"\n{'forward+backward':<45}{'TF/s':>7}{'÷ dense':>9}{'÷ torch._grouped_mm':>21}")
+    for key, r in runs.items():
+        dense = r.get("dense_mm", {}).get("fwd_bwd_tflops")
+        tgm = r.get("torch._grouped_mm", {}).get("fwd_bwd_tflops")
+        for name in ROWS[: len(BACKENDS)]:
+            tf = r.get(name, {}).get("fwd_bwd_tflops")
+            if tf is None:
+                continue
+            vs_dense = f"{tf / dense:.3f}" if dense else "-"
+            vs_tgm = f"{tf / tgm:.3f}" if tgm else "-"
+            print(f"{key + ' ' + name[13:-1]:<45}{tf:>7.0f}{vs_dense:>9}{vs_tgm:>21}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    warm_up_clocks()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": {}}
     print(f"{'config':<34}{'skew':<10}{'backend':<20}{'fwd ms':>9}{'TF/s':>8}"
           f"{'f+b ms':>9}{'TF/s':>8}{'rel err':>10}")
@@ -91,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         for skew in ("balanced", "zipf"):
             r = bench(cfg, skew, dtype)
             results["runs"][f"{cname}/{skew}"] = r
-            for backend in ("moe_parallel", "torch._grouped_mm", "dense_mm"):
+            for backend in ROWS:
                 row = r.get(backend)
                 if row is None:
                     continue
@@ -103,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['fwd_bwd_tflops']:>8.0f}"
                       f"{row.get('rel_err_vs_fp64', float('nan')):>10.1e}")
             torch.cuda.empty_cache()
+    print_summary(results["runs"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -205,6 +205,16 @@ void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_o
   check_sizes_sum(group_sizes, a.size(0), "group_sizes", "a.size(0)");
 }
 
+void check_grouped_gemm_backend(c10::string_view backend, const at::Tensor& a) {
+  const bool known = backend == "auto" || backend == "loop" || backend == "streams" ||
+                     backend == "cublas" || backend == "torch" || backend == "cutlass";
+  TORCH_CHECK_VALUE(known, "backend must be one of ", kGroupedGemmBackends, ", got '", backend,
+                    "'");
+  TORCH_CHECK_VALUE(a.is_cuda() || backend == "auto" || backend == "loop", "backend='",
+                    backend, "' runs on CUDA tensors only; on ", a.device(),
+                    " use 'auto' or 'loop'");
+}
+
 void check_swiglu_args(const at::Tensor& h) {
   check_dim(h, 2, "h", "[N, 2F]");
   check_float(h, "h");

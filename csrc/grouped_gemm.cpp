@@ -4,7 +4,8 @@
 //   grouped_gemm_wgrad: grad_b[g] = a_g^T @ grad_out_g        ([G,K,N])
 //                       grad_b[g] = grad_out_g^T @ a_g        ([G,N,K], trans_b)
 //                       zero for empty groups.
-// One at::mm_out per group into a view of the output: BLAS on CPU, cuBLAS on CUDA. On CPU many
+// One at::mm_out per group into a view of the output: BLAS on CPU, cuBLAS on CUDA (backend
+// "loop"; csrc/cuda/grouped_gemm_cuda.cpp has the other CUDA backends). On CPU many
 // small groups run side by side on the OpenMP threads (for_each_group).
 #include <algorithm>
 #include <exception>
@@ -64,42 +65,54 @@ void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k
 
 }  // namespace
 
+void gemm_one_group(const at::Tensor& a, const at::Tensor& b, int64_t g, int64_t row, int64_t m,
+                    bool trans_b, at::Tensor& out) {
+  at::Tensor dst = out.narrow(0, row, m);
+  at::mm_out(dst, a.narrow(0, row, m), trans_b ? b.select(0, g).t() : b.select(0, g));
+}
+
+void wgrad_one_group(const at::Tensor& a, const at::Tensor& grad_out, int64_t g, int64_t row,
+                     int64_t m, bool trans_b, at::Tensor& grad_b) {
+  at::Tensor dst = grad_b.select(0, g);
+  const at::Tensor a_g = a.narrow(0, row, m);
+  const at::Tensor go_g = grad_out.narrow(0, row, m);
+  if (trans_b) {
+    at::mm_out(dst, go_g.t(), a_g);
+  } else {
+    at::mm_out(dst, a_g.t(), go_g);
+  }
+}
+
 at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& group_sizes, bool trans_b) {
+                             const at::Tensor& group_sizes, bool trans_b,
+                             c10::string_view backend) {
   check_grouped_gemm_args(a, b, group_sizes, trans_b);
+  check_grouped_gemm_backend(backend, a);
   const int64_t G = b.size(0), N = trans_b ? b.size(1) : b.size(2);
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor out = at::empty({a.size(0), N}, a.options());
   auto one = [&](int64_t g, int64_t row) {
-    if (gs[g] == 0) return;
-    const at::Tensor bg = trans_b ? b.select(0, g).t() : b.select(0, g);
-    at::Tensor dst = out.narrow(0, row, gs[g]);
-    at::mm_out(dst, a.narrow(0, row, gs[g]), bg);
+    if (gs[g] > 0) gemm_one_group(a, b, g, row, gs[g], trans_b, out);
   };
   for_each_group(a, gs, G, a.size(1) * N, one);
   return out;
 }
 
 at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_out,
-                                   const at::Tensor& group_sizes, bool trans_b) {
+                                   const at::Tensor& group_sizes, bool trans_b,
+                                   c10::string_view backend) {
   check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
+  check_grouped_gemm_backend(backend, a);
   const int64_t G = group_sizes.size(0), K = a.size(1), N = grad_out.size(1);
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor grad_b = trans_b ? at::empty({G, N, K}, a.options()) : at::empty({G, K, N}, a.options());
   auto one = [&](int64_t g, int64_t row) {
-    at::Tensor dst = grad_b.select(0, g);
     if (gs[g] == 0) {
-      dst.zero_();
-      return;
-    }
-    const at::Tensor a_g = a.narrow(0, row, gs[g]);
-    const at::Tensor go_g = grad_out.narrow(0, row, gs[g]);
-    if (trans_b) {
-      at::mm_out(dst, go_g.t(), a_g);
+      grad_b.select(0, g).zero_();
     } else {
-      at::mm_out(dst, a_g.t(), go_g);
+      wgrad_one_group(a, grad_out, g, row, gs[g], trans_b, grad_b);
     }
   };
   for_each_group(a, gs, G, K * N, one);

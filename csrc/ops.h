@@ -28,11 +28,20 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
 // ---- device-generic: CPU path with OpenMP, other devices through ATen copies/GEMMs ----
 at::Tensor sort_chunks_impl(const at::Tensor& x, const at::Tensor& split_sizes,
                             const at::Tensor& order);
-// Per-group at::mm into views of the output (BLAS on CPU, cuBLAS on CUDA).
+// Per-group at::mm into views of the output (BLAS on CPU, cuBLAS on CUDA): backend "loop"
+// (and "auto" on CPU). The other backends are CUDA only (grouped_gemm_cuda).
 at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& group_sizes, bool trans_b);
+                             const at::Tensor& group_sizes, bool trans_b,
+                             c10::string_view backend);
 at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_out,
-                                   const at::Tensor& group_sizes, bool trans_b);
+                                   const at::Tensor& group_sizes, bool trans_b,
+                                   c10::string_view backend);
+// One group g of rows [row, row + m) (m > 0) of those: out rows = a rows @ b[g] (b[g]^T), and
+// grad_b[g] = a rows^T @ grad_out rows (grad_out rows^T @ a rows with trans_b).
+void gemm_one_group(const at::Tensor& a, const at::Tensor& b, int64_t g, int64_t row, int64_t m,
+                    bool trans_b, at::Tensor& out);
+void wgrad_one_group(const at::Tensor& a, const at::Tensor& grad_out, int64_t g, int64_t row,
+                     int64_t m, bool trans_b, at::Tensor& grad_b);
 
 // ---- argument checks (csrc/checks.cpp), shared by every backend; they raise
 // ValueError/RuntimeError naming the argument, before any kernel runs ----
@@ -53,6 +62,10 @@ void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b);
 void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_out,
                                    const at::Tensor& group_sizes);
+// Grouped GEMM backend names; "auto" and "loop" run on every device, the others on CUDA only.
+inline constexpr const char* kGroupedGemmBackends =
+    "'auto', 'loop', 'streams', 'cublas', 'torch', 'cutlass'";
+void check_grouped_gemm_backend(c10::string_view backend, const at::Tensor& a);
 // swiglu: h 2-D float with an even width; backward: grad_out [N, F] of h's dtype/device.
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h);
@@ -81,6 +94,20 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const std::optional<at::Tensor>& probs, int64_t num_rows);
 at::Tensor swiglu_cuda(const at::Tensor& h);
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h);
+// Grouped GEMM on CUDA by backend (csrc/cuda/grouped_gemm_cuda.cpp): "loop" = one cuBLAS GEMM
+// per group on the current stream ("auto" = the measured default), "streams" = the same spread
+// over side streams, "cublas" = one cublasGemmGroupedBatchedEx, "torch" = at::_grouped_mm,
+// "cutlass" = a CUTLASS grouped GEMM kernel (csrc/cuda/grouped_gemm_cutlass.cu).
+at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& group_sizes, bool trans_b,
+                             c10::string_view backend);
+at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const at::Tensor& group_sizes, bool trans_b,
+                                   c10::string_view backend);
+void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_t* group_sizes,
+                          bool trans_b, at::Tensor& out);
+void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
+                                const int64_t* group_sizes, bool trans_b, at::Tensor& grad_b);
 #endif
 
 }  // namespace moe_parallel

@@ -14,10 +14,12 @@ TORCH_LIBRARY(moe_parallel, m) {
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor? probs,"
       " int num_rows) -> (Tensor grad_y, Tensor grad_probs)");
   m.def("sort_chunks(Tensor x, Tensor split_sizes, Tensor order) -> Tensor");
-  m.def("grouped_gemm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False) -> Tensor");
   m.def(
-      "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor group_sizes, bool trans_b=False)"
-      " -> Tensor");
+      "grouped_gemm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False,"
+      " str backend='auto') -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor group_sizes, bool trans_b=False,"
+      " str backend='auto') -> Tensor");
   m.def(
       "block_topology(Tensor tokens_per_expert, int block_size, int n_col_blocks) -> (Tensor"
       " padded_offsets, Tensor block_row, Tensor block_col, Tensor row_ptr, Tensor col_ptr,"

@@ -13,6 +13,8 @@ from typing import Literal, Optional
 
 import torch
 
+from .op_checks import GROUPED_GEMM_BACKENDS
+
 Activation = Literal["swiglu", "gelu", "relu"]
 RouterType = Literal["topk", "expert_choice"]
 ScoreFunction = Literal["softmax", "sigmoid"]
@@ -70,6 +72,10 @@ class MoEConfig:
       1.04-1.29x faster, hence the default.
       ``block_size=None`` picks 128 on CUDA and 32 on CPU, halved until it divides the local
       ffn size (``ffn_hidden_size / etp``); an explicit value must divide it.
+      ``grouped_gemm_backend`` (``expert_impl="grouped"``) picks the grouped GEMM
+      implementation, same formula: ``"auto"`` (default, the fastest measured) or ``"loop"`` on
+      any device; ``"streams"``, ``"cublas"``, ``"torch"`` (bfloat16) or ``"cutlass"``
+      (bfloat16) on CUDA only (``ops.grouped_gemm``).
     Bounded memory in dropless mode: the rows a rank's experts receive per forward may be
       capped by ``max_rows_per_rank`` and/or ``max_rows_factor`` (times the balanced load,
       ``top_k·Σ tokens / ep`` over the rank's ETP×EP group). Over the cap, ``row_overflow=
@@ -119,6 +125,7 @@ class MoEConfig:
     token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
 
     expert_impl: ExpertImpl = "grouped"
+    grouped_gemm_backend: str = "auto"
     block_size: Optional[int] = None
     max_rows_per_rank: Optional[int] = None
     max_rows_factor: Optional[float] = None
@@ -234,6 +241,7 @@ class MoEConfig:
 
     def _check_dropless(self) -> None:
         _choice("expert_impl", self.expert_impl, _EXPERT_IMPLS)
+        _choice("grouped_gemm_backend", self.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
         _choice("row_overflow", self.row_overflow, _ROW_OVERFLOWS)
         if self.block_size is not None:
             _positive_int("block_size", self.block_size)

@@ -158,8 +158,10 @@ class GroupedExperts(nn.Module):
                 x, self.w1, self.w2, group_sizes, self.block_size, self.config.activation
             )
             return y
-        h = ops.grouped_gemm(x, self.w1, group_sizes)
-        return ops.grouped_gemm(activate(h, self.config.activation), self.w2, group_sizes)
+        backend = self.config.grouped_gemm_backend
+        h = ops.grouped_gemm(x, self.w1, group_sizes, backend=backend)
+        a = activate(h, self.config.activation)
+        return ops.grouped_gemm(a, self.w2, group_sizes, backend=backend)
 
 
 class SharedExpert(nn.Module):

@@ -13,6 +13,8 @@ import torch
 
 IntList = Union[torch.Tensor, Sequence[int]]
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Grouped GEMM backends (csrc/cuda/grouped_gemm_cuda.cpp); "auto" and "loop" run on every device.
+GROUPED_GEMM_BACKENDS = ("auto", "loop", "streams", "cublas", "torch", "cutlass")
 
 # --------------------------------------------------------------------------------------------
 # Argument checks. The static checks (dtype, rank, shape, device) are shared by the fake kernels
@@ -160,6 +162,16 @@ def _check_grouped_gemm_static(
     if group_sizes.shape[0] != b.shape[0]:
         raise ValueError(
             f"group_sizes must have b.size(0)={b.shape[0]} entries, got {group_sizes.shape[0]}"
+        )
+
+
+def _check_grouped_gemm_backend(backend: str, a: torch.Tensor) -> None:
+    if backend not in GROUPED_GEMM_BACKENDS:
+        allowed = ", ".join(repr(b) for b in GROUPED_GEMM_BACKENDS)
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+    if a.device.type != "cuda" and backend not in ("auto", "loop"):
+        raise ValueError(
+            f"backend={backend!r} runs on CUDA tensors only; on {a.device} use 'auto' or 'loop'"
         )
 
 

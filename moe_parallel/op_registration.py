@@ -12,6 +12,7 @@ from .op_checks import (
     _check_bsr_dsd_static,
     _check_bsr_sdd_static,
     _check_bsr_wgrad_static,
+    _check_grouped_gemm_backend,
     _check_grouped_gemm_static,
     _check_grouped_gemm_wgrad_static,
     _check_permute_static,
@@ -54,13 +55,15 @@ def _sort_chunks_fake(x, split_sizes, order):
     return torch.empty_like(x)
 
 
-def _grouped_gemm_fake(a, b, group_sizes, trans_b=False):
+def _grouped_gemm_fake(a, b, group_sizes, trans_b=False, backend="auto"):
     _check_grouped_gemm_static(a, b, group_sizes, trans_b)
+    _check_grouped_gemm_backend(backend, a)
     return a.new_empty(a.shape[0], b.shape[1] if trans_b else b.shape[2])
 
 
-def _grouped_gemm_wgrad_fake(a, grad_out, group_sizes, trans_b=False):
+def _grouped_gemm_wgrad_fake(a, grad_out, group_sizes, trans_b=False, backend="auto"):
     _check_grouped_gemm_wgrad_static(a, grad_out, group_sizes)
+    _check_grouped_gemm_backend(backend, a)
     g, k, n = group_sizes.shape[0], a.shape[1], grad_out.shape[1]
     return a.new_empty((g, n, k) if trans_b else (g, k, n))
 
@@ -170,6 +173,7 @@ def _sort_chunks_backward(ctx, grad):
 def _grouped_gemm_setup(ctx, args, output):
     ctx.save_for_backward(args["a"], args["b"], args["group_sizes"])
     ctx.trans_b = args["trans_b"]
+    ctx.backend = args["backend"]
 
 
 def _grouped_gemm_backward(ctx, grad_out):
@@ -177,10 +181,12 @@ def _grouped_gemm_backward(ctx, grad_out):
     grad_out = grad_out.contiguous()
     grads = {}
     if ctx.needs_input_grad[0]:  # a
-        grads["a"] = torch.ops.moe_parallel.grouped_gemm(grad_out, b, group_sizes, not ctx.trans_b)
+        grads["a"] = torch.ops.moe_parallel.grouped_gemm(
+            grad_out, b, group_sizes, not ctx.trans_b, ctx.backend
+        )
     if ctx.needs_input_grad[1]:  # b
         grads["b"] = torch.ops.moe_parallel.grouped_gemm_wgrad(
-            a, grad_out, group_sizes, ctx.trans_b
+            a, grad_out, group_sizes, ctx.trans_b, ctx.backend
         )
     return grads
 

@@ -15,6 +15,7 @@ from .op_checks import (
     _check_bsr_sdd_static,
     _check_bsr_wgrad_static,
     _check_group_sizes_values,
+    _check_grouped_gemm_backend,
     _check_grouped_gemm_static,
     _check_grouped_gemm_wgrad_static,
     _check_offsets_values,
@@ -178,11 +179,17 @@ def sort_chunks_torch(x: torch.Tensor, split_sizes: IntList, order: IntList) -> 
 
 
 def grouped_gemm_torch(
-    a: torch.Tensor, b: torch.Tensor, group_sizes: IntList, trans_b: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group_sizes: IntList,
+    trans_b: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Twin of :func:`grouped_gemm`: rows of group g are ``a_g @ b[g]`` (``a_g @ b[g]^T``)."""
+    """Twin of :func:`grouped_gemm`: rows of group g are ``a_g @ b[g]`` (``a_g @ b[g]^T``).
+    ``backend`` is checked as the op checks it; the twin is the per-group loop."""
     group_sizes = _as_index_tensor(group_sizes, "group_sizes")
     _check_grouped_gemm_static(a, b, group_sizes, trans_b)
+    _check_grouped_gemm_backend(backend, a)
     _check_group_sizes_values(group_sizes, a.shape[0], "group_sizes", "a.size(0)")
     parts = [
         a_g @ (b[g].transpose(0, 1) if trans_b else b[g])
@@ -195,12 +202,17 @@ def grouped_gemm_torch(
 
 
 def grouped_gemm_wgrad_torch(
-    a: torch.Tensor, grad_out: torch.Tensor, group_sizes: IntList, trans_b: bool = False
+    a: torch.Tensor,
+    grad_out: torch.Tensor,
+    group_sizes: IntList,
+    trans_b: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Twin of ``grouped_gemm_wgrad``: ``grad_b[g] = a_g^T @ grad_out_g`` ([G, K, N]), or
     ``grad_out_g^T @ a_g`` ([G, N, K]) when ``trans_b``; zero for empty groups."""
     group_sizes = _as_index_tensor(group_sizes, "group_sizes")
     _check_grouped_gemm_wgrad_static(a, grad_out, group_sizes)
+    _check_grouped_gemm_backend(backend, a)
     _check_group_sizes_values(group_sizes, a.shape[0], "group_sizes", "a.size(0)")
     sizes = group_sizes.tolist()
     pairs = zip(a.split(sizes, 0), grad_out.split(sizes, 0))

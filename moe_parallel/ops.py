@@ -43,7 +43,12 @@ from typing import Optional
 
 import torch
 
-from .op_checks import FLOAT_DTYPES, IntList, _check_tensor  # noqa: F401
+from .op_checks import (  # noqa: F401
+    FLOAT_DTYPES,
+    GROUPED_GEMM_BACKENDS,
+    IntList,
+    _check_tensor,
+)
 from .op_twins import (  # noqa: F401  (re-exported)
     _as_index_tensor,
     block_topology_torch,
@@ -67,6 +72,7 @@ __all__ = [
     "unpermute",
     "sort_chunks",
     "grouped_gemm",
+    "GROUPED_GEMM_BACKENDS",
     "swiglu",
     "permute_torch",
     "unpermute_torch",
@@ -208,7 +214,11 @@ def sort_chunks(x: torch.Tensor, split_sizes: IntList, order: IntList) -> torch.
 
 
 def grouped_gemm(
-    a: torch.Tensor, b: torch.Tensor, group_sizes: IntList, trans_b: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group_sizes: IntList,
+    trans_b: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Per-group matmul: rows of group g of ``out [M, N]`` are ``a_g @ b[g]``.
 
@@ -216,14 +226,22 @@ def grouped_gemm(
     ``group_sizes [G]`` CPU int64 (or int sequence), entries ``>= 0`` summing to ``M``; groups are
     consecutive row blocks of ``a`` in order. Empty groups (and ``M = 0``) are allowed.
     Gradients: ``grad_a = grouped_gemm(grad_out, b, group_sizes, not trans_b)``,
-    ``grad_b[g] = a_g^T @ grad_out_g`` (``grad_out_g^T @ a_g`` with ``trans_b``).
+    ``grad_b[g] = a_g^T @ grad_out_g`` (``grad_out_g^T @ a_g`` with ``trans_b``), with the same
+    ``backend``.
+
+    ``backend`` (one of ``GROUPED_GEMM_BACKENDS``) picks the implementation, same result:
+    ``"auto"`` (the fastest measured), ``"loop"`` (one BLAS/cuBLAS GEMM per group); on CUDA only
+    ``"streams"`` (the per-group GEMMs on 4 side streams), ``"cublas"``
+    (``cublasGemmGroupedBatchedEx``; float32/bfloat16/float16), ``"torch"``
+    (``torch._grouped_mm``; bfloat16) and ``"cutlass"`` (a CUTLASS grouped kernel; bfloat16, K and
+    N multiples of 8).
     """
     group_sizes = _as_index_tensor(group_sizes, "group_sizes")
     if has_extension():
         return torch.ops.moe_parallel.grouped_gemm(
-            a.contiguous(), b.contiguous(), group_sizes.contiguous(), trans_b
+            a.contiguous(), b.contiguous(), group_sizes.contiguous(), trans_b, backend
         )
-    return grouped_gemm_torch(a, b, group_sizes, trans_b)
+    return grouped_gemm_torch(a, b, group_sizes, trans_b, backend)
 
 
 

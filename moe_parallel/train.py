@@ -33,6 +33,7 @@ from .cpu_memory import reuse_freed_memory
 from .grads import clip_grad_norm, sync_gradients
 from .init import init_distributed
 from .layer import MoELayer
+from .op_checks import GROUPED_GEMM_BACKENDS
 from .parallel_state import ParallelState
 
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
@@ -147,6 +148,7 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
         params_dtype=getattr(torch, args.dtype), token_dispatcher_type=args.dispatcher,
         expert_impl=args.expert_impl, block_size=args.block_size,
+        grouped_gemm_backend=args.grouped_gemm_backend,
         max_rows_factor=args.max_rows_factor, row_overflow=args.row_overflow,
     )
 
@@ -194,6 +196,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity-factor", type=float, default=0.0,
                    help="expert capacity factor; 0 (default) for dropless")
     p.add_argument("--expert-impl", choices=("grouped", "block_sparse"), default="grouped")
+    p.add_argument("--grouped-gemm-backend", choices=GROUPED_GEMM_BACKENDS, default="auto",
+                   help="grouped GEMM implementation (all but auto/loop need CUDA)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block-sparse block size (default: 128 on CUDA, 32 on CPU)")
     p.add_argument("--max-rows-factor", type=float, default=None,

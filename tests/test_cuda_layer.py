@@ -1,5 +1,5 @@
-"""MoELayer on CUDA against the float64 reference on CPU, in every dispatch mode (block-sparse
-experts, the default, and grouped GEMMs)."""
+"""MoELayer on CUDA against the float64 reference on CPU, in every dispatch mode (grouped GEMMs,
+the default, on each grouped GEMM backend, and block-sparse experts)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,21 @@ MODES = {
     "gelu_top1": dict(top_k=1, norm_topk_prob=False, activation="gelu", capacity_factor=1.25),
     "dropless_block_sparse": dict(expert_impl="block_sparse"),
     "dropless_block128": dict(ffn_hidden_size=256, expert_impl="block_sparse", block_size=128),
+    "grouped_streams": dict(grouped_gemm_backend="streams"),
+    "grouped_cublas": dict(grouped_gemm_backend="cublas"),
+    "grouped_torch": dict(grouped_gemm_backend="torch"),
+    "grouped_cutlass_capacity": dict(grouped_gemm_backend="cutlass", capacity_factor=1.0),
 }
+BF16_ONLY = {"grouped_torch", "grouped_cutlass_capacity"}  # backends without float32
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_cuda_layer_matches_reference(mode, dtype, tol):
+    if mode in BF16_ONLY and dtype != torch.bfloat16:
+        pytest.skip(f"{MODES[mode]['grouped_gemm_backend']} runs bfloat16 only")
+    if mode == "grouped_torch" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm's fast path needs sm_90")
     cfg = MoEConfig(**{**BASE, **MODES[mode], "params_dtype": dtype})
     torch.manual_seed(0)
     layer = MoELayer(cfg, device="cuda")

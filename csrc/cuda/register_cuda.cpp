@@ -1,6 +1,6 @@
 // CUDA implementations of the moe_parallel ops (schemas live in csrc/registry.cpp).
-// permute/unpermute/unpermute_backward and swiglu(_backward) use the kernels in csrc/cuda; sort_chunks, the grouped
-// GEMMs and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one cuBLAS GEMM per expert
+// permute/unpermute/unpermute_backward, swiglu(_backward) and the grouped GEMMs (by backend)
+// use csrc/cuda; sort_chunks and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one cuBLAS GEMM per expert
 // panel, with the block topology kept on the host) use the device-generic implementations.
 #ifdef MOE_PARALLEL_WITH_CUDA
 
@@ -13,8 +13,8 @@ TORCH_LIBRARY_IMPL(moe_parallel, CUDA, m) {
   m.impl("unpermute", &moe_parallel::unpermute_cuda);
   m.impl("unpermute_backward", &moe_parallel::unpermute_backward_cuda);
   m.impl("sort_chunks", &moe_parallel::sort_chunks_impl);
-  m.impl("grouped_gemm", &moe_parallel::grouped_gemm_impl);
-  m.impl("grouped_gemm_wgrad", &moe_parallel::grouped_gemm_wgrad_impl);
+  m.impl("grouped_gemm", &moe_parallel::grouped_gemm_cuda);
+  m.impl("grouped_gemm_wgrad", &moe_parallel::grouped_gemm_wgrad_cuda);
   m.impl("bsr_sdd", &moe_parallel::bsr_sdd_impl);
   m.impl("bsr_dsd", &moe_parallel::bsr_dsd_impl);
   m.impl("bsr_wgrad", &moe_parallel::bsr_wgrad_impl);

@@ -1,0 +1,317 @@
+// Grouped GEMM on CUDA, by backend. Contract (csrc/grouped_gemm.cpp): group g = the next
+// group_sizes[g] rows,
+//   grouped_gemm:       out_g = a_g @ b[g]   (b [G,K,N])    or a_g @ b[g]^T (b [G,N,K], trans_b)
+//   grouped_gemm_wgrad: grad_b[g] = a_g^T @ grad_out_g ([G,K,N]) or grad_out_g^T @ a_g ([G,N,K]),
+//                       zero for empty groups.
+// Backends:
+//   loop     one cuBLAS GEMM per non-empty group on the current stream (grouped_gemm_impl);
+//   streams  the same GEMMs on kSideStreams pool streams, largest group first, joined back
+//            into the current stream by events;
+//   cublas   one cublasGemmGroupedBatchedEx over the non-empty groups (float32 / bfloat16 /
+//            float16; TF32 for float32 only when torch allows TF32 in cuBLAS);
+//   torch    at::_grouped_mm with int32 cumulative row offsets on the device (bfloat16);
+//   cutlass  a CUTLASS grouped GEMM kernel (bfloat16, csrc/cuda/grouped_gemm_cutlass.cu);
+//   auto     kAutoBackend, the fastest measured by benchmarks/grouped_gemm_bench.py.
+#ifdef MOE_PARALLEL_WITH_CUDA
+
+#include <algorithm>
+#include <numeric>
+#include <string_view>
+#include <vector>
+
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../ops.h"
+
+namespace moe_parallel {
+namespace {
+
+// The per-group cuBLAS loop: on H100 (benchmarks/results/h100_2026-11-22_run3) it matched or
+// beat at::_grouped_mm in 3 of 4 forward+backward cases.
+constexpr std::string_view kAutoBackend = "loop";
+constexpr int kSideStreams = 4;
+
+std::string_view resolve(c10::string_view backend) {
+  return backend == "auto" ? kAutoBackend : std::string_view(backend.data(), backend.size());
+}
+
+void check_backend_dtype(std::string_view backend, const at::Tensor& a) {
+#ifndef MOE_PARALLEL_WITH_CUTLASS
+  TORCH_CHECK(backend != "cutlass", "backend='cutlass' was not built (CUTLASS headers not found "
+              "at build time: pip install --no-deps nvidia-cutlass, then rebuild)");
+#endif
+  const at::ScalarType t = a.scalar_type();
+  if (backend == "torch" || backend == "cutlass") {
+    TORCH_CHECK_VALUE(t == at::kBFloat16, "backend='", backend,
+                      "' needs bfloat16 operands, got ", t, "; use 'loop' or 'cublas' for ",
+                      t);
+  } else if (backend == "cublas") {
+    TORCH_CHECK_VALUE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+                      "backend='cublas' needs float32, bfloat16 or float16 operands, got ", t,
+                      "; use 'loop' for ", t);
+  }
+}
+
+// Groups by decreasing size (ties in index order): the order the side streams take them.
+std::vector<int64_t> largest_first(const int64_t* gs, int64_t G) {
+  std::vector<int64_t> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return gs[x] > gs[y]; });
+  return order;
+}
+
+// Runs one(g) for every group g with group_sizes[g] > 0, round-robin over kSideStreams streams
+// that start after the work already queued on the current stream; the current stream then
+// waits for all of them.
+template <typename Fn>
+void on_side_streams(const int64_t* gs, int64_t G, const Fn& one) {
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  at::cuda::CUDAEvent ready;
+  ready.record(current);
+  std::vector<c10::cuda::CUDAStream> side;
+  for (int s = 0; s < kSideStreams; ++s) {
+    side.push_back(c10::cuda::getStreamFromPool(false, current.device_index()));
+    ready.block(side.back());
+  }
+  int64_t i = 0;
+  for (int64_t g : largest_first(gs, G)) {
+    if (gs[g] == 0) break;
+    c10::cuda::CUDAStreamGuard guard(side[i++ % kSideStreams]);
+    one(g);
+  }
+  for (const auto& s : side) {
+    at::cuda::CUDAEvent done;
+    done.record(s);
+    done.block(current);
+  }
+}
+
+std::vector<int64_t> row_starts(const int64_t* gs, int64_t G) {
+  std::vector<int64_t> row(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) row[g + 1] = row[g] + gs[g];
+  return row;
+}
+
+// One row-major product C [m, n] = op(A) [m, k] @ op(B) [k, n]; A is stored [m, k] (or [k, m]
+// when trans_a) with row stride lda, likewise B, C with row stride ldc.
+struct RowMajorGemm {
+  const void* a;
+  int64_t lda;
+  bool trans_a;
+  const void* b;
+  int64_t ldb;
+  bool trans_b;
+  void* c;
+  int64_t ldc;
+  int64_t m, n, k;
+};
+
+cudaDataType_t cuda_type_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return CUDA_R_32F;
+    case at::kBFloat16:
+      return CUDA_R_16BF;
+    case at::kHalf:
+      return CUDA_R_16F;
+    default:
+      TORCH_CHECK_VALUE(false, "backend='cublas' does not support dtype ", t);
+  }
+}
+
+int as_int(int64_t v, const char* what) {
+  TORCH_CHECK_VALUE(v <= std::numeric_limits<int>::max(), "backend='cublas' needs ", what,
+                    " < 2^31, got ", v, "; use 'loop'");
+  return static_cast<int>(v);
+}
+
+// All products in one cublasGemmGroupedBatchedEx (one problem per group of the call). cuBLAS is
+// column-major: the row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T, so
+// cuBLAS's first operand is B and its second is A.
+void cublas_grouped(const std::vector<RowMajorGemm>& gemms, at::ScalarType dtype,
+                    const at::Device& device) {
+  const int P = static_cast<int>(gemms.size());
+  if (P == 0) return;
+  std::vector<cublasOperation_t> op_first(P), op_second(P);
+  std::vector<int> m(P), n(P), k(P), ld_first(P), ld_second(P), ldc(P), ones(P, 1);
+  std::vector<float> alpha(P, 1.0f), beta(P, 0.0f);
+  at::Tensor ptrs_host =
+      at::empty({3 * static_cast<int64_t>(P)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* ptrs = ptrs_host.data_ptr<int64_t>();
+  for (int p = 0; p < P; ++p) {
+    const RowMajorGemm& g = gemms[p];
+    op_first[p] = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    op_second[p] = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    m[p] = as_int(g.n, "N");
+    n[p] = as_int(g.m, "the rows of a group");
+    k[p] = as_int(g.k, "K");
+    ld_first[p] = as_int(g.ldb, "the leading dimension");
+    ld_second[p] = as_int(g.lda, "the leading dimension");
+    ldc[p] = as_int(g.ldc, "the leading dimension");
+    ptrs[p] = reinterpret_cast<int64_t>(g.b);
+    ptrs[P + p] = reinterpret_cast<int64_t>(g.a);
+    ptrs[2 * P + p] = reinterpret_cast<int64_t>(g.c);
+  }
+  // The caching host allocator keeps the pinned block until this copy has run.
+  const at::Tensor ptrs_dev = ptrs_host.to(at::TensorOptions().device(device), true);
+  const auto* dev = reinterpret_cast<void* const*>(ptrs_dev.data_ptr<int64_t>());
+  const cudaDataType_t type = cuda_type_of(dtype);
+  const cublasComputeType_t compute =
+      dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()
+          ? CUBLAS_COMPUTE_32F_FAST_TF32
+          : CUBLAS_COMPUTE_32F;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TORCH_CUDABLAS_CHECK(cublasGemmGroupedBatchedEx(
+      handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(), alpha.data(),
+      reinterpret_cast<const void* const*>(dev), type, ld_first.data(),
+      reinterpret_cast<const void* const*>(dev + P), type, ld_second.data(), beta.data(),
+      dev + 2 * P, type, ldc.data(), P, ones.data(), compute));
+}
+
+// int32 inclusive prefix sums of the group sizes on a's device: the offs of at::_grouped_mm.
+at::Tensor device_offsets(const int64_t* gs, int64_t G, const at::Device& device) {
+  at::Tensor host = at::empty({G}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int32_t* p = host.data_ptr<int32_t>();
+  int64_t end = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    end += gs[g];
+    TORCH_CHECK_VALUE(end <= std::numeric_limits<int32_t>::max(),
+                      "backend='torch' needs fewer than 2^31 rows, got ", end);
+    p[g] = static_cast<int32_t>(end);
+  }
+  return host.to(at::TensorOptions().device(device), true);
+}
+
+void zero_empty_groups(at::Tensor& grad_b, const int64_t* gs, int64_t G) {
+  for (int64_t g = 0; g < G; ++g) {
+    if (gs[g] == 0) grad_b.select(0, g).zero_();
+  }
+}
+
+}  // namespace
+
+#ifndef MOE_PARALLEL_WITH_CUTLASS  // unreachable: check_backend_dtype rejects "cutlass" first
+void grouped_gemm_cutlass(const at::Tensor&, const at::Tensor&, const int64_t*, bool,
+                          at::Tensor&) {
+  TORCH_CHECK(false, "backend='cutlass' was not built");
+}
+void grouped_gemm_wgrad_cutlass(const at::Tensor&, const at::Tensor&, const int64_t*, bool,
+                                at::Tensor&) {
+  TORCH_CHECK(false, "backend='cutlass' was not built");
+}
+#endif
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& group_sizes, bool trans_b,
+                             c10::string_view backend) {
+  check_grouped_gemm_args(a, b, group_sizes, trans_b);
+  check_grouped_gemm_backend(backend, a);
+  const std::string_view use = resolve(backend);
+  check_backend_dtype(use, a);
+  if (use == "loop") return grouped_gemm_impl(a, b, group_sizes, trans_b, "loop");
+
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "grouped_gemm needs contiguous a and b");
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  const at::Tensor sizes = group_sizes.contiguous();
+  const int64_t* gs = sizes.data_ptr<int64_t>();
+  const int64_t G = b.size(0), K = a.size(1), N = trans_b ? b.size(1) : b.size(2);
+  if (a.size(0) == 0) return at::empty({0, N}, a.options());
+  if (use == "torch") {
+    const at::Tensor offs = device_offsets(gs, G, a.device());
+    return at::_grouped_mm(a, trans_b ? b.transpose(1, 2) : b, offs).contiguous();
+  }
+  at::Tensor out = at::empty({a.size(0), N}, a.options());
+  if (use == "cutlass") {
+    grouped_gemm_cutlass(a, b, gs, trans_b, out);
+    return out;
+  }
+  const std::vector<int64_t> row = row_starts(gs, G);
+  if (use == "streams") {
+    on_side_streams(gs, G,
+                    [&](int64_t g) { gemm_one_group(a, b, g, row[g], gs[g], trans_b, out); });
+    return out;
+  }
+  // cublas
+  std::vector<RowMajorGemm> gemms;
+  const int64_t elt = a.element_size();
+  const char* pa = static_cast<const char*>(a.data_ptr());
+  const char* pb = static_cast<const char*>(b.data_ptr());
+  char* pc = static_cast<char*>(out.data_ptr());
+  for (int64_t g = 0; g < G; ++g) {
+    if (gs[g] == 0) continue;
+    gemms.push_back({pa + row[g] * K * elt, K, false, pb + g * K * N * elt, trans_b ? K : N,
+                     trans_b, pc + row[g] * N * elt, N, gs[g], N, K});
+  }
+  cublas_grouped(gemms, a.scalar_type(), a.device());
+  return out;
+}
+
+at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const at::Tensor& group_sizes, bool trans_b,
+                                   c10::string_view backend) {
+  check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
+  check_grouped_gemm_backend(backend, a);
+  const std::string_view use = resolve(backend);
+  check_backend_dtype(use, a);
+  if (use == "loop") return grouped_gemm_wgrad_impl(a, grad_out, group_sizes, trans_b, "loop");
+
+  TORCH_CHECK(a.is_contiguous() && grad_out.is_contiguous(),
+              "grouped_gemm_wgrad needs contiguous a and grad_out");
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  const at::Tensor sizes = group_sizes.contiguous();
+  const int64_t* gs = sizes.data_ptr<int64_t>();
+  const int64_t G = group_sizes.size(0), K = a.size(1), N = grad_out.size(1);
+  const std::vector<int64_t> out_shape =
+      trans_b ? std::vector<int64_t>{G, N, K} : std::vector<int64_t>{G, K, N};
+  if (a.size(0) == 0) return at::zeros(out_shape, a.options());
+  at::Tensor grad_b;
+  if (use == "torch") {
+    const at::Tensor offs = device_offsets(gs, G, a.device());
+    grad_b = (trans_b ? at::_grouped_mm(grad_out.t(), a, offs) : at::_grouped_mm(a.t(), grad_out, offs))
+                 .contiguous();
+    zero_empty_groups(grad_b, gs, G);
+    return grad_b;
+  }
+  grad_b = at::empty(out_shape, a.options());
+  if (use == "cutlass") {  // zeroes the empty groups itself
+    grouped_gemm_wgrad_cutlass(a, grad_out, gs, trans_b, grad_b);
+    return grad_b;
+  }
+  zero_empty_groups(grad_b, gs, G);
+  const std::vector<int64_t> row = row_starts(gs, G);
+  if (use == "streams") {
+    on_side_streams(gs, G, [&](int64_t g) {
+      wgrad_one_group(a, grad_out, g, row[g], gs[g], trans_b, grad_b);
+    });
+    return grad_b;
+  }
+  // cublas: [K, N] = a_g^T @ go_g, or [N, K] = go_g^T @ a_g.
+  std::vector<RowMajorGemm> gemms;
+  const int64_t elt = a.element_size();
+  const char* pa = static_cast<const char*>(a.data_ptr());
+  const char* po = static_cast<const char*>(grad_out.data_ptr());
+  char* pc = static_cast<char*>(grad_b.data_ptr());
+  for (int64_t g = 0; g < G; ++g) {
+    if (gs[g] == 0) continue;
+    const char* a_g = pa + row[g] * K * elt;
+    const char* go_g = po + row[g] * N * elt;
+    char* c = pc + g * K * N * elt;
+    if (trans_b) {
+      gemms.push_back({go_g, N, true, a_g, K, false, c, K, N, K, gs[g]});
+    } else {
+      gemms.push_back({a_g, K, true, go_g, N, false, c, N, K, N, gs[g]});
+    }
+  }
+  cublas_grouped(gemms, a.scalar_type(), a.device());
+  return grad_b;
+}
+
+}  // namespace moe_parallel
+
+#endif  // MOE_PARALLEL_WITH_CUDA

@@ -1,0 +1,267 @@
+// Grouped GEMM on CUDA with CUTLASS 2.x grouped kernels (Sm80 tensor ops, bf16 in/out, fp32
+// accumulation; also runs on sm_90). Group g = the next group_sizes[g] rows of a (and grad_out):
+//   grouped_gemm_cutlass:       out_g = a_g @ b[g]             b [G,K,N]
+//                               out_g = a_g @ b[g]^T           b [G,N,K] (trans_b)
+//   grouped_gemm_wgrad_cutlass: grad_b[g] = a_g^T @ grad_out_g       [G,K,N]
+//                               grad_b[g] = grad_out_g^T @ a_g       [G,N,K] (trans_b)
+//                               zero for empty groups.
+// out / grad_b are preallocated, contiguous. All operands bf16, contiguous, 16-byte aligned, and K
+// and N multiples of 8 (128-bit accesses). One launch per call: empty groups are left out of the
+// problem list; per-problem sizes, pointers and leading dimensions go to the device in one
+// pinned-buffer copy on the current stream, and the kernel walks the problems on the device
+// (GroupScheduleMode::kDeviceOnly).
+#ifdef MOE_PARALLEL_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/thread/linear_combination.h"
+#include "cutlass/gemm/device/gemm_grouped.h"
+#include "cutlass/gemm/kernel/default_gemm_grouped.h"
+
+#include "../ops.h"
+
+namespace moe_parallel {
+namespace {
+
+using Element = cutlass::bfloat16_t;
+using RowMajor = cutlass::layout::RowMajor;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements = 16 bytes
+
+// One tile configuration for every layout: 128x128x32 threadblock, 2x2 warps of 64x64x32,
+// m16n8k16 bf16 mma, 4 stages (64 KiB shared memory; ~255 registers a thread, no spills, so
+// one resident block per SM on A100 and H100).
+template <typename LayoutA, typename LayoutB>
+using GroupedGemm = cutlass::gemm::device::GemmGrouped<
+    typename cutlass::gemm::kernel::DefaultGemmGrouped<
+        Element, LayoutA, cutlass::ComplexTransform::kNone, kAlign,
+        Element, LayoutB, cutlass::ComplexTransform::kNone, kAlign,
+        Element, RowMajor, float,
+        cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+        cutlass::gemm::GemmShape<128, 128, 32>, cutlass::gemm::GemmShape<64, 64, 32>,
+        cutlass::gemm::GemmShape<16, 8, 16>,
+        cutlass::epilogue::thread::LinearCombination<Element, kAlign, float, float>,
+        cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle, 4,
+        cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel>;
+
+using GemmNN = GroupedGemm<RowMajor, RowMajor>;     // forward
+using GemmNT = GroupedGemm<RowMajor, ColumnMajor>;  // forward, trans_b
+using GemmTN = GroupedGemm<ColumnMajor, RowMajor>;  // wgrad (both orientations)
+
+// One GEMM of the group: D [m, n] = A [m, k] @ B [k, n], leading dimensions in elements in the
+// layouts of the kernel it goes to.
+struct Problem {
+  const at::BFloat16* a;
+  const at::BFloat16* b;
+  at::BFloat16* d;
+  int64_t lda, ldb, ldd;
+  int64_t m, n, k;
+};
+
+void check_status(cutlass::Status status, const char* step) {
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "grouped_gemm (backend='cutlass'): CUTLASS ",
+              step, " failed: ", cutlassGetStatusString(status));
+}
+
+// Runs every problem in one grouped launch on the current stream. The device-side argument
+// arrays are, in one buffer: ptr_A[P], ptr_B[P], ptr_D[P], lda[P], ldb[P], ldd[P] (8 bytes
+// each), then problem_sizes[P] (GemmCoord (m, n, k)). C is D with beta = 0 (never read).
+template <typename Gemm>
+void run_grouped(const std::vector<Problem>& problems, const at::Device& device) {
+  static_assert(sizeof(Element*) == sizeof(int64_t), "8-byte pointers expected");
+  static_assert(std::is_same<typename Gemm::LayoutA::Stride::LongIndex, int64_t>::value &&
+                std::is_same<typename Gemm::LayoutB::Stride::LongIndex, int64_t>::value &&
+                std::is_same<typename Gemm::LayoutC::Stride::LongIndex, int64_t>::value,
+                "int64 leading dimensions expected");
+  using cutlass::gemm::GemmCoord;
+  const int64_t P = static_cast<int64_t>(problems.size());
+  if (P == 0) return;
+  const int64_t words = 6 * P;
+  const int64_t bytes = words * 8 + P * static_cast<int64_t>(sizeof(GemmCoord));
+
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* h = static_cast<uint8_t*>(host.data_ptr());
+  auto** ptr_a = reinterpret_cast<Element**>(h);
+  auto** ptr_b = ptr_a + P;
+  auto** ptr_d = ptr_b + P;
+  auto* ld = reinterpret_cast<int64_t*>(ptr_d + P);  // lda, ldb, ldd
+  auto* sizes = reinterpret_cast<GemmCoord*>(h + words * 8);
+  for (int64_t p = 0; p < P; ++p) {
+    const Problem& q = problems[p];
+    ptr_a[p] = reinterpret_cast<Element*>(const_cast<at::BFloat16*>(q.a));
+    ptr_b[p] = reinterpret_cast<Element*>(const_cast<at::BFloat16*>(q.b));
+    ptr_d[p] = reinterpret_cast<Element*>(q.d);
+    ld[p] = q.lda;
+    ld[P + p] = q.ldb;
+    ld[2 * P + p] = q.ldd;
+    sizes[p] = GemmCoord(static_cast<int>(q.m), static_cast<int>(q.n), static_cast<int>(q.k));
+  }
+
+  at::Tensor dev = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  dev.copy_(host, /*non_blocking=*/true);  // the host allocator keeps `host` until it is done
+  auto* d = static_cast<uint8_t*>(dev.data_ptr());
+  auto at_dev = [&](const void* host_ptr) {
+    return d + (static_cast<const uint8_t*>(host_ptr) - h);
+  };
+  auto** dev_ptr_a = reinterpret_cast<Element**>(at_dev(ptr_a));
+  auto** dev_ptr_b = reinterpret_cast<Element**>(at_dev(ptr_b));
+  auto** dev_ptr_d = reinterpret_cast<Element**>(at_dev(ptr_d));
+  auto* dev_ld = reinterpret_cast<int64_t*>(at_dev(ld));
+  auto* dev_sizes = reinterpret_cast<GemmCoord*>(at_dev(sizes));
+
+  // Persistent threadblocks: min(tiles, SMs x resident blocks per SM).
+  const int threadblocks = Gemm::sufficient(sizes, static_cast<int>(P));
+  TORCH_CHECK(threadblocks > 0,
+              "grouped_gemm (backend='cutlass'): CUTLASS could not size the launch "
+              "(occupancy query failed)");
+
+  typename Gemm::Arguments args(dev_sizes, static_cast<int>(P), threadblocks,
+                                typename Gemm::EpilogueOutputOp::Params(1.0f, 0.0f),
+                                dev_ptr_a, dev_ptr_b, dev_ptr_d, dev_ptr_d,
+                                dev_ld, dev_ld + P, dev_ld + 2 * P, dev_ld + 2 * P, sizes);
+  check_status(Gemm::can_implement(args), "can_implement");
+  const size_t workspace_bytes = Gemm::get_workspace_size(args);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)},
+                          at::TensorOptions().dtype(at::kByte).device(device));
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Gemm gemm;
+  check_status(gemm.initialize(args, workspace_bytes > 0 ? workspace.data_ptr() : nullptr, stream),
+               "initialize");
+  check_status(gemm.run(stream), "run");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// What the kernels need of every operand: CUDA bf16, contiguous, 16-byte aligned, on one device.
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& a) {
+  TORCH_CHECK(t.is_cuda() && t.device() == a.device(), "grouped_gemm (backend='cutlass'): ", name,
+              " must be on ", a.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kBFloat16,
+                    "grouped_gemm (backend='cutlass') needs bfloat16, got ", name, " of ",
+                    t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "grouped_gemm (backend='cutlass'): ", name,
+              " must be contiguous");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0,
+                    "grouped_gemm (backend='cutlass') needs 16-byte aligned tensors, ", name,
+                    " is not");
+}
+
+void check_dims(int64_t K, int64_t N) {
+  TORCH_CHECK_VALUE(K % kAlign == 0, "grouped_gemm: backend='cutlass' needs K and N multiples of ",
+                    kAlign, ", got K=", K);
+  TORCH_CHECK_VALUE(N % kAlign == 0, "grouped_gemm: backend='cutlass' needs K and N multiples of ",
+                    kAlign, ", got N=", N);
+  TORCH_CHECK_VALUE(K <= INT_MAX && N <= INT_MAX,
+                    "grouped_gemm: backend='cutlass' needs K and N below 2^31, got K=", K,
+                    ", N=", N);
+}
+
+void check_group_size(int64_t m, int64_t g) {
+  TORCH_CHECK_VALUE(m <= INT_MAX, "grouped_gemm: backend='cutlass' needs group sizes below 2^31, "
+                    "group ", g, " has ", m, " rows");
+}
+
+}  // namespace
+
+void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_t* group_sizes,
+                          bool trans_b, at::Tensor& out) {
+  check_operand(a, "a", a);
+  check_operand(b, "b", a);
+  check_operand(out, "out", a);
+  const int64_t M = a.size(0), K = a.size(1), G = b.size(0);
+  const int64_t N = trans_b ? b.size(1) : b.size(2);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N,
+              "grouped_gemm (backend='cutlass'): out must be [", M, ", ", N, "], got ",
+              out.sizes());
+  check_dims(K, N);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  const at::BFloat16* pa = a.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* pb = b.const_data_ptr<at::BFloat16>();
+  at::BFloat16* pd = out.data_ptr<at::BFloat16>();
+  std::vector<Problem> problems;
+  problems.reserve(G);
+  int64_t row = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t m = group_sizes[g];
+    if (m == 0) continue;
+    check_group_size(m, g);
+    // A = a_g [m, K] row-major; B = b[g] [K, N] row-major, or b[g]^T: [N, K] row-major read
+    // as [K, N] column-major, ld K; D = out rows [row, row + m), ld N.
+    problems.push_back({pa + row * K, pb + g * K * N, pd + row * N, K, trans_b ? K : N, N,
+                        m, N, K});
+    row += m;
+  }
+  if (trans_b) {
+    run_grouped<GemmNT>(problems, a.device());
+  } else {
+    run_grouped<GemmNN>(problems, a.device());
+  }
+}
+
+void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
+                                const int64_t* group_sizes, bool trans_b, at::Tensor& grad_b) {
+  check_operand(a, "a", a);
+  check_operand(grad_out, "grad_out", a);
+  check_operand(grad_b, "grad_b", a);
+  const int64_t M = a.size(0), K = a.size(1), N = grad_out.size(1), G = grad_b.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == M,
+              "grouped_gemm (backend='cutlass'): grad_out must have ", M, " rows, got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_b.dim() == 3 && grad_b.size(1) == (trans_b ? N : K) &&
+                  grad_b.size(2) == (trans_b ? K : N),
+              "grouped_gemm (backend='cutlass'): grad_b must be [", G, ", ", trans_b ? N : K,
+              ", ", trans_b ? K : N, "], got ", grad_b.sizes());
+  check_dims(K, N);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (K == 0 || N == 0 || G == 0) return;
+  const at::BFloat16* pa = a.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* pgo = grad_out.const_data_ptr<at::BFloat16>();
+  at::BFloat16* pd = grad_b.data_ptr<at::BFloat16>();
+  std::vector<Problem> problems;
+  problems.reserve(G);
+  int64_t row = 0, zero_from = -1;  // zero_from: first of a run of empty groups
+  for (int64_t g = 0; g <= G; ++g) {
+    const bool empty = g < G && group_sizes[g] == 0;
+    if (empty && zero_from < 0) zero_from = g;
+    if (!empty && zero_from >= 0) {
+      grad_b.narrow(0, zero_from, g - zero_from).zero_();
+      zero_from = -1;
+    }
+    if (g == G || empty) continue;
+    const int64_t m = group_sizes[g];
+    check_group_size(m, g);
+    const at::BFloat16* ag = pa + row * K;     // a_g [m, K] row-major, ld K
+    const at::BFloat16* gog = pgo + row * N;   // grad_out_g [m, N] row-major, ld N
+    at::BFloat16* dg = pd + g * K * N;
+    // A column-major = the transpose of a row-major [m, x] slice, ld x; B row-major; k = m.
+    if (trans_b) {
+      // grad_b[g] [N, K] = grad_out_g^T [N, m] @ a_g [m, K]
+      problems.push_back({gog, ag, dg, N, K, K, N, K, m});
+    } else {
+      // grad_b[g] [K, N] = a_g^T [K, m] @ grad_out_g [m, N]
+      problems.push_back({ag, gog, dg, K, N, N, K, N, m});
+    }
+    row += m;
+  }
+  run_grouped<GemmTN>(problems, a.device());
+}
+
+}  // namespace moe_parallel
+
+#endif  // MOE_PARALLEL_WITH_CUDA

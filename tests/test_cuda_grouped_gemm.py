@@ -1,0 +1,198 @@
+"""Every CUDA backend of grouped_gemm / grouped_gemm_wgrad (loop, streams, cublas, torch, cutlass)
+against float64 references and the per-group loop: ragged groups with empty ones, one group,
+no rows, 64 groups, a large bf16 case; forward, the wgrad op and both gradients through
+autograd, with trans_b. Freed allocator blocks are filled with 0x7F bytes first, so rows a
+backend forgets to write show up. Unsupported dtypes and shapes raise, naming the backend, before
+any kernel runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_parallel import ops
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        not ops.has_extension(), reason=f"moe_parallel._C not loaded ({ops.extension_error()!r})"
+    ),
+]
+
+DEV = "cuda"
+BACKENDS = ("loop", "streams", "cublas", "torch", "cutlass")
+DTYPES = {
+    "loop": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "streams": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "cublas": (torch.float32, torch.bfloat16, torch.float16),
+    "torch": (torch.bfloat16,),
+    "cutlass": (torch.bfloat16,),
+}
+# Relative-norm error bounds against float64 of the same (rounded) inputs.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+CASES = {
+    "ragged_with_empty": [37, 0, 64, 5, 0, 130],
+    "single": [96],
+    "no_rows": [0, 0, 0],
+    "groups64": None,  # 64 random sizes in [0, 40], about a fifth of them empty
+}
+K, N = 64, 48  # multiples of 8, as the bf16 grouped kernels need
+
+
+def sizes_of(case: str) -> list[int]:
+    if CASES[case] is not None:
+        return CASES[case]
+    g = torch.Generator().manual_seed(5)
+    s = torch.randint(0, 41, (64,), generator=g)
+    s[torch.rand(64, generator=g) < 0.2] = 0
+    return s.tolist()
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """CPU N(0,1) values shifted away from 0 (|v| >= 0.05), rounded to dtype."""
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (t + 0.05 * torch.where(t >= 0, 1.0, -1.0)).to(dtype)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert tuple(out.shape) == tuple(ref.shape), (tuple(out.shape), tuple(ref.shape))
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm()) if ref.norm() > 0 else float(out.norm())
+
+
+def poison_allocator() -> None:
+    for size in (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24):
+        blocks = [torch.full((size,), 0x7F, dtype=torch.uint8, device=DEV) for _ in range(3)]
+        del blocks
+
+
+def references(a, b, sizes, trans_b, grad):
+    """float64 (out, grad_a, grad_b) of out_g = a_g @ b[g] (b[g]^T with trans_b)."""
+    G = len(sizes)
+    bd = b.double().transpose(1, 2) if trans_b else b.double()  # [G, K, N]
+    groups = torch.repeat_interleave(torch.arange(G), torch.tensor(sizes, dtype=torch.int64))
+    ad, gd = a.double(), grad.double()
+    out = torch.einsum("mk,mkn->mn", ad, bd[groups])
+    grad_a = torch.einsum("mn,mkn->mk", gd, bd[groups])
+    grad_b = torch.zeros(G, a.shape[1], grad.shape[1], dtype=torch.float64)
+    grad_b.index_add_(0, groups, torch.einsum("mk,mn->mkn", ad, gd))
+    return out, grad_a, grad_b.transpose(1, 2) if trans_b else grad_b
+
+
+def needs_sm90(backend: str) -> None:
+    if backend == "torch" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm's fast path needs sm_90")
+
+
+PARAMS = [
+    (be, dt, case)
+    for be in BACKENDS
+    for dt in DTYPES[be]
+    for case in CASES
+]
+
+
+@pytest.mark.parametrize("backend,dtype,case", PARAMS, ids=[f"{b}-{d}-{c}" for b, d, c in PARAMS])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_backend_matches_float64(backend, dtype, case, trans_b):
+    needs_sm90(backend)
+    sizes = sizes_of(case)
+    G, Mrows = len(sizes), sum(sizes)
+    a = randn(Mrows, K, dtype=dtype, seed=1)
+    b = randn(*((G, N, K) if trans_b else (G, K, N)), dtype=dtype, seed=2)
+    grad = randn(Mrows, N, dtype=dtype, seed=3)
+    gs = torch.tensor(sizes, dtype=torch.int64)
+    r_out, r_ga, r_gb = references(a, b, sizes, trans_b, grad)
+    bound = TOL[dtype]
+
+    poison_allocator()
+    a_d = a.to(DEV).requires_grad_(True)
+    b_d = b.to(DEV).requires_grad_(True)
+    out = ops.grouped_gemm(a_d, b_d, gs, trans_b, backend=backend)
+    assert out.is_cuda and out.dtype == dtype and out.shape == (Mrows, N)
+    out.backward(grad.to(DEV))
+    if Mrows == 0:
+        assert out.numel() == 0
+        assert bool((b_d.grad == 0).all())
+        return
+    assert rel_err(out, r_out) < bound
+    assert rel_err(a_d.grad, r_ga) < bound
+    assert rel_err(b_d.grad, r_gb) < bound
+
+    wg = torch.ops.moe_parallel.grouped_gemm_wgrad(
+        a.to(DEV), grad.to(DEV), gs, trans_b, backend
+    )
+    assert wg.shape == b.shape and wg.dtype == dtype
+    assert rel_err(wg, r_gb) < bound
+    for g, s in enumerate(sizes):
+        if s == 0:
+            assert bool((wg[g] == 0).all()), f"group {g} is empty but its gradient is not zero"
+
+    loop = ops.grouped_gemm(a.to(DEV), b.to(DEV), gs, trans_b, backend="loop")
+    assert rel_err(out, loop) < bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_large_bf16(backend):
+    """Mixtral-like shape at small scale: 8 skewed groups, 8192 rows, H=1024, 2F=2048."""
+    needs_sm90(backend)
+    sizes = [2900, 1700, 1200, 900, 700, 500, 292, 0]
+    a = (torch.randn(sum(sizes), 1024, device=DEV) * 0.5).to(torch.bfloat16)
+    b = (torch.randn(8, 1024, 2048, device=DEV) * 1024**-0.5).to(torch.bfloat16)
+    gs = torch.tensor(sizes)
+    out = ops.grouped_gemm(a, b, gs, backend=backend)
+    groups = torch.repeat_interleave(torch.arange(8, device=DEV), gs.to(DEV))
+    ref = torch.bmm(a.double().unsqueeze(1), b.double()[groups]).squeeze(1)
+    assert rel_err(out, ref) < 1e-2
+    go = torch.randn_like(out)
+    wg = torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, gs, False, backend)
+    ref_wg = torch.zeros(8, 1024, 2048, dtype=torch.float64, device=DEV)
+    ref_wg.index_add_(0, groups, a.double().unsqueeze(2) * go.double().unsqueeze(1))
+    assert rel_err(wg, ref_wg) < 1e-2
+
+
+def test_cublas_float32_without_tf32_is_float32_exact():
+    """TF32 only when torch allows it: with it off, the cuBLAS backend meets the fp32 bound."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        sizes = [300, 0, 211]
+        a = randn(511, 256, dtype=torch.float32, seed=4)
+        b = randn(3, 256, 128, dtype=torch.float32, seed=5)
+        out = ops.grouped_gemm(a.to(DEV), b.to(DEV), sizes, backend="cublas")
+        ref, _, _ = references(a, b, sizes, False, torch.zeros(511, 128))
+        assert rel_err(out, ref) < 1e-6
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def assert_raises_before_kernels(match: str, fn) -> None:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with pytest.raises(ValueError, match=match):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gemm = [k for k in kernels if "gemm" in k.lower() or "cutlass" in k.lower()]
+    assert not gemm, f"GEMM kernels ran before the error: {gemm}"
+
+
+BAD = {
+    "torch_float32": ("torch", torch.float32, K, r"backend='torch'.*bfloat16"),
+    "cutlass_float16": ("cutlass", torch.float16, K, r"backend='cutlass'.*bfloat16"),
+    "cublas_float64": ("cublas", torch.float64, K, r"backend='cublas'.*float32"),
+    "cutlass_k_not_multiple_of_8": ("cutlass", torch.bfloat16, 20, r"backend='cutlass'.*\bK\b"),
+    "unknown": ("cuBLAS", torch.float32, K, r"backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_backend_bad_input(case):
+    backend, dtype, k, match = BAD[case]
+    a = randn(10, k, dtype=dtype, seed=6).to(DEV)
+    b = randn(2, k, N, dtype=dtype, seed=7).to(DEV)
+    go = randn(10, N, dtype=dtype, seed=8).to(DEV)
+    assert_raises_before_kernels(match, lambda: ops.grouped_gemm(a, b, [4, 6], backend=backend))
+    wgrad = torch.ops.moe_parallel.grouped_gemm_wgrad
+    assert_raises_before_kernels(
+        match, lambda: wgrad(a, go, torch.tensor([4, 6]), False, backend)
+    )
