@@ -5,8 +5,11 @@
 # time the ops, the grouped GEMM backends and the layer. Writes logs and JSON under $OUT
 # (default ./device_out). The device has no PyPI: run `make cutlass-headers` here first and pass
 # build/cutlass_include in the device call's carry, or the 'cutlass' backend is left out.
+# PACK=file.tgz packs everything written under $OUT into that one file on exit (the device tool
+# returns at most 8 files): OUT=/tmp/ds PACK=$OUT_OF_THE_TOOL/device_session.tgz bash ...
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
+[ -n "${PACK:-}" ] && trap 'tar czf "$PACK" -C "$OUT" .' EXIT
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 {
@@ -35,3 +38,12 @@ $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hi
   --ffn 14336 --experts 8 --top-k 2 --repeats 10 --out "$OUT/layer_mixtral_bf16.json" 2>&1 | tail -6
 $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hidden 2048 \
   --ffn 1408 --experts 64 --top-k 6 --repeats 10 --out "$OUT/layer_finegrained_bf16.json" 2>&1 | tail -6
+# Every grouped GEMM backend in the layer, and a profile of the default's step.
+for shape in "4096 14336 8 2 mixtral" "2048 1408 64 6 finegrained"; do
+  set -- $shape
+  $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hidden $1 \
+    --ffn $2 --experts $3 --top-k $4 --repeats 10 --no-memory --profile \
+    --contenders grouped grouped_streams grouped_cublas grouped_torch grouped_cutlass \
+    --out "$OUT/layer_${5}_backends_bf16.json" > "$OUT/layer_${5}_backends_bf16.txt" 2>&1
+  grep -A9 "^contender" "$OUT/layer_${5}_backends_bf16.txt"; grep "GPU busy" "$OUT/layer_${5}_backends_bf16.txt"
+done

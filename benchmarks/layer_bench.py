@@ -4,6 +4,8 @@ Contenders, timed side by side in one process (round-robin, median per contender
   * ``dense``: a dense SwiGLU FFN of one expert's size on the T·k rows: the same FLOPs;
   * ``grouped`` / ``block_sparse``: ``MoELayer`` (dropless) with either expert computation
     (``grouped`` is the default; "grouped speedup" = t(contender) / t(grouped));
+  * ``grouped_<backend>`` (CUDA; not run unless named): ``grouped`` with
+    ``grouped_gemm_backend`` = streams / cublas / torch / cutlass;
   * ``reference``: ``moe_parallel.reference.ReferenceMoE`` (loop over experts);
   * ``hf_loop``: the Hugging Face Mixtral sparse-MoE block pattern (softmax router, top-k,
     renormalise, loop over experts with ``torch.where`` + ``index_add_``).
@@ -11,6 +13,8 @@ A step clears the gradients first (``grad = None``, as ``zero_grad()`` does in t
 no contender pays for accumulating into old gradients. MoE efficiency = t(dense) /
 t(contender); tokens/s = T / t. Peak memory is the growth of peak
 RSS (CPU) or max allocated memory (CUDA) during the first forward+backward of a fresh process.
+``--profile`` adds a torch.profiler view of one ``grouped`` step: the kernels (or CPU ops) that
+take the most time and, on CUDA, the share of the step's wall time the GPU was busy.
 
 Presets (``--config``): ``a`` E=8 k=2 H=1024 F=2048 T=4096; ``b`` (fine-grained) E=64 k=6
 H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--experts/--top-k``.
@@ -39,6 +43,7 @@ PRESETS = {
     "b": dict(experts=64, top_k=6, hidden=1024, ffn=256, tokens=4096),
 }
 CONTENDERS = ("dense", "block_sparse", "grouped", "reference", "hf_loop")
+BACKEND_CONTENDERS = tuple(f"grouped_{b}" for b in ("streams", "cublas", "torch", "cutlass"))
 
 
 class HFMixtralLoop(nn.Module):
@@ -82,10 +87,11 @@ def build(case: dict, contender: str):
     from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
 
     device, dtype = case["device"], getattr(torch, case["dtype"])
-    impl = "grouped" if contender == "grouped" else "block_sparse"
+    impl = "grouped" if contender.startswith("grouped") else "block_sparse"
+    backend = contender[len("grouped_"):] if contender in BACKEND_CONTENDERS else "auto"
     cfg = MoEConfig(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
                     num_experts=case["experts"], top_k=case["top_k"], params_dtype=dtype,
-                    expert_impl=impl, check_finite=False)
+                    expert_impl=impl, grouped_gemm_backend=backend, check_finite=False)
     torch.manual_seed(0)
     layer = MoELayer(cfg, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -135,6 +141,33 @@ def measure_memory(case: dict, contender: str) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
+def profile_step(case: dict, contender: str = "grouped", top: int = 15) -> str:
+    """A table of the ``top`` kernels (CUDA) or ops (CPU) by total time over one step after a
+    warm-up, and on CUDA the GPU-busy share of the step's wall time (kernel time ÷ wall) and
+    the number of host synchronizations (CUDA runtime calls named ``*Synchronize``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = build(case, contender)
+    step()
+    cuda = case["device"] == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        step()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=top)
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels)  # µs, kernels do not overlap on one stream
+        starts = [e.time_range.start for e in kernels]
+        ends = [e.time_range.end for e in kernels]
+        wall = (max(ends) - min(starts)) if kernels else 0.0
+        syncs = sum(1 for e in prof.events() if e.name.endswith("Synchronize"))
+        text += (f"\n{len(kernels)} kernels, {busy / 1e3:.2f} ms busy over {wall / 1e3:.2f} ms "
+                 f"from first to last kernel: GPU busy {busy / max(wall, 1e-9):.1%}; "
+                 f"{syncs} host synchronizations\n")
+    return text
+
+
 def time_contenders(case: dict, contenders: list[str], repeats: int) -> dict[str, float]:
     """Median seconds per step, all contenders side by side (one warm-up, then rounds)."""
     return median_seconds({c: build(case, c) for c in contenders}, repeats, progress=True)
@@ -149,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--contenders", nargs="*", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--contenders", nargs="*", default=list(CONTENDERS),
+                   choices=CONTENDERS + BACKEND_CONTENDERS)
+    p.add_argument("--profile", action="store_true", help="print a profile of one grouped step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -190,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
         print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
               f"{r['tokens_per_s']:11,.0f}{speed:>17}{mem:>10}")
+    if args.profile:
+        print(f"\nprofile of one grouped step:\n{profile_step(case)}")
     return save_result("layer", argv, {"case": case, "results": rows}, args.out,
                        f"layer_{args.config}_{args.device}")[0]
 

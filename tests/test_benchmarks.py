@@ -52,6 +52,15 @@ def test_layer_bench_tiny(tmp_path):
     assert all(r["seconds"] > 0 for r in rows.values())
 
 
+def test_layer_bench_profile_lists_the_experts_gemms():
+    from benchmarks.layer_bench import profile_step
+
+    case = dict(tokens=64, hidden=16, ffn=32, experts=4, top_k=2, dtype="float32",
+                device="cpu", threads=1)
+    text = profile_step(case, top=40)
+    assert "moe_parallel::grouped_gemm" in text and "moe_parallel::permute" in text
+
+
 def test_hf_loop_computes_the_same_layer():
     """The HF Mixtral-style contender is the same function as the layer (float64)."""
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=12, num_experts=6, top_k=2,
