@@ -6,6 +6,7 @@ themselves are tested on CUDA in test_cuda_grouped_gemm.py)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,17 @@ def test_layer_on_cpu_with_each_backend():
     layer = MoELayer(MoEConfig(**base, grouped_gemm_backend="cublas"))
     with pytest.raises(ValueError, match="backend='cublas' runs on CUDA tensors only"):
         layer(x)
+
+
+@needs_ext
+def test_cuda_build_has_every_backend():
+    """A CUDA build of the extension (CI's: torch with CUDA, nvcc) links the cuBLAS grouped GEMM
+    and contains the CUTLASS grouped kernels, so a broken backend source fails here even without
+    a GPU."""
+    from moe_parallel import _C
+
+    data = Path(_C.__file__).read_bytes()
+    if b"swiglu_kernel" not in data:  # CPU-only build (MOE_PARALLEL_NO_CUDA=1 or no nvcc)
+        pytest.skip("the extension was built without CUDA")
+    assert b"cublasGemmGroupedBatchedEx" in data
+    assert b"GemmGrouped" in data, "the CUTLASS grouped GEMM was not built (headers missing?)"
