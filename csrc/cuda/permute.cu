@@ -8,8 +8,8 @@
 //            = e*pad_to + (p - start[e])             (pad_to  > 0)
 //   row_map[i] = row(p) or -1 when dropped; permuted[row] = x[i / k]; padding rows are zero.
 //
-// The only device->host copy here is N = start[E] when pad_to == 0 (to allocate the output);
-// check_permute_args syncs on its own for the expert_idx range and the pad_to overflow check.
+// The only device->host copy here is N = start[E] when pad_to == 0 and keep is given (to
+// allocate the output; without keep N = T·k); check_permute_args syncs on its own for the expert_idx range and the pad_to overflow check.
 #ifdef MOE_PARALLEL_WITH_CUDA
 
 #include <ATen/cuda/CUDAContext.h>
@@ -181,9 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // check_permute_args has already rejected counts above pad_to.
-  const int64_t N =
-      pad_to > 0 ? num_experts * pad_to : static_cast<int64_t>(start[num_experts].item<int32_t>());
+  // check_permute_args has already rejected counts above pad_to. Without keep every assignment
+  // has a row (N = T·k, no host round-trip); with it, N is the kept count read back from start.
+  const int64_t N = pad_to > 0      ? num_experts * pad_to
+                    : !keep_c.defined() ? n
+                                        : static_cast<int64_t>(start[num_experts].item<int32_t>());
 
   at::Tensor permuted = at::empty({N, H}, xc.options());
   at::Tensor row_map = at::empty({T, k}, i64);
