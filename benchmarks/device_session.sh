@@ -5,6 +5,8 @@
 # time the ops, the grouped GEMM backends and the layer. Writes logs and JSON under $OUT
 # (default ./device_out). The device has no PyPI: run `make cutlass-headers` here first and pass
 # build/cutlass_include in the device call's carry, or the 'cutlass' backend is left out.
+# SKIP_TESTS=1 skips the tests and memcheck, SKIP_MEMCHECK=1 the memcheck, SKIP_BENCH=1 the
+# benchmarks (a 10-minute device call fits the build+tests or the benchmarks, not both).
 # PACK=file.tgz packs everything written under $OUT into that one file on exit (the device tool
 # returns at most 8 files): OUT=/tmp/ds PACK=$OUT_OF_THE_TOOL/device_session.tgz bash ...
 set -uo pipefail
@@ -22,14 +24,16 @@ t0=$(date +%s)
 CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py -q build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-$PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/test_cuda_ops.py \
-  tests/test_cuda_grouped_gemm.py \
-  2>&1 | tee "$OUT/cuda_tests.log" | tail -15
-if [ -z "${SKIP_MEMCHECK:-}" ]; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
-    tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
-    -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  $PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/test_cuda_ops.py \
+    tests/test_cuda_grouped_gemm.py \
+    2>&1 | tee "$OUT/cuda_tests.log" | tail -15
+  if [ -z "${SKIP_MEMCHECK:-}" ]; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
+      tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
+      -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
+    echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
+  fi
 fi
 [ -z "${SKIP_BENCH:-}" ] || exit 0
 $PY benchmarks/cuda_ops_bench.py --out "$OUT/cuda_ops.json" 2>&1 | tee "$OUT/cuda_ops.txt" | tail -20
