@@ -51,9 +51,14 @@ def _cuda_home():
     return None
 
 
-def _nvidia_include_dirs():
-    """Headers of the pip nvidia-* packages (cuBLAS, cuSPARSE, ... live there, not in every
-    system toolkit): <site-packages>/nvidia/*/include and nvidia/cu13/include."""
+def _site_packages():
+    return site.getsitepackages() + [site.getusersitepackages()]
+
+
+def _nvidia_dirs(sub):
+    """<root>/*/<sub> of the pip nvidia-* packages (cuBLAS, cuSPARSE, ... live there, not in
+    every system toolkit), e.g. nvidia/cu13/include; roots: the ``nvidia`` namespace package and
+    <site-packages>/nvidia."""
     roots = []
     try:
         import nvidia  # namespace package of the pip CUDA wheels
@@ -61,19 +66,14 @@ def _nvidia_include_dirs():
         roots += list(nvidia.__path__)
     except ImportError:
         pass
-    for sp in site.getsitepackages() + [site.getusersitepackages()]:
-        roots.append(os.path.join(sp, "nvidia"))
+    roots += [os.path.join(sp, "nvidia") for sp in _site_packages()]
     dirs = []
     for root in roots:
-        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
-            inc = os.path.realpath(inc)
-            if inc not in dirs:
-                dirs.append(inc)
+        for d in sorted(glob.glob(os.path.join(root, "*", sub))):
+            d = os.path.realpath(d)
+            if d not in dirs:
+                dirs.append(d)
     return dirs
-
-
-def _site_dirs():
-    return site.getsitepackages() + [site.getusersitepackages()] + sys.path
 
 
 def _cutlass_include_dir():
@@ -84,7 +84,7 @@ def _cutlass_include_dir():
         if not os.path.isfile(os.path.join(given, "cutlass", "cutlass.h")):
             raise RuntimeError(f"MOE_PARALLEL_CUTLASS_INCLUDE={given} has no cutlass/cutlass.h")
         return given
-    for sp in _site_dirs():
+    for sp in _site_packages():
         inc = os.path.join(sp, "cutlass_library", "source", "include")
         if os.path.isfile(os.path.join(inc, "cutlass", "cutlass.h")):
             return inc
@@ -92,11 +92,9 @@ def _cutlass_include_dir():
 
 
 def _cublas_link_args(cuda_home):
-    """Linker arguments for libcublas: the pip nvidia-* package's (versioned soname) or the
-    toolkit's."""
-    dirs = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
-    for sp in _site_dirs():
-        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "lib")))
+    """Linker arguments for libcublas: the toolkit's, else the pip nvidia-* package's
+    (versioned soname)."""
+    dirs = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")] + _nvidia_dirs("lib")
     for d in dirs:
         if os.path.isfile(os.path.join(d, "libcublas.so")):
             return [f"-L{d}", "-lcublas"]
@@ -132,7 +130,7 @@ def _extension():
     cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
-    kwargs["include_dirs"] += _nvidia_include_dirs()
+    kwargs["include_dirs"] += _nvidia_dirs("include")
     kwargs["define_macros"] = [("MOE_PARALLEL_WITH_CUDA", None)]
     kwargs["extra_link_args"] += _cublas_link_args(cuda_home)
     cutlass = _cutlass_include_dir()

@@ -35,8 +35,7 @@ constexpr double kSideBySideFlops = 1e9;
 template <typename Fn>
 void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k_times_n,
                     const Fn& one) {
-  std::vector<int64_t> row(G + 1, 0);
-  for (int64_t g = 0; g < G; ++g) row[g + 1] = row[g] + gs[g];
+  const std::vector<int64_t> row = group_row_starts(gs, G);
   const int64_t threads = max_threads();
   const double mean_flops =
       2.0 * static_cast<double>(a.size(0)) * k_times_n / std::max<int64_t>(G, 1);
@@ -44,10 +43,7 @@ void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k
     for (int64_t g = 0; g < G; ++g) one(g, row[g]);
     return;
   }
-  std::vector<int64_t> order(G);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t x, int64_t y) { return gs[x] > gs[y]; });
+  const std::vector<int64_t> order = groups_largest_first(gs, G);
   const at::ThreadLocalState tls;  // grad mode and dispatch keys of the caller, for each thread
   std::exception_ptr err;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -64,6 +60,20 @@ void for_each_group(const at::Tensor& a, const int64_t* gs, int64_t G, int64_t k
 }
 
 }  // namespace
+
+std::vector<int64_t> group_row_starts(const int64_t* gs, int64_t G) {
+  std::vector<int64_t> row(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) row[g + 1] = row[g] + gs[g];
+  return row;
+}
+
+std::vector<int64_t> groups_largest_first(const int64_t* gs, int64_t G) {
+  std::vector<int64_t> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return gs[x] > gs[y]; });
+  return order;
+}
 
 void gemm_one_group(const at::Tensor& a, const at::Tensor& b, int64_t g, int64_t row, int64_t m,
                     bool trans_b, at::Tensor& out) {
@@ -83,14 +93,9 @@ void wgrad_one_group(const at::Tensor& a, const at::Tensor& grad_out, int64_t g,
   }
 }
 
-at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& group_sizes, bool trans_b,
-                             c10::string_view backend) {
-  check_grouped_gemm_args(a, b, group_sizes, trans_b);
-  check_grouped_gemm_backend(backend, a);
+at::Tensor grouped_gemm_loop(const at::Tensor& a, const at::Tensor& b, const int64_t* gs,
+                             bool trans_b) {
   const int64_t G = b.size(0), N = trans_b ? b.size(1) : b.size(2);
-  const at::Tensor sizes = group_sizes.contiguous();
-  const int64_t* gs = sizes.data_ptr<int64_t>();
   at::Tensor out = at::empty({a.size(0), N}, a.options());
   auto one = [&](int64_t g, int64_t row) {
     if (gs[g] > 0) gemm_one_group(a, b, g, row, gs[g], trans_b, out);
@@ -99,14 +104,9 @@ at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
   return out;
 }
 
-at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_out,
-                                   const at::Tensor& group_sizes, bool trans_b,
-                                   c10::string_view backend) {
-  check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
-  check_grouped_gemm_backend(backend, a);
-  const int64_t G = group_sizes.size(0), K = a.size(1), N = grad_out.size(1);
-  const at::Tensor sizes = group_sizes.contiguous();
-  const int64_t* gs = sizes.data_ptr<int64_t>();
+at::Tensor grouped_gemm_wgrad_loop(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const int64_t* gs, int64_t G, bool trans_b) {
+  const int64_t K = a.size(1), N = grad_out.size(1);
   at::Tensor grad_b = trans_b ? at::empty({G, N, K}, a.options()) : at::empty({G, K, N}, a.options());
   auto one = [&](int64_t g, int64_t row) {
     if (gs[g] == 0) {
@@ -117,6 +117,24 @@ at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_o
   };
   for_each_group(a, gs, G, K * N, one);
   return grad_b;
+}
+
+at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& group_sizes, bool trans_b,
+                             c10::string_view backend) {
+  check_grouped_gemm_args(a, b, group_sizes, trans_b);
+  check_grouped_gemm_backend(backend, a);
+  const at::Tensor sizes = group_sizes.contiguous();
+  return grouped_gemm_loop(a, b, sizes.data_ptr<int64_t>(), trans_b);
+}
+
+at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const at::Tensor& group_sizes, bool trans_b,
+                                   c10::string_view backend) {
+  check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
+  check_grouped_gemm_backend(backend, a);
+  const at::Tensor sizes = group_sizes.contiguous();
+  return grouped_gemm_wgrad_loop(a, grad_out, sizes.data_ptr<int64_t>(), sizes.size(0), trans_b);
 }
 
 }  // namespace moe_parallel

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace moe_parallel {
 
@@ -29,13 +30,22 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
 at::Tensor sort_chunks_impl(const at::Tensor& x, const at::Tensor& split_sizes,
                             const at::Tensor& order);
 // Per-group at::mm into views of the output (BLAS on CPU, cuBLAS on CUDA): backend "loop"
-// (and "auto" on CPU). The other backends are CUDA only (grouped_gemm_cuda).
+// (and "auto" on CPU). The other backends are CUDA only (grouped_gemm_cuda). The _impl
+// functions check their arguments, the _loop ones (gs: G host sizes) do not.
 at::Tensor grouped_gemm_impl(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b,
                              c10::string_view backend);
 at::Tensor grouped_gemm_wgrad_impl(const at::Tensor& a, const at::Tensor& grad_out,
                                    const at::Tensor& group_sizes, bool trans_b,
                                    c10::string_view backend);
+at::Tensor grouped_gemm_loop(const at::Tensor& a, const at::Tensor& b, const int64_t* gs,
+                             bool trans_b);
+at::Tensor grouped_gemm_wgrad_loop(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const int64_t* gs, int64_t G, bool trans_b);
+// First row of every group (G + 1 entries, the last = the total), and the groups by decreasing
+// size (ties in index order).
+std::vector<int64_t> group_row_starts(const int64_t* gs, int64_t G);
+std::vector<int64_t> groups_largest_first(const int64_t* gs, int64_t G);
 // One group g of rows [row, row + m) (m > 0) of those: out rows = a rows @ b[g] (b[g]^T), and
 // grad_b[g] = a rows^T @ grad_out rows (grad_out rows^T @ a rows with trans_b).
 void gemm_one_group(const at::Tensor& a, const at::Tensor& b, int64_t g, int64_t row, int64_t m,
@@ -106,6 +116,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_o
                                    c10::string_view backend);
 void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_t* group_sizes,
                           bool trans_b, at::Tensor& out);
+// Leaves the slices of empty groups untouched (the caller zeroes them).
 void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
                                 const int64_t* group_sizes, bool trans_b, at::Tensor& grad_b);
 #endif

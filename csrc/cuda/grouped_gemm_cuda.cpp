@@ -14,8 +14,7 @@
 //   auto     kAutoBackend, the fastest measured by benchmarks/grouped_gemm_bench.py.
 #ifdef MOE_PARALLEL_WITH_CUDA
 
-#include <algorithm>
-#include <numeric>
+#include <limits>
 #include <string_view>
 #include <vector>
 
@@ -36,11 +35,12 @@ namespace {
 constexpr std::string_view kAutoBackend = "loop";
 constexpr int kSideStreams = 4;
 
-std::string_view resolve(c10::string_view backend) {
-  return backend == "auto" ? kAutoBackend : std::string_view(backend.data(), backend.size());
-}
-
-void check_backend_dtype(std::string_view backend, const at::Tensor& a) {
+// The backend a call runs ("auto" resolved), after checking the name, the device and that
+// the backend takes a's dtype.
+std::string_view checked_backend(c10::string_view name, const at::Tensor& a) {
+  check_grouped_gemm_backend(name, a);
+  const std::string_view backend =
+      name == "auto" ? kAutoBackend : std::string_view(name.data(), name.size());
 #ifndef MOE_PARALLEL_WITH_CUTLASS
   TORCH_CHECK(backend != "cutlass", "backend='cutlass' was not built (CUTLASS headers not found "
               "at build time: pip install --no-deps nvidia-cutlass, then rebuild)");
@@ -55,15 +55,7 @@ void check_backend_dtype(std::string_view backend, const at::Tensor& a) {
                       "backend='cublas' needs float32, bfloat16 or float16 operands, got ", t,
                       "; use 'loop' for ", t);
   }
-}
-
-// Groups by decreasing size (ties in index order): the order the side streams take them.
-std::vector<int64_t> largest_first(const int64_t* gs, int64_t G) {
-  std::vector<int64_t> order(G);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t x, int64_t y) { return gs[x] > gs[y]; });
-  return order;
+  return backend;
 }
 
 // Runs one(g) for every group g with group_sizes[g] > 0, round-robin over kSideStreams streams
@@ -80,7 +72,7 @@ void on_side_streams(const int64_t* gs, int64_t G, const Fn& one) {
     ready.block(side.back());
   }
   int64_t i = 0;
-  for (int64_t g : largest_first(gs, G)) {
+  for (int64_t g : groups_largest_first(gs, G)) {
     if (gs[g] == 0) break;
     c10::cuda::CUDAStreamGuard guard(side[i++ % kSideStreams]);
     one(g);
@@ -90,12 +82,6 @@ void on_side_streams(const int64_t* gs, int64_t G, const Fn& one) {
     done.record(s);
     done.block(current);
   }
-}
-
-std::vector<int64_t> row_starts(const int64_t* gs, int64_t G) {
-  std::vector<int64_t> row(G + 1, 0);
-  for (int64_t g = 0; g < G; ++g) row[g + 1] = row[g] + gs[g];
-  return row;
 }
 
 // One row-major product C [m, n] = op(A) [m, k] @ op(B) [k, n]; A is stored [m, k] (or [k, m]
@@ -188,15 +174,66 @@ at::Tensor device_offsets(const int64_t* gs, int64_t G, const at::Device& device
   return host.to(at::TensorOptions().device(device), true);
 }
 
+// Zeroes grad_b[g] for the empty groups, one fill per run of consecutive empty groups.
 void zero_empty_groups(at::Tensor& grad_b, const int64_t* gs, int64_t G) {
-  for (int64_t g = 0; g < G; ++g) {
-    if (gs[g] == 0) grad_b.select(0, g).zero_();
+  for (int64_t g = 0; g < G;) {
+    if (gs[g] != 0) {
+      ++g;
+      continue;
+    }
+    const int64_t first = g;
+    while (g < G && gs[g] == 0) ++g;
+    grad_b.narrow(0, first, g - first).zero_();
   }
+}
+
+// grad_b of the wgrad with the slices of the non-empty groups written (the others undefined).
+at::Tensor wgrad_nonempty_groups(std::string_view use, const at::Tensor& a,
+                                 const at::Tensor& grad_out, const int64_t* gs, int64_t G,
+                                 bool trans_b, const std::vector<int64_t>& out_shape) {
+  if (use == "torch") {
+    const at::Tensor offs = device_offsets(gs, G, a.device());
+    const at::Tensor r = trans_b ? at::_grouped_mm(grad_out.t(), a, offs)
+                                 : at::_grouped_mm(a.t(), grad_out, offs);
+    return r.contiguous();
+  }
+  at::Tensor grad_b = at::empty(out_shape, a.options());
+  if (use == "cutlass") {
+    grouped_gemm_wgrad_cutlass(a, grad_out, gs, trans_b, grad_b);
+    return grad_b;
+  }
+  const std::vector<int64_t> row = group_row_starts(gs, G);
+  if (use == "streams") {
+    on_side_streams(gs, G, [&](int64_t g) {
+      wgrad_one_group(a, grad_out, g, row[g], gs[g], trans_b, grad_b);
+    });
+    return grad_b;
+  }
+  // cublas: [K, N] = a_g^T @ go_g, or [N, K] = go_g^T @ a_g.
+  const int64_t K = a.size(1), N = grad_out.size(1);
+  std::vector<RowMajorGemm> gemms;
+  const int64_t elt = a.element_size();
+  const char* pa = static_cast<const char*>(a.data_ptr());
+  const char* po = static_cast<const char*>(grad_out.data_ptr());
+  char* pc = static_cast<char*>(grad_b.data_ptr());
+  for (int64_t g = 0; g < G; ++g) {
+    if (gs[g] == 0) continue;
+    const char* a_g = pa + row[g] * K * elt;
+    const char* go_g = po + row[g] * N * elt;
+    char* c = pc + g * K * N * elt;
+    if (trans_b) {
+      gemms.push_back({go_g, N, true, a_g, K, false, c, K, N, K, gs[g]});
+    } else {
+      gemms.push_back({a_g, K, true, go_g, N, false, c, N, K, N, gs[g]});
+    }
+  }
+  cublas_grouped(gemms, a.scalar_type(), a.device());
+  return grad_b;
 }
 
 }  // namespace
 
-#ifndef MOE_PARALLEL_WITH_CUTLASS  // unreachable: check_backend_dtype rejects "cutlass" first
+#ifndef MOE_PARALLEL_WITH_CUTLASS  // unreachable: checked_backend rejects "cutlass" first
 void grouped_gemm_cutlass(const at::Tensor&, const at::Tensor&, const int64_t*, bool,
                           at::Tensor&) {
   TORCH_CHECK(false, "backend='cutlass' was not built");
@@ -211,15 +248,13 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b,
                              c10::string_view backend) {
   check_grouped_gemm_args(a, b, group_sizes, trans_b);
-  check_grouped_gemm_backend(backend, a);
-  const std::string_view use = resolve(backend);
-  check_backend_dtype(use, a);
-  if (use == "loop") return grouped_gemm_impl(a, b, group_sizes, trans_b, "loop");
+  const std::string_view use = checked_backend(backend, a);
+  const at::Tensor sizes = group_sizes.contiguous();
+  const int64_t* gs = sizes.data_ptr<int64_t>();
+  if (use == "loop") return grouped_gemm_loop(a, b, gs, trans_b);
 
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "grouped_gemm needs contiguous a and b");
   const c10::cuda::CUDAGuard device_guard(a.device());
-  const at::Tensor sizes = group_sizes.contiguous();
-  const int64_t* gs = sizes.data_ptr<int64_t>();
   const int64_t G = b.size(0), K = a.size(1), N = trans_b ? b.size(1) : b.size(2);
   if (a.size(0) == 0) return at::empty({0, N}, a.options());
   if (use == "torch") {
@@ -231,7 +266,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
     grouped_gemm_cutlass(a, b, gs, trans_b, out);
     return out;
   }
-  const std::vector<int64_t> row = row_starts(gs, G);
+  const std::vector<int64_t> row = group_row_starts(gs, G);
   if (use == "streams") {
     on_side_streams(gs, G,
                     [&](int64_t g) { gemm_one_group(a, b, g, row[g], gs[g], trans_b, out); });
@@ -256,59 +291,21 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_o
                                    const at::Tensor& group_sizes, bool trans_b,
                                    c10::string_view backend) {
   check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
-  check_grouped_gemm_backend(backend, a);
-  const std::string_view use = resolve(backend);
-  check_backend_dtype(use, a);
-  if (use == "loop") return grouped_gemm_wgrad_impl(a, grad_out, group_sizes, trans_b, "loop");
+  const std::string_view use = checked_backend(backend, a);
+  const at::Tensor sizes = group_sizes.contiguous();
+  const int64_t* gs = sizes.data_ptr<int64_t>();
+  const int64_t G = sizes.size(0), K = a.size(1), N = grad_out.size(1);
+  if (use == "loop") return grouped_gemm_wgrad_loop(a, grad_out, gs, G, trans_b);
 
   TORCH_CHECK(a.is_contiguous() && grad_out.is_contiguous(),
               "grouped_gemm_wgrad needs contiguous a and grad_out");
   const c10::cuda::CUDAGuard device_guard(a.device());
-  const at::Tensor sizes = group_sizes.contiguous();
-  const int64_t* gs = sizes.data_ptr<int64_t>();
-  const int64_t G = group_sizes.size(0), K = a.size(1), N = grad_out.size(1);
   const std::vector<int64_t> out_shape =
       trans_b ? std::vector<int64_t>{G, N, K} : std::vector<int64_t>{G, K, N};
   if (a.size(0) == 0) return at::zeros(out_shape, a.options());
-  at::Tensor grad_b;
-  if (use == "torch") {
-    const at::Tensor offs = device_offsets(gs, G, a.device());
-    grad_b = (trans_b ? at::_grouped_mm(grad_out.t(), a, offs) : at::_grouped_mm(a.t(), grad_out, offs))
-                 .contiguous();
-    zero_empty_groups(grad_b, gs, G);
-    return grad_b;
-  }
-  grad_b = at::empty(out_shape, a.options());
-  if (use == "cutlass") {  // zeroes the empty groups itself
-    grouped_gemm_wgrad_cutlass(a, grad_out, gs, trans_b, grad_b);
-    return grad_b;
-  }
+  // Every backend writes the non-empty groups only; the empty ones are zeroed after it.
+  at::Tensor grad_b = wgrad_nonempty_groups(use, a, grad_out, gs, G, trans_b, out_shape);
   zero_empty_groups(grad_b, gs, G);
-  const std::vector<int64_t> row = row_starts(gs, G);
-  if (use == "streams") {
-    on_side_streams(gs, G, [&](int64_t g) {
-      wgrad_one_group(a, grad_out, g, row[g], gs[g], trans_b, grad_b);
-    });
-    return grad_b;
-  }
-  // cublas: [K, N] = a_g^T @ go_g, or [N, K] = go_g^T @ a_g.
-  std::vector<RowMajorGemm> gemms;
-  const int64_t elt = a.element_size();
-  const char* pa = static_cast<const char*>(a.data_ptr());
-  const char* po = static_cast<const char*>(grad_out.data_ptr());
-  char* pc = static_cast<char*>(grad_b.data_ptr());
-  for (int64_t g = 0; g < G; ++g) {
-    if (gs[g] == 0) continue;
-    const char* a_g = pa + row[g] * K * elt;
-    const char* go_g = po + row[g] * N * elt;
-    char* c = pc + g * K * N * elt;
-    if (trans_b) {
-      gemms.push_back({go_g, N, true, a_g, K, false, c, K, N, K, gs[g]});
-    } else {
-      gemms.push_back({a_g, K, true, go_g, N, false, c, N, K, N, gs[g]});
-    }
-  }
-  cublas_grouped(gemms, a.scalar_type(), a.device());
   return grad_b;
 }
 

@@ -4,7 +4,7 @@
 //                               out_g = a_g @ b[g]^T           b [G,N,K] (trans_b)
 //   grouped_gemm_wgrad_cutlass: grad_b[g] = a_g^T @ grad_out_g       [G,K,N]
 //                               grad_b[g] = grad_out_g^T @ a_g       [G,N,K] (trans_b)
-//                               zero for empty groups.
+//                               for the non-empty groups (the caller zeroes the others).
 // out / grad_b are preallocated, contiguous. All operands bf16, contiguous, 16-byte aligned, and K
 // and N multiples of 8 (128-bit accesses). One launch per call: empty groups are left out of the
 // problem list; per-problem sizes, pointers and leading dimensions go to the device in one
@@ -235,16 +235,10 @@ void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
   at::BFloat16* pd = grad_b.data_ptr<at::BFloat16>();
   std::vector<Problem> problems;
   problems.reserve(G);
-  int64_t row = 0, zero_from = -1;  // zero_from: first of a run of empty groups
-  for (int64_t g = 0; g <= G; ++g) {
-    const bool empty = g < G && group_sizes[g] == 0;
-    if (empty && zero_from < 0) zero_from = g;
-    if (!empty && zero_from >= 0) {
-      grad_b.narrow(0, zero_from, g - zero_from).zero_();
-      zero_from = -1;
-    }
-    if (g == G || empty) continue;
+  int64_t row = 0;
+  for (int64_t g = 0; g < G; ++g) {
     const int64_t m = group_sizes[g];
+    if (m == 0) continue;
     check_group_size(m, g);
     const at::BFloat16* ag = pa + row * K;     // a_g [m, K] row-major, ld K
     const at::BFloat16* gog = pgo + row * N;   // grad_out_g [m, N] row-major, ld N
