@@ -114,6 +114,26 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
 at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_out,
                                    const at::Tensor& group_sizes, bool trans_b,
                                    c10::string_view backend);
+// One row-major product C [m, n] = op(A) [m, k] @ op(B) [k, n]: A stored [m, k] (or [k, m] when
+// trans_a) with row stride lda, likewise B; C with row stride ldc. Pointers are to elements.
+struct RowMajorGemm {
+  const void* a;
+  int64_t lda;
+  bool trans_a;
+  const void* b;
+  int64_t ldb;
+  bool trans_b;
+  void* c;
+  int64_t ldc;
+  int64_t m, n, k;
+};
+// The products of the non-empty groups (contiguous operands, gs: G host sizes):
+//   grouped_products: out_g = a_g @ b[g] (a_g @ b[g]^T with trans_b);
+//   wgrad_products:   grad_b[g] = a_g^T @ grad_out_g (grad_out_g^T @ a_g with trans_b).
+std::vector<RowMajorGemm> grouped_products(const at::Tensor& a, const at::Tensor& b,
+                                           const int64_t* gs, bool trans_b, at::Tensor& out);
+std::vector<RowMajorGemm> wgrad_products(const at::Tensor& a, const at::Tensor& grad_out,
+                                         const int64_t* gs, bool trans_b, at::Tensor& grad_b);
 void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_t* group_sizes,
                           bool trans_b, at::Tensor& out);
 // Leaves the slices of empty groups untouched (the caller zeroes them).

@@ -84,20 +84,6 @@ void on_side_streams(const int64_t* gs, int64_t G, const Fn& one) {
   }
 }
 
-// One row-major product C [m, n] = op(A) [m, k] @ op(B) [k, n]; A is stored [m, k] (or [k, m]
-// when trans_a) with row stride lda, likewise B, C with row stride ldc.
-struct RowMajorGemm {
-  const void* a;
-  int64_t lda;
-  bool trans_a;
-  const void* b;
-  int64_t ldb;
-  bool trans_b;
-  void* c;
-  int64_t ldc;
-  int64_t m, n, k;
-};
-
 cudaDataType_t cuda_type_of(at::ScalarType t) {
   switch (t) {
     case at::kFloat:
@@ -209,29 +195,51 @@ at::Tensor wgrad_nonempty_groups(std::string_view use, const at::Tensor& a,
     });
     return grad_b;
   }
-  // cublas: [K, N] = a_g^T @ go_g, or [N, K] = go_g^T @ a_g.
-  const int64_t K = a.size(1), N = grad_out.size(1);
-  std::vector<RowMajorGemm> gemms;
-  const int64_t elt = a.element_size();
-  const char* pa = static_cast<const char*>(a.data_ptr());
-  const char* po = static_cast<const char*>(grad_out.data_ptr());
-  char* pc = static_cast<char*>(grad_b.data_ptr());
-  for (int64_t g = 0; g < G; ++g) {
-    if (gs[g] == 0) continue;
-    const char* a_g = pa + row[g] * K * elt;
-    const char* go_g = po + row[g] * N * elt;
-    char* c = pc + g * K * N * elt;
-    if (trans_b) {
-      gemms.push_back({go_g, N, true, a_g, K, false, c, K, N, K, gs[g]});
-    } else {
-      gemms.push_back({a_g, K, true, go_g, N, false, c, N, K, N, gs[g]});
-    }
-  }
-  cublas_grouped(gemms, a.scalar_type(), a.device());
+  cublas_grouped(wgrad_products(a, grad_out, gs, trans_b, grad_b), a.scalar_type(),
+                 a.device());
   return grad_b;
 }
 
 }  // namespace
+
+std::vector<RowMajorGemm> grouped_products(const at::Tensor& a, const at::Tensor& b,
+                                           const int64_t* gs, bool trans_b, at::Tensor& out) {
+  const int64_t G = b.size(0), K = a.size(1), N = out.size(1), elt = a.element_size();
+  const char* pa = static_cast<const char*>(a.data_ptr());
+  const char* pb = static_cast<const char*>(b.data_ptr());
+  char* pc = static_cast<char*>(out.data_ptr());
+  std::vector<RowMajorGemm> gemms;
+  int64_t row = 0;
+  for (int64_t g = 0; g < G; row += gs[g], ++g) {
+    if (gs[g] == 0) continue;
+    // b[g] is [K, N] row-major, or [N, K] (trans_b) with row stride K.
+    gemms.push_back({pa + row * K * elt, K, false, pb + g * K * N * elt, trans_b ? K : N,
+                     trans_b, pc + row * N * elt, N, gs[g], N, K});
+  }
+  return gemms;
+}
+
+std::vector<RowMajorGemm> wgrad_products(const at::Tensor& a, const at::Tensor& grad_out,
+                                         const int64_t* gs, bool trans_b, at::Tensor& grad_b) {
+  const int64_t G = grad_b.size(0), K = a.size(1), N = grad_out.size(1), elt = a.element_size();
+  const char* pa = static_cast<const char*>(a.data_ptr());
+  const char* po = static_cast<const char*>(grad_out.data_ptr());
+  char* pc = static_cast<char*>(grad_b.data_ptr());
+  std::vector<RowMajorGemm> gemms;
+  int64_t row = 0;
+  for (int64_t g = 0; g < G; row += gs[g], ++g) {
+    if (gs[g] == 0) continue;
+    const char* a_g = pa + row * K * elt;     // [m, K], row stride K
+    const char* go_g = po + row * N * elt;    // [m, N], row stride N
+    char* c = pc + g * K * N * elt;
+    if (trans_b) {  // [N, K] = go_g^T @ a_g
+      gemms.push_back({go_g, N, true, a_g, K, false, c, K, N, K, gs[g]});
+    } else {  // [K, N] = a_g^T @ go_g
+      gemms.push_back({a_g, K, true, go_g, N, false, c, N, K, N, gs[g]});
+    }
+  }
+  return gemms;
+}
 
 #ifndef MOE_PARALLEL_WITH_CUTLASS  // unreachable: checked_backend rejects "cutlass" first
 void grouped_gemm_cutlass(const at::Tensor&, const at::Tensor&, const int64_t*, bool,
@@ -255,7 +263,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
 
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "grouped_gemm needs contiguous a and b");
   const c10::cuda::CUDAGuard device_guard(a.device());
-  const int64_t G = b.size(0), K = a.size(1), N = trans_b ? b.size(1) : b.size(2);
+  const int64_t G = b.size(0), N = trans_b ? b.size(1) : b.size(2);
   if (a.size(0) == 0) return at::empty({0, N}, a.options());
   if (use == "torch") {
     const at::Tensor offs = device_offsets(gs, G, a.device());
@@ -272,18 +280,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
                     [&](int64_t g) { gemm_one_group(a, b, g, row[g], gs[g], trans_b, out); });
     return out;
   }
-  // cublas
-  std::vector<RowMajorGemm> gemms;
-  const int64_t elt = a.element_size();
-  const char* pa = static_cast<const char*>(a.data_ptr());
-  const char* pb = static_cast<const char*>(b.data_ptr());
-  char* pc = static_cast<char*>(out.data_ptr());
-  for (int64_t g = 0; g < G; ++g) {
-    if (gs[g] == 0) continue;
-    gemms.push_back({pa + row[g] * K * elt, K, false, pb + g * K * N * elt, trans_b ? K : N,
-                     trans_b, pc + row[g] * N * elt, N, gs[g], N, K});
-  }
-  cublas_grouped(gemms, a.scalar_type(), a.device());
+  cublas_grouped(grouped_products(a, b, gs, trans_b, out), a.scalar_type(), a.device());
   return out;
 }
 

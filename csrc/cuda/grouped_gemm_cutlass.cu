@@ -57,26 +57,18 @@ using GemmNN = GroupedGemm<RowMajor, RowMajor>;     // forward
 using GemmNT = GroupedGemm<RowMajor, ColumnMajor>;  // forward, trans_b
 using GemmTN = GroupedGemm<ColumnMajor, RowMajor>;  // wgrad (both orientations)
 
-// One GEMM of the group: D [m, n] = A [m, k] @ B [k, n], leading dimensions in elements in the
-// layouts of the kernel it goes to.
-struct Problem {
-  const at::BFloat16* a;
-  const at::BFloat16* b;
-  at::BFloat16* d;
-  int64_t lda, ldb, ldd;
-  int64_t m, n, k;
-};
-
 void check_status(cutlass::Status status, const char* step) {
   TORCH_CHECK(status == cutlass::Status::kSuccess, "grouped_gemm (backend='cutlass'): CUTLASS ",
               step, " failed: ", cutlassGetStatusString(status));
 }
 
-// Runs every problem in one grouped launch on the current stream. The device-side argument
+// Runs every product in one grouped launch on the current stream; the kernel's layouts match
+// the products' transposes (a transposed row-major operand is the column-major one with the
+// same leading dimension; C row-major). The device-side argument
 // arrays are, in one buffer: ptr_A[P], ptr_B[P], ptr_D[P], lda[P], ldb[P], ldd[P] (8 bytes
 // each), then problem_sizes[P] (GemmCoord (m, n, k)). C is D with beta = 0 (never read).
 template <typename Gemm>
-void run_grouped(const std::vector<Problem>& problems, const at::Device& device) {
+void run_grouped(const std::vector<RowMajorGemm>& problems, const at::Device& device) {
   static_assert(sizeof(Element*) == sizeof(int64_t), "8-byte pointers expected");
   static_assert(std::is_same<typename Gemm::LayoutA::Stride::LongIndex, int64_t>::value &&
                 std::is_same<typename Gemm::LayoutB::Stride::LongIndex, int64_t>::value &&
@@ -96,13 +88,16 @@ void run_grouped(const std::vector<Problem>& problems, const at::Device& device)
   auto* ld = reinterpret_cast<int64_t*>(ptr_d + P);  // lda, ldb, ldd
   auto* sizes = reinterpret_cast<GemmCoord*>(h + words * 8);
   for (int64_t p = 0; p < P; ++p) {
-    const Problem& q = problems[p];
-    ptr_a[p] = reinterpret_cast<Element*>(const_cast<at::BFloat16*>(q.a));
-    ptr_b[p] = reinterpret_cast<Element*>(const_cast<at::BFloat16*>(q.b));
-    ptr_d[p] = reinterpret_cast<Element*>(q.d);
+    const RowMajorGemm& q = problems[p];
+    TORCH_CHECK_VALUE(q.m <= INT_MAX && q.n <= INT_MAX && q.k <= INT_MAX,
+                      "grouped_gemm: backend='cutlass' needs sizes below 2^31, got (m, n, k) = (",
+                      q.m, ", ", q.n, ", ", q.k, ")");
+    ptr_a[p] = static_cast<Element*>(const_cast<void*>(q.a));
+    ptr_b[p] = static_cast<Element*>(const_cast<void*>(q.b));
+    ptr_d[p] = static_cast<Element*>(q.c);
     ld[p] = q.lda;
     ld[P + p] = q.ldb;
-    ld[2 * P + p] = q.ldd;
+    ld[2 * P + p] = q.ldc;
     sizes[p] = GemmCoord(static_cast<int>(q.m), static_cast<int>(q.n), static_cast<int>(q.k));
   }
 
@@ -162,14 +157,6 @@ void check_dims(int64_t K, int64_t N) {
                     kAlign, ", got K=", K);
   TORCH_CHECK_VALUE(N % kAlign == 0, "grouped_gemm: backend='cutlass' needs K and N multiples of ",
                     kAlign, ", got N=", N);
-  TORCH_CHECK_VALUE(K <= INT_MAX && N <= INT_MAX,
-                    "grouped_gemm: backend='cutlass' needs K and N below 2^31, got K=", K,
-                    ", N=", N);
-}
-
-void check_group_size(int64_t m, int64_t g) {
-  TORCH_CHECK_VALUE(m <= INT_MAX, "grouped_gemm: backend='cutlass' needs group sizes below 2^31, "
-                    "group ", g, " has ", m, " rows");
 }
 
 }  // namespace
@@ -179,7 +166,7 @@ void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_
   check_operand(a, "a", a);
   check_operand(b, "b", a);
   check_operand(out, "out", a);
-  const int64_t M = a.size(0), K = a.size(1), G = b.size(0);
+  const int64_t M = a.size(0), K = a.size(1);
   const int64_t N = trans_b ? b.size(1) : b.size(2);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N,
               "grouped_gemm (backend='cutlass'): out must be [", M, ", ", N, "], got ",
@@ -191,22 +178,7 @@ void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_
     out.zero_();
     return;
   }
-  const at::BFloat16* pa = a.const_data_ptr<at::BFloat16>();
-  const at::BFloat16* pb = b.const_data_ptr<at::BFloat16>();
-  at::BFloat16* pd = out.data_ptr<at::BFloat16>();
-  std::vector<Problem> problems;
-  problems.reserve(G);
-  int64_t row = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t m = group_sizes[g];
-    if (m == 0) continue;
-    check_group_size(m, g);
-    // A = a_g [m, K] row-major; B = b[g] [K, N] row-major, or b[g]^T: [N, K] row-major read
-    // as [K, N] column-major, ld K; D = out rows [row, row + m), ld N.
-    problems.push_back({pa + row * K, pb + g * K * N, pd + row * N, K, trans_b ? K : N, N,
-                        m, N, K});
-    row += m;
-  }
+  const std::vector<RowMajorGemm> problems = grouped_products(a, b, group_sizes, trans_b, out);
   if (trans_b) {
     run_grouped<GemmNT>(problems, a.device());
   } else {
@@ -230,29 +202,9 @@ void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
   check_dims(K, N);
   const c10::cuda::CUDAGuard guard(a.device());
   if (K == 0 || N == 0 || G == 0) return;
-  const at::BFloat16* pa = a.const_data_ptr<at::BFloat16>();
-  const at::BFloat16* pgo = grad_out.const_data_ptr<at::BFloat16>();
-  at::BFloat16* pd = grad_b.data_ptr<at::BFloat16>();
-  std::vector<Problem> problems;
-  problems.reserve(G);
-  int64_t row = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t m = group_sizes[g];
-    if (m == 0) continue;
-    check_group_size(m, g);
-    const at::BFloat16* ag = pa + row * K;     // a_g [m, K] row-major, ld K
-    const at::BFloat16* gog = pgo + row * N;   // grad_out_g [m, N] row-major, ld N
-    at::BFloat16* dg = pd + g * K * N;
-    // A column-major = the transpose of a row-major [m, x] slice, ld x; B row-major; k = m.
-    if (trans_b) {
-      // grad_b[g] [N, K] = grad_out_g^T [N, m] @ a_g [m, K]
-      problems.push_back({gog, ag, dg, N, K, K, N, K, m});
-    } else {
-      // grad_b[g] [K, N] = a_g^T [K, m] @ grad_out_g [m, N]
-      problems.push_back({ag, gog, dg, K, N, N, K, N, m});
-    }
-    row += m;
-  }
+  // Both orientations are a transposed (column-major) A times a row-major B.
+  const std::vector<RowMajorGemm> problems =
+      wgrad_products(a, grad_out, group_sizes, trans_b, grad_b);
   run_grouped<GemmTN>(problems, a.device());
 }
 
