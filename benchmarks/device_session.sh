@@ -7,6 +7,7 @@
 # build/cutlass_include in the device call's carry, or the 'cutlass' backend is left out.
 # SKIP_TESTS=1 skips the tests and memcheck, SKIP_MEMCHECK=1 the memcheck, SKIP_BENCH=1 the
 # benchmarks (a 10-minute device call fits the build+tests or the benchmarks, not both).
+# The built extension is copied to $OUT/so/; SKIP_BUILD=1 uses a carried moe_parallel/_C*.so.
 # PACK=file.tgz packs everything written under $OUT into that one file on exit (the device tool
 # returns at most 8 files): OUT=/tmp/ds PACK=$OUT_OF_THE_TOOL/device_session.tgz bash ...
 set -uo pipefail
@@ -21,15 +22,18 @@ export PYTHONUNBUFFERED=1
 } 2>&1 | tee "$OUT/device.txt"
 t0=$(date +%s)
 [ -f build/cutlass_include/cutlass/cutlass.h ] && export MOE_PARALLEL_CUTLASS_INCLUDE=$PWD/build/cutlass_include
-CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py -q build_ext --inplace \
-  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+if [ -z "${SKIP_BUILD:-}" ]; then
+  CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py -q build_ext --inplace \
+    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+  mkdir -p "$OUT/so" && cp moe_parallel/_C*.so "$OUT/so/"
+fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   $PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/test_cuda_ops.py \
     tests/test_cuda_grouped_gemm.py \
     2>&1 | tee "$OUT/cuda_tests.log" | tail -15
   if [ -z "${SKIP_MEMCHECK:-}" ]; then
-    compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
+    timeout ${MEMCHECK_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
       tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
       -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
     echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"

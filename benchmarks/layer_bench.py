@@ -10,8 +10,10 @@ Contenders, timed side by side in one process (round-robin, median per contender
   * ``hf_loop``: the Hugging Face Mixtral sparse-MoE block pattern (softmax router, top-k,
     renormalise, loop over experts with ``torch.where`` + ``index_add_``).
 A step clears the gradients first (``grad = None``, as ``zero_grad()`` does in training), so
-no contender pays for accumulating into old gradients. MoE efficiency = t(dense) /
-t(contender); tokens/s = T / t. Peak memory is the growth of peak
+no contender pays for accumulating into old gradients, and back-propagates a fixed random
+upstream gradient of the output's shape (a dense tensor, as the next layer hands back; a
+``.sum()`` loss would hand back a stride-0 expanded one that every contender copies first).
+MoE efficiency = t(dense) / t(contender); tokens/s = T / t. Peak memory is the growth of peak
 RSS (CPU) or max allocated memory (CUDA) during the first forward+backward of a fresh process.
 ``--profile`` adds a torch.profiler view of one ``grouped`` step: the kernels (or CPU ops) that
 take the most time and, on CUDA, the share of the step's wall time the GPU was busy.
@@ -65,8 +67,9 @@ class HFMixtralLoop(nn.Module):
                                        for w in layer.experts.w2.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.gate)
-        weights = logits.softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        dtype = torch.promote_types(x.dtype, self.gate.dtype)  # the router's fp32 gate
+        logits = F.linear(x.to(dtype), self.gate.to(dtype))
+        weights = logits.softmax(-1, dtype=torch.promote_types(dtype, torch.float32))
         weights, selected = torch.topk(weights, self.top_k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
@@ -118,10 +121,16 @@ def build(case: dict, contender: str):
             y = module(x)
             return y[0] if isinstance(y, tuple) else y
 
+    upstream: list[Tensor] = []
+
     def step():
         for t in leaves:  # as a training step after zero_grad(set_to_none=True)
             t.grad = None
-        run().sum().backward()
+        y = run()
+        if not upstream:  # the output's gradient, as the next layer hands it back: made once
+            gen = torch.Generator(device=device).manual_seed(1)
+            upstream.append(torch.randn(y.shape, generator=gen, device=device, dtype=y.dtype))
+        y.backward(upstream[0])
         sync()
 
     return step
@@ -141,7 +150,35 @@ def measure_memory(case: dict, contender: str) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
-def profile_step(case: dict, contender: str = "grouped", top: int = 15) -> str:
+def sync_sites(step) -> list[str]:
+    """The host synchronizations of one CUDA ``step``, each as the innermost moe_parallel (or
+    benchmark) source line that caused it (from ``torch.cuda.set_sync_debug_mode``)."""
+    import traceback
+    import warnings
+
+    sites: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "moe_parallel" in f.filename or "benchmarks" in f.filename]
+        f = frames[-1] if frames else None
+        sites.append(f"{Path(f.filename).name}:{f.lineno} {f.name}: {f.line}" if f else "?")
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
+def profile_step(case: dict, contender: str = "grouped", top: int = 15,
+                 trace: str | None = None) -> str:
     """A table of the ``top`` kernels (CUDA) or ops (CPU) by total time over one step after a
     warm-up, and on CUDA the GPU-busy share of the step's wall time (kernel time ÷ wall) and
     the number of host synchronizations (CUDA runtime calls named ``*Synchronize``)."""
@@ -153,6 +190,8 @@ def profile_step(case: dict, contender: str = "grouped", top: int = 15) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         step()
+    if trace:
+        prof.export_chrome_trace(trace)
     key = "cuda_time_total" if cuda else "cpu_time_total"
     text = prof.key_averages().table(sort_by=key, row_limit=top)
     if cuda:
@@ -162,9 +201,17 @@ def profile_step(case: dict, contender: str = "grouped", top: int = 15) -> str:
         ends = [e.time_range.end for e in kernels]
         wall = (max(ends) - min(starts)) if kernels else 0.0
         syncs = sum(1 for e in prof.events() if e.name.endswith("Synchronize"))
+        order = sorted(kernels, key=lambda e: e.time_range.start)
+        gaps = sorted(((b.time_range.start - a.time_range.end, a.name, b.name)
+                       for a, b in zip(order, order[1:])), reverse=True)[:8]
+        text += "largest GPU idle gaps (µs, kernel before -> kernel after):\n" + "".join(
+            f"  {g:8.1f}  {a[:60]} -> {b[:60]}\n" for g, a, b in gaps)
         text += (f"\n{len(kernels)} kernels, {busy / 1e3:.2f} ms busy over {wall / 1e3:.2f} ms "
                  f"from first to last kernel: GPU busy {busy / max(wall, 1e-9):.1%}; "
                  f"{syncs} host synchronizations\n")
+        sites = sync_sites(step)  # the step's own final synchronize is not a torch-op sync
+        text += f"{len(sites)} synchronizing torch calls:\n" + "".join(
+            f"  {s}\n" for s in sites)
     return text
 
 
@@ -184,7 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--contenders", nargs="*", default=list(CONTENDERS),
                    choices=CONTENDERS + BACKEND_CONTENDERS)
-    p.add_argument("--profile", action="store_true", help="print a profile of one grouped step")
+    p.add_argument("--profile", nargs="*", choices=CONTENDERS + BACKEND_CONTENDERS,
+                   help="print a profile of one step of each named contender (none named: "
+                        "grouped)")
+    p.add_argument("--trace", help="with --profile: write each profiled step's Chrome trace "
+                                   "to TRACE_<contender>.json")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -225,8 +276,10 @@ def main(argv: list[str] | None = None) -> dict:
         mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
         print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
               f"{r['tokens_per_s']:11,.0f}{speed:>17}{mem:>10}")
-    if args.profile:
-        print(f"\nprofile of one grouped step:\n{profile_step(case)}")
+    if args.profile is not None:
+        for c in args.profile or ["grouped"]:
+            trace = f"{args.trace}_{c}.json" if args.trace else None
+            print(f"\nprofile of one {c} step:\n{profile_step(case, c, trace=trace)}")
     return save_result("layer", argv, {"case": case, "results": rows}, args.out,
                        f"layer_{args.config}_{args.device}")[0]
 

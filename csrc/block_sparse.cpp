@@ -26,6 +26,7 @@
 // for CPU in csrc/registry.cpp and for CUDA in csrc/cuda/register_cuda.cpp (the topology
 // tensors stay on the host there).
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "ops.h"
@@ -42,18 +43,24 @@ struct Panel {
 };
 
 // Partitions the block list (block i at row br[i], column bc[i]) into maximal panels, in list
-// order, each at most ~kPanelElems output elements. The topology of block_topology gives one
+// order, each at most ~max_elems output elements. The topology of block_topology gives one
 // panel per expert (split by that bound); any other list still gets a valid partition.
+// On the CPU panels are capped at kPanelElems (cache-sized work items for the threads); a GPU
+// gets whole panels, one GEMM per expert.
 constexpr int64_t kPanelElems = int64_t{1} << 22;
 
+int64_t panel_cap(const at::Tensor& t) {
+  return t.is_cuda() ? std::numeric_limits<int64_t>::max() : kPanelElems;
+}
+
 std::vector<Panel> find_panels(const int64_t* br, const int64_t* bc, int64_t nnz, int64_t ncb,
-                               int64_t B) {
+                               int64_t B, int64_t max_elems) {
   std::vector<Panel> panels;
   for (int64_t i = 0; i < nnz;) {
     const int64_t r = br[i], c0 = bc[i], e = c0 / ncb;
     int64_t m = 1;
     while (i + m < nnz && br[i + m] == r && bc[i + m] == c0 + m && (c0 + m) / ncb == e) ++m;
-    const int64_t max_p = std::max<int64_t>(1, kPanelElems / (m * B * B));
+    const int64_t max_p = std::max<int64_t>(1, max_elems / (m * B * B));
     const auto row_matches = [&](int64_t p) {
       const int64_t s = i + p * m;
       if (s + m > nnz) return false;
@@ -160,10 +167,13 @@ at::ScalarType compute_dtype(at::ScalarType s) {
 }
 
 // Inputs as plain (detached) tensors of the compute dtype: the products below write into
-// views of a fresh output, which autograd would refuse for inputs that require grad.
+// views of a fresh output, which autograd would refuse for inputs that require grad. On CUDA
+// half-precision inputs stay as they are (tensor-core GEMMs accumulate in float32; whole
+// panels mean the standard topology sums nothing across panels); the CPU computes in float32.
 at::Tensor upcast(const at::Tensor& t) {
-  return t.scalar_type() == compute_dtype(t.scalar_type()) ? t.detach()
-                                                           : t.detach().to(at::kFloat);
+  return t.is_cuda() || t.scalar_type() == compute_dtype(t.scalar_type())
+             ? t.detach()
+             : t.detach().to(at::kFloat);
 }
 
 }  // namespace
@@ -248,7 +258,7 @@ at::Tensor bsr_sdd_impl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const at::Tensor xc = upcast(x), wc = upcast(w);
   at::Tensor out = at::empty({nnz, B, B}, xc.options());
   for (const Panel& pn : find_panels(brc.data_ptr<int64_t>(), bcc.data_ptr<int64_t>(), nnz,
-                                     ncb, B)) {
+                                     ncb, B, panel_cap(x))) {
     const at::Tensor xp = xc.narrow(0, pn.row0 * B, pn.P * B);
     const at::Tensor wp = wc.select(0, pn.c0 / ncb).narrow(1, (pn.c0 % ncb) * B, pn.m * B);
     panel_of(out, pn, B).copy_(at::mm(xp, wp).view({pn.P, B, pn.m, B}).permute({0, 2, 1, 3}));
@@ -289,7 +299,8 @@ at::Tensor bsr_dsd_impl(const at::Tensor& blocks, const at::Tensor& w, const at:
   // Row block r of out is written by its first panel and accumulated by later ones.
   Coverage rows(R);
   const auto zero_row = [&](int64_t r) { out.narrow(0, r * B, B).zero_(); };
-  for (const Panel& pn : find_panels(br.data(), bcc.data_ptr<int64_t>(), nnz, ncb, B)) {
+  for (const Panel& pn : find_panels(br.data(), bcc.data_ptr<int64_t>(), nnz, ncb, B,
+                                     panel_cap(blocks))) {
     const at::Tensor a = panel_of(bl, pn, B).permute({0, 2, 1, 3}).reshape({pn.P * B, pn.m * B});
     const at::Tensor wp = wc.select(0, pn.c0 / ncb).narrow(0, (pn.c0 % ncb) * B, pn.m * B);
     at::Tensor dst = out.narrow(0, pn.row0 * B, pn.P * B);
@@ -350,7 +361,8 @@ at::Tensor bsr_wgrad_impl(const at::Tensor& x, const at::Tensor& blocks,
                  : out.select(0, c / ncb).narrow(1, (c % ncb) * B, B);  // [K, B]
   };
   const auto zero_col = [&](int64_t c) { col_block(c).zero_(); };
-  for (const Panel& pn : find_panels(brc.data_ptr<int64_t>(), bc.data(), nnz, ncb, B)) {
+  for (const Panel& pn : find_panels(brc.data_ptr<int64_t>(), bc.data(), nnz, ncb, B,
+                                     panel_cap(x))) {
     const int64_t e = pn.c0 / ncb, j0 = pn.c0 % ncb;
     const at::Tensor xp = xc.narrow(0, pn.row0 * B, pn.P * B);  // [P*B, K]
     const at::Tensor g = panel_of(bl, pn, B).permute({0, 2, 1, 3}).reshape({pn.P * B, pn.m * B});

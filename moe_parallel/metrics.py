@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,15 +22,18 @@ class RoutingStats:
       padding included). padded_rows: the same after block-sparse padding (None for grouped),
       padding_fraction = (padded_rows − expert_rows) / padded_rows.
     overflow: True when the dropless row ceiling (``max_rows_*``) made this forward drop.
+
+    Built from device counts, the statistics travel to the host by one non-blocking copy into
+    pinned memory: the forward never waits for them, and reading a count waits only for that
+    copy (``counts = [routed_per_expert | tokens_per_expert | unrouted_tokens]``, int64).
     """
 
-    routed_per_expert: Tensor
-    tokens_per_expert: Tensor
+    counts: Tensor
     num_tokens: int
-    unrouted_tokens: int
     expert_rows: int = 0
     padded_rows: Optional[int] = None
     overflow: bool = False
+    ready: Optional[torch.cuda.Event] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_counts(
@@ -43,16 +46,39 @@ class RoutingStats:
         overflow: bool = False,
     ) -> RoutingStats:
         """Build from the two count vectors and the dispatch row map ([T, k], -1 = dropped)."""
-        unrouted = int((row_map < 0).all(dim=1).sum()) if row_map.numel() else row_map.shape[0]
-        return cls(
-            routed_per_expert=routed_per_expert.detach().to("cpu", torch.int64),
-            tokens_per_expert=tokens_per_expert.detach().to("cpu", torch.int64),
-            num_tokens=row_map.shape[0],
-            unrouted_tokens=unrouted,
-            expert_rows=expert_rows,
-            padded_rows=padded_rows,
-            overflow=overflow,
-        )
+        dev = row_map.device
+        unrouted = (row_map < 0).all(dim=1).sum() if row_map.numel() else row_map.shape[0]
+        packed = torch.cat([routed_per_expert.detach().to(dev, torch.int64).reshape(-1),
+                            tokens_per_expert.detach().to(dev, torch.int64).reshape(-1),
+                            torch.as_tensor(unrouted, dtype=torch.int64, device=dev).view(1)])
+        ready = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=torch.int64, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            packed = host
+        return cls(counts=packed, num_tokens=row_map.shape[0], expert_rows=expert_rows,
+                   padded_rows=padded_rows, overflow=overflow, ready=ready)
+
+    def _host_counts(self) -> Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.counts
+
+    @property
+    def routed_per_expert(self) -> Tensor:
+        e = (self.counts.numel() - 1) // 2
+        return self._host_counts()[:e]
+
+    @property
+    def tokens_per_expert(self) -> Tensor:
+        e = (self.counts.numel() - 1) // 2
+        return self._host_counts()[e:2 * e]
+
+    @property
+    def unrouted_tokens(self) -> int:
+        return int(self._host_counts()[-1])
 
     @property
     def padding_fraction(self) -> float:

@@ -141,14 +141,43 @@ def test_backend_large_bf16(backend):
     b = (torch.randn(8, 1024, 2048, device=DEV) * 1024**-0.5).to(torch.bfloat16)
     gs = torch.tensor(sizes)
     out = ops.grouped_gemm(a, b, gs, backend=backend)
-    groups = torch.repeat_interleave(torch.arange(8, device=DEV), gs.to(DEV))
-    ref = torch.bmm(a.double().unsqueeze(1), b.double()[groups]).squeeze(1)
+    rows = list(torch.split(a.double(), sizes))
+    ref = torch.cat([r @ w for r, w in zip(rows, b.double())])
     assert rel_err(out, ref) < 1e-2
     go = torch.randn_like(out)
     wg = torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, gs, False, backend)
-    ref_wg = torch.zeros(8, 1024, 2048, dtype=torch.float64, device=DEV)
-    ref_wg.index_add_(0, groups, a.double().unsqueeze(2) * go.double().unsqueeze(1))
+    ref_wg = torch.stack([r.t() @ g for r, g in zip(rows, torch.split(go.double(), sizes))])
     assert rel_err(wg, ref_wg) < 1e-2
+
+
+@pytest.mark.parametrize("groups", [8, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_auto_picks_one_launch_for_many_bf16_groups(groups, dtype):
+    """"auto" is torch._grouped_mm for bfloat16 on sm_90+ with >= 16 groups, else the loop:
+    its forward and wgrad are bitwise those of the backend it resolves to, and its forward
+    launches what that backend launches."""
+    sizes = torch.randint(1, 200, (groups,), generator=torch.Generator().manual_seed(groups))
+    a = randn(int(sizes.sum()), 256, dtype=dtype, seed=11).to(DEV)
+    b = randn(groups, 256, 512, dtype=dtype, seed=12).to(DEV)
+    go = randn(int(sizes.sum()), 512, dtype=dtype, seed=13).to(DEV)
+    sm90 = torch.cuda.get_device_capability() >= (9, 0)
+    expect = "torch" if dtype == torch.bfloat16 and sm90 and groups >= 16 else "loop"
+
+    def run(backend):
+        return (ops.grouped_gemm(a, b, sizes, backend=backend),
+                torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, sizes, False, backend))
+
+    auto, same = run("auto"), run(expect)
+    assert all(torch.equal(x, y) for x, y in zip(auto, same))
+    # The forward's kernels tell the two apart: one grouped launch (and its set-up), or one
+    # GEMM per group.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.grouped_gemm(a, b, sizes, backend="auto")
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name]
+    assert (len(kernels) <= 3) if expect == "torch" else (len(kernels) >= groups), \
+        [e.name for e in kernels]
 
 
 def test_cublas_float32_without_tf32_is_float32_exact():

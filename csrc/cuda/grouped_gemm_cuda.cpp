@@ -11,7 +11,7 @@
 //            float16; TF32 for float32 only when torch allows TF32 in cuBLAS);
 //   torch    at::_grouped_mm with int32 cumulative row offsets on the device (bfloat16);
 //   cutlass  a CUTLASS grouped GEMM kernel (bfloat16, csrc/cuda/grouped_gemm_cutlass.cu);
-//   auto     kAutoBackend, the fastest measured by benchmarks/grouped_gemm_bench.py.
+//   auto     auto_backend(): the fastest measured in the layer (benchmarks/layer_bench.py).
 #ifdef MOE_PARALLEL_WITH_CUDA
 
 #include <limits>
@@ -30,17 +30,26 @@
 namespace moe_parallel {
 namespace {
 
-// The per-group cuBLAS loop: on H100 (benchmarks/results/h100_2026-11-22_run3) it matched or
-// beat at::_grouped_mm in 3 of 4 forward+backward cases.
-constexpr std::string_view kAutoBackend = "loop";
+// "auto": at::_grouped_mm (one launch) for bfloat16 on sm_90+ with at least
+// kOneLaunchMinGroups groups, else the per-group cuBLAS loop. On H100
+// (benchmarks/results/h100_2026-11-23.md) the loop led the isolated GEMMs, but in the whole
+// layer the 64-expert case ran 13 % faster with one launch (host launch cost of 6 x 64 GEMMs),
+// and the 8-expert case tied.
+constexpr int64_t kOneLaunchMinGroups = 16;
 constexpr int kSideStreams = 4;
 
-// The backend a call runs ("auto" resolved), after checking the name, the device and that
-// the backend takes a's dtype.
-std::string_view checked_backend(c10::string_view name, const at::Tensor& a) {
+std::string_view auto_backend(const at::Tensor& a, int64_t groups) {
+  const bool sm90 = at::cuda::getDeviceProperties(a.device().index())->major >= 9;
+  return a.scalar_type() == at::kBFloat16 && sm90 && groups >= kOneLaunchMinGroups ? "torch"
+                                                                                   : "loop";
+}
+
+// The backend a call over `groups` groups runs ("auto" resolved), after checking the name, the
+// device and that the backend takes a's dtype.
+std::string_view checked_backend(c10::string_view name, const at::Tensor& a, int64_t groups) {
   check_grouped_gemm_backend(name, a);
   const std::string_view backend =
-      name == "auto" ? kAutoBackend : std::string_view(name.data(), name.size());
+      name == "auto" ? auto_backend(a, groups) : std::string_view(name.data(), name.size());
 #ifndef MOE_PARALLEL_WITH_CUTLASS
   TORCH_CHECK(backend != "cutlass", "backend='cutlass' was not built (CUTLASS headers not found "
               "at build time: pip install --no-deps nvidia-cutlass, then rebuild)");
@@ -256,7 +265,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b,
                              c10::string_view backend) {
   check_grouped_gemm_args(a, b, group_sizes, trans_b);
-  const std::string_view use = checked_backend(backend, a);
+  const std::string_view use = checked_backend(backend, a, group_sizes.size(0));
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   if (use == "loop") return grouped_gemm_loop(a, b, gs, trans_b);
@@ -288,7 +297,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_o
                                    const at::Tensor& group_sizes, bool trans_b,
                                    c10::string_view backend) {
   check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
-  const std::string_view use = checked_backend(backend, a);
+  const std::string_view use = checked_backend(backend, a, group_sizes.size(0));
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   const int64_t G = sizes.size(0), K = a.size(1), N = grad_out.size(1);
