@@ -73,7 +73,8 @@ void check_sizes_sum(const at::Tensor& sizes, int64_t total, const char* name,
 }  // namespace
 
 void check_permute_args(const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
-                        const std::optional<at::Tensor>& keep, int64_t pad_to) {
+                        const std::optional<at::Tensor>& keep, int64_t pad_to,
+                        bool validate) {
   check_dim(x, 2, "x", "[T, H]");
   check_float(x, "x");
   check_dim(expert_idx, 2, "expert_idx", "[T, k]");
@@ -91,8 +92,8 @@ void check_permute_args(const at::Tensor& x, const at::Tensor& expert_idx, int64
                       keep->sizes());
     check_same_device(*keep, "keep", x, "x");
   }
-  check_index_range(expert_idx, 0, num_experts, "expert_idx", "[0, num_experts)");
-  if (pad_to > 0 && expert_idx.numel() > 0) {
+  if (validate) check_index_range(expert_idx, 0, num_experts, "expert_idx", "[0, num_experts)");
+  if (validate && pad_to > 0 && expert_idx.numel() > 0) {
     // Kept assignments per expert (dropped ones go to the extra bin num_experts).
     at::Tensor ids = expert_idx.reshape({-1});
     if (keep.has_value()) {
@@ -108,7 +109,8 @@ void check_permute_args(const at::Tensor& x, const at::Tensor& expert_idx, int64
 }
 
 void check_unpermute_args(const at::Tensor& y, const at::Tensor& row_map,
-                          const std::optional<at::Tensor>& probs, int64_t num_tokens) {
+                          const std::optional<at::Tensor>& probs, int64_t num_tokens,
+                          bool validate) {
   check_dim(y, 2, "y", "[N, H]");
   check_float(y, "y");
   check_dim(row_map, 2, "row_map", "[T, k]");
@@ -123,12 +125,13 @@ void check_unpermute_args(const at::Tensor& y, const at::Tensor& row_map,
                       probs->sizes());
     check_same_device(*probs, "probs", y, "y");
   }
-  check_index_range(row_map, -1, y.size(0), "row_map", "[-1, y.size(0))");
+  if (validate) check_index_range(row_map, -1, y.size(0), "row_map", "[-1, y.size(0))");
 }
 
 void check_unpermute_backward_args(const at::Tensor& grad_out, const at::Tensor& y,
                                    const at::Tensor& row_map,
-                                   const std::optional<at::Tensor>& probs, int64_t num_rows) {
+                                   const std::optional<at::Tensor>& probs, int64_t num_rows,
+                                   bool validate) {
   check_dim(y, 2, "y", "[N, H]");
   check_float(y, "y");
   TORCH_CHECK_VALUE(num_rows == y.size(0), "num_rows must equal y.size(0) = ", y.size(0),
@@ -151,7 +154,7 @@ void check_unpermute_backward_args(const at::Tensor& grad_out, const at::Tensor&
                       probs->sizes());
     check_same_device(*probs, "probs", y, "y");
   }
-  check_index_range(row_map, -1, num_rows, "row_map", "[-1, num_rows)");
+  if (validate) check_index_range(row_map, -1, num_rows, "row_map", "[-1, num_rows)");
 }
 
 void check_sort_chunks_args(const at::Tensor& x, const at::Tensor& split_sizes,

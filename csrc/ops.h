@@ -16,12 +16,13 @@ namespace moe_parallel {
 // ---- CPU kernels (csrc/cpu) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(
     const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
-    const std::optional<at::Tensor>& keep, int64_t pad_to);
+    const std::optional<at::Tensor>& keep, int64_t pad_to, bool validate);
 at::Tensor unpermute_cpu(const at::Tensor& y, const at::Tensor& row_map,
-                         const std::optional<at::Tensor>& probs, int64_t num_tokens);
+                         const std::optional<at::Tensor>& probs, int64_t num_tokens,
+                         bool validate);
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
-    const std::optional<at::Tensor>& probs, int64_t num_rows);
+    const std::optional<at::Tensor>& probs, int64_t num_rows, bool validate);
 // SwiGLU of h [N, 2F] = [gate | up]: out [N, F] = silu(gate) * up, and its backward.
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
@@ -54,14 +55,19 @@ void wgrad_one_group(const at::Tensor& a, const at::Tensor& grad_out, int64_t g,
                      int64_t m, bool trans_b, at::Tensor& grad_b);
 
 // ---- argument checks (csrc/checks.cpp), shared by every backend; they raise
-// ValueError/RuntimeError naming the argument, before any kernel runs ----
+// ValueError/RuntimeError naming the argument, before any kernel runs. validate=false skips
+// the data-dependent checks (index ranges, permute's per-expert count bound; each a
+// device-to-host read on CUDA) for indices the caller has checked or built in range: ids that
+// passed ops.expert_counts, a row map returned by permute ----
 void check_permute_args(const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
-                        const std::optional<at::Tensor>& keep, int64_t pad_to);
+                        const std::optional<at::Tensor>& keep, int64_t pad_to, bool validate);
 void check_unpermute_args(const at::Tensor& y, const at::Tensor& row_map,
-                          const std::optional<at::Tensor>& probs, int64_t num_tokens);
+                          const std::optional<at::Tensor>& probs, int64_t num_tokens,
+                          bool validate);
 void check_unpermute_backward_args(const at::Tensor& grad_out, const at::Tensor& y,
                                    const at::Tensor& row_map,
-                                   const std::optional<at::Tensor>& probs, int64_t num_rows);
+                                   const std::optional<at::Tensor>& probs, int64_t num_rows,
+                                   bool validate);
 // sort_chunks: split_sizes/order CPU int64 [n], sizes >= 0 summing to x.size(0), order a
 // permutation of 0..n-1.
 void check_sort_chunks_args(const at::Tensor& x, const at::Tensor& split_sizes,
@@ -96,12 +102,13 @@ at::Tensor bsr_wgrad_impl(const at::Tensor& x, const at::Tensor& blocks,
 // ---- CUDA kernels (csrc/cuda) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(
     const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
-    const std::optional<at::Tensor>& keep, int64_t pad_to);
+    const std::optional<at::Tensor>& keep, int64_t pad_to, bool validate);
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
-                          const std::optional<at::Tensor>& probs, int64_t num_tokens);
+                          const std::optional<at::Tensor>& probs, int64_t num_tokens,
+                          bool validate);
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
-    const std::optional<at::Tensor>& probs, int64_t num_rows);
+    const std::optional<at::Tensor>& probs, int64_t num_rows, bool validate);
 at::Tensor swiglu_cuda(const at::Tensor& h);
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h);
 // Grouped GEMM on CUDA by backend (csrc/cuda/grouped_gemm_cuda.cpp): "loop" = one cuBLAS GEMM

@@ -100,8 +100,9 @@ def block_sparse_ffn(
         real_map, x_pad = None, x
     else:  # row gathers (unpermute with one term per row, -1: a zero row), both directions
         pad_map, real_map = _row_maps(group_sizes, padded_offsets, x.device)
-        x_pad = ops.unpermute(x, pad_map)
+        x_pad = ops.unpermute(x, pad_map, validate=False)  # maps built in range above
     blocks = ops.bsr_sdd(x_pad, w1, block_row, block_col, b)
     a = _activate_blocks(blocks, activation, n2, b)
     y_pad = ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)
-    return (y_pad if real_map is None else ops.unpermute(y_pad, real_map)), num_padded
+    y = y_pad if real_map is None else ops.unpermute(y_pad, real_map, validate=False)
+    return y, num_padded

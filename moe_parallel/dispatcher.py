@@ -64,17 +64,21 @@ class LocalDispatcher:
             routing, overflow, _ = self.row_budget.enforce(
                 routing, self.num_experts, 1, lambda c: c.view(1, -1).to("cpu")
             )
+        # One host round trip checks the ids and brings the group sizes (dropless) along.
+        host_counts = ops.expert_counts(
+            routing.expert_idx, self.num_experts, routing.keep, pad_to
+        )
         expert_in, row_map, counts = ops.permute(
-            x, routing.expert_idx, self.num_experts, routing.keep, pad_to
+            x, routing.expert_idx, self.num_experts, routing.keep, pad_to, validate=False
         )
         if pad_to > 0:
             group_sizes = torch.full((self.num_experts,), pad_to, dtype=torch.int64)
         else:
-            group_sizes = counts.to("cpu", torch.int64)
+            group_sizes = host_counts
         return expert_in, group_sizes, LocalHandle(row_map, routing.probs, counts, overflow)
 
     def combine(self, expert_out: Tensor, handle: LocalHandle) -> Tensor:
-        return ops.unpermute(expert_out, handle.row_map, handle.probs)
+        return ops.unpermute(expert_out, handle.row_map, handle.probs, validate=False)
 
 
 # ---- expert parallel ----------------------------------------------------------------------------
@@ -239,7 +243,7 @@ class AllToAllDispatcher:
                 y = ops.sort_chunks(y, handle.chunk_sizes[self.order], self.inverse_order)
             y = comm.reduce_scatter(y, handle.etp_splits, self.etp_group)
             y = comm.all_to_all(y, handle.send_splits, handle.recv_splits, self.ep_group)
-        return ops.unpermute(y, handle.row_map, handle.probs)
+        return ops.unpermute(y, handle.row_map, handle.probs, validate=False)
 
 
 # ---- expert parallel, all-gather flavour ------------------------------------------------------
@@ -369,7 +373,8 @@ class AllGatherDispatcher:
         return expert_in, group_sizes, handle
 
     def combine(self, expert_out: Tensor, handle: AllGatherHandle) -> Tensor:
-        y = ops.unpermute(expert_out, handle.gathered_row_map, handle.gathered_probs)
+        y = ops.unpermute(expert_out, handle.gathered_row_map, handle.gathered_probs,
+                          validate=False)
         return comm.reduce_scatter(y, handle.token_counts, self.group)
 
 

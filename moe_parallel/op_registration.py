@@ -28,7 +28,7 @@ from .op_checks import (
 # --------------------------------------------------------------------------------------------
 
 
-def _permute_fake(x, expert_idx, num_experts, keep=None, pad_to=0):
+def _permute_fake(x, expert_idx, num_experts, keep=None, pad_to=0, validate=True):
     _check_permute_static(x, expert_idx, num_experts, keep, pad_to)
     # N = E * pad_to is static; otherwise it is the (data-dependent) number of kept assignments.
     n = num_experts * pad_to if pad_to > 0 else torch.library.get_ctx().new_dynamic_size()
@@ -39,12 +39,12 @@ def _permute_fake(x, expert_idx, num_experts, keep=None, pad_to=0):
     )
 
 
-def _unpermute_fake(y, row_map, probs=None, num_tokens=None):
+def _unpermute_fake(y, row_map, probs=None, num_tokens=None, validate=True):
     _check_unpermute_static(y, row_map, probs, num_tokens)
     return y.new_empty(num_tokens, y.shape[1])
 
 
-def _unpermute_backward_fake(grad_out, y, row_map, probs, num_rows):
+def _unpermute_backward_fake(grad_out, y, row_map, probs, num_rows, validate=True):
     _check_unpermute_backward_static(grad_out, y, row_map, probs, num_rows)
     grad_probs = y.new_empty(0) if probs is None else probs.new_empty(probs.shape)
     return y.new_empty(num_rows, y.shape[1]), grad_probs
@@ -140,8 +140,9 @@ def _permute_setup(ctx, args, output):
 
 def _permute_backward(ctx, grad_permuted, _grad_row_map, _grad_tpe):
     (row_map,) = ctx.saved_tensors
-    grad_x = torch.ops.moe_parallel.unpermute(
-        y=grad_permuted.contiguous(), row_map=row_map, probs=None, num_tokens=ctx.num_tokens
+    grad_x = torch.ops.moe_parallel.unpermute(  # row_map: the forward's own output
+        y=grad_permuted.contiguous(), row_map=row_map, probs=None, num_tokens=ctx.num_tokens,
+        validate=False,
     )
     return {"x": grad_x}
 
@@ -152,8 +153,9 @@ def _unpermute_setup(ctx, args, output):
 
 def _unpermute_backward(ctx, grad_out):
     y, row_map, probs = ctx.saved_tensors
+    # row_map passed the forward's range check (or its caller's validate=False promise).
     grad_y, grad_probs = torch.ops.moe_parallel.unpermute_backward(
-        grad_out.contiguous(), y, row_map, probs, y.shape[0]
+        grad_out.contiguous(), y, row_map, probs, y.shape[0], validate=False
     )
     return {"y": grad_y, "probs": grad_probs if probs is not None else None}
 

@@ -43,6 +43,7 @@ def permute_torch(
     num_experts: int,
     keep: Optional[torch.Tensor] = None,
     pad_to: int = 0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Twin of :func:`permute`: expert-major gather of the kept assignments of ``x``.
 
@@ -55,14 +56,14 @@ def permute_torch(
     _check_permute_static(x, expert_idx, num_experts, keep, pad_to)
     num_tokens, k = expert_idx.shape
     flat = expert_idx.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+    if validate and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         raise ValueError(
             f"expert_idx entries must be in [0, num_experts={num_experts}), "
             f"got min {int(flat.min())} max {int(flat.max())}"
         )
     kept = torch.ones_like(flat, dtype=torch.bool) if keep is None else keep.reshape(-1)
     counts = torch.bincount(flat[kept], minlength=num_experts)
-    if pad_to > 0 and counts.numel() and int(counts.max()) > pad_to:
+    if validate and pad_to > 0 and counts.numel() and int(counts.max()) > pad_to:
         raise ValueError(
             f"pad_to={pad_to} is smaller than the largest expert count {int(counts.max())}"
         )
@@ -96,7 +97,10 @@ def _check_row_map_values(row_map: torch.Tensor, num_rows: int) -> None:
 
 
 def unpermute_torch(
-    y: torch.Tensor, row_map: torch.Tensor, probs: Optional[torch.Tensor] = None
+    y: torch.Tensor,
+    row_map: torch.Tensor,
+    probs: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Twin of :func:`unpermute`: ``out[t] = sum_{j: row_map[t,j] >= 0} w[t,j] * y[row_map[t,j]]``.
 
@@ -104,7 +108,8 @@ def unpermute_torch(
     order ``j = 0..k-1``; returns ``[T, H]`` in ``y``'s dtype.
     """
     _check_unpermute_static(y, row_map, probs)
-    _check_row_map_values(row_map, y.shape[0])
+    if validate:
+        _check_row_map_values(row_map, y.shape[0])
     acc = _acc_dtype(y.dtype)
     num_tokens, k = row_map.shape
     out = torch.zeros(num_tokens, y.shape[1], dtype=acc, device=y.device)
@@ -125,6 +130,7 @@ def unpermute_backward_torch(
     row_map: torch.Tensor,
     probs: Optional[torch.Tensor],
     num_rows: int,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``unpermute_backward``.
 
@@ -134,7 +140,8 @@ def unpermute_backward_torch(
     when ``probs`` is None.
     """
     _check_unpermute_backward_static(grad_out, y, row_map, probs, num_rows)
-    _check_row_map_values(row_map, y.shape[0])
+    if validate:
+        _check_row_map_values(row_map, y.shape[0])
     acc = _acc_dtype(y.dtype)
     t_idx, j_idx = (row_map >= 0).nonzero(as_tuple=True)
     rows = row_map[t_idx, j_idx]

@@ -69,6 +69,7 @@ __all__ = [
     "has_extension",
     "extension_error",
     "permute",
+    "expert_counts",
     "unpermute",
     "sort_chunks",
     "grouped_gemm",
@@ -155,6 +156,7 @@ def permute(
     num_experts: int,
     keep: Optional[torch.Tensor] = None,
     pad_to: int = 0,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather the kept assignments of ``x [T, H]`` into expert-major order.
 
@@ -166,18 +168,70 @@ def permute(
     count; padding rows zero), ``row_map [T, k]`` int64 (row of ``(t, j)``, -1 when dropped) and
     ``tokens_per_expert [E]`` int64 (real counts). A count above ``pad_to > 0`` is an error.
     Gradient: ``grad_x = unpermute(grad_permuted, row_map)``.
+
+    ``validate=False`` skips the data-dependent checks (the ``expert_idx`` range and the
+    ``pad_to`` bound; on CUDA each a device-to-host read) for ids the caller has checked, e.g.
+    with :func:`expert_counts`; ids out of range or counts above ``pad_to`` are then undefined
+    behaviour.
     """
     if has_extension():
         if keep is not None:
             keep = keep.contiguous()
         return torch.ops.moe_parallel.permute(
-            x.contiguous(), expert_idx.contiguous(), num_experts, keep, pad_to
+            x.contiguous(), expert_idx.contiguous(), num_experts, keep, pad_to, validate
         )
-    return permute_torch(x, expert_idx, num_experts, keep, pad_to)
+    return permute_torch(x, expert_idx, num_experts, keep, pad_to, validate)
+
+
+def expert_counts(
+    expert_idx: torch.Tensor,
+    num_experts: int,
+    keep: Optional[torch.Tensor] = None,
+    pad_to: int = 0,
+) -> torch.Tensor:
+    """Kept assignments per expert, ``[E]`` int64 on the CPU, with the checks of
+    :func:`permute` on ``expert_idx`` (every entry in ``[0, num_experts)``) and ``pad_to`` (no
+    count above it when ``pad_to > 0``), from one device-to-host copy. After it,
+    ``permute(..., validate=False)`` needs no further host round trip: dropless dispatch reads
+    its group sizes and checks its ids together.
+    """
+    _check_tensor(expert_idx, "expert_idx")
+    if expert_idx.dtype != torch.int64:
+        raise ValueError(f"expert_idx must have dtype int64, got {expert_idx.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    flat = expert_idx.reshape(-1)
+    E = num_experts
+    bad = (flat < 0) | (flat >= E)
+    kept = bad.logical_not() if keep is None else keep.reshape(-1) & bad.logical_not()
+    # bin e < E: kept assignments of e; bin E: dropped; bin E + 1: out of range
+    key = torch.where(bad, E + 1, torch.where(kept, flat, E))
+    bins = torch.zeros(E + 2, dtype=torch.int64, device=flat.device)
+    bins.scatter_add_(0, key, torch.ones_like(key))
+    if flat.numel():
+        lo, hi = torch.aminmax(flat)
+        bins = torch.cat([bins, lo.view(1), hi.view(1)])
+    host = bins.cpu()
+    if int(host[E + 1]):
+        raise ValueError(
+            f"expert_idx entries must lie in [0, num_experts) = [0, {E}), got values in "
+            f"[{int(host[E + 2])}, {int(host[E + 3])}]"
+        )
+    counts = host[:E]
+    if pad_to > 0 and counts.numel() and int(counts.max()) > pad_to:
+        raise ValueError(
+            f"pad_to ({pad_to}) is smaller than the kept assignments of expert "
+            f"{int(counts.argmax())} ({int(counts.max())}); pad_to must be 0 or >= the largest "
+            "per-expert count"
+        )
+    return counts
 
 
 def unpermute(
-    y: torch.Tensor, row_map: torch.Tensor, probs: Optional[torch.Tensor] = None
+    y: torch.Tensor,
+    row_map: torch.Tensor,
+    probs: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Weighted scatter-back: ``out[t] = sum_{j: row_map[t,j] >= 0} w[t,j] * y[row_map[t,j]]``.
 
@@ -185,6 +239,8 @@ def unpermute(
     or 1. Accumulation is float32 (float64 for float64 ``y``) in the fixed order ``j = 0..k-1``;
     the result ``[T, H]`` has y's dtype. Gradients: ``grad_y[row_map[t,j]] = w[t,j] *
     grad_out[t]``, ``grad_probs[t,j] = <grad_out[t], y[row_map[t,j]]>`` (0 for dropped).
+    ``validate=False`` skips the ``row_map`` range check (on CUDA a device-to-host read) for a
+    row map in range by construction, such as the one :func:`permute` returned for ``y``.
     """
     if has_extension():
         _check_tensor(row_map, "row_map")
@@ -192,9 +248,10 @@ def unpermute(
         if probs is not None:
             probs = probs.contiguous()
         return torch.ops.moe_parallel.unpermute(
-            y=y.contiguous(), row_map=row_map.contiguous(), probs=probs, num_tokens=num_tokens
+            y=y.contiguous(), row_map=row_map.contiguous(), probs=probs, num_tokens=num_tokens,
+            validate=validate,
         )
-    return unpermute_torch(y, row_map, probs)
+    return unpermute_torch(y, row_map, probs, validate)
 
 
 def sort_chunks(x: torch.Tensor, split_sizes: IntList, order: IntList) -> torch.Tensor:

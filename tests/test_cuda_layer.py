@@ -72,3 +72,44 @@ def test_cuda_layer_matches_reference(mode, dtype, tol):
             assert rel(p.grad, refp[n].grad) < tol, n
     else:
         assert rel(y.detach(), y_ref.detach()) < tol
+
+
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_dropless_step_reads_the_device_once(backend, check_finite):
+    """A dropless forward+backward reads the device from the host once: ops.expert_counts
+    (ids checked and group sizes together), plus the finiteness check of the logits when
+    check_finite is on. Routing statistics arrive by a non-blocking copy, and the permute and
+    unpermute ops with their backwards skip the range checks the ids already passed."""
+    import traceback
+    import warnings
+
+    if backend == "torch" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm's fast path needs sm_90")
+    cfg = MoEConfig(**{**BASE, "params_dtype": torch.bfloat16, "grouped_gemm_backend": backend,
+                       "check_finite": check_finite})
+    layer = MoELayer(cfg, device="cuda")
+    x = torch.randn(256, cfg.hidden_size, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    grad = torch.randn_like(x)
+    layer(x).backward(grad)  # warm-up: lazy initialisations are not per-step reads
+    torch.cuda.synchronize()
+    sites = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            sites.append("".join(traceback.format_stack(limit=12)[:-1]))
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            layer(x).backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(sites) == 1 + check_finite, "\n----\n".join(sites)
+    assert "expert_counts" in "".join(sites)
+    stats = layer.last_stats
+    assert int(stats.tokens_per_expert.sum()) == 256 * cfg.top_k
+    assert stats.unrouted_tokens == 0

@@ -15,8 +15,8 @@ namespace moe_parallel {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(
     const at::Tensor& x_in, const at::Tensor& expert_idx, int64_t num_experts,
-    const std::optional<at::Tensor>& keep_in, int64_t pad_to) {
-  check_permute_args(x_in, expert_idx, num_experts, keep_in, pad_to);
+    const std::optional<at::Tensor>& keep_in, int64_t pad_to, bool validate) {
+  check_permute_args(x_in, expert_idx, num_experts, keep_in, pad_to, validate);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor idx = expert_idx.contiguous();
   const at::Tensor keep = keep_in.has_value() ? keep_in->contiguous() : at::Tensor();

@@ -42,8 +42,9 @@ void unpermute_kernel(const scalar_t* y, const int64_t* row_map,
 }  // namespace
 
 at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& row_map_in,
-                         const std::optional<at::Tensor>& probs, int64_t num_tokens) {
-  check_unpermute_args(y_in, row_map_in, probs, num_tokens);
+                         const std::optional<at::Tensor>& probs, int64_t num_tokens,
+                         bool validate) {
+  check_unpermute_args(y_in, row_map_in, probs, num_tokens, validate);
   const at::Tensor y = y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous();
   const int64_t T = row_map.size(0), k = row_map.size(1), H = y.size(1);

@@ -61,8 +61,8 @@ void unpermute_backward_kernel(const scalar_t* grad_out, const scalar_t* y,
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& y_in, const at::Tensor& row_map_in,
-    const std::optional<at::Tensor>& probs, int64_t num_rows) {
-  check_unpermute_backward_args(grad_out_in, y_in, row_map_in, probs, num_rows);
+    const std::optional<at::Tensor>& probs, int64_t num_rows, bool validate) {
+  check_unpermute_backward_args(grad_out_in, y_in, row_map_in, probs, num_rows, validate);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const at::Tensor row_map = row_map_in.contiguous();

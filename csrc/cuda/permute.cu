@@ -9,7 +9,8 @@
 //   row_map[i] = row(p) or -1 when dropped; permuted[row] = x[i / k]; padding rows are zero.
 //
 // The only device->host copy here is N = start[E] when pad_to == 0 and keep is given (to
-// allocate the output; without keep N = T·k); check_permute_args syncs on its own for the expert_idx range and the pad_to overflow check.
+// allocate the output; without keep N = T·k). check_permute_args reads the expert_idx range
+// (validate) and, with pad_to, the largest count from the device.
 #ifdef MOE_PARALLEL_WITH_CUDA
 
 #include <ATen/cuda/CUDAContext.h>
@@ -128,8 +129,8 @@ void launch_gather(const at::Tensor& x, const at::Tensor& src_token, at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(
     const at::Tensor& x, const at::Tensor& expert_idx, int64_t num_experts,
-    const std::optional<at::Tensor>& keep, int64_t pad_to) {
-  check_permute_args(x, expert_idx, num_experts, keep, pad_to);
+    const std::optional<at::Tensor>& keep, int64_t pad_to, bool validate) {
+  check_permute_args(x, expert_idx, num_experts, keep, pad_to, validate);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 

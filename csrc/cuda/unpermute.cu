@@ -230,8 +230,9 @@ void launch_unpermute_backward(const at::Tensor& g, const at::Tensor& y, const a
 }  // namespace
 
 at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
-                          const std::optional<at::Tensor>& probs, int64_t num_tokens) {
-  check_unpermute_args(y, row_map, probs, num_tokens);
+                          const std::optional<at::Tensor>& probs, int64_t num_tokens,
+                          bool validate) {
+  check_unpermute_args(y, row_map, probs, num_tokens, validate);
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -256,8 +257,8 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& row_map,
 
 std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
-    const std::optional<at::Tensor>& probs, int64_t num_rows) {
-  check_unpermute_backward_args(grad_out, y, row_map, probs, num_rows);
+    const std::optional<at::Tensor>& probs, int64_t num_rows, bool validate) {
+  check_unpermute_backward_args(grad_out, y, row_map, probs, num_rows, validate);
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
