@@ -15,8 +15,10 @@ upstream gradient of the output's shape (a dense tensor, as the next layer hands
 ``.sum()`` loss would hand back a stride-0 expanded one that every contender copies first).
 MoE efficiency = t(dense) / t(contender); tokens/s = T / t. Peak memory is the growth of peak
 RSS (CPU) or max allocated memory (CUDA) during the first forward+backward of a fresh process.
-``--profile`` adds a torch.profiler view of one ``grouped`` step: the kernels (or CPU ops) that
-take the most time and, on CUDA, the share of the step's wall time the GPU was busy.
+``--profile [contender ...]`` (default ``grouped``) adds a torch.profiler view of one step of
+each: the kernels (or CPU ops) that take the most time and, on CUDA, the share of the step's
+wall time the GPU was busy, the largest idle gaps between kernels and the synchronizing calls;
+``--trace PREFIX`` also writes each profiled step's Chrome trace.
 
 Presets (``--config``): ``a`` E=8 k=2 H=1024 F=2048 T=4096; ``b`` (fine-grained) E=64 k=6
 H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--experts/--top-k``.
@@ -180,8 +182,10 @@ def sync_sites(step) -> list[str]:
 def profile_step(case: dict, contender: str = "grouped", top: int = 15,
                  trace: str | None = None) -> str:
     """A table of the ``top`` kernels (CUDA) or ops (CPU) by total time over one step after a
-    warm-up, and on CUDA the GPU-busy share of the step's wall time (kernel time ÷ wall) and
-    the number of host synchronizations (CUDA runtime calls named ``*Synchronize``)."""
+    warm-up, and on CUDA the GPU-busy share of the step's wall time (kernel time ÷ wall), the
+    8 largest idle gaps between kernels, the number of host synchronizations (CUDA runtime
+    calls named ``*Synchronize``) and the torch calls that synchronized (:func:`sync_sites`).
+    ``trace``: a path for the step's Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
     step = build(case, contender)

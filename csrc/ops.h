@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
 at::Tensor swiglu_cuda(const at::Tensor& h);
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h);
 // Grouped GEMM on CUDA by backend (csrc/cuda/grouped_gemm_cuda.cpp): "loop" = one cuBLAS GEMM
-// per group on the current stream ("auto" = the measured default), "streams" = the same spread
+// per group on the current stream ("auto": see auto_backend() there), "streams" = the same spread
 // over side streams, "cublas" = one cublasGemmGroupedBatchedEx, "torch" = at::_grouped_mm,
 // "cutlass" = a CUTLASS grouped GEMM kernel (csrc/cuda/grouped_gemm_cutlass.cu).
 at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,

@@ -73,9 +73,10 @@ class MoEConfig:
       ``block_size=None`` picks 128 on CUDA and 32 on CPU, halved until it divides the local
       ffn size (``ffn_hidden_size / etp``); an explicit value must divide it.
       ``grouped_gemm_backend`` (``expert_impl="grouped"``) picks the grouped GEMM
-      implementation, same formula: ``"auto"`` (default, the fastest measured) or ``"loop"`` on
-      any device; ``"streams"``, ``"cublas"``, ``"torch"`` (bfloat16) or ``"cutlass"``
-      (bfloat16) on CUDA only (``ops.grouped_gemm``).
+      implementation, same formula: ``"auto"`` (default: ``"torch"`` for bfloat16 on sm_90+
+      with at least 16 groups, else ``"loop"``) or ``"loop"`` on any device; ``"streams"``,
+      ``"cublas"``, ``"torch"`` (bfloat16) or ``"cutlass"`` (bfloat16) on CUDA only
+      (``ops.grouped_gemm``).
     Bounded memory in dropless mode: the rows a rank's experts receive per forward may be
       capped by ``max_rows_per_rank`` and/or ``max_rows_factor`` (times the balanced load,
       ``top_k·Σ tokens / ep`` over the rank's ETP×EP group). Over the cap, ``row_overflow=

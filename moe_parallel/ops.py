@@ -207,15 +207,12 @@ def expert_counts(
     # bin e < E: kept assignments of e; bin E: dropped; bin E + 1: out of range
     key = torch.where(bad, E + 1, torch.where(kept, flat, E))
     bins = torch.zeros(E + 2, dtype=torch.int64, device=flat.device)
-    bins.scatter_add_(0, key, torch.ones_like(key))
-    if flat.numel():
-        lo, hi = torch.aminmax(flat)
-        bins = torch.cat([bins, lo.view(1), hi.view(1)])
-    host = bins.cpu()
+    host = bins.scatter_add_(0, key, torch.ones_like(key)).cpu()
     if int(host[E + 1]):
+        lo, hi = torch.aminmax(flat)  # for the message only: the error path reads them
         raise ValueError(
             f"expert_idx entries must lie in [0, num_experts) = [0, {E}), got values in "
-            f"[{int(host[E + 2])}, {int(host[E + 3])}]"
+            f"[{int(lo)}, {int(hi)}]"
         )
     counts = host[:E]
     if pad_to > 0 and counts.numel() and int(counts.max()) > pad_to:
@@ -287,7 +284,8 @@ def grouped_gemm(
     ``backend``.
 
     ``backend`` (one of ``GROUPED_GEMM_BACKENDS``) picks the implementation, same result:
-    ``"auto"`` (the fastest measured), ``"loop"`` (one BLAS/cuBLAS GEMM per group); on CUDA only
+    ``"auto"`` (``"torch"`` for bfloat16 on sm_90+ with at least 16 groups, else ``"loop"``),
+    ``"loop"`` (one BLAS/cuBLAS GEMM per group); on CUDA only
     ``"streams"`` (the per-group GEMMs on 4 side streams), ``"cublas"``
     (``cublasGemmGroupedBatchedEx``; float32/bfloat16/float16), ``"torch"``
     (``torch._grouped_mm``; bfloat16) and ``"cutlass"`` (a CUTLASS grouped kernel; bfloat16, K and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.layer_bench import sync_sites
 from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -81,9 +82,6 @@ def test_dropless_step_reads_the_device_once(backend, check_finite):
     (ids checked and group sizes together), plus the finiteness check of the logits when
     check_finite is on. Routing statistics arrive by a non-blocking copy, and the permute and
     unpermute ops with their backwards skip the range checks the ids already passed."""
-    import traceback
-    import warnings
-
     if backend == "torch" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("torch._grouped_mm's fast path needs sm_90")
     cfg = MoEConfig(**{**BASE, "params_dtype": torch.bfloat16, "grouped_gemm_backend": backend,
@@ -94,21 +92,8 @@ def test_dropless_step_reads_the_device_once(backend, check_finite):
     grad = torch.randn_like(x)
     layer(x).backward(grad)  # warm-up: lazy initialisations are not per-step reads
     torch.cuda.synchronize()
-    sites = []
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
-            sites.append("".join(traceback.format_stack(limit=12)[:-1]))
-
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            layer(x).backward(grad)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len(sites) == 1 + check_finite, "\n----\n".join(sites)
+    sites = sync_sites(lambda: layer(x).backward(grad))
+    assert len(sites) == 1 + check_finite, "\n".join(sites)
     assert "expert_counts" in "".join(sites)
     stats = layer.last_stats
     assert int(stats.tokens_per_expert.sum()) == 256 * cfg.top_k

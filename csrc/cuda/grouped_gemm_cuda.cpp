@@ -122,8 +122,8 @@ void cublas_grouped(const std::vector<RowMajorGemm>& gemms, at::ScalarType dtype
   std::vector<cublasOperation_t> op_first(P), op_second(P);
   std::vector<int> m(P), n(P), k(P), ld_first(P), ld_second(P), ldc(P), ones(P, 1);
   std::vector<float> alpha(P, 1.0f), beta(P, 0.0f);
-  at::Tensor ptrs_host =
-      at::empty({3 * static_cast<int64_t>(P)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor ptrs_host = at::empty({3 * static_cast<int64_t>(P)},
+                                   at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* ptrs = ptrs_host.data_ptr<int64_t>();
   for (int p = 0; p < P; ++p) {
     const RowMajorGemm& g = gemms[p];

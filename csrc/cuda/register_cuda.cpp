@@ -1,7 +1,8 @@
 // CUDA implementations of the moe_parallel ops (schemas live in csrc/registry.cpp).
 // permute/unpermute/unpermute_backward, swiglu(_backward) and the grouped GEMMs (by backend)
-// use csrc/cuda; sort_chunks and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one cuBLAS GEMM per expert
-// panel, with the block topology kept on the host) use the device-generic implementations.
+// use csrc/cuda; sort_chunks and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one
+// cuBLAS GEMM per expert panel, with the block topology kept on the host) use the
+// device-generic implementations.
 #ifdef MOE_PARALLEL_WITH_CUDA
 
 #include <torch/library.h>
