@@ -7,12 +7,14 @@ when torch is a CUDA build and nvcc is found, compiled with MOE_PARALLEL_WITH_CU
 Environment:
     MOE_PARALLEL_NO_CUDA=1   CPU-only build even when CUDA is available.
     CUDA_HOME                CUDA toolkit (default: /usr/local/cuda, else nvcc on PATH).
-    TORCH_CUDA_ARCH_LIST     GPU targets (default "8.0;9.0").
+    TORCH_CUDA_ARCH_LIST     GPU targets (default "8.0;9.0a"; the Hopper grouped GEMM kernels
+                             need 9.0a, without it backend 'cutlass' runs its Sm80 kernels).
     MAX_JOBS                 parallel compile jobs (ninja).
     MOE_PARALLEL_CUTLASS_INCLUDE  CUTLASS include directory (default: from nvidia-cutlass).
-The CUTLASS grouped GEMM (csrc/cuda/grouped_gemm_cutlass.cu) is built when the CUTLASS headers
-of the pip package nvidia-cutlass are found (MOE_PARALLEL_WITH_CUTLASS defined); the cuBLAS
-grouped GEMM links the libcublas of the pip nvidia-* packages or of the toolkit.
+The CUTLASS grouped GEMMs (csrc/cuda/grouped_gemm_cutlass.cu, grouped_gemm_sm90.cu) are built
+when the CUTLASS headers of the pip package nvidia-cutlass are found (MOE_PARALLEL_WITH_CUTLASS
+defined); the cuBLAS grouped GEMM links the libcublas of the pip nvidia-* packages or of the
+toolkit.
 """
 
 import glob
@@ -128,7 +130,7 @@ def _extension():
         return cpp_extension.CppExtension("moe_parallel._C", sources, **kwargs)
 
     cpp_extension.CUDA_HOME = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
     kwargs["include_dirs"] += _nvidia_dirs("include")
     kwargs["define_macros"] = [("MOE_PARALLEL_WITH_CUDA", None)]
@@ -137,12 +139,14 @@ def _extension():
     if cutlass is None:
         print("moe_parallel: CUTLASS headers not found (pip install --no-deps nvidia-cutlass); "
               "building without the 'cutlass' grouped GEMM backend")
-        sources.remove(os.path.join("csrc", "cuda", "grouped_gemm_cutlass.cu"))
+        for name in ("grouped_gemm_cutlass.cu", "grouped_gemm_sm90.cu"):
+            sources.remove(os.path.join("csrc", "cuda", name))
     else:
         kwargs["include_dirs"].append(cutlass)
         kwargs["define_macros"].append(("MOE_PARALLEL_WITH_CUTLASS", None))
-    # No fast-math: the kernels promise float32/float64 accumulation results.
-    kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3"]}
+    # No fast-math: the kernels promise float32/float64 accumulation results. NDEBUG: device
+    # asserts in CUTLASS/CuTe headers are calls that serialize the Hopper wgmma pipeline.
+    kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "-DNDEBUG"]}
     return cpp_extension.CUDAExtension("moe_parallel._C", sources, **kwargs)
 
 

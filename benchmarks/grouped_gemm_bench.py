@@ -12,6 +12,7 @@ gives each backend's forward+backward TFLOP/s ÷ the dense GEMM's and ÷ torch._
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,7 +32,26 @@ CONFIGS = {
 
 
 BACKENDS = ("loop", "streams", "cublas", "torch", "cutlass")
-ROWS = tuple(f"moe_parallel[{be}]" for be in BACKENDS) + ("torch._grouped_mm", "dense_mm")
+# Backend 'cutlass' on sm_90 with each Hopper tile configuration forced (MOE_PARALLEL_SM90_TILE).
+SM90_TILES = ("cooperative", "pingpong", "pingpong_thin")
+VARIANTS = BACKENDS + tuple(f"cutlass/{t}" for t in SM90_TILES)
+ROWS = tuple(f"moe_parallel[{v}]" for v in VARIANTS) + ("torch._grouped_mm", "dense_mm")
+
+
+@contextlib.contextmanager
+def sm90_tile(row: str):
+    """MOE_PARALLEL_SM90_TILE set to the tile of row 'moe_parallel[cutlass/<tile>]' while in the
+    block (unset for the other rows)."""
+    tile = row.partition("/")[2].rstrip("]")
+    old = os.environ.pop("MOE_PARALLEL_SM90_TILE", None)
+    if tile:
+        os.environ["MOE_PARALLEL_SM90_TILE"] = tile
+    try:
+        yield
+    finally:
+        os.environ.pop("MOE_PARALLEL_SM90_TILE", None)
+        if old is not None:
+            os.environ["MOE_PARALLEL_SM90_TILE"] = old
 
 
 def warm_up_clocks(seconds: float = 2.0) -> None:
@@ -78,21 +98,25 @@ def bench(cfg: dict, skew: str, dtype: torch.dtype) -> dict:
 
     assert int(gs[0]) >= 256
     ref = a.detach()[:256].double() @ b.detach()[0].double()  # rows of group 0, float64
-    candidates = {
-        f"moe_parallel[{be}]": (a, b, lambda x, w, be=be: ops.grouped_gemm(x, w, gs, backend=be))
-        for be in BACKENDS
-    }
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    candidates = {}
+    for v in VARIANTS:
+        if hopper or "/" not in v:
+            be = v.partition("/")[0]
+            candidates[f"moe_parallel[{v}]"] = (
+                a, b, lambda x, w, be=be: ops.grouped_gemm(x, w, gs, backend=be))
     candidates["dense_mm"] = (ad, bd, torch.matmul)
     if hasattr(torch, "_grouped_mm"):
         candidates["torch._grouped_mm"] = (a, b, lambda x, w: torch._grouped_mm(x, w, offs=offs))
     for name, (x, w, fn) in candidates.items():
         try:
-            t_f = time_ms(lambda fn=fn, x=x, w=w: fn(x, w))
-            t_fb = time_ms(lambda fn=fn, x=x, w=w: fn(x, w).backward(go))
+            with sm90_tile(name):
+                t_f = time_ms(lambda fn=fn, x=x, w=w: fn(x, w))
+                t_fb = time_ms(lambda fn=fn, x=x, w=w: fn(x, w).backward(go))
+                full = fn(x.detach(), w.detach())[:256].double()
             row = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_tflops": flops / t_f / 1e9,
                    "fwd_bwd_tflops": 3 * flops / t_fb / 1e9}
             if name != "dense_mm":
-                full = fn(x.detach(), w.detach())[:256].double()
                 row["rel_err_vs_fp64"] = float((full - ref).norm() / ref.norm())
             out[name] = row
         except Exception as exc:  # a backend that does not support this shape/dtype
@@ -106,7 +130,7 @@ def print_summary(runs: dict) -> None:
     for key, r in runs.items():
         dense = r.get("dense_mm", {}).get("fwd_bwd_tflops")
         tgm = r.get("torch._grouped_mm", {}).get("fwd_bwd_tflops")
-        for name in ROWS[: len(BACKENDS)]:
+        for name in ROWS[: len(VARIANTS)]:
             tf = r.get(name, {}).get("fwd_bwd_tflops")
             if tf is None:
                 continue

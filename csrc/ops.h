@@ -114,7 +114,8 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h)
 // Grouped GEMM on CUDA by backend (csrc/cuda/grouped_gemm_cuda.cpp): "loop" = one cuBLAS GEMM
 // per group on the current stream ("auto": see auto_backend() there), "streams" = the same spread
 // over side streams, "cublas" = one cublasGemmGroupedBatchedEx, "torch" = at::_grouped_mm,
-// "cutlass" = a CUTLASS grouped GEMM kernel (csrc/cuda/grouped_gemm_cutlass.cu).
+// "cutlass" = a CUTLASS grouped GEMM kernel (Hopper: csrc/cuda/grouped_gemm_sm90.cu, else
+// csrc/cuda/grouped_gemm_cutlass.cu).
 at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b,
                              c10::string_view backend);
@@ -146,6 +147,11 @@ void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_
 // Leaves the slices of empty groups untouched (the caller zeroes them).
 void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
                                 const int64_t* group_sizes, bool trans_b, at::Tensor& grad_b);
+// The Hopper kernels of backend "cutlass" (csrc/cuda/grouped_gemm_sm90.cu): whether they run
+// on `device` (sm_90 and an sm_90a build), and one launch over `problems` (bf16, one layout,
+// k > 0).
+bool sm90_grouped_gemm_runs_on(const at::Device& device);
+void grouped_gemm_sm90(const std::vector<RowMajorGemm>& problems, const at::Device& device);
 #endif
 
 }  // namespace moe_parallel

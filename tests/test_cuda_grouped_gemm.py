@@ -67,15 +67,12 @@ def poison_allocator() -> None:
 
 
 def references(a, b, sizes, trans_b, grad):
-    """float64 (out, grad_a, grad_b) of out_g = a_g @ b[g] (b[g]^T with trans_b)."""
-    G = len(sizes)
+    """float64 (out, grad_a, grad_b) of out_g = a_g @ b[g] (b[g]^T with trans_b), per group."""
     bd = b.double().transpose(1, 2) if trans_b else b.double()  # [G, K, N]
-    groups = torch.repeat_interleave(torch.arange(G), torch.tensor(sizes, dtype=torch.int64))
-    ad, gd = a.double(), grad.double()
-    out = torch.einsum("mk,mkn->mn", ad, bd[groups])
-    grad_a = torch.einsum("mn,mkn->mk", gd, bd[groups])
-    grad_b = torch.zeros(G, a.shape[1], grad.shape[1], dtype=torch.float64)
-    grad_b.index_add_(0, groups, torch.einsum("mk,mn->mkn", ad, gd))
+    a_g, g_g = torch.split(a.double(), sizes), torch.split(grad.double(), sizes)
+    out = torch.cat([x @ w for x, w in zip(a_g, bd)])
+    grad_a = torch.cat([g @ w.t() for g, w in zip(g_g, bd)])
+    grad_b = torch.stack([x.t() @ g for x, g in zip(a_g, g_g)])
     return out, grad_a, grad_b.transpose(1, 2) if trans_b else grad_b
 
 
@@ -148,6 +145,68 @@ def test_backend_large_bf16(backend):
     wg = torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, gs, False, backend)
     ref_wg = torch.stack([r.t() @ g for r, g in zip(rows, torch.split(go.double(), sizes))])
     assert rel_err(wg, ref_wg) < 1e-2
+
+
+# Shape class -> (group sizes, K, N, the Hopper kernel schedule its mean problem selects for the
+# forward and the wgrad): "wide" mean problems (m and n > 128) take the cooperative 128x256 tile,
+# "thin" ones the pingpong 64x128 tile (csrc/cuda/grouped_gemm_sm90.cu).
+HOPPER = {
+    "wide": ([700, 0, 1300, 261], 512, 384, "Cooperative"),
+    "thin": ([40, 0, 90, 17, 5], 256, 96, "Pingpong"),
+}
+
+
+SCHEDULE_OF_TILE = {"cooperative": "Cooperative", "pingpong": "Pingpong",
+                    "pingpong_thin": "Pingpong"}
+
+
+def needs_hopper() -> None:
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper kernels run on sm_90 only")
+
+
+@pytest.mark.parametrize("tile", ["", *SCHEDULE_OF_TILE])
+@pytest.mark.parametrize("shape", sorted(HOPPER))
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_cutlass_runs_hopper_kernels_on_sm90(shape, trans_b, tile, monkeypatch):
+    """On sm_90 backend 'cutlass' launches one CUTLASS 3.x ptr-array kernel per product, with the
+    tile schedule of its shape class (or the one MOE_PARALLEL_SM90_TILE forces), and matches
+    float64."""
+    needs_hopper()
+    monkeypatch.setenv("MOE_PARALLEL_SM90_TILE", tile)
+    sizes, k, n, schedule = HOPPER[shape]
+    schedule = SCHEDULE_OF_TILE.get(tile, schedule)
+    G, rows = len(sizes), sum(sizes)
+    a = randn(rows, k, dtype=torch.bfloat16, seed=11)
+    b = randn(*((G, n, k) if trans_b else (G, k, n)), dtype=torch.bfloat16, seed=12)
+    grad = randn(rows, n, dtype=torch.bfloat16, seed=13)
+    gs = torch.tensor(sizes)
+    r_out, _, r_gb = references(a, b, sizes, trans_b, grad)
+    poison_allocator()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = ops.grouped_gemm(a.to(DEV), b.to(DEV), gs, trans_b, backend="cutlass")
+        wg = torch.ops.moe_parallel.grouped_gemm_wgrad(
+            a.to(DEV), grad.to(DEV), gs, trans_b, "cutlass"
+        )
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    hopper = [name for name in kernels if "Sm90Array" in name]
+    assert len(hopper) == 2, f"expected two CUTLASS 3.x Hopper kernels, ran: {kernels}"
+    assert all(f"KernelPtrArrayTmaWarpSpecialized{schedule}" in name for name in hopper), hopper
+    assert rel_err(out, r_out) < TOL[torch.bfloat16]
+    assert rel_err(wg, r_gb) < TOL[torch.bfloat16]
+    assert bool((wg[sizes.index(0)] == 0).all()), "the empty group's gradient is not zero"
+
+
+def test_cutlass_rejects_unknown_sm90_tile(monkeypatch):
+    needs_hopper()
+    monkeypatch.setenv("MOE_PARALLEL_SM90_TILE", "128x256")
+    a = randn(10, K, dtype=torch.bfloat16, seed=14).to(DEV)
+    b = randn(2, K, N, dtype=torch.bfloat16, seed=15).to(DEV)
+    assert_raises_before_kernels(
+        r"MOE_PARALLEL_SM90_TILE must be unset, 'cooperative', 'pingpong' or 'pingpong_thin'",
+        lambda: ops.grouped_gemm(a, b, [4, 6], backend="cutlass"),
+    )
 
 
 @pytest.mark.parametrize("groups", [8, 16, 64])

@@ -1,5 +1,7 @@
-// Grouped GEMM on CUDA with CUTLASS 2.x grouped kernels (Sm80 tensor ops, bf16 in/out, fp32
-// accumulation; also runs on sm_90). Group g = the next group_sizes[g] rows of a (and grad_out):
+// Backend "cutlass" of the grouped GEMM: on sm_90 with an sm_90a build the CUTLASS 3.x Hopper
+// kernels (csrc/cuda/grouped_gemm_sm90.cu), elsewhere CUTLASS 2.x grouped kernels (Sm80 tensor
+// ops, bf16 in/out, fp32 accumulation). Group g = the next group_sizes[g] rows of a (and
+// grad_out):
 //   grouped_gemm_cutlass:       out_g = a_g @ b[g]             b [G,K,N]
 //                               out_g = a_g @ b[g]^T           b [G,N,K] (trans_b)
 //   grouped_gemm_wgrad_cutlass: grad_b[g] = a_g^T @ grad_out_g       [G,K,N]
@@ -179,7 +181,9 @@ void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_
     return;
   }
   const std::vector<RowMajorGemm> problems = grouped_products(a, b, group_sizes, trans_b, out);
-  if (trans_b) {
+  if (sm90_grouped_gemm_runs_on(a.device())) {
+    grouped_gemm_sm90(problems, a.device());
+  } else if (trans_b) {
     run_grouped<GemmNT>(problems, a.device());
   } else {
     run_grouped<GemmNN>(problems, a.device());
@@ -205,7 +209,11 @@ void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
   // Both orientations are a transposed (column-major) A times a row-major B.
   const std::vector<RowMajorGemm> problems =
       wgrad_products(a, grad_out, group_sizes, trans_b, grad_b);
-  run_grouped<GemmTN>(problems, a.device());
+  if (sm90_grouped_gemm_runs_on(a.device())) {
+    grouped_gemm_sm90(problems, a.device());
+  } else {
+    run_grouped<GemmTN>(problems, a.device());
+  }
 }
 
 }  // namespace moe_parallel
