@@ -11,7 +11,7 @@ EXT_STAMP := build/.ext-stamp
 # CUTLASS C++ headers for the 'cutlass' grouped GEMM backend (its Python deps are not needed).
 CUTLASS_HEADERS := nvidia-cutlass==4.2.0.0
 
-.PHONY: setup deps mpi ext demo test lint clean bench bench-deps cutlass-headers
+.PHONY: setup deps mpi ext demo test lint clean bench bench-deps cutlass-headers megablocks-carry
 
 setup: deps mpi ext
 
@@ -63,6 +63,12 @@ bench: setup bench-deps
 cutlass-headers: deps
 	rm -rf build/cutlass_include && mkdir -p build/cutlass_include
 	cp -r "$$($(PY) -c 'import cutlass_library, os; print(os.path.dirname(cutlass_library.__file__))')/source/include/." build/cutlass_include/
+
+# MegaBlocks sdists (megablocks 0.10.0, grouped_gemm 0.3.0, stanford-stk 0.7.1) in build/megablocks,
+# for the layer benchmark's 'megablocks' contender on a machine without PyPI: carry build/megablocks
+# and run benchmarks/megablocks_install.sh there.
+megablocks-carry:
+	bash benchmarks/megablocks_install.sh --download
 
 lint: deps
 	$(VENV)/bin/ruff check moe_parallel tests benchmarks launch setup.py

@@ -11,7 +11,7 @@ Environment:
                              need 9.0a, without it backend 'cutlass' runs its Sm80 kernels).
     MAX_JOBS                 parallel compile jobs (ninja).
     MOE_PARALLEL_CUTLASS_INCLUDE  CUTLASS include directory (default: from nvidia-cutlass).
-The CUTLASS grouped GEMMs (csrc/cuda/grouped_gemm_cutlass.cu, grouped_gemm_sm90.cu) are built
+The CUTLASS grouped GEMMs (csrc/cuda/grouped_gemm_cutlass.cu, grouped_gemm_sm90*.cu) are built
 when the CUTLASS headers of the pip package nvidia-cutlass are found (MOE_PARALLEL_WITH_CUTLASS
 defined); the cuBLAS grouped GEMM links the libcublas of the pip nvidia-* packages or of the
 toolkit.
@@ -139,8 +139,9 @@ def _extension():
     if cutlass is None:
         print("moe_parallel: CUTLASS headers not found (pip install --no-deps nvidia-cutlass); "
               "building without the 'cutlass' grouped GEMM backend")
-        for name in ("grouped_gemm_cutlass.cu", "grouped_gemm_sm90.cu"):
-            sources.remove(os.path.join("csrc", "cuda", name))
+        cutlass_sources = _sources("csrc/cuda/grouped_gemm_cutlass.cu",
+                                   "csrc/cuda/grouped_gemm_sm90*.cu")
+        sources = [s for s in sources if s not in cutlass_sources]
     else:
         kwargs["include_dirs"].append(cutlass)
         kwargs["define_macros"].append(("MOE_PARALLEL_WITH_CUTLASS", None))

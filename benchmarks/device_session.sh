@@ -8,6 +8,11 @@
 # SKIP_TESTS=1 skips the tests and memcheck, SKIP_MEMCHECK=1 the memcheck, SKIP_BENCH=1 the
 # benchmarks (a 10-minute device call fits the build+tests or the benchmarks, not both).
 # The built extension is copied to $OUT/so/; SKIP_BUILD=1 uses a carried moe_parallel/_C*.so.
+# MEGABLOCKS=1 also builds MegaBlocks from the sdists and wheels carried in build/megablocks
+# (`make megablocks-carry` here; benchmarks/megablocks_install.sh there, ~3-5 min, kept in
+# build/megablocks/site while the machine stays warm) and times it against the layer on both
+# shapes, after the tests and before the benchmarks: SKIP_BUILD=1 (or a built extension)
+# SKIP_TESTS=1 SKIP_BENCH=1 MEGABLOCKS=1 for a call of its own.
 # PACK=file.tgz packs everything written under $OUT into that one file on exit (the device tool
 # returns at most 8 files): OUT=/tmp/ds PACK=$OUT_OF_THE_TOOL/device_session.tgz bash ...
 set -uo pipefail
@@ -23,7 +28,7 @@ export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 [ -f build/cutlass_include/cutlass/cutlass.h ] && export MOE_PARALLEL_CUTLASS_INCLUDE=$PWD/build/cutlass_include
 if [ -z "${SKIP_BUILD:-}" ]; then
-  CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py -q build_ext --inplace \
+  CXX=/usr/bin/g++ CC=/usr/bin/gcc TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16 $PY setup.py -q build_ext --inplace \
     > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s"
   mkdir -p "$OUT/so" && cp moe_parallel/_C*.so "$OUT/so/"
@@ -37,6 +42,24 @@ if [ -z "${SKIP_TESTS:-}" ]; then
       tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
       -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
     echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
+  fi
+fi
+if [ -n "${MEGABLOCKS:-}" ]; then
+  t1=$(date +%s)
+  if PY=$PY bash benchmarks/megablocks_install.sh > "$OUT/megablocks_install.log" 2>&1; then
+    grep "^megablocks_install" "$OUT/megablocks_install.log"
+    echo "megablocks install: $(( $(date +%s) - t1 )) s"
+    for shape in "4096 14336 8 2 mixtral" "2048 1408 64 6 finegrained"; do
+      set -- $shape
+      PYTHONPATH=$PWD/build/megablocks/site${PYTHONPATH:+:$PYTHONPATH} $PY -m benchmarks.layer_bench \
+        --device cuda --dtype bfloat16 --tokens 16384 --hidden $1 --ffn $2 --experts $3 --top-k $4 \
+        --repeats 10 --contenders grouped hf_loop megablocks \
+        --out "$OUT/layer_${5}_megablocks_bf16.json" > "$OUT/layer_${5}_megablocks_bf16.txt" 2>&1
+      echo "megablocks $5 rc=$?"; grep -E "relative error" "$OUT/layer_${5}_megablocks_bf16.txt" | head -1
+      grep -A6 "^contender" "$OUT/layer_${5}_megablocks_bf16.txt" || tail -20 "$OUT/layer_${5}_megablocks_bf16.txt"
+    done
+  else
+    tail -40 "$OUT/megablocks_install.log"; echo "megablocks install FAILED"
   fi
 fi
 [ -z "${SKIP_BENCH:-}" ] || exit 0

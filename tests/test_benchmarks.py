@@ -74,6 +74,50 @@ def test_hf_loop_computes_the_same_layer():
     assert float((y_hf - y_ref).norm() / y_ref.norm()) < 1e-12
 
 
+def test_megablocks_state_is_the_same_layer():
+    """The 'megablocks' contender's arguments and weight layout give our layer's function:
+    MegaBlocks' dMoE math (softmax, top-k, L1 renormalise; per expert act(x w1ᵀ)·(x v1ᵀ) w2
+    with [E·F, H] weights viewed [E, F, H]) on :func:`megablocks_state` (float64, no
+    megablocks needed)."""
+    from benchmarks.layer_bench import megablocks_arguments, megablocks_state
+
+    e, h, f, k = 4, 16, 64, 2
+    args = megablocks_arguments(dict(hidden=h, ffn=f, experts=e, top_k=k, dtype="bfloat16",
+                                     device="cpu"))
+    assert (args["ffn_hidden_size"], args["moe_num_experts"], args["moe_top_k"]) == (f, e, k)
+    act = args["activation_fn"]
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=h, ffn_hidden_size=f, num_experts=e, top_k=k,
+                               params_dtype=torch.float64))
+    st = megablocks_state(layer)
+    w1, v1, w2 = (st[f"experts.mlp.{n}"].view(e, -1, h) for n in ("w1", "v1", "w2"))
+    x = torch.randn(40, h, dtype=torch.float64)
+    weights, chosen = torch.topk((x @ st["router.layer.weight"].t()).softmax(-1), k, dim=-1)
+    weights = weights / torch.norm(weights, p=args["moe_normalize_expert_weights"], dim=-1,
+                                   keepdim=True)
+    y = torch.zeros_like(x)
+    for i in range(e):
+        rows, slot = torch.where(chosen == i)
+        out = (act(x[rows] @ w1[i].t()) * (x[rows] @ v1[i].t())) @ w2[i]
+        y.index_add_(0, rows, out * weights[rows, slot, None])
+    with torch.no_grad():
+        y_ref, _ = ReferenceMoE.from_layer(layer)(x)
+    assert float((y - y_ref).norm() / y_ref.norm()) < 1e-12
+
+
+def test_megablocks_contender_is_opt_in_and_named_when_missing(capsys):
+    from benchmarks.layer_bench import CONTENDERS
+
+    assert "megablocks" not in CONTENDERS
+    tiny = ["layer", "--tokens", "64", "--hidden", "16", "--ffn", "32", "--experts", "4",
+            "--repeats", "1", "--no-memory", "--contenders", "megablocks"]
+    with pytest.raises(SystemExit):
+        bench_main(tiny)
+    err = capsys.readouterr().err
+    assert ("megablocks_install.sh" in err and "make megablocks-carry" in err) or (
+        "--device cuda --dtype bfloat16" in err)
+
+
 def test_dropless_sweep_plot(tmp_path):
     """The block-size sweep plot is drawn when matplotlib is there, skipped cleanly if not."""
     from benchmarks.dropless_bench import plot_sweep
