@@ -40,7 +40,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   if [ -z "${SKIP_MEMCHECK:-}" ]; then
     timeout ${MEMCHECK_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
       tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
-      -k "${MEMCHECK_K:-bfloat16 and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
+      -k "${MEMCHECK_K:-(bfloat16 or hopper) and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
     echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
   fi
 fi

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <climits>
 #include <cstdlib>
@@ -231,7 +232,13 @@ bool sm90_grouped_gemm_runs_on(const at::Device& device) {
   static std::unordered_map<int, bool> known;
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find(device.index());
-  if (it == known.end()) it = known.emplace(device.index(), runs_sm90a_code(device)).first;
+  if (it == known.end()) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                    c10::cuda::CaptureStatus::None,
+                "grouped_gemm (backend='cutlass'): the first call on a device reads back a probe "
+                "of the build's sm_90a code, so it cannot run inside CUDA graph capture");
+    it = known.emplace(device.index(), runs_sm90a_code(device)).first;
+  }
   return it->second;
 }
 
