@@ -3,6 +3,10 @@
 // (TORCH_CHECK_VALUE); device mismatches raise RuntimeError (TORCH_CHECK). Every message
 // names the argument and what is allowed. Index range checks use ATen reductions, so
 // they run on the tensor's own device (one host sync per checked tensor).
+#include <algorithm>
+#include <iterator>
+#include <string>
+
 #include "ops.h"
 
 namespace moe_parallel {
@@ -209,10 +213,16 @@ void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_o
 }
 
 void check_grouped_gemm_backend(c10::string_view backend, const at::Tensor& a) {
-  const bool known = backend == "auto" || backend == "loop" || backend == "streams" ||
-                     backend == "cublas" || backend == "torch" || backend == "cutlass";
-  TORCH_CHECK_VALUE(known, "backend must be one of ", kGroupedGemmBackends, ", got '", backend,
-                    "'");
+  static constexpr const char* kBackends[] = {"auto",   "loop",  "streams",
+                                              "cublas", "torch", "cutlass"};
+  if (std::none_of(std::begin(kBackends), std::end(kBackends),
+                   [&](const char* name) { return backend == name; })) {
+    std::string allowed;
+    for (const char* name : kBackends) {
+      allowed += (allowed.empty() ? "'" : ", '") + std::string(name) + "'";
+    }
+    TORCH_CHECK_VALUE(false, "backend must be one of ", allowed, ", got '", backend, "'");
+  }
   TORCH_CHECK_VALUE(a.is_cuda() || backend == "auto" || backend == "loop", "backend='",
                     backend, "' runs on CUDA tensors only; on ", a.device(),
                     " use 'auto' or 'loop'");

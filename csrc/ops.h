@@ -78,9 +78,8 @@ void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b);
 void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_out,
                                    const at::Tensor& group_sizes);
-// Grouped GEMM backend names; "auto" and "loop" run on every device, the others on CUDA only.
-inline constexpr const char* kGroupedGemmBackends =
-    "'auto', 'loop', 'streams', 'cublas', 'torch', 'cutlass'";
+// Grouped GEMM backend: one of "auto", "loop" (every device), "streams", "cublas", "torch",
+// "cutlass" (CUDA only).
 void check_grouped_gemm_backend(c10::string_view backend, const at::Tensor& a);
 // swiglu: h 2-D float with an even width; backward: grad_out [N, F] of h's dtype/device.
 void check_swiglu_args(const at::Tensor& h);

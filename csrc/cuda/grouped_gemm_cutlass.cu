@@ -140,6 +140,17 @@ void run_grouped(const std::vector<RowMajorGemm>& problems, const at::Device& de
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The products in one launch: the Hopper kernels where they run (they take the layout from the
+// problems), else Sm80Gemm, the CUTLASS 2.x kernel of the products' layout.
+template <typename Sm80Gemm>
+void launch(const std::vector<RowMajorGemm>& problems, const at::Device& device) {
+  if (sm90_grouped_gemm_runs_on(device)) {
+    grouped_gemm_sm90(problems, device);
+  } else {
+    run_grouped<Sm80Gemm>(problems, device);
+  }
+}
+
 // What the kernels need of every operand: CUDA bf16, contiguous, 16-byte aligned, on one device.
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& a) {
   TORCH_CHECK(t.is_cuda() && t.device() == a.device(), "grouped_gemm (backend='cutlass'): ", name,
@@ -181,12 +192,10 @@ void grouped_gemm_cutlass(const at::Tensor& a, const at::Tensor& b, const int64_
     return;
   }
   const std::vector<RowMajorGemm> problems = grouped_products(a, b, group_sizes, trans_b, out);
-  if (sm90_grouped_gemm_runs_on(a.device())) {
-    grouped_gemm_sm90(problems, a.device());
-  } else if (trans_b) {
-    run_grouped<GemmNT>(problems, a.device());
+  if (trans_b) {
+    launch<GemmNT>(problems, a.device());
   } else {
-    run_grouped<GemmNN>(problems, a.device());
+    launch<GemmNN>(problems, a.device());
   }
 }
 
@@ -209,11 +218,7 @@ void grouped_gemm_wgrad_cutlass(const at::Tensor& a, const at::Tensor& grad_out,
   // Both orientations are a transposed (column-major) A times a row-major B.
   const std::vector<RowMajorGemm> problems =
       wgrad_products(a, grad_out, group_sizes, trans_b, grad_b);
-  if (sm90_grouped_gemm_runs_on(a.device())) {
-    grouped_gemm_sm90(problems, a.device());
-  } else {
-    run_grouped<GemmTN>(problems, a.device());
-  }
+  launch<GemmTN>(problems, a.device());
 }
 
 }  // namespace moe_parallel
