@@ -34,7 +34,7 @@ CONFIGS = {
 BACKENDS = ("loop", "streams", "cublas", "torch", "cutlass")
 # Backend 'cutlass' on sm_90 with each Hopper tile configuration forced (MOE_PARALLEL_SM90_TILE).
 SM90_TILES = ("cooperative", "pingpong", "pingpong_thin")
-VARIANTS = BACKENDS + tuple(f"cutlass/{t}" for t in SM90_TILES)
+VARIANTS = ("auto", *BACKENDS) + tuple(f"cutlass/{t}" for t in SM90_TILES)
 ROWS = tuple(f"moe_parallel[{v}]" for v in VARIANTS) + ("torch._grouped_mm", "dense_mm")
 
 
@@ -72,6 +72,13 @@ def warm_up_clocks(seconds: float = 2.0) -> None:
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     """Median of ``cuda_ops_bench.time_ms``'s per-call CUDA-event times."""
     return statistics.median(cuda_event_times(fn, iters, warmup))
+
+
+def step(fn, x: torch.Tensor, w: torch.Tensor, go: torch.Tensor) -> None:
+    """fn(x, w) and its backward from fresh gradients (x.grad = w.grad = None, as after
+    ``zero_grad()``), so the time holds the three products and no gradient accumulation."""
+    x.grad = w.grad = None
+    fn(x, w).backward(go)
 
 
 def group_sizes(M: int, E: int, skew: str) -> torch.Tensor:
@@ -112,7 +119,7 @@ def bench(cfg: dict, skew: str, dtype: torch.dtype) -> dict:
         try:
             with sm90_tile(name):
                 t_f = time_ms(lambda fn=fn, x=x, w=w: fn(x, w))
-                t_fb = time_ms(lambda fn=fn, x=x, w=w: fn(x, w).backward(go))
+                t_fb = time_ms(lambda fn=fn, x=x, w=w: step(fn, x, w, go))
                 row = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb, "fwd_tflops": flops / t_f / 1e9,
                        "fwd_bwd_tflops": 3 * flops / t_fb / 1e9}
                 if name != "dense_mm":

@@ -73,8 +73,9 @@ class MoEConfig:
       ``block_size=None`` picks 128 on CUDA and 32 on CPU, halved until it divides the local
       ffn size (``ffn_hidden_size / etp``); an explicit value must divide it.
       ``grouped_gemm_backend`` (``expert_impl="grouped"``) picks the grouped GEMM
-      implementation, same formula: ``"auto"`` (default: ``"torch"`` for bfloat16 on sm_90+
-      with at least 16 groups, else ``"loop"``) or ``"loop"`` on any device; ``"streams"``,
+      implementation, same formula: ``"auto"`` (default: for bfloat16 on sm_90+ with at least
+      16 groups ``"torch"``, its wgrad ``"cutlass"`` where the Hopper kernels run; else
+      ``"loop"``) or ``"loop"`` on any device; ``"streams"``,
       ``"cublas"``, ``"torch"`` (bfloat16) or ``"cutlass"`` (bfloat16) on CUDA only
       (``ops.grouped_gemm``).
     Bounded memory in dropless mode: the rows a rank's experts receive per forward may be

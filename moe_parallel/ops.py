@@ -284,7 +284,8 @@ def grouped_gemm(
     ``backend``.
 
     ``backend`` (one of ``GROUPED_GEMM_BACKENDS``) picks the implementation, same result:
-    ``"auto"`` (``"torch"`` for bfloat16 on sm_90+ with at least 16 groups, else ``"loop"``),
+    ``"auto"`` (for bfloat16 on sm_90+ with at least 16 groups ``"torch"``, and for the wgrad
+    ``"cutlass"`` where its Hopper kernels run; else ``"loop"``),
     ``"loop"`` (one BLAS/cuBLAS GEMM per group); on CUDA only
     ``"streams"`` (the per-group GEMMs on 4 side streams), ``"cublas"``
     (``cublasGemmGroupedBatchedEx``; float32/bfloat16/float16), ``"torch"``

@@ -7,6 +7,8 @@ any kernel runs."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -37,6 +39,9 @@ CASES = {
     "groups64": None,  # 64 random sizes in [0, 40], about a fifth of them empty
 }
 K, N = 64, 48  # multiples of 8, as the bf16 grouped kernels need
+# Set by benchmarks/device_session.sh for its compute-sanitizer run, where the profiler records
+# no kernels: the kernel-name checks are left to the plain run there.
+UNDER_SANITIZER = os.environ.get("MOE_PARALLEL_UNDER_SANITIZER") == "1"
 
 
 def sizes_of(case: str) -> list[int]:
@@ -189,10 +194,13 @@ def test_cutlass_runs_hopper_kernels_on_sm90(shape, trans_b, tile, monkeypatch):
             a.to(DEV), grad.to(DEV), gs, trans_b, "cutlass"
         )
         torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    hopper = [name for name in kernels if "Sm90Array" in name]
-    assert len(hopper) == 2, f"expected two CUTLASS 3.x Hopper kernels, ran: {kernels}"
-    assert all(f"KernelPtrArrayTmaWarpSpecialized{schedule}" in name for name in hopper), hopper
+    if not UNDER_SANITIZER:
+        kernels = [e.name for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        hopper = [name for name in kernels if "Sm90Array" in name]
+        assert len(hopper) == 2, f"expected two CUTLASS 3.x Hopper kernels, ran: {kernels}"
+        assert all(f"KernelPtrArrayTmaWarpSpecialized{schedule}" in name for name in hopper), \
+            hopper
     assert rel_err(out, r_out) < TOL[torch.bfloat16]
     assert rel_err(wg, r_gb) < TOL[torch.bfloat16]
     assert bool((wg[sizes.index(0)] == 0).all()), "the empty group's gradient is not zero"
@@ -209,25 +217,39 @@ def test_cutlass_rejects_unknown_sm90_tile(monkeypatch):
     )
 
 
+def runs_hopper_kernels(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> bool:
+    """Whether backend 'cutlass' runs the CUTLASS 3.x Hopper kernel on this device and build."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.grouped_gemm(a, b, sizes, backend="cutlass")
+        torch.cuda.synchronize()
+    return any("Sm90Array" in e.name for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 @pytest.mark.parametrize("groups", [8, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_auto_picks_one_launch_for_many_bf16_groups(groups, dtype):
-    """"auto" is torch._grouped_mm for bfloat16 on sm_90+ with >= 16 groups, else the loop:
-    its forward and wgrad are bitwise those of the backend it resolves to, and its forward
-    launches what that backend launches."""
+    """"auto" is one grouped launch for bfloat16 on sm_90+ with >= 16 groups, else the loop: the
+    forward is torch._grouped_mm, the wgrad CUTLASS where its Hopper kernels run, else
+    torch._grouped_mm. Its forward and wgrad are bitwise those of the backend each resolves to,
+    and its forward launches what that backend launches."""
+    if UNDER_SANITIZER:
+        pytest.skip("the choice is read from profiled kernel names")
     sizes = torch.randint(1, 200, (groups,), generator=torch.Generator().manual_seed(groups))
     a = randn(int(sizes.sum()), 256, dtype=dtype, seed=11).to(DEV)
     b = randn(groups, 256, 512, dtype=dtype, seed=12).to(DEV)
     go = randn(int(sizes.sum()), 512, dtype=dtype, seed=13).to(DEV)
     sm90 = torch.cuda.get_device_capability() >= (9, 0)
-    expect = "torch" if dtype == torch.bfloat16 and sm90 and groups >= 16 else "loop"
+    one_launch = dtype == torch.bfloat16 and sm90 and groups >= 16
+    expect = "torch" if one_launch else "loop"
+    expect_wgrad = "cutlass" if one_launch and runs_hopper_kernels(a, b, sizes) else expect
 
-    def run(backend):
-        return (ops.grouped_gemm(a, b, sizes, backend=backend),
-                torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, sizes, False, backend))
-
-    auto, same = run("auto"), run(expect)
-    assert all(torch.equal(x, y) for x, y in zip(auto, same))
+    auto_out = ops.grouped_gemm(a, b, sizes, backend="auto")
+    auto_wgrad = torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, sizes, False, "auto")
+    assert torch.equal(auto_out, ops.grouped_gemm(a, b, sizes, backend=expect))
+    assert torch.equal(
+        auto_wgrad, torch.ops.moe_parallel.grouped_gemm_wgrad(a, go, sizes, False, expect_wgrad)
+    )
     # The forward's kernels tell the two apart: one grouped launch (and its set-up), or one
     # GEMM per group.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -235,7 +257,7 @@ def test_auto_picks_one_launch_for_many_bf16_groups(groups, dtype):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events()
                if e.device_type == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name]
-    assert (len(kernels) <= 3) if expect == "torch" else (len(kernels) >= groups), \
+    assert (len(kernels) <= 3) if one_launch else (len(kernels) >= groups), \
         [e.name for e in kernels]
 
 

@@ -30,26 +30,32 @@
 namespace moe_parallel {
 namespace {
 
-// "auto": at::_grouped_mm (one launch) for bfloat16 on sm_90+ with at least
-// kOneLaunchMinGroups groups, else the per-group cuBLAS loop. On H100
-// (benchmarks/results/h100_2026-11-23.md) the loop led the isolated GEMMs, but in the whole
-// layer the 64-expert case ran 13 % faster with one launch (host launch cost of 6 x 64 GEMMs),
-// and the 8-expert case tied.
+// "auto": one grouped launch for bfloat16 on sm_90+ with at least kOneLaunchMinGroups groups,
+// else the per-group cuBLAS loop. The one launch is at::_grouped_mm for the forward products
+// and, where the CUTLASS Hopper kernels run, backend "cutlass" for the wgrad. On H100
+// (benchmarks/results/h100_2026-11-23.md) the loop led the isolated 8-expert GEMMs and tied in
+// the layer; with 64 experts one launch ran 13 % faster in the layer (run2: host launch cost of
+// 6 x 64 GEMMs), and CUTLASS's wgrad led at::_grouped_mm's while its forward trailed (run9).
+// The three one-launch choices stay within 2-5 % of each other (runs 12 and 14).
 constexpr int64_t kOneLaunchMinGroups = 16;
 constexpr int kSideStreams = 4;
 
-std::string_view auto_backend(const at::Tensor& a, int64_t groups) {
+std::string_view auto_backend(const at::Tensor& a, int64_t groups, bool wgrad) {
   const bool sm90 = at::cuda::getDeviceProperties(a.device().index())->major >= 9;
-  return a.scalar_type() == at::kBFloat16 && sm90 && groups >= kOneLaunchMinGroups ? "torch"
-                                                                                   : "loop";
+  if (a.scalar_type() != at::kBFloat16 || !sm90 || groups < kOneLaunchMinGroups) return "loop";
+#ifdef MOE_PARALLEL_WITH_CUTLASS
+  if (wgrad && sm90_grouped_gemm_runs_on(a.device())) return "cutlass";
+#endif
+  return "torch";
 }
 
 // The backend a call over `groups` groups runs ("auto" resolved), after checking the name, the
 // device and that the backend takes a's dtype.
-std::string_view checked_backend(c10::string_view name, const at::Tensor& a, int64_t groups) {
+std::string_view checked_backend(c10::string_view name, const at::Tensor& a, int64_t groups,
+                                 bool wgrad) {
   check_grouped_gemm_backend(name, a);
-  const std::string_view backend =
-      name == "auto" ? auto_backend(a, groups) : std::string_view(name.data(), name.size());
+  const std::string_view backend = name == "auto" ? auto_backend(a, groups, wgrad)
+                                                  : std::string_view(name.data(), name.size());
 #ifndef MOE_PARALLEL_WITH_CUTLASS
   TORCH_CHECK(backend != "cutlass", "backend='cutlass' was not built (CUTLASS headers not found "
               "at build time: pip install --no-deps nvidia-cutlass, then rebuild)");
@@ -265,7 +271,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& group_sizes, bool trans_b,
                              c10::string_view backend) {
   check_grouped_gemm_args(a, b, group_sizes, trans_b);
-  const std::string_view use = checked_backend(backend, a, group_sizes.size(0));
+  const std::string_view use = checked_backend(backend, a, group_sizes.size(0), false);
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   if (use == "loop") return grouped_gemm_loop(a, b, gs, trans_b);
@@ -297,7 +303,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_o
                                    const at::Tensor& group_sizes, bool trans_b,
                                    c10::string_view backend) {
   check_grouped_gemm_wgrad_args(a, grad_out, group_sizes);
-  const std::string_view use = checked_backend(backend, a, group_sizes.size(0));
+  const std::string_view use = checked_backend(backend, a, group_sizes.size(0), true);
   const at::Tensor sizes = group_sizes.contiguous();
   const int64_t* gs = sizes.data_ptr<int64_t>();
   const int64_t G = sizes.size(0), K = a.size(1), N = grad_out.size(1);

@@ -235,8 +235,9 @@ bool sm90_grouped_gemm_runs_on(const at::Device& device) {
   if (it == known.end()) {
     TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
                     c10::cuda::CaptureStatus::None,
-                "grouped_gemm (backend='cutlass'): the first call on a device reads back a probe "
-                "of the build's sm_90a code, so it cannot run inside CUDA graph capture");
+                "grouped_gemm (backend 'cutlass', or 'auto' for a bfloat16 wgrad): the first "
+                "call on a device reads back a probe of the build's sm_90a code, so it cannot "
+                "run inside CUDA graph capture; run one step before capturing");
     it = known.emplace(device.index(), runs_sm90a_code(device)).first;
   }
   return it->second;
