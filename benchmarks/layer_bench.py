@@ -260,7 +260,6 @@ def sync_sites(step) -> list[str]:
     """The host synchronizations of one CUDA ``step``, each as the innermost moe_parallel (or
     benchmark) source line that caused it (from ``torch.cuda.set_sync_debug_mode``)."""
     import traceback
-    import warnings
 
     sites: list[str] = []
 

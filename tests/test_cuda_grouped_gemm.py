@@ -65,6 +65,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm()) if ref.norm() > 0 else float(out.norm())
 
 
+def cuda_kernels(fn):
+    """fn() under the CUDA profiler (synchronized before it stops): (its result, the names of
+    the CUDA kernels and copies it ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    return result, [e.name for e in prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def poison_allocator() -> None:
     for size in (1 << 12, 1 << 16, 1 << 20, 1 << 22, 1 << 24):
         blocks = [torch.full((size,), 0x7F, dtype=torch.uint8, device=DEV) for _ in range(3)]
@@ -188,15 +198,11 @@ def test_cutlass_runs_hopper_kernels_on_sm90(shape, trans_b, tile, monkeypatch):
     gs = torch.tensor(sizes)
     r_out, _, r_gb = references(a, b, sizes, trans_b, grad)
     poison_allocator()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = ops.grouped_gemm(a.to(DEV), b.to(DEV), gs, trans_b, backend="cutlass")
-        wg = torch.ops.moe_parallel.grouped_gemm_wgrad(
-            a.to(DEV), grad.to(DEV), gs, trans_b, "cutlass"
-        )
-        torch.cuda.synchronize()
+    (out, wg), kernels = cuda_kernels(lambda: (
+        ops.grouped_gemm(a.to(DEV), b.to(DEV), gs, trans_b, backend="cutlass"),
+        torch.ops.moe_parallel.grouped_gemm_wgrad(a.to(DEV), grad.to(DEV), gs, trans_b, "cutlass"),
+    ))
     if not UNDER_SANITIZER:
-        kernels = [e.name for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
         hopper = [name for name in kernels if "Sm90Array" in name]
         assert len(hopper) == 2, f"expected two CUTLASS 3.x Hopper kernels, ran: {kernels}"
         assert all(f"KernelPtrArrayTmaWarpSpecialized{schedule}" in name for name in hopper), \
@@ -219,11 +225,8 @@ def test_cutlass_rejects_unknown_sm90_tile(monkeypatch):
 
 def runs_hopper_kernels(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> bool:
     """Whether backend 'cutlass' runs the CUTLASS 3.x Hopper kernel on this device and build."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.grouped_gemm(a, b, sizes, backend="cutlass")
-        torch.cuda.synchronize()
-    return any("Sm90Array" in e.name for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA)
+    _, kernels = cuda_kernels(lambda: ops.grouped_gemm(a, b, sizes, backend="cutlass"))
+    return any("Sm90Array" in name for name in kernels)
 
 
 @pytest.mark.parametrize("groups", [8, 16, 64])
@@ -252,13 +255,9 @@ def test_auto_picks_one_launch_for_many_bf16_groups(groups, dtype):
     )
     # The forward's kernels tell the two apart: one grouped launch (and its set-up), or one
     # GEMM per group.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.grouped_gemm(a, b, sizes, backend="auto")
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA and "emcpy" not in e.name]
-    assert (len(kernels) <= 3) if one_launch else (len(kernels) >= groups), \
-        [e.name for e in kernels]
+    _, names = cuda_kernels(lambda: ops.grouped_gemm(a, b, sizes, backend="auto"))
+    kernels = [name for name in names if "emcpy" not in name]
+    assert (len(kernels) <= 3) if one_launch else (len(kernels) >= groups), kernels
 
 
 def test_cublas_float32_without_tf32_is_float32_exact():
@@ -277,11 +276,11 @@ def test_cublas_float32_without_tf32_is_float32_exact():
 
 
 def assert_raises_before_kernels(match: str, fn) -> None:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    def call() -> None:
         with pytest.raises(ValueError, match=match):
             fn()
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    _, kernels = cuda_kernels(call)
     gemm = [k for k in kernels if "gemm" in k.lower() or "cutlass" in k.lower()]
     assert not gemm, f"GEMM kernels ran before the error: {gemm}"
 
