@@ -11,7 +11,7 @@ EXT_STAMP := build/.ext-stamp
 # CUTLASS C++ headers for the 'cutlass' grouped GEMM backend (its Python deps are not needed).
 CUTLASS_HEADERS := nvidia-cutlass==4.2.0.0
 
-.PHONY: setup deps mpi ext demo test lint clean bench bench-deps cutlass-headers megablocks-carry
+.PHONY: setup deps mpi ext test-deps demo test lint clean bench bench-deps cutlass-headers megablocks-carry
 
 setup: deps mpi ext
 
@@ -35,11 +35,24 @@ $(VENV)/.mpi-stamp: $(VENV)/.deps-stamp
 	command -v mpicc >/dev/null && $(PY) -m pip install -q --disable-pip-version-check mpi4py || true
 	touch $@
 
+# `pip install -e .` builds the extension (ninja, objects kept in build/: a rebuild compiles only
+# what changed) and installs the package editable into .venv, so `import moe_parallel` works from
+# any directory.
 ext: $(EXT_STAMP)
 
-$(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES)
-	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+$(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES) pyproject.toml
+	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q \
+	  --disable-pip-version-check --no-build-isolation --no-deps -e .
 	mkdir -p build && touch $@
+
+# The optional integrations the tests exercise (extras of pyproject.toml), so they run, not skip.
+TEST_EXTRAS := megatron
+test-deps: $(VENV)/.test-deps-stamp
+
+$(VENV)/.test-deps-stamp: $(EXT_STAMP) pyproject.toml
+	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q \
+	  --disable-pip-version-check --no-build-isolation -e ".[test,$(TEST_EXTRAS)]"
+	touch $@
 
 # The main job: 4 CPU processes, experts over EP=2, data over DP=2 (gloo).
 DEMO_ARGS ?= --ep 2
@@ -73,8 +86,8 @@ megablocks-carry:
 lint: deps
 	$(VENV)/bin/ruff check moe_parallel tests benchmarks launch setup.py
 
-test: setup lint
+test: setup test-deps lint
 	MOE_PARALLEL_REQUIRE_EXTENSION=1 $(PY) -m pytest -q tests
 
 clean:
-	rm -rf build moe_parallel/_C*.so
+	rm -rf build moe_parallel/_C*.so *.egg-info

@@ -2,8 +2,9 @@
 
     python setup.py build_ext --inplace      (or: pip install .)
 
-Sources: csrc/*.cpp and csrc/cpu/*.cpp always; csrc/cuda/*.cu and csrc/cuda/*.cpp as well
-when torch is a CUDA build and nvcc is found, compiled with MOE_PARALLEL_WITH_CUDA defined.
+Sources: csrc/*.cpp (op registry, shared checks, module stub) and csrc/cpu/*.cpp (every CPU
+kernel) always; csrc/cuda/*.cu and csrc/cuda/*.cpp (every CUDA kernel) as well when torch is a
+CUDA build and nvcc is found, compiled with MOE_PARALLEL_WITH_CUDA defined.
 Environment:
     MOE_PARALLEL_NO_CUDA=1   CPU-only build even when CUDA is available.
     CUDA_HOME                CUDA toolkit (default: /usr/local/cuda, else nvcc on PATH).
@@ -23,7 +24,7 @@ import shutil
 import site
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,14 +171,29 @@ def _ninja_available():
 
 
 def _build_ext():
+    import sysconfig
+
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=_ninja_available())
+    base = BuildExtension.with_options(use_ninja=_ninja_available())
+    # One object directory, build/temp.<platform>-<python>, for `setup.py build_ext --inplace`,
+    # `pip install -e .` and `pip install .` alike (pip's editable build would otherwise compile
+    # everything again in a fresh temporary directory): ninja recompiles only what changed.
+    objects = os.path.join(
+        ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    )
+
+    class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = objects
+
+    return BuildExt
 
 
 # Package metadata lives in pyproject.toml; this file adds only the extension.
 setup(
-    packages=["moe_parallel"],
+    packages=find_packages(include=["moe_parallel", "moe_parallel.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},
     zip_safe=False,

@@ -70,7 +70,6 @@ from benchmarks.record import save_result
 
 TARGET_RATIO = 1.3
 DISPATCH_MODES = ("dropless", "capacity")
-LAYER_VARIANTS = ("deepspeed", "ours_capacity_padded", "ours_capacity", "ours_dropless")
 CAPACITY_FACTOR = 1.25
 MIN_CAPACITY = 4
 _REPO = Path(__file__).resolve().parent.parent
@@ -235,7 +234,7 @@ def _profile(fn, iters: int, top: int) -> dict:
 def _dispatch_mode(job: dict, ps, mode: str) -> dict:
     """Rank side of part 1 for one mode: ours vs raw all-to-all (see the module docstring)."""
     from moe_parallel import MoEConfig, MoELayer
-    from moe_parallel.dispatcher import AllToAllDispatcher
+    from moe_parallel.dispatch import AllToAllDispatcher
 
     world, rank = dist.get_world_size(), dist.get_rank()
     H, E, k, T = job["hidden"], job["experts"], job["top_k"], job["tokens"]

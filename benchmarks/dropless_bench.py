@@ -70,7 +70,7 @@ class ImposedRouter(nn.Module):
         self.num_experts = num_experts
 
     def forward(self, x: torch.Tensor, num_seqs: int = 1):
-        from moe_parallel.router import Routing
+        from moe_parallel.routing.router import Routing
 
         logits = x.float() @ self.weight.float().t()
         probs = logits.softmax(-1).gather(1, self.pattern)

@@ -1,4 +1,9 @@
 // Declarations shared by the op registry and the CPU/CUDA kernels of moe_parallel._C.
+// Where a kernel lives: csrc/cpu/ every CPU kernel (one file per op family; those written with
+// ATen calls only are "device-generic" and csrc/cuda/register_cuda.cpp registers them for CUDA
+// too), csrc/cuda/ every CUDA-only kernel (named after its CPU twin), and at the top this
+// header, the op schemas (registry.cpp), the shared argument checks (checks.cpp) and the
+// Python module stub (module.cpp).
 //
 // Index conventions (all index tensors are int64):
 //   expert_idx [T, k]  global expert id of assignment (t, j), in [0, num_experts).
@@ -27,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
 
-// ---- device-generic: CPU path with OpenMP, other devices through ATen copies/GEMMs ----
+// ---- device-generic (csrc/cpu/sort_chunks.cpp, csrc/cpu/grouped_gemm.cpp): CPU path with
+// OpenMP, other devices through ATen copies/GEMMs ----
 at::Tensor sort_chunks_impl(const at::Tensor& x, const at::Tensor& split_sizes,
                             const at::Tensor& order);
 // Per-group at::mm into views of the output (BLAS on CPU, cuBLAS on CUDA): backend "loop"
@@ -85,7 +91,7 @@ void check_grouped_gemm_backend(c10::string_view backend, const at::Tensor& a);
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h);
 
-// ---- block-sparse (dropless) expert products, device-generic (csrc/block_sparse.cpp) ----
+// ---- block-sparse (dropless) expert products, device-generic (csrc/cpu/block_sparse.cpp) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 block_topology_impl(const at::Tensor& tokens_per_expert, int64_t block_size,
                     int64_t n_col_blocks);

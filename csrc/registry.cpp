@@ -1,6 +1,6 @@
 // Op schemas of the moe_parallel library and their CPU kernels. CUDA kernels are
 // registered in csrc/cuda/register_cuda.cpp; autograd and fake (meta) implementations in
-// moe_parallel/ops.py. Semantics: see the comments of the kernels and csrc/ops.h.
+// moe_parallel/ops/<family>.py. Semantics: see the comments of the kernels and csrc/ops.h.
 #include <torch/library.h>
 
 #include "ops.h"

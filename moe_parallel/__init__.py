@@ -1,10 +1,9 @@
 """moe_parallel: an expert-parallel Mixture-of-Experts runtime for PyTorch."""
 
 from .config import MoEConfig
-from .init import init_distributed
+from .distributed import ParallelState, init_distributed
 from .layer import MoEAux, MoELayer
 from .metrics import RoutingStats
-from .parallel_state import ParallelState
 from .reference import ReferenceMoE
 
 __all__ = [

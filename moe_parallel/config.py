@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .op_checks import GROUPED_GEMM_BACKENDS
+from .ops import GROUPED_GEMM_BACKENDS
 
 Activation = Literal["swiglu", "gelu", "relu"]
 RouterType = Literal["topk", "expert_choice"]

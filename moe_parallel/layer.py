@@ -17,16 +17,14 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor, nn
 
-from .capacity import apply_capacity, expert_capacity
 from .config import MoEConfig
-from .dispatcher import build_dispatcher
+from .dispatch import RowBudget, build_dispatcher
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
-from .router import Routing, build_router
-from .row_budget import RowBudget
+from .routing import Routing, apply_capacity, build_router, expert_capacity
 
 if TYPE_CHECKING:
-    from .parallel_state import ParallelState
+    from .distributed import ParallelState
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class MoELayer(nn.Module):
     """One Mixture-of-Experts FFN layer over this process's tokens.
 
     ``dispatcher`` defaults to ``LocalDispatcher`` (every expert on this process); any object
-    with the same ``dispatch``/``combine`` contract (see ``dispatcher.py``) can replace it, in
+    with the same ``dispatch``/``combine`` contract (``moe_parallel.dispatch``) can replace it, in
     which case ``experts`` must hold that dispatcher's local experts.
 
     With ``parallel_state`` (a ``ParallelState``) the defaults become the dispatcher named by
@@ -56,7 +54,7 @@ class MoELayer(nn.Module):
     ``param.expert_parallel`` (True for the routed experts) and ``param.sync_group``
     (``"edp"`` for the routed experts, ``"dp"`` for the dense router and shared experts); with
     TP > 1 the dense ones also carry ``sequence_parallel`` (each TP rank brings distinct tokens,
-    so their gradients are summed over TP too). ``grads.sync_gradients`` reads these tags.
+    so their gradients are summed over TP too). ``distributed.sync_gradients`` reads these tags.
     """
 
     def __init__(

@@ -9,7 +9,7 @@ Parallel layout (under torchrun / mpirun / srun; ``dp`` is derived): experts ove
 the dense part is replicated and data-parallel. With ``--tp`` > 1 each TP rank of a data shard
 sees the same batch and hands the MoE layers its 1/tp slice of the sequence (sequence
 parallelism), gathering their outputs back; its loss is then the shard's loss / tp and the
-replicated parameters' gradients are summed over TP (``grads.sync_gradients``).
+replicated parameters' gradients are summed over TP (``distributed.sync_gradients``).
 
     python -m moe_parallel.train --steps 150 --experts 8 --top-k 2 --capacity-factor 1.25
     torchrun --nproc-per-node 4 -m moe_parallel.train --ep 2 --tp 2
@@ -27,14 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import comm
 from .config import MoEConfig
 from .cpu_memory import reuse_freed_memory
-from .grads import clip_grad_norm, sync_gradients
-from .init import init_distributed
+from .distributed import ParallelState, clip_grad_norm, init_distributed, sync_gradients
+from .distributed import collectives as comm
 from .layer import MoELayer
-from .op_checks import GROUPED_GEMM_BACKENDS
-from .parallel_state import ParallelState
+from .ops import GROUPED_GEMM_BACKENDS
 
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
 

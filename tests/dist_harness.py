@@ -47,7 +47,7 @@ _PS_CACHE: dict[tuple, Any] = {}
 def parallel_state(tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int = 1):
     """The worker's ``ParallelState`` for this layout (groups created on first use, then
     cached: every rank must ask for the same layouts in the same order)."""
-    from moe_parallel.parallel_state import ParallelState
+    from moe_parallel.distributed.parallel_state import ParallelState
 
     key = (tp, cp, ep, etp, pp)
     if key not in _PS_CACHE:

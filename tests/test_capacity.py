@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_parallel.capacity import apply_capacity, expert_capacity
+from moe_parallel.routing.capacity import apply_capacity, expert_capacity
 
 
 @pytest.mark.parametrize(

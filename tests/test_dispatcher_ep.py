@@ -38,13 +38,14 @@ import torch
 import torch.distributed as dist
 from dist_harness import DistFailure, get_pool, parallel_state
 
-from moe_parallel import MoEConfig, MoELayer, ReferenceMoE, comm
-from moe_parallel.dispatcher import (
+from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+from moe_parallel.dispatch import (
     AllGatherDispatcher,
     AllToAllDispatcher,
     LocalDispatcher,
     build_dispatcher,
 )
+from moe_parallel.distributed import collectives as comm
 from moe_parallel.experts import shard_expert_weights
 
 TOKENS = [6, 0, 11, 3, 5, 9, 0, 2]  # tokens of each global rank: uneven, ranks 1 and 6 empty
@@ -473,8 +474,8 @@ def test_shards_tile_the_full_weights(gated):
 
 def test_single_process_state_matches_local_layer():
     """With ParallelState.single() the expert-parallel path is the local layer, bit for bit."""
+    from moe_parallel.distributed.parallel_state import ParallelState
     from moe_parallel.experts import GroupedExperts
-    from moe_parallel.parallel_state import ParallelState
 
     cfg = MoEConfig(**{**BASE, "top_k": 2, "capacity_factor": 1.0, "pad_to_capacity": True,
                        "num_shared_experts": 1})
@@ -493,7 +494,7 @@ def test_single_process_state_matches_local_layer():
 
 
 def test_layout_rules_are_checked():
-    from moe_parallel.parallel_state import ParallelState
+    from moe_parallel.distributed.parallel_state import ParallelState
 
     ps = ParallelState(world_size=4, rank=0, ep=4, etp=1, dp=4, edp=1)
     with pytest.raises(ValueError, match="num_experts"):
@@ -507,7 +508,7 @@ def test_layout_rules_are_checked():
 def test_allgather_single_process_is_the_local_dispatcher(pad):
     """With ParallelState.single() the all-gather dispatcher is the local one, bit for bit:
     the same expert input, group sizes, output and gradients (x and router)."""
-    from moe_parallel.parallel_state import ParallelState
+    from moe_parallel.distributed.parallel_state import ParallelState
 
     cfg = MoEConfig(**{**BASE, "top_k": 2, "capacity_factor": 1.0, "pad_to_capacity": pad})
     torch.manual_seed(0)
@@ -535,7 +536,7 @@ def test_allgather_single_process_is_the_local_dispatcher(pad):
 
 
 def test_build_dispatcher():
-    from moe_parallel.parallel_state import ParallelState
+    from moe_parallel.distributed.parallel_state import ParallelState
 
     single = ParallelState.single()
     assert type(build_dispatcher(8)) is LocalDispatcher

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
-from moe_parallel.block_sparse import padded_rows, resolve_block_size
+from moe_parallel.experts.block_sparse import padded_rows, resolve_block_size
 
 BASE = dict(hidden_size=16, ffn_hidden_size=16, num_experts=8, top_k=2,
             params_dtype=torch.float64, init_std=0.3, expert_impl="block_sparse")

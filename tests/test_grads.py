@@ -39,7 +39,7 @@ def _params(rank: int, tp: int) -> dict[str, torch.nn.Parameter]:
 
 
 def _check_sync(layout: dict, average: bool) -> float:
-    from moe_parallel.grads import clip_grad_norm, global_grad_norm, sync_gradients
+    from moe_parallel.distributed.grads import clip_grad_norm, global_grad_norm, sync_gradients
 
     ps = parallel_state(**layout)
     params = _params(ps.rank, ps.tp)
@@ -79,7 +79,7 @@ def _check_sync(layout: dict, average: bool) -> float:
 
 def parallel_state_coords(ps, rank: int) -> dict[str, list[int]]:
     """The groups of another rank ``rank`` in the same layout."""
-    from moe_parallel.parallel_state import grid_groups
+    from moe_parallel.distributed.parallel_state import grid_groups
 
     groups = grid_groups(ps.world_size, ps.tp, ps.cp, ps.ep, ps.etp, ps.pp)
     return {name: next(g for g in gs if rank in g) for name, gs in groups.items()}

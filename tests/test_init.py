@@ -1,4 +1,5 @@
-"""moe_parallel.init: launcher detection on fake environments, and one real 2-rank gloo start."""
+"""moe_parallel.distributed.init: launcher detection on fake environments, and one real 2-rank
+gloo start."""
 
 import os
 import sys
@@ -11,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from proc_utils import free_port, spawn_bounded
 
-from moe_parallel import init as init_mod
-from moe_parallel.init import LaunchEnv, detect_launch_env, init_distributed
+from moe_parallel.distributed import init as init_mod
+from moe_parallel.distributed.init import LaunchEnv, detect_launch_env, init_distributed
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job"}

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from moe_parallel.init import parse_nodelist
+from moe_parallel.distributed.init import parse_nodelist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -35,7 +35,7 @@ ALLREDUCE_CHECK = """
     import torch
     import torch.distributed as dist
 
-    from moe_parallel.init import init_distributed
+    from moe_parallel.distributed.init import init_distributed
 
     rank, world, local = init_distributed("gloo", timeout=timedelta(seconds=60))
     t = torch.tensor([float(rank + 1)])

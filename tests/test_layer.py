@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
-from moe_parallel.dispatcher import LocalDispatcher
+from moe_parallel.dispatch import LocalDispatcher
 
 BASE = dict(hidden_size=16, ffn_hidden_size=12, num_experts=8, top_k=2,
             params_dtype=torch.float64, init_std=0.3)

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from proc_utils import free_port, spawn_bounded
 
-from moe_parallel.megatron_compat import MEGATRON_GROUPS, parallel_state_from_megatron
-from moe_parallel.parallel_state import GROUP_NAMES, ParallelState, grid_groups
+from moe_parallel.distributed.parallel_state import GROUP_NAMES, ParallelState, grid_groups
+from moe_parallel.integrations.megatron import MEGATRON_GROUPS, parallel_state_from_megatron
 
 WORLDS = (1, 2, 3, 4, 6, 8, 16)
 
@@ -277,7 +277,7 @@ def _state_worker(rank: int, world: int, port: int, start) -> None:
             dist.all_reduce(t, group=s.group(name))
             assert t.tolist() == [sum(members), sum(2 ** m for m in members)], (cfg, name)
             assert dist.get_process_group_ranks(s.group(name)) == members
-        adopted = ParallelState.from_megatron(_GroupsAsMpu(s.groups))
+        adopted = parallel_state_from_megatron(_GroupsAsMpu(s.groups))
         assert adopted.ranks == s.ranks and (adopted.tp, adopted.ep) == (s.tp, s.ep)
     dist.destroy_process_group()
 
@@ -297,7 +297,7 @@ def _megatron_worker(rank: int, world: int, port: int, start) -> None:
                 {"context_parallel_size": 2, "pipeline_model_parallel_size": 2,
                  "expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}):
         mpu.initialize_model_parallel(**cfg)
-        s = ParallelState.from_megatron()
+        s = parallel_state_from_megatron()
         want = ParallelState.build(s.tp, s.cp, s.ep, s.etp, s.pp, world_size=world, rank=rank,
                                    create_groups=False)
         assert s.ranks == want.ranks and s.group("ep") is mpu.get_expert_model_parallel_group()
@@ -307,7 +307,7 @@ def _megatron_worker(rank: int, world: int, port: int, start) -> None:
         mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(pipeline_model_parallel_size=2, order="tp-cp-ep-pp-dp")
     with pytest.raises(ValueError, match="order='tp-cp-ep-dp-pp'"):
-        ParallelState.from_megatron()
+        parallel_state_from_megatron()
     dist.destroy_process_group()
 
 

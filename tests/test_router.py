@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_parallel.config import MoEConfig
-from moe_parallel.router import (
+from moe_parallel.routing.router import (
     ExpertChoiceRouter,
     Routing,
     TopKRouter,

@@ -28,8 +28,8 @@ def _steps_match(layout: dict, steps: int) -> float:
     """Train ``steps`` steps distributed and on one process; return the largest relative
     difference over all parameters (expert shards compared with the full model's slice)."""
     from moe_parallel import train
+    from moe_parallel.distributed.parallel_state import ParallelState
     from moe_parallel.experts import shard_expert_weights
-    from moe_parallel.parallel_state import ParallelState
 
     ps = parallel_state(**{k: v for k, v in layout.items() if k != "dispatcher"})
     args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])

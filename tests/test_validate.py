@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_parallel import MoEConfig, MoELayer, ops
-from moe_parallel.dispatcher import LocalDispatcher
-from moe_parallel.router import Routing
+from moe_parallel.dispatch import LocalDispatcher
+from moe_parallel.routing.router import Routing
 
 needs_ext = pytest.mark.skipif(not ops.has_extension(), reason="moe_parallel._C not loaded")
 

@@ -1,4 +1,4 @@
-// Grouped GEMM on CUDA, by backend. Contract (csrc/grouped_gemm.cpp): group g = the next
+// Grouped GEMM on CUDA, by backend. Contract (csrc/cpu/grouped_gemm.cpp): group g = the next
 // group_sizes[g] rows,
 //   grouped_gemm:       out_g = a_g @ b[g]   (b [G,K,N])    or a_g @ b[g]^T (b [G,N,K], trans_b)
 //   grouped_gemm_wgrad: grad_b[g] = a_g^T @ grad_out_g ([G,K,N]) or grad_out_g^T @ a_g ([G,N,K]),

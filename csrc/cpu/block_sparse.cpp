@@ -29,7 +29,7 @@
 #include <limits>
 #include <vector>
 
-#include "ops.h"
+#include "../ops.h"
 
 namespace moe_parallel {
 namespace {

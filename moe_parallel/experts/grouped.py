@@ -1,11 +1,10 @@
-"""Expert FFNs: all local experts as stacked weights, computed with grouped or block-sparse GEMMs.
+"""Routed expert FFNs: all local experts as stacked weights, computed with grouped or block-sparse
+GEMMs.
 
 Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecutive in ``x``):
     h = x_e @ w1[e]                     w1: [E_local, H, F]   (SwiGLU: [E_local, H, 2F], gate | up)
     a = act(h)                          SwiGLU: silu(h[:, :F]) * h[:, F:]; GELU (erf); ReLU
     y_e = a @ w2[e]                     w2: [E_local, F, H]
-Shared experts (``SharedExpert``): the same FFN applied densely to every token, optionally scaled
-by a learned sigmoid gate ``sigmoid(x @ gate_weight^T)`` per token (Qwen2-MoE style).
 With no biases, act(0) = 0 for every activation, so zero padding rows produce zero outputs.
 ``config.expert_impl`` picks the computation of the same formula: ``"grouped"``
 (``ops.grouped_gemm``, the default) or ``"block_sparse"`` (dropless block-sparse products,
@@ -19,27 +18,12 @@ each; the experts' output is the sum over ETP ranks of their partial outputs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
+from ..config import MoEConfig
+from .activation import activate, fc1_width
 from .block_sparse import block_sparse_ffn, resolve_block_size
-from .config import MoEConfig
-
-
-def activate(h: Tensor, activation: str) -> Tensor:
-    """Apply the expert activation to the first GEMM's output ``h`` ([rows, F] or [rows, 2F])."""
-    if activation == "swiglu":
-        return ops.swiglu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    raise ValueError(f"activation must be one of ('swiglu', 'gelu', 'relu'), got {activation!r}")
-
-
-def _fc1_width(config: MoEConfig, ffn_size: int) -> int:
-    return 2 * ffn_size if config.gated else ffn_size
 
 
 def shard_expert_weights(
@@ -101,7 +85,7 @@ class GroupedExperts(nn.Module):
         self.first_expert, self.etp_rank = first_expert, etp_rank
         self.etp = config.ffn_hidden_size // self.ffn_size
         kw = dict(device=device, dtype=config.params_dtype)
-        H, Fw = config.hidden_size, _fc1_width(config, self.ffn_size)
+        H, Fw = config.hidden_size, fc1_width(config, self.ffn_size)
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, H, Fw, **kw))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, self.ffn_size, H, **kw))
         self.block_size = (
@@ -144,7 +128,7 @@ class GroupedExperts(nn.Module):
         with torch.no_grad():
             for i in range(self.num_local_experts):
                 g = torch.Generator(device).manual_seed(base + self.first_expert + i)
-                w1 = torch.randn(1, H, _fc1_width(cfg, F), generator=g, device=device,
+                w1 = torch.randn(1, H, fc1_width(cfg, F), generator=g, device=device,
                                  dtype=torch.float32)
                 w2 = torch.randn(1, F, H, generator=g, device=device, dtype=torch.float32)
                 w1, w2 = shard_expert_weights(w1, w2, 0, 1, self.etp_rank, self.etp, cfg.gated)
@@ -162,32 +146,3 @@ class GroupedExperts(nn.Module):
         h = ops.grouped_gemm(x, self.w1, group_sizes, backend=backend)
         a = activate(h, self.config.activation)
         return ops.grouped_gemm(a, self.w2, group_sizes, backend=backend)
-
-
-class SharedExpert(nn.Module):
-    """The always-active shared experts, merged into one FFN of ``config.shared_ffn_size``."""
-
-    def __init__(self, config: MoEConfig, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        if config.shared_ffn_size == 0:
-            raise ValueError("SharedExpert needs num_shared_experts >= 1")
-        self.config = config
-        kw = dict(device=device, dtype=config.params_dtype)
-        H, Fs = config.hidden_size, config.shared_ffn_size
-        self.w1 = nn.Parameter(torch.empty(H, _fc1_width(config, Fs), **kw))
-        self.w2 = nn.Parameter(torch.empty(Fs, H, **kw))
-        self.gate_weight = (
-            nn.Parameter(torch.empty(1, H, **kw)) if config.shared_expert_gate else None
-        )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for p in self.parameters():
-            nn.init.normal_(p, std=self.config.init_std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` [T, H] -> [T, H]."""
-        y = activate(x @ self.w1, self.config.activation) @ self.w2
-        if self.gate_weight is not None:
-            y = torch.sigmoid(x @ self.gate_weight.t()) * y
-        return y

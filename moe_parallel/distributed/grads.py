@@ -74,8 +74,13 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
                    average: bool = True, bucket_mb: float = 25.0) -> None:
     """Make every gradient the gradient of the global loss (see the module docstring).
 
-    ``average=False`` skips the division by ``R`` (for losses already normalised by the global
-    token count). Call once after backward, before the optimizer step.
+    ``params``: a module or an iterable of parameters (those without a gradient are skipped).
+    Expert parameters (``sync_group == "edp"``) are summed over EDP, the others over DP×CP, and
+    ``sequence_parallel`` ones also over TP; then expert and dense gradients are divided by
+    ``R = dp·cp``. ``average=False`` skips that division (for losses already normalised by the
+    global token count). Gradients travel in flattened buckets of at most ``bucket_mb`` MiB per
+    group and dtype. A collective over those groups: call it on every rank, once after
+    backward and before the optimizer step (in place of DDP's gradient all-reduce).
     """
     params = _params_with_grad(params)
     bucket_bytes = int(bucket_mb * 2**20)
@@ -135,7 +140,14 @@ def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
 
 def clip_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState, max_norm: float,
                    norm_type: float = 2.0) -> Tensor:
-    """Scale every gradient by ``min(1, max_norm / (total + 1e-6))``; return the total norm."""
+    """Clip the gradients of the whole model by their global norm, as
+    ``torch.nn.utils.clip_grad_norm_`` does on one process.
+
+    ``total = global_grad_norm(params, ps, norm_type)`` (every parameter counted once across
+    TP, EP, ETP, EDP and PP); every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``
+    in place. Returns ``total`` (float32 scalar). Call after ``sync_gradients``, on every rank
+    (it all-reduces over ``tp_ep``, ``tp`` and ``pp``).
+    """
     params = _params_with_grad(params)
     total = global_grad_norm(params, ps, norm_type)
     coeff = torch.clamp(max_norm / (total + 1e-6), max=1.0)

@@ -6,8 +6,8 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/parallel.h"
-#include "ops.h"
+#include "parallel.h"
+#include "../ops.h"
 
 namespace moe_parallel {
 namespace {

@@ -101,12 +101,25 @@ class ParallelState:
 
     @classmethod
     def single(cls) -> ParallelState:
+        """The one-process state: world size 1, every size 1, every group ``None``."""
         return cls(ranks={n: [0] for n in GROUP_NAMES}, groups={n: None for n in GROUP_NAMES})
 
     @classmethod
     def build(cls, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int = 1, *,
               world_size: Optional[int] = None, rank: Optional[int] = None,
               create_groups: bool = True) -> ParallelState:
+        """Both grids over the world for the given sizes, and this rank's groups in them.
+
+        ``tp, cp, ep, etp, pp`` are the tensor, context, expert, expert-tensor and pipeline
+        parallel sizes; ``dp = world / (pp·cp·tp)`` and ``edp = world / (pp·ep·etp)`` are
+        derived. ``world_size`` and ``rank`` default to those of the initialised
+        ``torch.distributed`` (else ``RuntimeError``). ``ValueError`` (naming the sizes) unless
+        every size is >= 1 and the world is divisible by ``pp·cp·tp`` and by ``pp·ep·etp``.
+        With ``create_groups`` (the default) every rank creates every group with
+        ``dist.new_group`` in the same order, so this is a collective: call it on all ranks;
+        ``create_groups=False`` computes the rank lists only (no communication, groups ``None``).
+        Expert-count rules are checked by ``check_experts`` (``MoELayer`` calls it).
+        """
         if world_size is None or rank is None:
             if not dist.is_initialized():
                 raise RuntimeError(
@@ -126,13 +139,6 @@ class ParallelState:
                 if rank in members:
                     ranks[name], groups[name] = members, pg
         return cls(world_size, rank, tp, cp, ep, etp, pp, dp, edp, ranks, groups)
-
-    @classmethod
-    def from_megatron(cls, mpu=None) -> ParallelState:
-        """Adopt an initialised Megatron-Core parallel_state's groups (see megatron_compat)."""
-        from .megatron_compat import parallel_state_from_megatron
-
-        return parallel_state_from_megatron(mpu)
 
     # ---- coordinates ------------------------------------------------------------------------
     def group_rank(self, name: str) -> int:

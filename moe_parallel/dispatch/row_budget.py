@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .capacity import apply_capacity
-from .config import MoEConfig
-from .router import Routing
+from ..config import MoEConfig
+from ..routing.capacity import apply_capacity
+from ..routing.router import Routing
 
 
 def kept_counts(routing: Routing, num_experts: int) -> Tensor:

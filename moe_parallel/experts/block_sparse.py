@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from .. import ops
 
 DEFAULT_BLOCK_SIZE = {"cuda": 128, "cpu": 32}
 

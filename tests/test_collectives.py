@@ -1,6 +1,6 @@
-"""moe_parallel.comm on 4 gloo ranks: all_to_all (plain and chunked) / all_gather /
-reduce_scatter, forward and backward, uneven splits with zero-size blocks, sub-groups, the
-one-rank identity.
+"""moe_parallel.distributed.collectives on 4 gloo ranks: all_to_all (plain and chunked) /
+all_gather / reduce_scatter, forward and backward, uneven splits with zero-size blocks,
+sub-groups, the one-rank identity.
 
 Every rank draws every rank's inputs from known seeds, so each can compute the exact expected
 output and gradient on its own. Backward is checked against that explicit adjoint and with the
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from dist_harness import DistFailure, get_pool, parallel_state
 
-from moe_parallel import comm
+from moe_parallel.distributed import collectives as comm
 
 WORLD = 4
 H = 3

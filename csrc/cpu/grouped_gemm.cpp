@@ -12,8 +12,8 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/parallel.h"
-#include "ops.h"
+#include "parallel.h"
+#include "../ops.h"
 
 #include <ATen/ThreadLocalState.h>
 

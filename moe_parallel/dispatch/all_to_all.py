@@ -1,0 +1,154 @@
+"""AllToAllDispatcher: routed rows travel to their experts' EP ranks by uneven all-to-all.
+
+    rows of global expert e  ->  EP rank e // E_local, local expert e % E_local
+    y[t] = Σ_{j kept} probs[t, j] · expert_out[row of (t, j)]
+
+(steps in the class docstring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..distributed import collectives as comm
+from ..routing.router import Routing
+from .expert_grid import enforce_budget, gather_counts, set_expert_grid
+from .row_budget import RowBudget
+
+if TYPE_CHECKING:
+    from ..distributed.parallel_state import ParallelState
+
+
+@dataclass
+class AllToAllHandle:
+    """What ``AllToAllDispatcher.combine`` needs from its ``dispatch``."""
+
+    row_map: Tensor            # [T, k] row of (t, j) in this rank's send buffer, -1 = dropped
+    probs: Tensor              # [T, k] combine weights
+    tokens_per_expert: Tensor  # [E] this rank's real (unpadded) rows per global expert
+    send_splits: list[int]     # rows sent to each EP rank
+    recv_splits: list[int]     # rows received from each EP rank
+    etp_splits: list[int]      # rows each ETP rank received from its all-to-all (etp > 1)
+    chunk_sizes: Tensor        # [etp * ep * E_local] CPU int64, rows in arrival order
+    overflow: bool = False
+    # per-expert exchange (AllToAllDispatcher._chunked): rows [l][source rank] this rank
+    # receives and [l][destination rank] it sends; None for one all-to-all + sort_chunks
+    chunk_splits: Optional[tuple[list[list[int]], list[list[int]]]] = None
+
+
+MAX_CHUNKED_EXPERTS = 8
+
+
+def _expert_major_order(etp: int, ep: int, num_local: int) -> Optional[Tensor]:
+    """Order that takes chunks ``(t, s, l)`` (ETP source, EP source, local expert; ``l`` fastest)
+    to ``(l, t, s)``; None when that is the identity."""
+    if etp * ep == 1 or num_local == 1:
+        return None
+    return torch.arange(etp * ep * num_local).view(etp * ep, num_local).t().reshape(-1)
+
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatch over the EP (and ETP) groups of a ``ParallelState``.
+
+    Global expert ``e`` lives on EP rank ``e // E_local`` (``E_local = E / ep``) as its local
+    expert ``e % E_local``; every rank of an ETP group holds ``F / etp`` hidden units of each of
+    them. Every rank brings its own tokens (with TP > 1: sequence parallel), possibly none.
+
+    dispatch:
+      1. ``permute`` this rank's kept assignments by global expert id: rank-major, expert-minor.
+         With ``pad_to > 0`` every expert's segment has exactly ``pad_to`` rows (static shapes).
+      2. All-gather every rank's per-expert row counts over the ETP×EP group (as Megatron does),
+         then exchange the rows (all-to-all over EP with uneven splits). Received:
+         ``[EP source][local expert]``.
+      3. ETP > 1: all-gather the rows over ETP: ``[ETP src][EP src][local expert]``.
+      4. ``sort_chunks`` to ``[local expert][ETP src][EP src]``: each local expert's rows are
+         contiguous; ``group_sizes[l] = Σ_{t,s} count[t, s, l]`` (padding included).
+    On CPU with ETP = 1 and 2..``MAX_CHUNKED_EXPERTS`` local experts, steps 1-4 become: permute
+    local-expert-major (``[l][destination rank]``), then one all-to-all per local expert
+    (``collectives.all_to_all_chunked``), whose rows arrive as ``[l][EP src]``: no ``sort_chunks``.
+    combine (the mirror): ``sort_chunks`` back; ETP > 1: reduce-scatter the partial outputs (each
+    ETP rank computed ``F / etp`` hidden units, their sum is the expert output) back to the ETP
+    rank that received the rows; all-to-all back over EP;
+        ``y[t] = Σ_{j kept} probs[t, j] · out[row of (t, j)]``   (``unpermute``).
+    Every step is differentiable. Each rank must call ``dispatch``/``combine`` (and backward)
+    in the same order as the other ranks of its EP and ETP groups.
+    """
+
+    def __init__(
+        self, num_experts: int, parallel_state: ParallelState,
+        row_budget: Optional[RowBudget] = None,
+    ) -> None:
+        ps = parallel_state
+        set_expert_grid(self, num_experts, ps, row_budget)
+        self.ep_rank = ps.ep_rank
+        self.ep_group = ps.group("ep") if ps.ep > 1 else None
+        self.etp_group = ps.group("etp") if ps.etp > 1 else None
+        self.order = _expert_major_order(self.etp, self.ep, self.num_local_experts)
+        self.inverse_order = None if self.order is None else torch.argsort(self.order)
+
+    def _chunk_sizes(self, gathered: Tensor) -> Tensor:
+        """``[etp, ep, E_local]`` CPU int64: rows this ETP group's rank ``t`` receives from EP
+        rank ``s`` for local expert ``l``, from every ``tp_ep`` rank's send counts ``[w, E]``."""
+        ep, etp, E_local = self.ep, self.etp, self.num_local_experts
+        return gathered.view(ep, etp, ep, E_local)[:, :, self.ep_rank].transpose(0, 1)
+
+    def _chunked(self, x: Tensor) -> bool:
+        """Whether this dispatch exchanges rows per local expert (``all_to_all_chunked``) so
+        they arrive expert-major, instead of one all-to-all and ``sort_chunks``: on CPU, with
+        ETP = 1 and 2..``MAX_CHUNKED_EXPERTS`` local experts (a local copy costs about as much
+        as sending the rows there; each extra exchange adds one round of messages)."""
+        return (x.device.type == "cpu" and self.etp == 1 and self.ep > 1
+                and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS)
+
+    def dispatch(
+        self, x: Tensor, routing: Routing, pad_to: int = 0
+    ) -> tuple[Tensor, Tensor, AllToAllHandle]:
+        E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
+        routing, overflow, gathered = enforce_budget(self, routing)
+        chunked = self._chunked(x)
+        idx = routing.expert_idx
+        if chunked:  # local expert first, then EP rank: e = r·E_local + l  ->  l·ep + r
+            idx = (idx % E_local) * ep + idx // E_local
+        permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to)
+        if chunked:
+            counts = counts.view(E_local, ep).t().reshape(E)  # back to global expert order
+        send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
+        if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
+            gathered = gather_counts(send_counts, self.tp_ep_group)
+        chunk_sizes = self._chunk_sizes(gathered)
+        send_splits = send_counts.view(ep, E_local).sum(1).tolist()
+        etp_splits = chunk_sizes.sum((1, 2)).tolist()
+        recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
+        group_sizes = chunk_sizes.sum((0, 1))  # [E_local], over ETP and EP sources
+        chunk_splits = None
+        if chunked:  # [l][source rank] received, [l][destination rank] sent
+            chunk_splits = (chunk_sizes[0].t().tolist(),
+                            send_counts.view(ep, E_local).t().tolist())
+            rows = comm.all_to_all_chunked(permuted, *chunk_splits, self.ep_group)
+        else:
+            rows = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group)
+            rows = comm.all_gather(rows, self.etp_group, etp_splits)
+            if self.order is not None:
+                rows = ops.sort_chunks(rows, chunk_sizes.reshape(-1), self.order)
+        handle = AllToAllHandle(
+            row_map, routing.probs, counts, send_splits, recv_splits, etp_splits,
+            chunk_sizes.reshape(-1), overflow, chunk_splits,
+        )
+        return rows, group_sizes, handle
+
+    def combine(self, expert_out: Tensor, handle: AllToAllHandle) -> Tensor:
+        y = expert_out
+        if handle.chunk_splits is not None:
+            received, sent = handle.chunk_splits
+            y = comm.all_to_all_chunked(y, sent, received, self.ep_group)
+        else:
+            if self.order is not None:
+                y = ops.sort_chunks(y, handle.chunk_sizes[self.order], self.inverse_order)
+            y = comm.reduce_scatter(y, handle.etp_splits, self.etp_group)
+            y = comm.all_to_all(y, handle.send_splits, handle.recv_splits, self.ep_group)
+        return ops.unpermute(y, handle.row_map, handle.probs, validate=False)

@@ -1,0 +1,63 @@
+"""LocalDispatcher: every expert on this process; dispatch is ``permute``, combine ``unpermute``.
+
+    expert_in = rows of the kept assignments sorted by (expert, t, j)     (``ops.permute``)
+    y[t] = Σ_{j kept} probs[t, j] · expert_out[row of (t, j)]             (``ops.unpermute``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..routing.router import Routing
+from .row_budget import RowBudget
+
+
+@dataclass
+class LocalHandle:
+    """What ``LocalDispatcher.combine`` needs from its ``dispatch``."""
+
+    row_map: Tensor            # [T, k] row of (t, j) in expert_in, -1 when dropped
+    probs: Tensor              # [T, k] combine weights
+    tokens_per_expert: Tensor  # [E] real (unpadded) rows per expert
+    overflow: bool = False
+
+
+class LocalDispatcher:
+    """All experts live on this process: dispatch is a permutation, combine its weighted inverse.
+
+    ``pad_to > 0`` lays every expert's rows out as exactly ``pad_to`` rows (zero padding after
+    the real ones), giving static shapes for capacity mode.
+    """
+
+    def __init__(self, num_experts: int, row_budget: Optional[RowBudget] = None) -> None:
+        self.num_experts = num_experts
+        self.row_budget = row_budget
+
+    def dispatch(
+        self, x: Tensor, routing: Routing, pad_to: int = 0
+    ) -> tuple[Tensor, Tensor, LocalHandle]:
+        overflow = False
+        if self.row_budget is not None:
+            routing, overflow, _ = self.row_budget.enforce(
+                routing, self.num_experts, 1, lambda c: c.view(1, -1).to("cpu")
+            )
+        # One host round trip checks the ids and brings the group sizes (dropless) along.
+        host_counts = ops.expert_counts(
+            routing.expert_idx, self.num_experts, routing.keep, pad_to
+        )
+        expert_in, row_map, counts = ops.permute(
+            x, routing.expert_idx, self.num_experts, routing.keep, pad_to, validate=False
+        )
+        if pad_to > 0:
+            group_sizes = torch.full((self.num_experts,), pad_to, dtype=torch.int64)
+        else:
+            group_sizes = host_counts
+        return expert_in, group_sizes, LocalHandle(row_map, routing.probs, counts, overflow)
+
+    def combine(self, expert_out: Tensor, handle: LocalHandle) -> Tensor:
+        return ops.unpermute(expert_out, handle.row_map, handle.probs, validate=False)

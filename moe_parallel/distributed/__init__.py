@@ -1,0 +1,29 @@
+"""Distributed plumbing: process grids, process bootstrap, autograd collectives, gradient sync.
+
+* ``parallel_state.py``: ``ParallelState``, the dense (PP×DP×CP×TP) and expert (PP×EDP×EP×ETP)
+  grids over one world and this rank's groups in them;
+* ``init.py``: ``init_distributed`` (torchrun, mpirun, SLURM or a single process) and the pure
+  ``detect_launch_env``;
+* ``collectives.py``: differentiable all-to-all, all-gather and reduce-scatter with uneven sizes;
+* ``grads.py``: ``sync_gradients`` (dense parameters over DP×CP, experts over EDP) and the
+  global gradient-norm clipping ``clip_grad_norm``.
+"""
+
+from . import collectives
+from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
+from .init import LaunchEnv, detect_launch_env, init_distributed
+from .parallel_state import GROUP_NAMES, ParallelState, grid_groups
+
+__all__ = [
+    "GROUP_NAMES",
+    "LaunchEnv",
+    "ParallelState",
+    "clip_grad_norm",
+    "collectives",
+    "detect_launch_env",
+    "global_grad_norm",
+    "grid_groups",
+    "init_distributed",
+    "is_expert_param",
+    "sync_gradients",
+]

@@ -1,0 +1,29 @@
+"""Expert activations on the first GEMM's output ``h``, and that GEMM's width.
+
+    swiglu: silu(h[:, :F]) * h[:, F:]     (h [rows, 2F] = gate | up; ``ops.swiglu``, fused)
+    gelu:   gelu(h) (erf form)            relu: max(h, 0)             (h [rows, F])
+Every one has act(0) = 0, so zero padding rows stay zero.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..config import MoEConfig
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """Apply the expert activation to the first GEMM's output ``h`` ([rows, F] or [rows, 2F])."""
+    if activation == "swiglu":
+        return ops.swiglu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    raise ValueError(f"activation must be one of ('swiglu', 'gelu', 'relu'), got {activation!r}")
+
+
+def fc1_width(config: MoEConfig, ffn_size: int) -> int:
+    return 2 * ffn_size if config.gated else ffn_size

@@ -1,0 +1,78 @@
+"""Routing losses: load balancing (Switch, per sequence) and the router z-loss.
+
+Each is returned coefficient-scaled (the router keys them ``"aux"``, ``"seq_aux"``, ``"z"``):
+
+* Switch: ``coeff · E · Σ_i f_i P_i``, ``f_i = count_i / (T·k)``, ``P_i = mean_t ŝ_{t,i}``;
+* per sequence (DeepSeek-V3): ``coeff · mean_b Σ_i (E·count_{b,i} / (k·T_b)) · mean_{t∈b} ŝ_{t,i}``;
+* z-loss: ``coeff · mean_t logsumexp(logits_t)^2``;
+
+where ``ŝ`` is the full distribution over experts (``softmax(logits)``, or
+``sigmoid(logits) / Σ_e sigmoid(logits)``) and ``count`` the selections before capacity drops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "full_scores",
+    "sequence_load_balancing_loss",
+    "switch_load_balancing_loss",
+    "z_loss",
+]
+
+
+def full_scores(logits: Tensor, score_function: str) -> Tensor:
+    """Per-token distribution over all experts used by the balancing losses, ``[T, E]``.
+
+    ``softmax(logits)`` for ``"softmax"``; ``sigmoid(logits) / Σ_e sigmoid(logits)`` for
+    ``"sigmoid"``.
+    """
+    if score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score_function == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s / s.sum(dim=-1, keepdim=True)
+    raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
+
+
+def switch_load_balancing_loss(
+    scores: Tensor, routed_per_expert: Tensor, top_k: int, coeff: float
+) -> Tensor:
+    """Switch aux loss ``coeff · E · Σ_i f_i P_i``.
+
+    ``scores``: ``[T, E]`` full distributions (see ``full_scores``); ``routed_per_expert``:
+    ``[E]`` selection counts; ``f_i = count_i / (T·k)``, ``P_i = mean_t scores[t, i]``.
+    Gradients flow through ``scores`` only. An empty batch gives 0.
+    """
+    T, E = scores.shape
+    denom = max(T, 1)
+    f = routed_per_expert.to(scores.dtype) / (denom * top_k)
+    p = scores.sum(dim=0) / denom
+    return coeff * E * torch.dot(f, p)
+
+
+def sequence_load_balancing_loss(
+    scores: Tensor, selected: Tensor, top_k: int, num_seqs: int, coeff: float
+) -> Tensor:
+    """Per-sequence aux loss (DeepSeek-V3) ``coeff · mean_b Σ_i f_{b,i} P_{b,i}``.
+
+    ``scores``: ``[T, E]`` full distributions; ``selected``: ``[T, E]`` 0/1 selection mask.
+    Tokens are sequence-major: sequence ``b`` owns the tokens ``t`` with ``t % num_seqs == b``
+    (``T_b = T / num_seqs`` of them). ``f_{b,i} = E · count_{b,i} / (k · T_b)``,
+    ``P_{b,i} = mean_{t∈b} scores[t, i]``. An empty batch gives 0.
+    """
+    T, E = scores.shape
+    seq_len = T // num_seqs
+    denom = max(seq_len, 1)
+    counts = selected.to(scores.dtype).view(seq_len, num_seqs, E).sum(dim=0)  # [B, E]
+    f = counts * (E / (top_k * denom))
+    p = scores.view(seq_len, num_seqs, E).sum(dim=0) / denom  # [B, E]
+    return coeff * (f * p).sum(dim=-1).mean()
+
+
+def z_loss(logits: Tensor, coeff: float) -> Tensor:
+    """Router z-loss ``coeff · mean_t logsumexp(logits_t)^2`` (0 for an empty batch)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return coeff * lse.square().sum() / max(lse.numel(), 1)
