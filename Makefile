@@ -54,7 +54,7 @@ $(VENV)/.test-deps-stamp: $(EXT_STAMP) pyproject.toml
 	  --disable-pip-version-check --no-build-isolation -e ".[test,$(TEST_EXTRAS)]"
 	touch $@
 
-# The main job: 4 CPU processes, experts over EP=2, data over DP=2 (gloo).
+# The main job: 4 CPU processes (gloo), experts over EP=2 (EDP=2), data over DP=4.
 DEMO_ARGS ?= --ep 2
 demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 4 -m moe_parallel.train $(DEMO_ARGS)

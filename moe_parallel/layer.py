@@ -154,7 +154,15 @@ class MoELayer(nn.Module):
             pad_to = capacity if self.config.pad_to_capacity else 0
         return routing, losses, pad_to
 
-    def forward(self, x: Tensor, return_aux: bool = False):
+    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
+        """``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t]) + shared(x[t])``.
+
+        ``x``: ``[T, H]`` or ``[S, B, H]`` (sequence-major) in ``config.params_dtype``; ``y`` has
+        its shape. With ``return_aux`` returns ``(y, MoEAux(losses, stats))``; the same are kept
+        on the layer (``last_losses``, ``aux_loss``, ``last_stats``). With a ``parallel_state``
+        this is a collective over the layer's EP/ETP groups: every rank of them calls it (and
+        its backward) in the same order, possibly with zero tokens.
+        """
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
             raise ValueError(

@@ -68,16 +68,19 @@ class RoutingStats:
 
     @property
     def routed_per_expert(self) -> Tensor:
+        """``[E]`` int64 (CPU): assignments the router sent to each expert, before capacity."""
         e = (self.counts.numel() - 1) // 2
         return self._host_counts()[:e]
 
     @property
     def tokens_per_expert(self) -> Tensor:
+        """``[E]`` int64 (CPU): assignments each expert processed, after capacity."""
         e = (self.counts.numel() - 1) // 2
         return self._host_counts()[e:2 * e]
 
     @property
     def unrouted_tokens(self) -> int:
+        """Tokens that reached no expert (every assignment dropped, or chosen by no expert)."""
         return int(self._host_counts()[-1])
 
     @property
@@ -89,26 +92,32 @@ class RoutingStats:
 
     @property
     def num_routed(self) -> int:
+        """``Σ routed_per_expert``."""
         return int(self.routed_per_expert.sum())
 
     @property
     def num_processed(self) -> int:
+        """``Σ tokens_per_expert``."""
         return int(self.tokens_per_expert.sum())
 
     @property
     def dropped(self) -> int:
+        """Assignments dropped: ``num_routed − num_processed``."""
         return max(self.num_routed - self.num_processed, 0)
 
     @property
     def drop_rate(self) -> float:
+        """``dropped / num_routed`` (0.0 when nothing was routed)."""
         return self.dropped / self.num_routed if self.num_routed else 0.0
 
     @property
     def max_load(self) -> int:
+        """The busiest expert's processed assignments."""
         return int(self.tokens_per_expert.max()) if self.tokens_per_expert.numel() else 0
 
     @property
     def mean_load(self) -> float:
+        """Processed assignments per expert on average."""
         n = self.tokens_per_expert.numel()
         return self.num_processed / n if n else 0.0
 
@@ -118,6 +127,7 @@ class RoutingStats:
         return self.max_load / self.mean_load if self.mean_load else 0.0
 
     def as_dict(self) -> dict:
+        """The statistics as plain Python values (for logging / JSON)."""
         return {
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "routed_per_expert": self.routed_per_expert.tolist(),

@@ -174,6 +174,8 @@ class ReferenceMoE(nn.Module):
         return y
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(y, losses)`` for ``x`` ``[T, H]`` or ``[S, B, H]``: the layer's formula computed one
+        expert at a time over the tokens routed to it (all experts on this process)."""
         cfg = self.config
         shape = x.shape
         num_seqs = shape[1] if x.dim() == 3 else 1

@@ -89,6 +89,7 @@ class Block(nn.Module):
         return comm.all_gather(self.moe(mine), self.tp_group, sizes=[chunk] * tp)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x + attn(ln1(x))``, then ``+ moe(ln2(·))``; ``[B, S, H]`` in and out."""
         B, S, H = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.heads, H // self.heads).unbind(2)
         a = F.scaled_dot_product_attention(
@@ -100,6 +101,9 @@ class Block(nn.Module):
 
 
 class MoETransformerLM(nn.Module):
+    """Decoder-only language model: token + position embeddings, ``layers`` pre-norm blocks
+    (causal self-attention, then an ``MoELayer`` as the FFN), final norm, vocabulary head."""
+
     def __init__(self, config: MoEConfig, vocab: int, layers: int, heads: int, max_len: int):
         super().__init__()
         H = config.hidden_size
@@ -110,6 +114,7 @@ class MoETransformerLM(nn.Module):
         self.head = nn.Linear(H, vocab, bias=False, dtype=config.params_dtype)
 
     def moe_layers(self) -> list[MoELayer]:
+        """The MoE layer of every block, in order."""
         return [b.moe for b in self.blocks]
 
     def parallelize(self, ps: ParallelState) -> MoETransformerLM:
@@ -128,6 +133,7 @@ class MoETransformerLM(nn.Module):
         return self
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, S, vocab]`` for ``tokens`` ``[B, S]``."""
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + self.pos(pos)
         for block in self.blocks:
@@ -135,11 +141,13 @@ class MoETransformerLM(nn.Module):
         return self.head(self.ln_f(x))
 
     def aux_loss(self) -> Tensor | float:
+        """Sum of the MoE layers' losses of the last forward (0.0 when none is enabled)."""
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return sum(losses) if losses else 0.0
 
 
 def build_config(args: argparse.Namespace) -> MoEConfig:
+    """The ``MoEConfig`` of every layer from the command-line flags."""
     return MoEConfig(
         hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
         top_k=args.top_k, capacity_factor=args.capacity_factor or None,
@@ -237,6 +245,8 @@ def _global_stats(model: MoETransformerLM, ps: ParallelState,
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, initialise the process group (any supported launcher), train, print the
+    loss curve and throughput on rank 0; returns ``{first_loss, last_loss, history}``."""
     args = _parse(argv)
     rank, world, _ = init_distributed(timeout=timedelta(seconds=args.timeout_s))
     ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp) if world > 1 else (

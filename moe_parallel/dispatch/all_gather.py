@@ -46,6 +46,7 @@ class AllGatherHandle:
 
     @property
     def offset(self) -> int:
+        """Row of this rank's first token in the gathered token space."""
         return sum(self.token_counts[: self.group_rank])
 
     @cached_property
@@ -118,6 +119,8 @@ class AllGatherDispatcher:
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllGatherHandle]:
+        """``(expert_in, group_sizes [E_local] CPU int64, handle)`` from the gathered tokens of the
+        ``tp_ep`` group (steps 1-2 of the class docstring). A collective over that group."""
         E, E_local, group = self.num_experts, self.num_local_experts, self.group
         w = comm.group_size(group)
         routing, overflow, _ = enforce_budget(self, routing)
@@ -149,6 +152,8 @@ class AllGatherDispatcher:
         return expert_in, group_sizes, handle
 
     def combine(self, expert_out: Tensor, handle: AllGatherHandle) -> Tensor:
+        """``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t])`` for this rank's own tokens:
+        the local weighted sum, reduce-scattered over the group. A collective, as ``dispatch``."""
         y = ops.unpermute(expert_out, handle.gathered_row_map, handle.gathered_probs,
                           validate=False)
         return comm.reduce_scatter(y, handle.token_counts, self.group)

@@ -108,6 +108,9 @@ class AllToAllDispatcher:
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllToAllHandle]:
+        """``(expert_in, group_sizes [E_local] CPU int64, handle)``: the rows of this rank's local
+        experts from every rank of its EP (and ETP) group, grouped by local expert (steps 1-4 of
+        the class docstring). A collective over the ``tp_ep``, EP and ETP groups."""
         E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
         routing, overflow, gathered = enforce_budget(self, routing)
         chunked = self._chunked(x)
@@ -142,6 +145,8 @@ class AllToAllDispatcher:
         return rows, group_sizes, handle
 
     def combine(self, expert_out: Tensor, handle: AllToAllHandle) -> Tensor:
+        """The mirror of ``dispatch``: ``y[t] = Σ_{j kept} probs[t, j] · out[row of (t, j)]``,
+        ``[T, H]`` for this rank's own tokens. A collective, as ``dispatch``."""
         y = expert_out
         if handle.chunk_splits is not None:
             received, sent = handle.chunk_splits

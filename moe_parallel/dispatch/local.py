@@ -41,6 +41,8 @@ class LocalDispatcher:
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, LocalHandle]:
+        """``(expert_in [N, H], group_sizes [E] CPU int64, handle)``: the kept assignments of ``x``
+        sorted by expert (``pad_to > 0``: every expert padded to ``pad_to`` rows)."""
         overflow = False
         if self.row_budget is not None:
             routing, overflow, _ = self.row_budget.enforce(
@@ -60,4 +62,5 @@ class LocalDispatcher:
         return expert_in, group_sizes, LocalHandle(row_map, routing.probs, counts, overflow)
 
     def combine(self, expert_out: Tensor, handle: LocalHandle) -> Tensor:
+        """``y[t] = Σ_{j kept} probs[t, j] · expert_out[row of (t, j)]``, ``[T, H]``."""
         return ops.unpermute(expert_out, handle.row_map, handle.probs, validate=False)

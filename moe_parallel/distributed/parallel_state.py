@@ -146,34 +146,43 @@ class ParallelState:
         return self.ranks[name].index(self.rank)
 
     def group(self, name: str) -> Optional[dist.ProcessGroup]:
+        """The process group ``name`` (one of ``GROUP_NAMES``) through this rank; ``None`` in
+        ``single()`` and with ``create_groups=False``."""
         return self.groups[name]
 
     @property
     def tp_rank(self) -> int:
+        """This rank's coordinate on the tensor-parallel axis (``0 .. tp - 1``)."""
         return self.rank % self.tp
 
     @property
     def cp_rank(self) -> int:
+        """This rank's coordinate on the context-parallel axis (``0 .. cp - 1``)."""
         return self.rank // self.tp % self.cp
 
     @property
     def dp_rank(self) -> int:
+        """This rank's coordinate on the data-parallel axis (``0 .. dp - 1``)."""
         return self.rank // (self.tp * self.cp) % self.dp
 
     @property
     def pp_rank(self) -> int:
+        """This rank's coordinate on the pipeline axis (``0 .. pp - 1``)."""
         return self.rank // (self.tp * self.cp * self.dp)
 
     @property
     def etp_rank(self) -> int:
+        """This rank's coordinate on the expert-tensor-parallel axis (``0 .. etp - 1``)."""
         return self.rank % self.etp
 
     @property
     def ep_rank(self) -> int:
+        """This rank's coordinate on the expert-parallel axis (``0 .. ep - 1``)."""
         return self.rank // self.etp % self.ep
 
     @property
     def edp_rank(self) -> int:
+        """This rank's coordinate on the expert-data-parallel axis (``0 .. edp - 1``)."""
         return self.rank // (self.etp * self.ep) % self.edp
 
     def check_experts(self, num_experts: int, ffn_hidden_size: int) -> None:

@@ -26,4 +26,6 @@ def activate(h: Tensor, activation: str) -> Tensor:
 
 
 def fc1_width(config: MoEConfig, ffn_size: int) -> int:
+    """Output width of the first expert GEMM: ``2·ffn_size`` for SwiGLU (gate | up), else
+    ``ffn_size``."""
     return 2 * ffn_size if config.gated else ffn_size

@@ -32,6 +32,7 @@ class SharedExpert(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Every weight ~ N(0, ``config.init_std``²)."""
         for p in self.parameters():
             nn.init.normal_(p, std=self.config.init_std)
 

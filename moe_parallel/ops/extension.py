@@ -13,6 +13,7 @@ extension it does nothing.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from typing import Optional
@@ -40,7 +41,7 @@ _REGISTERED: set[str] = set()  # ops whose fake kernel (and autograd formula) ar
 def _load_extension() -> Optional[BaseException]:
     """Import ``moe_parallel._C``; return the failure (None on success)."""
     try:
-        from moe_parallel import _C  # noqa: F401  (registers torch.ops.moe_parallel.*)
+        importlib.import_module("moe_parallel._C")  # registers torch.ops.moe_parallel.*
     except Exception as exc:  # ImportError, OSError (bad .so), RuntimeError (registration)
         return exc
     missing = [n for n in OP_NAMES if not hasattr(torch.ops.moe_parallel, n)]
