@@ -31,7 +31,6 @@ _ROW_OVERFLOWS = ("error", "capacity")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _BOOL_FIELDS = (
     "softmax_before_topk",
-    "norm_topk_prob",
     "noisy_gating",
     "expert_bias",
     "pad_to_capacity",
@@ -50,9 +49,13 @@ class MoEConfig:
       ``score_function="softmax"``: with ``softmax_before_topk`` probs = topk(softmax(logits)),
       renormalised to sum 1 when ``norm_topk_prob``; else probs = softmax(topk(logits)).
       ``score_function="sigmoid"``: scores = sigmoid(logits), probs = topk(scores), renormalised
-      when ``norm_topk_prob``. Selection may add a per-expert bias (``expert_bias``) that never
-      enters the weights; ``num_groups``/``group_topk`` restrict selection to the best groups.
-      probs are finally multiplied by ``routed_scaling_factor``.
+      when ``norm_topk_prob``. ``norm_topk_prob=None`` (the default) renormalises when
+      ``top_k > 1``; with ``top_k=1`` a renormalised (or post-softmax) weight is always 1 and the
+      router would learn nothing from the main loss, so that combination is refused and the
+      top-1 weight is the score itself (Switch: p = softmax(logits)[top-1]). Selection may add
+      a per-expert bias (``expert_bias``) that never enters the weights;
+      ``num_groups``/``group_topk`` restrict selection to the best groups. probs are finally
+      multiplied by ``routed_scaling_factor``.
     Routing (expert choice): scores = softmax(logits) over experts; expert e takes its
       top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor)) (capacity_factor None means 1.0).
       The aux losses, ``min_capacity``, ``routed_scaling_factor``, noisy gating, expert bias and
@@ -100,7 +103,7 @@ class MoEConfig:
     router_type: RouterType = "topk"
     score_function: ScoreFunction = "softmax"
     softmax_before_topk: bool = True
-    norm_topk_prob: bool = True
+    norm_topk_prob: Optional[bool] = None
     noisy_gating: bool = False
     expert_bias: bool = False
     bias_update_rate: float = 1e-3
@@ -150,6 +153,24 @@ class MoEConfig:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(
+                f"norm_topk_prob must be a bool or None (renormalise when top_k > 1), got "
+                f"{self.norm_topk_prob!r}"
+            )
+        if self.router_type == "topk" and self.top_k == 1:
+            if self.norm_topk_prob:
+                raise ValueError(
+                    "norm_topk_prob=True with top_k=1 makes every combine weight 1, so the router "
+                    "gets no gradient from the main loss; set norm_topk_prob=False (Switch: "
+                    "p = softmax(logits)[top-1]) or leave it None"
+                )
+            if self.score_function == "softmax" and not self.softmax_before_topk:
+                raise ValueError(
+                    "softmax_before_topk=False with top_k=1 is a softmax over the one selected "
+                    "logit: every combine weight is 1 and the router gets no gradient from the "
+                    "main loss; set softmax_before_topk=True"
+                )
         if self.capacity_factor is not None and not (
             _is_real(self.capacity_factor)
             and math.isfinite(self.capacity_factor)
@@ -264,6 +285,12 @@ class MoEConfig:
                 "(router_type='topk', capacity_factor=None), got "
                 f"router_type={self.router_type!r}, capacity_factor={self.capacity_factor!r}"
             )
+
+    @property
+    def renormalize_topk(self) -> bool:
+        """Whether the top-k weights are divided by their sum: ``norm_topk_prob``, or, when it
+        is None, ``top_k > 1`` (Mixtral/Qwen renormalise top-2; Switch keeps the top-1 score)."""
+        return self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
 
     @property
     def dropless(self) -> bool:

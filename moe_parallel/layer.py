@@ -71,6 +71,7 @@ class MoELayer(nn.Module):
         self.router = build_router(config).to(device)
         if ps is not None:
             ps.check_experts(config.num_experts, config.ffn_hidden_size)
+            ps.check_expert_groups()
         if experts is None:
             local = config.num_experts // ps.ep if ps is not None else config.num_experts
             experts = GroupedExperts(

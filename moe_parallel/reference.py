@@ -102,19 +102,19 @@ class ReferenceMoE(nn.Module):
         if cfg.expert_bias:
             choose = choose + self.router.expert_bias.to(choose.dtype)
         if cfg.num_groups is not None:
-            T, G = choose.shape[0], cfg.num_groups
-            per_group = choose.view(T, G, -1)
+            (T, E), G = choose.shape, cfg.num_groups
+            per_group = choose.view(T, G, E // G)
             group_score = per_group.topk(k // cfg.group_topk, dim=-1).values.sum(-1)
             best_groups = group_score.topk(cfg.group_topk, dim=-1).indices
             allowed = torch.zeros(T, G, dtype=torch.bool, device=choose.device)
             allowed[torch.arange(T, device=choose.device)[:, None], best_groups] = True
-            allowed = allowed[:, :, None].expand_as(per_group).reshape(T, -1)
+            allowed = allowed[:, :, None].expand_as(per_group).reshape(T, E)
             choose = choose.masked_fill(~allowed, float("-inf"))
         idx = choose.topk(k, dim=-1).indices
         picked = scores.gather(1, idx)
         if cfg.score_function == "softmax" and not cfg.softmax_before_topk:
             probs = picked.softmax(-1)
-        elif cfg.norm_topk_prob:
+        elif cfg.renormalize_topk:
             eps = 1e-20 if cfg.score_function == "sigmoid" else 0.0
             probs = picked / (picked.sum(-1, keepdim=True) + eps)
         else:

@@ -187,46 +187,60 @@ def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tens
     return lm_loss.detach(), norm
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--steps", type=int, default=150, help="optimizer steps (>= 1)")
+    add("--batch-size", type=int, default=16, help="sequences per data-parallel rank")
+    add("--seq-len", type=int, default=64, help="tokens per sequence")
+    add("--vocab", type=int, default=64, help="vocabulary size of the Markov source")
+    add("--hidden", type=int, default=64, help="model width H")
+    add("--ffn", type=int, default=128, help="expert FFN hidden size F")
+    add("--layers", type=int, default=2, help="transformer blocks, each with an MoE FFN")
+    add("--heads", type=int, default=4, help="attention heads")
+    add("--experts", type=int, default=8, help="routed experts per MoE layer")
+    add("--top-k", type=int, default=2, help="experts per token")
+    add("--capacity-factor", type=float, default=0.0,
+        help="expert capacity factor; 0 for dropless")
+    add("--expert-impl", choices=("grouped", "block_sparse"), default="grouped",
+        help="expert computation: grouped GEMMs or block-sparse products")
+    add("--grouped-gemm-backend", choices=GROUPED_GEMM_BACKENDS, default="auto",
+        help="grouped GEMM implementation (all but auto/loop need CUDA)")
+    add("--block-size", type=int, default=None,
+        help="block-sparse block size (None: 128 on CUDA, 32 on CPU)")
+    add("--max-rows-factor", type=float, default=None,
+        help="dropless: ceiling on rows per rank, times the balanced load (None: no ceiling)")
+    add("--row-overflow", choices=("error", "capacity"), default="error",
+        help="over the row ceiling: raise, or drop the excess for that step")
+    add("--aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss weight")
+    add("--z-loss-coeff", type=float, default=1e-3, help="router z-loss weight")
+    add("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, cosine)")
+    add("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold")
+    add("--log-every", type=int, default=25, help="steps between log lines")
+    add("--seed", type=int, default=0, help="model and data seed (the same on every rank)")
+    add("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
+        help="parameter and activation dtype (the router computes in float32)")
+    add("--tp", type=int, default=1, help="tensor (sequence) parallel size")
+    add("--ep", type=int, default=1, help="expert parallel size")
+    add("--etp", type=int, default=1, help="expert tensor parallel size")
+    add("--dispatcher", choices=("alltoall", "allgather"), default="alltoall",
+        help="token dispatcher of the expert-parallel layers")
+    add("--dp", type=int, default=None,
+        help="data parallel size (derived: world / tp; given only to check it)")
+    add("--device", default="auto",
+        help="'auto' (this rank's GPU when CUDA is available, else cpu), cpu, cuda")
+    add("--timeout-s", type=float, default=300.0,
+        help="collective timeout in seconds: a lost rank ends the job with an error")
+    return p
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per data-parallel rank")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--ffn", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=0.0,
-                   help="expert capacity factor; 0 (default) for dropless")
-    p.add_argument("--expert-impl", choices=("grouped", "block_sparse"), default="grouped")
-    p.add_argument("--grouped-gemm-backend", choices=GROUPED_GEMM_BACKENDS, default="auto",
-                   help="grouped GEMM implementation (all but auto/loop need CUDA)")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="block-sparse block size (default: 128 on CUDA, 32 on CPU)")
-    p.add_argument("--max-rows-factor", type=float, default=None,
-                   help="dropless: ceiling on rows per rank, times the balanced load")
-    p.add_argument("--row-overflow", choices=("error", "capacity"), default="error")
-    p.add_argument("--aux-loss-coeff", type=float, default=1e-2)
-    p.add_argument("--z-loss-coeff", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    p.add_argument("--tp", type=int, default=1, help="tensor (sequence) parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
-    p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
-    p.add_argument("--dp", type=int, default=None,
-                   help="data parallel size (derived: world / tp; given only to check it)")
-    p.add_argument("--device", default="auto",
-                   help="'auto' (this rank's GPU when CUDA is available, else cpu), cpu, cuda")
-    p.add_argument("--timeout-s", type=float, default=300.0,
-                   help="collective timeout: a lost rank ends the job with an error")
-    return p.parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
 
 
 def _global_stats(model: MoETransformerLM, ps: ParallelState,
@@ -249,6 +263,14 @@ def main(argv: list[str] | None = None) -> dict:
     loss curve and throughput on rank 0; returns ``{first_loss, last_loss, history}``."""
     args = _parse(argv)
     rank, world, _ = init_distributed(timeout=timedelta(seconds=args.timeout_s))
+    if world == 1:
+        asked = {f"--{n}": getattr(args, n) for n in ("tp", "ep", "etp") if getattr(args, n) > 1}
+        if asked:
+            raise ValueError(
+                f"{', '.join(f'{k} {v}' for k, v in asked.items())} need(s) that many processes "
+                "but this is a single process; launch with torchrun --nproc-per-node N (or "
+                "mpirun / srun), or drop the flag"
+            )
     ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp) if world > 1 else (
         ParallelState.single())
     if args.dp is not None and args.dp != ps.dp:
@@ -292,10 +314,13 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.log_every == 0 or step == args.steps - 1:
             load, drop = _global_stats(model, ps, device)
             if lead:
+                imbalance = max(load) / (sum(load) / len(load)) if sum(load) else 0.0
                 tqdm.write(f"step {step:4d}  loss {history[-1]:.4f}  tok/s {tok_s:,.0f}  "
-                           f"load/expert {load}  drop {100 * drop:.1f}%")
+                           f"load/expert {load} (max/mean {imbalance:.2f})  "
+                           f"drop {100 * drop:.1f}%")
     elapsed = time.perf_counter() - t_start
-    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    n = min(5, len(history))  # mean of the first and of the last (up to) 5 steps
+    first, last = sum(history[:n]) / n, sum(history[-n:]) / n
     if lead:
         print(f"loss {first:.3f} -> {last:.3f} (floor ~{source.entropy:.3f}) in {args.steps} "
               f"steps, {args.steps * tokens_per_step / elapsed:,.0f} tok/s overall", flush=True)

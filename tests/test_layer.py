@@ -25,8 +25,8 @@ CASES = {
     "noisy": dict(noisy_gating=True),
     "top1_switch": dict(top_k=1, norm_topk_prob=False, capacity_factor=1.25),
     "top1_gelu": dict(top_k=1, norm_topk_prob=False, activation="gelu"),
-    # top-1 renormalised: probs are all 1, the router learns from the aux loss only
-    "top1_renormalised": dict(top_k=1, aux_loss_coeff=0.1),
+    # top-1 with the default norm_topk_prob=None: the weight is the router's top-1 score
+    "top1_default": dict(top_k=1, aux_loss_coeff=0.1),
     "relu": dict(activation="relu"),
     "fine_grained_top6": dict(num_experts=16, top_k=6, ffn_hidden_size=6, num_shared_experts=2),
     "capacity_probs": dict(capacity_factor=1.0, drop_policy="probs"),
@@ -97,7 +97,7 @@ def test_layer_matches_reference(name, shape):
     for n in grads:
         _close(grads[n], grads_ref[n], f"grad {n}")
     # every routed parameter received a gradient signal
-    if cfg.top_k > 1 or not cfg.norm_topk_prob or cfg.aux_loss_coeff:
+    if cfg.top_k > 1 or not cfg.renormalize_topk or cfg.aux_loss_coeff:
         assert grads["router.weight"].norm() > 1e-6
     assert grads["experts.w1"].abs().sum() > 0
 
@@ -220,3 +220,57 @@ def test_nan_input_raises_by_default_and_propagates_when_unchecked():
     y = unchecked(x)
     assert torch.isnan(y[3]).any()
     assert torch.isfinite(y[[0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+def test_top1_defaults_give_the_router_a_task_gradient(score_function):
+    """Switch-style top-1: with the defaults the combine weight is the top-1 score
+    (``softmax(logits)[top-1]`` / ``sigmoid``), not 1, so the main loss alone (no aux loss)
+    trains the router."""
+    cfg = MoEConfig(**{**BASE, "top_k": 1, "score_function": score_function})
+    assert cfg.norm_topk_prob is None and not cfg.renormalize_topk
+    layer, ref = _pair(cfg, seed=3)
+    x = torch.randn(32, cfg.hidden_size, dtype=torch.float64)
+    y, aux = layer(x, return_aux=True)
+    assert aux.total_loss is None  # no aux loss: the router learns from the main loss alone
+    y.square().sum().backward()
+    assert layer.router.weight.grad.norm() > 1e-6
+    with torch.no_grad():
+        logits = x @ layer.router.weight.t()
+        scores = logits.softmax(-1) if score_function == "softmax" else logits.sigmoid()
+        top1, e = scores.max(-1)
+        assert (top1 < 1 - 1e-3).all()
+        want = torch.stack([top1[t] * ref._expert(int(e[t]), x[t:t + 1])[0] for t in range(32)])
+    _close(y, want, "top-1 output = score · expert(x)")
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(norm_topk_prob=True), "norm_topk_prob"),
+    (dict(softmax_before_topk=False), "softmax_before_topk"),
+    (dict(score_function="sigmoid", norm_topk_prob=True), "norm_topk_prob"),
+])
+def test_top1_combinations_that_freeze_the_router_are_refused(kw, field):
+    with pytest.raises(ValueError, match=f"{field}.*top_k=1.*no gradient"):
+        MoEConfig(**{**BASE, "top_k": 1, **kw})
+
+
+@pytest.mark.parametrize("layout", [dict(ep=2), dict(ep=1, etp=2), dict(ep=2, etp=2)])
+def test_parallel_state_without_groups_is_refused_at_construction(layout):
+    from moe_parallel.distributed import ParallelState
+
+    ps = ParallelState.build(**layout, world_size=4, rank=1, create_groups=False)
+    with pytest.raises(ValueError, match=r"no process group.*create_groups=False"):
+        MoELayer(MoEConfig(**BASE), parallel_state=ps)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_no_tokens_in_every_mode(name):
+    """A rank without tokens (T = 0) runs the whole layer, forward and backward, in every mode."""
+    layer, _ = _pair(MoEConfig(**{**BASE, **CASES[name]}))
+    x = torch.randn(0, BASE["hidden_size"], dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x, return_aux=True)
+    assert y.shape == (0, BASE["hidden_size"])
+    assert aux.stats.num_routed == 0 and aux.stats.dropped == 0
+    (y.sum() + (aux.total_loss if aux.total_loss is not None else 0.0)).backward()
+    assert x.grad.shape == x.shape
+    assert float(layer.router.weight.grad.abs().sum()) == 0.0

@@ -140,3 +140,49 @@ def test_build_creates_groups_whose_all_reduce_matches_the_rank_lists():
     spawn_bounded(_state_worker, 4, (4, free_port(), start), timeout_s=120)
 
 
+
+
+# ---- the job's timeout reaches every group ----------------------------------------------------
+STALL_TIMEOUT_S, STALL_S = 3, 15
+
+
+def _stall_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+    import time
+    from datetime import timedelta
+
+    from moe_parallel import MoEConfig, MoELayer, init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(timeout=timedelta(seconds=STALL_TIMEOUT_S))
+    ps = ParallelState.build(ep=world)  # the layer's all-to-all spans every rank
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=world, top_k=2),
+                     parallel_state=ps)
+    x = torch.randn(6, 8)
+    layer(x)  # every rank present
+    if rank == world - 1:
+        time.sleep(STALL_S)  # stalls between two steps
+    start = time.monotonic()
+    try:
+        layer(x)
+        status = "ok"
+    except Exception as exc:  # gloo raises RuntimeError on a timed-out collective
+        status = type(exc).__name__
+    with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+        f.write(f"{status} {time.monotonic() - start:.2f}")
+    os._exit(0)  # no destroy_process_group: the peers of a failed collective are gone
+
+
+def test_a_stalled_rank_makes_the_others_raise_within_the_job_timeout(tmp_path):
+    """init_distributed(timeout=3 s): the groups ParallelState.build creates carry it, so the
+    ranks waiting in the layer's all-to-all for a rank stalled 15 s raise after ~3 s instead of
+    waiting for it (dist.new_group alone would give them torch's 30-minute default)."""
+    spawn_bounded(_stall_worker, 4, (4, free_port(), str(tmp_path)), timeout_s=120)
+    results = {int(p.name[4:]): p.read_text().split() for p in tmp_path.glob("rank*")}
+    assert sorted(results) == [0, 1, 2, 3], results
+    for rank in range(3):
+        status, seconds = results[rank][0], float(results[rank][1])
+        assert status != "ok", (rank, results)
+        assert seconds < STALL_TIMEOUT_S + 6 < STALL_S, (rank, results)

@@ -101,7 +101,8 @@ def ref_topk(cfg: MoEConfig, logits: list[list[float]], bias=None):
             p = _softmax([row[e] for e in chosen])
         else:
             p = [s[e] for e in chosen]
-            if cfg.norm_topk_prob:
+            renormalise = cfg.top_k > 1 if cfg.norm_topk_prob is None else cfg.norm_topk_prob
+            if renormalise:
                 total = sum(p) + (1e-20 if cfg.score_function == "sigmoid" else 0.0)
                 p = [v / total for v in p]
         p = [v * cfg.routed_scaling_factor for v in p]
@@ -644,3 +645,34 @@ def test_empty_batch():
     assert all(v.item() == 0.0 for v in losses.values())
     ec, _ = make_router(router_type="expert_choice")(torch.zeros(0, H))
     assert ec.keep.shape == (0, E)
+
+
+EMPTY_MODES = {
+    **VARIANTS,
+    "expert_bias": dict(expert_bias=True, score_function="sigmoid"),
+    "noisy": dict(noisy_gating=True),
+    "group_bias": dict(num_groups=4, group_topk=2, expert_bias=True, score_function="sigmoid"),
+    "losses": dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.1, z_loss_coeff=0.1),
+    "expert_choice": dict(router_type="expert_choice"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_MODES))
+def test_a_rank_without_tokens_routes_in_every_mode(name):
+    """A rank with T = 0 tokens (uneven data, or sequence-parallel slices) gets an empty
+    routing of the right shapes and finite (zero) losses, in every router mode."""
+    router = make_router(**EMPTY_MODES[name])
+    router.train()
+    cfg = router.config
+    x = torch.randn(0, H, requires_grad=True)
+    routing, losses = router(x)
+    k = E if cfg.router_type == "expert_choice" else cfg.top_k
+    assert routing.expert_idx.shape == routing.probs.shape == (0, k)
+    assert routing.logits.shape == (0, E)
+    assert routing.routed_per_expert.tolist() == [0] * E
+    for key, value in losses.items():
+        assert torch.isfinite(value) and float(value.detach()) == 0.0, key
+    total = routing.probs.sum() + sum(losses.values(), torch.zeros(()))
+    total.backward()
+    assert router.weight.grad is not None and torch.equal(router.weight.grad,
+                                                          torch.zeros_like(router.weight))

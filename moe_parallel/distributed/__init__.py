@@ -11,7 +11,7 @@
 
 from . import collectives
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
-from .init import LaunchEnv, detect_launch_env, init_distributed
+from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
 from .parallel_state import GROUP_NAMES, ParallelState, grid_groups
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "grid_groups",
     "init_distributed",
     "is_expert_param",
+    "job_timeout",
     "sync_gradients",
 ]

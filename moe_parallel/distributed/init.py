@@ -41,6 +41,14 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+_job_timeout: Optional[timedelta] = None  # what init_distributed gave the default group
+
+
+def job_timeout() -> Optional[timedelta]:
+    """The collective timeout ``init_distributed`` gave the default group (``None`` when it did
+    not create it). ``ParallelState.build`` gives every group it creates the same timeout, since
+    ``dist.new_group`` does not inherit it."""
+    return _job_timeout
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
 
 
@@ -310,11 +318,13 @@ def init_distributed(backend: Optional[str] = None, timeout: timedelta = DEFAULT
     Returns ``(rank, world_size, local_rank)``. Backend: ``backend``, else ``"nccl"`` when CUDA is
     available, else ``"gloo"``; with CUDA the current device becomes the local rank's GPU.
     ``timeout`` goes to ``init_process_group``: the rendezvous and every collective that waits
-    longer on a lost rank raise instead of hanging. A single process (no launcher) gets a
+    longer on a lost rank raise instead of hanging; ``ParallelState.build`` gives it to every
+    group it creates (``job_timeout()``). A single process (no launcher) gets a
     one-rank group on an in-memory store. RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
     MASTER_PORT are exported (if unset) for libraries that read them. If the default group
     already exists nothing is re-initialised and its rank and size are returned.
     """
+    global _job_timeout
     env = detect_launch_env(os.environ, expand_nodelist=slurm_hostnames)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), env.local_rank
@@ -337,4 +347,5 @@ def init_distributed(backend: Optional[str] = None, timeout: timedelta = DEFAULT
         host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
         dist.init_process_group(backend, init_method=f"tcp://{host}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
+    _job_timeout = timeout
     return env.rank, env.world_size, env.local_rank

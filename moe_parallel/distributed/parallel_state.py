@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Optional
 
 import torch.distributed as dist
+
+from .init import job_timeout
 
 GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep")
 
@@ -107,7 +110,8 @@ class ParallelState:
     @classmethod
     def build(cls, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int = 1, *,
               world_size: Optional[int] = None, rank: Optional[int] = None,
-              create_groups: bool = True) -> ParallelState:
+              create_groups: bool = True,
+              timeout: Optional[timedelta] = None) -> ParallelState:
         """Both grids over the world for the given sizes, and this rank's groups in them.
 
         ``tp, cp, ep, etp, pp`` are the tensor, context, expert, expert-tensor and pipeline
@@ -119,6 +123,9 @@ class ParallelState:
         ``dist.new_group`` in the same order, so this is a collective: call it on all ranks;
         ``create_groups=False`` computes the rank lists only (no communication, groups ``None``).
         Expert-count rules are checked by ``check_experts`` (``MoELayer`` calls it).
+        Every created group waits at most ``timeout`` in a collective (default: the timeout
+        ``init_distributed`` gave the default group, else torch's default), so a lost or stalled
+        rank makes the others raise instead of hanging in the layer's all-to-all.
         """
         if world_size is None or rank is None:
             if not dist.is_initialized():
@@ -131,11 +138,12 @@ class ParallelState:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         dp, edp = _check_sizes(world_size, tp, cp, ep, etp, pp)
+        timeout = timeout if timeout is not None else job_timeout()
         all_groups = grid_groups(world_size, tp, cp, ep, etp, pp)
         ranks, groups = {}, {}
         for name in GROUP_NAMES:
             for members in all_groups[name]:
-                pg = dist.new_group(members) if create_groups else None
+                pg = dist.new_group(members, timeout=timeout) if create_groups else None
                 if rank in members:
                     ranks[name], groups[name] = members, pg
         return cls(world_size, rank, tp, cp, ep, etp, pp, dp, edp, ranks, groups)
@@ -184,6 +192,19 @@ class ParallelState:
     def edp_rank(self) -> int:
         """This rank's coordinate on the expert-data-parallel axis (``0 .. edp - 1``)."""
         return self.rank // (self.etp * self.ep) % self.edp
+
+    def check_expert_groups(self) -> None:
+        """``ValueError`` unless the groups an expert-parallel layer communicates over exist:
+        ``tp_ep`` when ``ep·etp > 1``, ``ep`` when ``ep > 1``, ``etp`` when ``etp > 1``."""
+        needed = ["tp_ep"] if self.ep * self.etp > 1 else []
+        needed += [n for n in ("ep", "etp") if getattr(self, n) > 1]
+        missing = [n for n in needed if self.groups.get(n) is None]
+        if missing:
+            raise ValueError(
+                f"parallel_state has no process group for {missing} (ep={self.ep}, "
+                f"etp={self.etp}): it was built with create_groups=False or by hand; build it "
+                "with ParallelState.build(...) on every rank after init_distributed()"
+            )
 
     def check_experts(self, num_experts: int, ffn_hidden_size: int) -> None:
         """The expert-grid rules: ``num_experts % ep == 0`` and ``ffn_hidden_size % etp == 0``."""

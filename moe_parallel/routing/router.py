@@ -3,11 +3,11 @@
 Token choice (``TopKRouter``), with ``logits = x W^T`` (``W`` = ``weight`` ``[E, H]``):
 
 * softmax, ``softmax_before_topk``: ``s = softmax(logits)``; select ``topk(s + b)``;
-  ``p = s[selected]``, divided by its sum when ``norm_topk_prob``.
+  ``p = s[selected]``, divided by its sum when ``renormalize_topk``.
 * softmax, not ``softmax_before_topk``: select ``topk(logits + b)``;
   ``p = softmax(logits[selected])``.
 * sigmoid: ``s = sigmoid(logits)``; select ``topk(s + b)``; ``p = s[selected]``, divided by
-  ``sum + 1e-20`` when ``norm_topk_prob``.
+  ``sum + 1e-20`` when ``renormalize_topk`` (``norm_topk_prob``, by default ``top_k > 1``).
 * ``p *= routed_scaling_factor``.
 
 ``b`` is the selection-only expert bias (zero unless ``expert_bias``). With
@@ -176,7 +176,7 @@ class TopKRouter(nn.Module):
         picked = scores.gather(1, expert_idx)
         if cfg.score_function == "softmax" and not cfg.softmax_before_topk:
             probs = torch.softmax(picked, dim=-1)
-        elif cfg.norm_topk_prob:
+        elif cfg.renormalize_topk:
             eps = 1e-20 if cfg.score_function == "sigmoid" else 0.0
             probs = picked / (picked.sum(dim=-1, keepdim=True) + eps)
         else:
@@ -221,13 +221,13 @@ class TopKRouter(nn.Module):
         if self.expert_bias is not None:
             choose = choose + self.expert_bias.to(choose.dtype)
         if cfg.num_groups is not None:
-            T, G = choose.shape[0], cfg.num_groups
-            per_group = choose.view(T, G, -1)
+            (T, E), G = choose.shape, cfg.num_groups
+            per_group = choose.view(T, G, E // G)  # explicit sizes: T may be 0
             group_score = per_group.topk(cfg.top_k // cfg.group_topk, dim=-1).values.sum(dim=-1)
             best_groups = group_score.topk(cfg.group_topk, dim=-1).indices
             allowed = torch.zeros(T, G, dtype=torch.bool, device=choose.device)
             allowed.scatter_(1, best_groups, True)
-            allowed = allowed.unsqueeze(-1).expand_as(per_group).reshape(T, -1)
+            allowed = allowed.unsqueeze(-1).expand_as(per_group).reshape(T, E)
             choose = choose.masked_fill(~allowed, float("-inf"))
         return choose.topk(cfg.top_k, dim=-1).indices
 
