@@ -61,7 +61,9 @@ class MoEConfig:
       The aux losses, ``min_capacity``, ``routed_scaling_factor``, noisy gating, expert bias and
       ``pad_to_capacity`` do not apply to it and must keep their defaults.
     Capacity (token choice): C = max(ceil(T·top_k/E·capacity_factor), min_capacity) per expert;
-      ``capacity_factor=None`` is dropless.
+      ``capacity_factor=None`` is dropless. In eval mode (``module.eval()``) the factor is
+      ``eval_capacity_factor`` when set (DeepSpeed's knob; e.g. 2.0 to drop less at eval), for
+      expert choice too.
     Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
       ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
       ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
@@ -116,6 +118,7 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
 
     capacity_factor: Optional[float] = None
+    eval_capacity_factor: Optional[float] = None
     min_capacity: int = 0
     drop_policy: DropPolicy = "probs"
     pad_to_capacity: bool = False
@@ -180,6 +183,19 @@ class MoEConfig:
                 "capacity_factor must be a number > 0, or None for dropless; "
                 f"got {self.capacity_factor!r}"
             )
+        if self.eval_capacity_factor is not None:
+            if not (_is_real(self.eval_capacity_factor)
+                    and math.isfinite(self.eval_capacity_factor)
+                    and self.eval_capacity_factor > 0):
+                raise ValueError(
+                    "eval_capacity_factor must be a number > 0, or None for capacity_factor; "
+                    f"got {self.eval_capacity_factor!r}"
+                )
+            if self.router_type == "topk" and self.capacity_factor is None:
+                raise ValueError(
+                    "eval_capacity_factor needs capacity_factor to be set: a dropless layer "
+                    "(capacity_factor=None) has no capacity to change in eval"
+                )
         _nonneg_int("min_capacity", self.min_capacity)
         if self.pad_to_capacity and self.capacity_factor is None:
             raise ValueError("pad_to_capacity=True needs capacity_factor to be set (it is None)")
@@ -285,6 +301,13 @@ class MoEConfig:
                 "(router_type='topk', capacity_factor=None), got "
                 f"router_type={self.router_type!r}, capacity_factor={self.capacity_factor!r}"
             )
+
+    def capacity_factor_in(self, training: bool) -> Optional[float]:
+        """The capacity factor of a training (``capacity_factor``) or an eval forward
+        (``eval_capacity_factor``, when set)."""
+        if not training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
 
     @property
     def renormalize_topk(self) -> bool:

@@ -3,9 +3,10 @@
     y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t])  +  shared(x[t])
 
 Input ``[T, H]`` or ``[S, B, H]`` (sequence-major, as in Megatron); the output has the input's
-shape. The losses and routing statistics of the last forward are kept on the layer
-(``last_losses``, ``aux_loss``, ``last_stats``) and are returned explicitly with
-``return_aux=True``.
+shape. The losses of the last training forward (training mode, autograd on) and the routing
+statistics of the last forward are kept on the layer (``last_losses``, ``aux_loss``,
+``last_stats``); ``return_aux=True`` returns both for every forward. Eval and ``no_grad``
+forwards leave the training state alone: the kept losses and the router's routed counts.
 """
 
 from __future__ import annotations
@@ -135,11 +136,10 @@ class MoELayer(nn.Module):
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for ``num_tokens`` tokens in token-choice mode (None = dropless)."""
         cfg = self.config
-        if cfg.router_type != "topk" or cfg.capacity_factor is None:
+        factor = cfg.capacity_factor_in(self.training)
+        if cfg.router_type != "topk" or factor is None:
             return None
-        return expert_capacity(
-            num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity
-        )
+        return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
     def route(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor], int]:
         """Router plus capacity: the routing to dispatch, the losses, and the pad length."""
@@ -160,9 +160,9 @@ class MoELayer(nn.Module):
 
         ``x``: ``[T, H]`` or ``[S, B, H]`` (sequence-major) in ``config.params_dtype``; ``y`` has
         its shape. With ``return_aux`` returns ``(y, MoEAux(losses, stats))``; the same are kept
-        on the layer (``last_losses``, ``aux_loss``, ``last_stats``). With a ``parallel_state``
-        this is a collective over the layer's EP/ETP groups: every rank of them calls it (and
-        its backward) in the same order, possibly with zero tokens.
+        on the layer (``last_losses`` and ``aux_loss`` for training forwards only, ``last_stats``).
+        With a ``parallel_state`` this is a collective over the layer's EP/ETP groups: every
+        rank of them calls it (and its backward) in the same order, possibly with zero tokens.
         """
         cfg = self.config
         if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
@@ -196,6 +196,8 @@ class MoELayer(nn.Module):
             routing.routed_per_expert, handle.tokens_per_expert, handle.row_map,
             expert_in.shape[0], getattr(self.experts, "last_padded_rows", None), overflow,
         )
-        self.last_losses, self.last_stats = losses, stats
+        if self.training and torch.is_grad_enabled():  # eval / no_grad: training state untouched
+            self.last_losses = losses
+        self.last_stats = stats
         y = y.reshape(shape)
         return (y, MoEAux(losses, stats)) if return_aux else y

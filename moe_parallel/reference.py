@@ -126,9 +126,10 @@ class ReferenceMoE(nn.Module):
         cfg = self.config
         T, k = idx.shape
         keep = torch.ones_like(idx, dtype=torch.bool)
-        if cfg.capacity_factor is None:
+        factor = cfg.capacity_factor_in(self.training)
+        if factor is None:
             return keep
-        cap = max(math.ceil(T * k / cfg.num_experts * cfg.capacity_factor), cfg.min_capacity)
+        cap = max(math.ceil(T * k / cfg.num_experts * factor), cfg.min_capacity)
         for e in range(cfg.num_experts):
             tok, slot = (idx == e).nonzero(as_tuple=True)  # sorted by token
             if tok.numel() <= cap:
@@ -188,7 +189,8 @@ class ReferenceMoE(nn.Module):
             if cfg.z_loss_coeff > 0:
                 losses["z"] = cfg.z_loss_coeff * logits.logsumexp(-1).square().mean()
             scores = logits.softmax(-1)
-            cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+            cf = cfg.capacity_factor_in(self.training)
+            cf = cf if cf is not None else 1.0
             cap = min(T, math.ceil(T * cfg.top_k / cfg.num_experts * cf))
             for e in range(cfg.num_experts):
                 tok = scores[:, e].detach().topk(cap).indices

@@ -274,3 +274,52 @@ def test_no_tokens_in_every_mode(name):
     (y.sum() + (aux.total_loss if aux.total_loss is not None else 0.0)).backward()
     assert x.grad.shape == x.shape
     assert float(layer.router.weight.grad.abs().sum()) == 0.0
+
+
+def test_eval_capacity_factor_sets_the_eval_capacity():
+    cfg = MoEConfig(**{**BASE, "capacity_factor": 0.5, "eval_capacity_factor": 2.0})
+    layer, ref = _pair(cfg)
+    T = 64
+    x = torch.randn(T, cfg.hidden_size, dtype=torch.float64)
+    assert layer.capacity(T) == math.ceil(T * 2 / 8 * 0.5)
+    _, train_aux = layer(x, return_aux=True)
+    layer.eval()
+    ref.eval()
+    assert layer.capacity(T) == math.ceil(T * 2 / 8 * 2.0)
+    y, aux = layer(x, return_aux=True)
+    assert aux.stats.drop_rate < train_aux.stats.drop_rate
+    y_ref, _ = ref(x)
+    _close(y, y_ref, "eval output")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(eval_capacity_factor=2.0), "eval_capacity_factor needs capacity_factor"),
+    (dict(capacity_factor=1.0, eval_capacity_factor=0.0), "eval_capacity_factor must be"),
+    (dict(capacity_factor=1.0, eval_capacity_factor=float("nan")), "eval_capacity_factor must"),
+])
+def test_eval_capacity_factor_is_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**{**BASE, **kw})
+
+
+def test_eval_and_no_grad_forwards_leave_training_state_alone():
+    """Counts for the expert-bias update and the losses a training loop reads back stay those
+    of the training forward after eval-mode or no_grad forwards."""
+    cfg = MoEConfig(**{**BASE, "score_function": "sigmoid", "expert_bias": True,
+                       "aux_loss_coeff": 0.1})
+    layer, _ = _pair(cfg)
+    x = torch.randn(32, cfg.hidden_size, dtype=torch.float64)
+    layer(x)
+    counts = layer.router.local_tokens_per_expert.clone()
+    assert counts.sum() == 32 * cfg.top_k
+    kept, aux = layer.last_losses, layer.aux_loss.detach().clone()
+    bias = layer.router.expert_bias.clone()
+    with torch.no_grad():
+        layer(torch.randn(16, cfg.hidden_size, dtype=torch.float64))
+    layer.eval()
+    _, eval_aux = layer(torch.randn(8, cfg.hidden_size, dtype=torch.float64), return_aux=True)
+    assert eval_aux.losses  # the eval forward still reports its own losses
+    assert torch.equal(layer.router.local_tokens_per_expert, counts)
+    assert layer.last_losses is kept and torch.equal(layer.aux_loss.detach(), aux)
+    assert layer.aux_loss.requires_grad
+    assert torch.equal(layer.router.expert_bias, bias)

@@ -114,7 +114,8 @@ class TopKRouter(nn.Module):
     Parameters: ``weight`` ``[E, H]`` (and ``noise_weight`` ``[E, H]`` with ``noisy_gating``),
     both ``N(0, init_std)``, float32 (float64 for float64 models). Buffers: ``expert_bias``
     ``[E]`` float32 (with ``expert_bias``; selection only) and ``local_tokens_per_expert``
-    ``[E]`` float32, the routed counts accumulated over training-mode forwards since the last
+    ``[E]`` float32, the routed counts accumulated over training-mode forwards with autograd on
+    (not eval or ``no_grad`` ones) since the last
     ``update_expert_bias``.
 
     ``forward(x [T, H], num_seqs=1) -> (Routing, losses)``; ``keep`` is None (capacity is
@@ -187,7 +188,7 @@ class TopKRouter(nn.Module):
         flat_idx = expert_idx.reshape(-1)
         routed_per_expert = torch.zeros(E, dtype=torch.int64, device=logits.device)
         routed_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # eval / no_grad forwards do not count
             with torch.no_grad():
                 self.local_tokens_per_expert += routed_per_expert.to(torch.float32)
 
@@ -294,7 +295,8 @@ class ExpertChoiceRouter(nn.Module):
     def capacity(self, num_tokens: int) -> int:
         """Tokens per expert: ``min(T, ceil(T·top_k/E·cf))``."""
         cfg = self.config
-        cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+        cf = cfg.capacity_factor_in(self.training)
+        cf = cf if cf is not None else 1.0
         return min(num_tokens, expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, cf))
 
     def forward(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor]]:
