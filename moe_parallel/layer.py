@@ -177,6 +177,12 @@ class MoELayer(nn.Module):
         shape = x.shape
         num_seqs = shape[1] if x.dim() == 3 else 1
         tokens = x.reshape(-1, cfg.hidden_size)
+        ps = self.parallel_state
+        if (ps is not None and ps.ep * ps.etp > 1 and torch.is_grad_enabled()
+                and not tokens.requires_grad):
+            # The backward of the dispatch exchange is a collective: a rank whose input needs no
+            # gradient would skip it while its peers wait in it. Every rank takes part.
+            tokens = tokens.detach().requires_grad_()
 
         routing, losses, pad_to = self.route(tokens, num_seqs)
         expert_in, group_sizes, handle = self.dispatcher.dispatch(tokens, routing, pad_to)

@@ -102,6 +102,11 @@ CASES["relu_shared_gated"] = dict(
 CASES["seq_major_3d"] = dict(cfg=dict(top_k=2), tokens=[6, 0, 10, 4], seqs=2)
 CASES["one_rank_has_tokens"] = dict(cfg=dict(top_k=2, capacity_factor=1.0), tokens=[0, 0, 5, 0])
 CASES["no_tokens_anywhere"] = dict(cfg=dict(top_k=2, num_shared_experts=1), tokens=[0] * 4)
+# One rank's layer input does not require grad: every rank must still run the same backward
+# collectives (its expert and router parameters need their gradients).
+CASES["input_without_grad_on_rank2"] = dict(cfg=dict(top_k=2), frozen_input_rank=2)
+CASES["input_without_grad_on_rank2-block_sparse"] = dict(
+    cfg=dict(top_k=2, expert_impl="block_sparse"), frozen_input_rank=2)
 CASES["no_tokens_anywhere_padded"] = dict(
     cfg=dict(top_k=2, capacity_factor=1.0, pad_to_capacity=True), tokens=[0] * 4
 )
@@ -238,7 +243,8 @@ def _run_case(cfg: MoEConfig, ps, seed: int, case: dict, dispatcher: str) -> dic
         x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     cot = torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    xp = x.clone().requires_grad_(True)
+    frozen = case.get("frozen_input_rank") == rank
+    xp = x.clone().requires_grad_(not frozen)
     y = par(xp)
     (y * cot).sum().backward()  # every rank, even with no tokens: backward has collectives
 
@@ -253,7 +259,7 @@ def _run_case(cfg: MoEConfig, ps, seed: int, case: dict, dispatcher: str) -> dic
     stats, stats_full = par.last_stats, full.last_stats
     out = {
         "output": _rel(y.detach(), y_ref.detach()),
-        "input_grad": _rel(xp.grad, gx_ref),
+        "input_grad": 0.0 if frozen else _rel(xp.grad, gx_ref),
         "tokens_per_expert_equal": float(
             not torch.equal(stats.tokens_per_expert, stats_full.tokens_per_expert)
         ),
