@@ -11,6 +11,10 @@ sees the same batch and hands the MoE layers its 1/tp slice of the sequence (seq
 parallelism), gathering their outputs back; its loss is then the shard's loss / tp and the
 replicated parameters' gradients are summed over TP (``distributed.sync_gradients``).
 
+With ``--expert-bias`` every layer balances its load without an aux loss (DeepSeek-V3): after
+each optimizer step ``distributed.update_expert_biases`` sums the routed counts of all ranks and
+nudges each layer's selection bias toward balance.
+
     python -m moe_parallel.train --steps 150 --experts 8 --top-k 2 --capacity-factor 1.25
     torchrun --nproc-per-node 4 -m moe_parallel.train --ep 2 --tp 2
 """
@@ -29,7 +33,13 @@ from tqdm import tqdm
 
 from .config import MoEConfig
 from .cpu_memory import reuse_freed_memory
-from .distributed import ParallelState, clip_grad_norm, init_distributed, sync_gradients
+from .distributed import (
+    ParallelState,
+    clip_grad_norm,
+    init_distributed,
+    sync_gradients,
+    update_expert_biases,
+)
 from .distributed import collectives as comm
 from .layer import MoELayer
 from .ops import GROUPED_GEMM_BACKENDS
@@ -152,6 +162,8 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
         top_k=args.top_k, capacity_factor=args.capacity_factor or None,
         aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.z_loss_coeff,
+        score_function=args.score_function, expert_bias=args.expert_bias,
+        bias_update_rate=args.bias_update_rate,
         params_dtype=getattr(torch, args.dtype), token_dispatcher_type=args.dispatcher,
         expert_impl=args.expert_impl, block_size=args.block_size,
         grouped_gemm_backend=args.grouped_gemm_backend,
@@ -184,6 +196,7 @@ def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tens
     sync_gradients(model, ps)
     norm = clip_grad_norm(model, ps, clip)
     opt.step()
+    update_expert_biases(model, ps)  # aux-loss-free balancing (layers with expert_bias only)
     return lm_loss.detach(), norm
 
 
@@ -215,6 +228,13 @@ def _parser() -> argparse.ArgumentParser:
         help="over the row ceiling: raise, or drop the excess for that step")
     add("--aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss weight")
     add("--z-loss-coeff", type=float, default=1e-3, help="router z-loss weight")
+    add("--score-function", choices=("softmax", "sigmoid"), default="softmax",
+        help="router scores (DeepSeek-V3 uses sigmoid with --expert-bias)")
+    add("--expert-bias", action="store_true",
+        help="aux-loss-free balancing: a selection bias updated after every step from the "
+             "counts of all ranks (update_expert_biases)")
+    add("--bias-update-rate", type=float, default=1e-3,
+        help="expert-bias step: b += rate * sign(mean load - load)")
     add("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, cosine)")
     add("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold")
     add("--log-every", type=int, default=25, help="steps between log lines")

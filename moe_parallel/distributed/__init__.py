@@ -6,10 +6,12 @@
   ``detect_launch_env``;
 * ``collectives.py``: differentiable all-to-all, all-gather and reduce-scatter with uneven sizes;
 * ``grads.py``: ``sync_gradients`` (dense parameters over DP×CP, experts over EDP) and the
-  global gradient-norm clipping ``clip_grad_norm``.
+  global gradient-norm clipping ``clip_grad_norm``;
+* ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
 """
 
 from . import collectives
+from .expert_bias import update_expert_biases
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
 from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
 from .parallel_state import GROUP_NAMES, ParallelState, grid_groups
@@ -27,4 +29,5 @@ __all__ = [
     "is_expert_param",
     "job_timeout",
     "sync_gradients",
+    "update_expert_biases",
 ]
