@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch import RowBudget, build_dispatcher
+from .distributed.agreement import check_agreement
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router, expert_capacity
@@ -99,6 +100,7 @@ class MoELayer(nn.Module):
         self._tag_parameters()
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: RoutingStats | None = None
+        self._agreed = ps is None  # the ranks' configs are compared at the first forward
 
     @classmethod
     def shard_from(cls, full: MoELayer, parallel_state: ParallelState) -> MoELayer:
@@ -178,6 +180,9 @@ class MoELayer(nn.Module):
         num_seqs = shape[1] if x.dim() == 3 else 1
         tokens = x.reshape(-1, cfg.hidden_size)
         ps = self.parallel_state
+        if not self._agreed:
+            check_agreement(cfg, ps, tokens.device)  # collective: a clear error, not a hang
+            self._agreed = True
         if (ps is not None and ps.ep * ps.etp > 1 and torch.is_grad_enabled()
                 and not tokens.requires_grad):
             # The backward of the dispatch exchange is a collective: a rank whose input needs no

@@ -7,10 +7,12 @@
 * ``collectives.py``: differentiable all-to-all, all-gather and reduce-scatter with uneven sizes;
 * ``grads.py``: ``sync_gradients`` (dense parameters over DP×CP, experts over EDP) and the
   global gradient-norm clipping ``clip_grad_norm``;
+* ``agreement.py``: ``check_agreement``, every rank of a layer's group built it the same way;
 * ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
 """
 
 from . import collectives
+from .agreement import check_agreement
 from .expert_bias import update_expert_biases
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
 from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
@@ -18,6 +20,7 @@ from .parallel_state import GROUP_NAMES, ParallelState, grid_groups
 
 __all__ = [
     "GROUP_NAMES",
+    "check_agreement",
     "LaunchEnv",
     "ParallelState",
     "clip_grad_norm",

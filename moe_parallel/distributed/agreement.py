@@ -1,0 +1,60 @@
+"""Every rank of a layer's ETP×EP group must build that layer the same way.
+
+``check_agreement(config, ps)`` compares, over the ``tp_ep`` group, one CRC32 per field of the
+``MoEConfig`` and of the layout (``world_size, tp, cp, ep, etp, pp``): one all-gather of
+``[fields]`` int64 per layer, at its first forward, before any other collective of the layer.
+Any difference raises ``ValueError`` on every rank of the group (they all hold the same gathered
+table), naming each differing field with its value on each rank. On NCCL the table is a tensor
+on the current device and the error path gathers the values with ``all_gather_object``; the
+check is the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from ..config import MoEConfig
+from . import collectives
+from .parallel_state import ParallelState
+
+__all__ = ["check_agreement"]
+
+LAYOUT_FIELDS = ("world_size", "tp", "cp", "ep", "etp", "pp")
+
+
+def _fields(config: MoEConfig, ps: ParallelState) -> dict[str, str]:
+    values = {f.name: repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    values.update({name: repr(getattr(ps, name)) for name in LAYOUT_FIELDS})
+    return values
+
+
+def check_agreement(config: MoEConfig, ps: ParallelState, device: torch.device) -> None:
+    """Raise ``ValueError`` on every rank of ``ps``'s ``tp_ep`` group unless all of them hold
+    the same ``config`` and layout. A collective over that group (a no-op without one)."""
+    group = ps.group("tp_ep")
+    if group is None or collectives.group_size(group) == 1:
+        return
+    mine = _fields(config, ps)
+    codes = torch.tensor([zlib.crc32(v.encode()) for v in mine.values()], dtype=torch.int64,
+                         device=device)
+    w = collectives.group_size(group)
+    table = collectives.all_gather(codes.view(1, -1), group, [1] * w)  # [w, fields]
+    if bool((table == table[:1]).all()):
+        return
+    everyone: list[dict[str, str]] = [{} for _ in range(w)]
+    dist.all_gather_object(everyone, mine, group=group)
+    ranks = ps.ranks["tp_ep"]
+    differ = [name for name in mine if len({values[name] for values in everyone}) > 1]
+    detail = "; ".join(
+        f"{name}: " + ", ".join(f"rank {ranks[i]} {values[name]}" for i, values in
+                                enumerate(everyone))
+        for name in differ
+    )
+    raise ValueError(
+        f"the ranks of an MoE layer's ETP×EP group (ranks {ranks}) were built differently: "
+        f"{detail}. Every rank must construct the layer with the same MoEConfig and layout"
+    )

@@ -1,0 +1,52 @@
+"""check_agreement on 4 gloo ranks: a rank whose layer was built with another config makes
+every rank raise a ValueError naming the field and each rank's value, at the first forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import get_pool, parallel_state
+
+from moe_parallel import MoEConfig, MoELayer
+
+BASE = dict(hidden_size=8, ffn_hidden_size=8, num_experts=8, top_k=2)
+ODD = {  # case -> (rank that differs, its config changes)
+    "top_k": (3, dict(top_k=1)),
+    "num_experts": (0, dict(num_experts=4)),
+    "capacity_factor": (2, dict(capacity_factor=1.25)),
+}
+
+
+def _forward(case: str) -> str:
+    ps = parallel_state(ep=4)
+    odd_rank, changes = ODD[case]
+    cfg = MoEConfig(**{**BASE, **(changes if dist.get_rank() == odd_rank else {})})
+    layer = MoELayer(cfg, parallel_state=ps)
+    try:
+        layer(torch.randn(5, 8))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _agreeing() -> str:
+    layer = MoELayer(MoEConfig(**BASE), parallel_state=parallel_state(ep=4))
+    y = layer(torch.randn(5, 8))
+    layer(torch.randn(3, 8))  # later forwards run without the check
+    return f"ok {tuple(y.shape)}"
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_a_rank_built_differently_makes_every_rank_raise(case):
+    odd_rank, changes = ODD[case]
+    messages = get_pool(4).run(_forward, case, timeout=60)
+    (value,) = changes.values()
+    for rank, msg in enumerate(messages):
+        assert "built differently" in msg, (rank, msg)
+        assert f"{case}: " in msg and f"rank {odd_rank} {value!r}" in msg, (rank, msg)
+        assert f"rank {(odd_rank + 1) % 4} {BASE.get(case)!r}" in msg, (rank, msg)
+
+
+def test_agreeing_ranks_run():
+    assert get_pool(4).run(_agreeing, timeout=60) == ["ok (5, 8)"] * 4
