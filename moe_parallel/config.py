@@ -93,7 +93,8 @@ class MoEConfig:
       to the EP rank of its expert; ``"allgather"`` gathers the ETP×EP group's tokens on every
       rank (for TP-heavy layouts or large top_k).
     Non-finite input: with ``check_finite`` (default) a NaN/Inf in the router logits raises
-      ``FloatingPointError``; without it NaN propagates to the output.
+      ``FloatingPointError`` (on every rank of an expert-parallel layer's ETP×EP group together:
+      one small all-gather per forward shares the verdict); without it NaN propagates.
     """
 
     hidden_size: int

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch import RowBudget, build_dispatcher
+from .distributed import collectives
 from .distributed.agreement import check_agreement
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
@@ -157,6 +158,30 @@ class MoELayer(nn.Module):
             pad_to = capacity if self.config.pad_to_capacity else 0
         return routing, losses, pad_to
 
+    def _route_collectively(self, tokens: Tensor, num_seqs: int):
+        """``route``, with the finiteness verdict (``check_finite``) shared by the ETP×EP group:
+        when any rank's router logits are non-finite every rank raises ``FloatingPointError``
+        (naming those ranks), so no rank enters the exchange its peers skipped."""
+        ps, cfg = self.parallel_state, self.config
+        group = ps.group("tp_ep") if ps is not None and ps.ep * ps.etp > 1 else None
+        if group is None or not cfg.check_finite:
+            return self.route(tokens, num_seqs)
+        try:
+            result, error = self.route(tokens, num_seqs), None
+        except FloatingPointError as exc:
+            result, error = None, exc
+        w = collectives.group_size(group)
+        ok = torch.tensor([[error is None]], dtype=torch.int64, device=tokens.device)
+        verdict = collectives.all_gather(ok, group, [1] * w).view(-1).tolist()
+        if not all(verdict):
+            bad = [ps.ranks["tp_ep"][i] for i, flag in enumerate(verdict) if not flag]
+            raise FloatingPointError(
+                f"non-finite router logits on rank(s) {bad} of this layer's ETP×EP group "
+                f"{ps.ranks['tp_ep']}: every rank of the group skips this forward (NaN/Inf in the "
+                "input or the router weight; check_finite=False lets them propagate)"
+            ) from error
+        return result
+
     def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
         """``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t]) + shared(x[t])``.
 
@@ -189,7 +214,7 @@ class MoELayer(nn.Module):
             # gradient would skip it while its peers wait in it. Every rank takes part.
             tokens = tokens.detach().requires_grad_()
 
-        routing, losses, pad_to = self.route(tokens, num_seqs)
+        routing, losses, pad_to = self._route_collectively(tokens, num_seqs)
         expert_in, group_sizes, handle = self.dispatcher.dispatch(tokens, routing, pad_to)
         expert_out = self.experts(expert_in, group_sizes)
         y = self.dispatcher.combine(expert_out, handle)

@@ -50,3 +50,29 @@ def test_a_rank_built_differently_makes_every_rank_raise(case):
 
 def test_agreeing_ranks_run():
     assert get_pool(4).run(_agreeing, timeout=60) == ["ok (5, 8)"] * 4
+
+
+def _nan_on_rank1() -> str:
+    ps = parallel_state(ep=4)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(**BASE), parallel_state=ps)
+    x = torch.randn(5, 8)
+    if dist.get_rank() == 1:
+        x[2, 3] = float("nan")
+    try:
+        layer(x)
+        first = "no error"
+    except FloatingPointError as exc:
+        first = str(exc)
+    y = layer(torch.randn(4, 8))  # the group is still in step: the next forward runs everywhere
+    y.sum().backward()
+    return f"{first} | next {tuple(y.shape)}"
+
+
+def test_non_finite_input_on_one_rank_makes_the_whole_group_skip():
+    """check_finite's verdict is collective: the NaN on rank 1 makes every rank of the group
+    raise at the same forward (none enters the exchange alone), and the next forward works."""
+    messages = get_pool(4).run(_nan_on_rank1, timeout=60)
+    for rank, msg in enumerate(messages):
+        assert "non-finite router logits on rank(s) [1]" in msg, (rank, msg)
+        assert msg.endswith("| next (4, 8)"), (rank, msg)
