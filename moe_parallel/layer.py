@@ -22,6 +22,7 @@ from .config import MoEConfig
 from .dispatch import RowBudget, build_dispatcher
 from .distributed import collectives
 from .distributed.agreement import check_agreement
+from .distributed.ddp import find_ddp_managing_experts
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router, expert_capacity
@@ -158,6 +159,18 @@ class MoELayer(nn.Module):
             pad_to = capacity if self.config.pad_to_capacity else 0
         return routing, losses, pad_to
 
+    def _check_host(self, ps: ParallelState) -> None:
+        """Refuse a DistributedDataParallel that manages this layer's expert parameters (it
+        would broadcast rank 0's experts and average expert gradients over the wrong group)."""
+        if ps.ep * ps.etp > 1 and find_ddp_managing_experts(self) is not None:
+            raise ValueError(
+                "a DistributedDataParallel manages the expert parameters of an expert-parallel "
+                f"MoELayer (ep={ps.ep}, etp={ps.etp}): it would overwrite every rank's experts "
+                "with rank 0's and average expert gradients over the whole group. Wrap the "
+                "model with moe_parallel.distributed.wrap_ddp(model, ps) and call "
+                "sync_gradients(model, ps, dense=False) after backward"
+            )
+
     def _route_collectively(self, tokens: Tensor, num_seqs: int):
         """``route``, with the finiteness verdict (``check_finite``) shared by the ETP×EP group:
         when any rank's router logits are non-finite every rank raises ``FloatingPointError``
@@ -206,6 +219,7 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, cfg.hidden_size)
         ps = self.parallel_state
         if not self._agreed:
+            self._check_host(ps)
             check_agreement(cfg, ps, tokens.device)  # collective: a clear error, not a hang
             self._agreed = True
         if (ps is not None and ps.ep * ps.etp > 1 and torch.is_grad_enabled()

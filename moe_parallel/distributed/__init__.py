@@ -7,12 +7,15 @@
 * ``collectives.py``: differentiable all-to-all, all-gather and reduce-scatter with uneven sizes;
 * ``grads.py``: ``sync_gradients`` (dense parameters over DP×CP, experts over EDP) and the
   global gradient-norm clipping ``clip_grad_norm``;
+* ``ddp.py``: ``wrap_ddp``, DistributedDataParallel over the dense parameters only (experts
+  synced over EDP), and the detection of a DDP that manages expert parameters;
 * ``agreement.py``: ``check_agreement``, every rank of a layer's group built it the same way;
 * ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
 """
 
 from . import collectives
 from .agreement import check_agreement
+from .ddp import find_ddp_managing_experts, wrap_ddp
 from .expert_bias import update_expert_biases
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
 from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
@@ -33,4 +36,6 @@ __all__ = [
     "job_timeout",
     "sync_gradients",
     "update_expert_biases",
+    "wrap_ddp",
+    "find_ddp_managing_experts",
 ]

@@ -71,7 +71,7 @@ def _allreduce_bucketed(grads: list[Tensor], group, bucket_bytes: int) -> None:
 
 
 def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
-                   average: bool = True, bucket_mb: float = 25.0) -> None:
+                   average: bool = True, bucket_mb: float = 25.0, dense: bool = True) -> None:
     """Make every gradient the gradient of the global loss (see the module docstring).
 
     ``params``: a module or an iterable of parameters (those without a gradient are skipped).
@@ -81,6 +81,9 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
     global token count). Gradients travel in flattened buckets of at most ``bucket_mb`` MiB per
     group and dtype. A collective over those groups: call it on every rank, once after
     backward and before the optimizer step (in place of DDP's gradient all-reduce).
+    ``dense=False`` leaves the DP×CP reduction of the dense gradients to the DDP of
+    ``wrap_ddp`` (which averages them during the backward) and does the rest: experts over
+    EDP, sequence-parallel parameters over TP.
     """
     params = _params_with_grad(params)
     bucket_bytes = int(bucket_mb * 2**20)
@@ -89,11 +92,12 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
     seq_parallel = [p.grad for p in params
                     if not is_expert_param(p) and getattr(p, "sequence_parallel", False)]
     _allreduce_bucketed(expert, ps.group("edp"), bucket_bytes)
-    _allreduce_bucketed(dense, ps.group("dp_cp"), bucket_bytes)
+    if dense:
+        _allreduce_bucketed(dense, ps.group("dp_cp"), bucket_bytes)
     _allreduce_bucketed(seq_parallel, ps.group("tp"), bucket_bytes)
     if average and ps.dp * ps.cp > 1:
         scale = 1.0 / (ps.dp * ps.cp)
-        for g in expert + dense:
+        for g in expert + (dense if dense else []):
             g.mul_(scale)
 
 
