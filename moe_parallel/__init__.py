@@ -2,7 +2,7 @@
 
 from .config import MoEConfig
 from .distributed import ParallelState, init_distributed
-from .layer import MoEAux, MoELayer
+from .layer import MoEAux, MoELayer, set_aux_loss_scale
 from .metrics import RoutingStats
 from .reference import ReferenceMoE
 
@@ -14,5 +14,6 @@ __all__ = [
     "ReferenceMoE",
     "RoutingStats",
     "init_distributed",
+    "set_aux_loss_scale",
 ]
 __version__ = "0.1.0"

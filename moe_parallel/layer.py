@@ -3,16 +3,22 @@
     y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t])  +  shared(x[t])
 
 Input ``[T, H]`` or ``[S, B, H]`` (sequence-major, as in Megatron); the output has the input's
-shape. The losses of the last training forward (training mode, autograd on) and the routing
-statistics of the last forward are kept on the layer (``last_losses``, ``aux_loss``,
-``last_stats``); ``return_aux=True`` returns both for every forward. Eval and ``no_grad``
-forwards leave the training state alone: the kept losses and the router's routed counts.
+shape. In a training forward (training mode, autograd on) the router losses ride on the
+output's autograd graph, as Megatron-Core's ``MoEAuxLossAutoScaler`` does: the backward of
+whatever loss uses the output gives each of them the gradient ``aux_loss_scale`` (1.0; see
+``set_aux_loss_scale``), so they are not added to the training loss, and activation
+recomputation cannot lose them. The routed counts behind the expert-bias update are added in
+that backward, once per step even when the forward is recomputed. The losses (detached: for
+logging) and routing statistics are kept on the layer (``last_losses``, ``aux_loss``,
+``last_stats``, the losses of training forwards only) and returned with ``return_aux=True``.
+Eval and ``no_grad`` forwards leave the training state alone.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -26,6 +32,7 @@ from .distributed.ddp import find_ddp_managing_experts
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router, expert_capacity
+from .routing.losses import attach_to_graph
 
 if TYPE_CHECKING:
     from .distributed import ParallelState
@@ -40,7 +47,8 @@ class MoEAux:
 
     @property
     def total_loss(self) -> Tensor | None:
-        """Sum of the losses (add it to the training loss), None when no loss is enabled."""
+        """Sum of the losses, None when no loss is enabled. In training they are already on the
+        output's autograd graph: this value is for logging (detached), not for the loss."""
         return sum(self.losses.values()) if self.losses else None
 
 
@@ -103,6 +111,7 @@ class MoELayer(nn.Module):
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: RoutingStats | None = None
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
+        self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
 
     @classmethod
     def shard_from(cls, full: MoELayer, parallel_state: ParallelState) -> MoELayer:
@@ -121,6 +130,7 @@ class MoELayer(nn.Module):
             for name, t in list(full.named_parameters()) + list(full.named_buffers()):
                 if not name.startswith("experts."):
                     own[name].copy_(t)
+        layer.aux_loss_scale = full.aux_loss_scale
         return layer
 
     def _tag_parameters(self) -> None:
@@ -147,7 +157,7 @@ class MoELayer(nn.Module):
 
     def route(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor], int]:
         """Router plus capacity: the routing to dispatch, the losses, and the pad length."""
-        routing, losses = self.router(x, num_seqs=num_seqs)
+        routing, losses = self.router(x, num_seqs=num_seqs, count=False)
         capacity = self.capacity(x.shape[0])
         pad_to = 0
         if capacity is not None:
@@ -158,6 +168,11 @@ class MoELayer(nn.Module):
             routing = replace(routing, keep=keep)
             pad_to = capacity if self.config.pad_to_capacity else 0
         return routing, losses, pad_to
+
+    def _count_routed(self, routed_per_expert: Tensor) -> None:
+        counts = getattr(self.router, "local_tokens_per_expert", None)
+        if counts is not None:
+            counts += routed_per_expert.to(counts.dtype)
 
     def _check_host(self, ps: ParallelState) -> None:
         """Refuse a DistributedDataParallel that manages this layer's expert parameters (it
@@ -234,6 +249,13 @@ class MoELayer(nn.Module):
         y = self.dispatcher.combine(expert_out, handle)
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
+        if self.training and torch.is_grad_enabled():
+            # The losses ride on the output's graph (their gradient: aux_loss_scale), and the
+            # routed counts are added when the backward passes: once per step, recomputed or not.
+            total = sum(losses.values()) if losses else None
+            y = attach_to_graph(y, total, self.aux_loss_scale,
+                                partial(self._count_routed, routing.routed_per_expert))
+            losses = {k: v.detach() for k, v in losses.items()}
 
         overflow = getattr(handle, "overflow", False)
         if overflow:
@@ -251,3 +273,14 @@ class MoELayer(nn.Module):
         self.last_stats = stats
         y = y.reshape(shape)
         return (y, MoEAux(losses, stats)) if return_aux else y
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> int:
+    """Set the gradient that the aux losses of every ``MoELayer`` in ``model`` receive in each
+    backward (default 1.0, Megatron-Core's ``MoEAuxLossAutoScaler.set_loss_scale``): e.g.
+    ``1/N`` when N micro-batches accumulate with their losses divided by N, times the loss
+    scale of mixed-precision training. Returns the number of layers set."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        layer.aux_loss_scale = float(scale)
+    return len(layers)

@@ -3,7 +3,7 @@
 Data: a random Markov source over ``vocab`` tokens: each token has a fixed table of 4 successors
 drawn with probabilities (0.55, 0.25, 0.15, 0.05). Its conditional entropy (the lowest reachable
 cross-entropy) is printed beside the loss. Every FFN is an ``MoELayer``; the layers' aux losses
-are added to the language-model loss.
+reach the router through the output's autograd graph (``set_aux_loss_scale``).
 
 Parallel layout (under torchrun / mpirun / srun; ``dp`` is derived): experts over EP (and ETP);
 the dense part is replicated and data-parallel. With ``--tp`` > 1 each TP rank of a data shard
@@ -41,7 +41,7 @@ from .distributed import (
     update_expert_biases,
 )
 from .distributed import collectives as comm
-from .layer import MoELayer
+from .layer import MoELayer, set_aux_loss_scale
 from .ops import GROUPED_GEMM_BACKENDS
 
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
@@ -150,11 +150,6 @@ class MoETransformerLM(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
-    def aux_loss(self) -> Tensor | float:
-        """Sum of the MoE layers' losses of the last forward (0.0 when none is enabled)."""
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return sum(losses) if losses else 0.0
-
 
 def build_config(args: argparse.Namespace) -> MoEConfig:
     """The ``MoEConfig`` of every layer from the command-line flags."""
@@ -175,7 +170,9 @@ def build_model(args: argparse.Namespace, ps: ParallelState) -> MoETransformerLM
     """The full model from ``args.seed`` (identical on every rank), then sharded for ``ps``."""
     torch.manual_seed(args.seed)
     model = MoETransformerLM(build_config(args), args.vocab, args.layers, args.heads, args.seq_len)
-    return model.parallelize(ps)
+    model = model.parallelize(ps)
+    set_aux_loss_scale(model, 1.0 / ps.tp)  # each TP rank's share, as its lm loss / tp
+    return model
 
 
 def local_batch(global_batch: Tensor, ps: ParallelState) -> Tensor:
@@ -190,7 +187,7 @@ def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tens
     logits = model(tokens[:, :-1])
     lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                               tokens[:, 1:].reshape(-1))
-    loss = (lm_loss + model.aux_loss()) / ps.tp
+    loss = lm_loss / ps.tp  # the MoE losses are on the graph already (scale 1/tp: build_model)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sync_gradients(model, ps)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+from moe_parallel import MoEConfig, MoELayer, ReferenceMoE, set_aux_loss_scale
 from moe_parallel.dispatch import LocalDispatcher
 
 BASE = dict(hidden_size=16, ffn_hidden_size=12, num_experts=8, top_k=2,
@@ -309,7 +309,7 @@ def test_eval_and_no_grad_forwards_leave_training_state_alone():
                        "aux_loss_coeff": 0.1})
     layer, _ = _pair(cfg)
     x = torch.randn(32, cfg.hidden_size, dtype=torch.float64)
-    layer(x)
+    layer(x).sum().backward()  # the routed counts are added by the training step's backward
     counts = layer.router.local_tokens_per_expert.clone()
     assert counts.sum() == 32 * cfg.top_k
     kept, aux = layer.last_losses, layer.aux_loss.detach().clone()
@@ -320,6 +320,51 @@ def test_eval_and_no_grad_forwards_leave_training_state_alone():
     _, eval_aux = layer(torch.randn(8, cfg.hidden_size, dtype=torch.float64), return_aux=True)
     assert eval_aux.losses  # the eval forward still reports its own losses
     assert torch.equal(layer.router.local_tokens_per_expert, counts)
-    assert layer.last_losses is kept and torch.equal(layer.aux_loss.detach(), aux)
-    assert layer.aux_loss.requires_grad
+    assert layer.last_losses is kept and torch.equal(layer.aux_loss, aux)
     assert torch.equal(layer.router.expert_bias, bias)
+
+
+LOSSES_AND_BIAS = dict(score_function="sigmoid", expert_bias=True, aux_loss_coeff=0.1,
+                       seq_aux_loss_coeff=0.05, z_loss_coeff=0.01)
+
+
+@pytest.mark.parametrize("wrap", ["none", "checkpoint_reentrant", "checkpoint"])
+def test_router_gets_the_loss_gradients_and_counts_once_whatever_wraps_the_layer(wrap):
+    """The losses are on the output's graph: the task loss alone (no aux term added by the
+    caller) gives the router the gradient of task + losses, equal to the reference that adds
+    them, also under activation recomputation; the routed counts are added once per backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    cfg = MoEConfig(**{**BASE, **LOSSES_AND_BIAS})
+    layer, ref = _pair(cfg, seed=5)
+    x = torch.randn(4, 6, cfg.hidden_size, dtype=torch.float64)
+    cot = torch.randn_like(x)
+    xl = x.clone().requires_grad_(True)
+    if wrap == "none":
+        y = layer(xl)
+    else:
+        y = checkpoint(layer, xl, use_reentrant=wrap == "checkpoint_reentrant")
+    (y * cot).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    y_ref, losses_ref = ref(xr)
+    ((y_ref * cot).sum() + sum(losses_ref.values())).backward()
+    _close(y.detach(), y_ref.detach(), "output")
+    _close(xl.grad, xr.grad, "input grad")
+    grads_ref = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        _close(p.grad, grads_ref[name].grad, f"grad {name}")
+    assert layer.router.local_tokens_per_expert.sum() == x.shape[0] * x.shape[1] * cfg.top_k
+
+
+def test_aux_loss_scale_scales_only_the_loss_gradient():
+    """grad(scale) = grad_task + scale · grad_losses: the scale for gradient accumulation."""
+    cfg = MoEConfig(**{**BASE, **LOSSES_AND_BIAS})
+    x = torch.randn(24, cfg.hidden_size, dtype=torch.float64)
+    grads = {}
+    for scale in (0.0, 0.25, 1.0):
+        layer, _ = _pair(cfg, seed=6)
+        assert set_aux_loss_scale(layer, scale) == 1
+        layer(x).sum().backward()
+        grads[scale] = layer.router.weight.grad.clone()
+    _close(grads[0.25], 0.75 * grads[0.0] + 0.25 * grads[1.0], "scaled router grad")
+    assert (grads[1.0] - grads[0.0]).norm() > 1e-3 * grads[0.0].norm()  # the losses matter

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "attach_to_graph",
     "full_scores",
     "sequence_load_balancing_loss",
     "switch_load_balancing_loss",
@@ -76,3 +77,33 @@ def z_loss(logits: Tensor, coeff: float) -> Tensor:
     """Router z-loss ``coeff · mean_t logsumexp(logits_t)^2`` (0 for an empty batch)."""
     lse = torch.logsumexp(logits, dim=-1)
     return coeff * lse.square().sum() / max(lse.numel(), 1)
+
+
+class _AttachToGraph(torch.autograd.Function):
+    """Identity on ``output``; its backward sends ``scale`` as the gradient of ``loss``."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, loss: Tensor | None, scale: float, on_backward):
+        ctx.scale, ctx.on_backward = scale, on_backward
+        ctx.loss_shape = None if loss is None else (loss.shape, loss.dtype, loss.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        grad_loss = None
+        if ctx.loss_shape is not None:
+            shape, dtype, device = ctx.loss_shape
+            grad_loss = torch.full(shape, ctx.scale, dtype=dtype, device=device)
+        return grad_output, grad_loss, None, None
+
+
+def attach_to_graph(output: Tensor, loss: Tensor | None, scale: float = 1.0,
+                    on_backward=None) -> Tensor:
+    """``output`` unchanged, with ``loss`` attached to its autograd graph (Megatron-Core's
+    ``MoEAuxLossAutoScaler``): when the backward reaches ``output``, ``loss`` receives the
+    gradient ``scale`` (not ``grad_output``), so the router learns from the loss without the
+    caller adding it to the training loss, whatever wraps the layer (activation
+    recomputation included). ``on_backward()`` runs once in that backward."""
+    return _AttachToGraph.apply(output, loss, scale, on_backward)

@@ -154,8 +154,11 @@ class TopKRouter(nn.Module):
         if self.noise_weight is not None:
             nn.init.normal_(self.noise_weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor]]:
-        """Route ``x`` ``[T, H]`` (sequence-major, ``num_seqs`` sequences) to ``top_k`` experts."""
+    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True
+                ) -> tuple[Routing, dict[str, Tensor]]:
+        """Route ``x`` ``[T, H]`` (sequence-major, ``num_seqs`` sequences) to ``top_k`` experts.
+        ``count=False`` leaves ``local_tokens_per_expert`` to the caller (``MoELayer`` adds the
+        counts in its backward, once per step even under activation recomputation)."""
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
         E, k = cfg.num_experts, cfg.top_k
@@ -188,7 +191,7 @@ class TopKRouter(nn.Module):
         flat_idx = expert_idx.reshape(-1)
         routed_per_expert = torch.zeros(E, dtype=torch.int64, device=logits.device)
         routed_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
-        if self.training and torch.is_grad_enabled():  # eval / no_grad forwards do not count
+        if count and self.training and torch.is_grad_enabled():  # eval / no_grad: no count
             with torch.no_grad():
                 self.local_tokens_per_expert += routed_per_expert.to(torch.float32)
 
@@ -299,8 +302,10 @@ class ExpertChoiceRouter(nn.Module):
         cf = cf if cf is not None else 1.0
         return min(num_tokens, expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, cf))
 
-    def forward(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor]]:
-        """Route ``x`` ``[T, H]``: every expert picks its top-``C`` tokens."""
+    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True
+                ) -> tuple[Routing, dict[str, Tensor]]:
+        """Route ``x`` ``[T, H]``: every expert picks its top-``C`` tokens (``count`` is
+        accepted for the router interface; expert choice keeps no counts)."""
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
         T, E = x.shape[0], cfg.num_experts
