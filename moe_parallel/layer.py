@@ -29,6 +29,7 @@ from .dispatch import RowBudget, build_dispatcher
 from .distributed import collectives
 from .distributed.agreement import check_agreement
 from .distributed.ddp import find_ddp_managing_experts
+from .distributed.fsdp import find_fsdp_managing_experts
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router, expert_capacity
@@ -175,8 +176,16 @@ class MoELayer(nn.Module):
             counts += routed_per_expert.to(counts.dtype)
 
     def _check_host(self, ps: ParallelState) -> None:
-        """Refuse a DistributedDataParallel that manages this layer's expert parameters (it
-        would broadcast rank 0's experts and average expert gradients over the wrong group)."""
+        """Refuse a DistributedDataParallel or FSDP2 unit that manages this layer's expert
+        parameters (they would overwrite or average the experts over the wrong group)."""
+        if ps.ep * ps.etp > 1 and find_fsdp_managing_experts(self.experts) is not None:
+            raise ValueError(
+                "an FSDP unit (fully_shard) manages the expert parameters of an expert-parallel "
+                f"MoELayer (ep={ps.ep}, etp={ps.etp}): it would shard and average them over the "
+                "data-parallel mesh, while each EP rank holds different experts. fully_shard "
+                "the dense submodules only and call sync_gradients(layer, ps) for the MoE "
+                "layers (moe_parallel.distributed.fsdp)"
+            )
         if ps.ep * ps.etp > 1 and find_ddp_managing_experts(self) is not None:
             raise ValueError(
                 "a DistributedDataParallel manages the expert parameters of an expert-parallel "

@@ -9,6 +9,8 @@
   global gradient-norm clipping ``clip_grad_norm``;
 * ``ddp.py``: ``wrap_ddp``, DistributedDataParallel over the dense parameters only (experts
   synced over EDP), and the detection of a DDP that manages expert parameters;
+* ``fsdp.py``: the FSDP2 recipe (dense submodules sharded over DP×CP, MoE layers left to
+  ``sync_gradients``) and the detection of an FSDP unit that manages expert parameters;
 * ``agreement.py``: ``check_agreement``, every rank of a layer's group built it the same way;
 * ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
 """
@@ -17,6 +19,7 @@ from . import collectives
 from .agreement import check_agreement
 from .ddp import find_ddp_managing_experts, wrap_ddp
 from .expert_bias import update_expert_biases
+from .fsdp import find_fsdp_managing_experts
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
 from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
 from .parallel_state import GROUP_NAMES, ParallelState, grid_groups
@@ -38,4 +41,5 @@ __all__ = [
     "update_expert_biases",
     "wrap_ddp",
     "find_ddp_managing_experts",
+    "find_fsdp_managing_experts",
 ]
