@@ -111,6 +111,8 @@ class MoELayer(nn.Module):
         self._tag_parameters()
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: RoutingStats | None = None
+        # The group this layer's exchanges span (None: every expert is here).
+        self._group = ps.group("tp_ep") if ps is not None and ps.ep * ps.etp > 1 else None
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
         self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
 
@@ -156,9 +158,11 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
-    def route(self, x: Tensor, num_seqs: int = 1) -> tuple[Routing, dict[str, Tensor], int]:
-        """Router plus capacity: the routing to dispatch, the losses, and the pad length."""
-        routing, losses = self.router(x, num_seqs=num_seqs, count=False)
+    def route(self, x: Tensor, num_seqs: int = 1, check: bool = True
+              ) -> tuple[Routing, dict[str, Tensor], int]:
+        """Router plus capacity: the routing to dispatch, the losses, and the pad length
+        (``check=False``: the caller tests the logits for ``check_finite``)."""
+        routing, losses = self.router(x, num_seqs=num_seqs, count=False, check=check)
         capacity = self.capacity(x.shape[0])
         pad_to = 0
         if capacity is not None:
@@ -178,7 +182,9 @@ class MoELayer(nn.Module):
     def _check_host(self, ps: ParallelState) -> None:
         """Refuse a DistributedDataParallel or FSDP2 unit that manages this layer's expert
         parameters (they would overwrite or average the experts over the wrong group)."""
-        if ps.ep * ps.etp > 1 and find_fsdp_managing_experts(self.experts) is not None:
+        if self._group is None:
+            return
+        if find_fsdp_managing_experts(self.experts) is not None:
             raise ValueError(
                 "an FSDP unit (fully_shard) manages the expert parameters of an expert-parallel "
                 f"MoELayer (ep={ps.ep}, etp={ps.etp}): it would shard and average them over the "
@@ -186,7 +192,7 @@ class MoELayer(nn.Module):
                 "the dense submodules only and call sync_gradients(layer, ps) for the MoE "
                 "layers (moe_parallel.distributed.fsdp)"
             )
-        if ps.ep * ps.etp > 1 and find_ddp_managing_experts(self) is not None:
+        if find_ddp_managing_experts(self) is not None:
             raise ValueError(
                 "a DistributedDataParallel manages the expert parameters of an expert-parallel "
                 f"MoELayer (ep={ps.ep}, etp={ps.etp}): it would overwrite every rank's experts "
@@ -199,24 +205,20 @@ class MoELayer(nn.Module):
         """``route``, with the finiteness verdict (``check_finite``) shared by the ETP×EP group:
         when any rank's router logits are non-finite every rank raises ``FloatingPointError``
         (naming those ranks), so no rank enters the exchange its peers skipped."""
-        ps, cfg = self.parallel_state, self.config
-        group = ps.group("tp_ep") if ps is not None and ps.ep * ps.etp > 1 else None
-        if group is None or not cfg.check_finite:
+        ps, group = self.parallel_state, self._group
+        if group is None or not self.config.check_finite:
             return self.route(tokens, num_seqs)
-        try:
-            result, error = self.route(tokens, num_seqs), None
-        except FloatingPointError as exc:
-            result, error = None, exc
+        result = self.route(tokens, num_seqs, check=False)
+        ok = torch.isfinite(result[0].logits).all().to(torch.int64).view(1, 1)
         w = collectives.group_size(group)
-        ok = torch.tensor([[error is None]], dtype=torch.int64, device=tokens.device)
-        verdict = collectives.all_gather(ok, group, [1] * w).view(-1).tolist()
+        verdict = collectives.all_gather(ok, group, [1] * w).view(-1).tolist()  # one host read
         if not all(verdict):
             bad = [ps.ranks["tp_ep"][i] for i, flag in enumerate(verdict) if not flag]
             raise FloatingPointError(
                 f"non-finite router logits on rank(s) {bad} of this layer's ETP×EP group "
                 f"{ps.ranks['tp_ep']}: every rank of the group skips this forward (NaN/Inf in the "
                 "input or the router weight; check_finite=False lets them propagate)"
-            ) from error
+            )
         return result
 
     def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
@@ -242,12 +244,12 @@ class MoELayer(nn.Module):
         num_seqs = shape[1] if x.dim() == 3 else 1
         tokens = x.reshape(-1, cfg.hidden_size)
         ps = self.parallel_state
+        training_step = self.training and torch.is_grad_enabled()
         if not self._agreed:
             self._check_host(ps)
             check_agreement(cfg, ps, tokens.device)  # collective: a clear error, not a hang
             self._agreed = True
-        if (ps is not None and ps.ep * ps.etp > 1 and torch.is_grad_enabled()
-                and not tokens.requires_grad):
+        if self._group is not None and torch.is_grad_enabled() and not tokens.requires_grad:
             # The backward of the dispatch exchange is a collective: a rank whose input needs no
             # gradient would skip it while its peers wait in it. Every rank takes part.
             tokens = tokens.detach().requires_grad_()
@@ -258,7 +260,7 @@ class MoELayer(nn.Module):
         y = self.dispatcher.combine(expert_out, handle)
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
-        if self.training and torch.is_grad_enabled():
+        if training_step:
             # The losses ride on the output's graph (their gradient: aux_loss_scale), and the
             # routed counts are added when the backward passes: once per step, recomputed or not.
             total = sum(losses.values()) if losses else None
@@ -277,7 +279,7 @@ class MoELayer(nn.Module):
             routing.routed_per_expert, handle.tokens_per_expert, handle.row_map,
             expert_in.shape[0], getattr(self.experts, "last_padded_rows", None), overflow,
         )
-        if self.training and torch.is_grad_enabled():  # eval / no_grad: training state untouched
+        if training_step:  # eval / no_grad: training state untouched
             self.last_losses = losses
         self.last_stats = stats
         y = y.reshape(shape)

@@ -5,13 +5,10 @@ expert parameters is refused at the first forward on every rank."""
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.distributed as dist
 from dist_harness import get_pool, parallel_state
 from torch.nn.parallel import DistributedDataParallel
-from training_parity import CFG, TOL, Net, data, nets, train_against_one_process
+from training_parity import assert_parity, first_forward_error, nets, train_against_one_process
 
-from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.distributed import sync_gradients, wrap_ddp
 
 
@@ -24,23 +21,14 @@ def _train(layout: dict) -> dict:
 
 
 def _plain_ddp() -> str:
-    ps = parallel_state(ep=2)
-    torch.manual_seed(0)
-    model = DistributedDataParallel(Net(MoELayer(MoEConfig(**CFG), parallel_state=ps)))
-    try:
-        model(data(0, dist.get_rank())[0])
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return first_forward_error(parallel_state(ep=2), DistributedDataParallel)
 
 
 @pytest.mark.parametrize("layout", [dict(ep=2), dict(ep=4), dict(ep=2, etp=2)],
                          ids=["ep2_edp2", "ep4", "ep2_etp2"])
 def test_wrap_ddp_trains_as_one_process(layout):
-    for rank, errors in enumerate(get_pool(4).run(_train, layout, timeout=120)):
-        assert len(errors) == 7, errors  # inp, router, experts w1/w2, out
-        for name, err in errors.items():
-            assert err < TOL, f"rank {rank} {name}: relative error {err:.3e}"
+    # inp, router, experts w1/w2, out
+    assert_parity(get_pool(4).run(_train, layout, timeout=120), num_params=7)
 
 
 def test_plain_ddp_over_expert_parameters_is_refused():

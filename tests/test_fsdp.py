@@ -6,12 +6,9 @@ unit over the experts is refused at the layer's first forward."""
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.distributed as dist
 from dist_harness import get_pool, parallel_state
-from training_parity import CFG, TOL, Net, data, nets, train_against_one_process
+from training_parity import assert_parity, first_forward_error, nets, train_against_one_process
 
-from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.distributed import sync_gradients
 
 
@@ -37,23 +34,14 @@ def _fsdp_over_everything() -> str:
     from torch.distributed.fsdp import fully_shard
 
     ps = parallel_state(ep=2)
-    torch.manual_seed(0)
-    model = Net(MoELayer(MoEConfig(**CFG), parallel_state=ps))
-    fully_shard(model, mesh=_mesh(ps))
-    try:
-        model(data(0, dist.get_rank())[0])
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    return first_forward_error(ps, lambda net: fully_shard(net, mesh=_mesh(ps)))
 
 
 @pytest.mark.parametrize("layout", [dict(ep=2), dict(ep=4), dict(ep=2, etp=2)],
                          ids=["ep2_edp2", "ep4", "ep2_etp2"])
 def test_fsdp2_dense_with_sync_gradients_for_moe_trains_as_one_process(layout):
-    for rank, errors in enumerate(get_pool(4).run(_train, layout, timeout=120)):
-        assert len(errors) == 9, errors  # inp, router, experts, shared w1/w2, out
-        for name, err in errors.items():
-            assert err < TOL, f"rank {rank} {name}: relative error {err:.3e}"
+    # inp, router, experts, shared w1/w2, out
+    assert_parity(get_pool(4).run(_train, layout, timeout=120), num_params=9)
 
 
 def test_fsdp_over_expert_parameters_is_refused():

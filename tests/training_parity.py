@@ -86,3 +86,23 @@ def train_against_one_process(ps, full: Net, model: Net, forward: nn.Module,
         got = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
         errors[name] = float((got.detach() - want[name]).norm() / want[name].norm())
     return errors
+
+
+def first_forward_error(ps, wrap: Callable[[Net], nn.Module]) -> str:
+    """The ValueError message of the first forward of ``wrap(net)`` (a net whose MoE layer is
+    expert-parallel over ``ps``), or "no error"."""
+    torch.manual_seed(0)
+    model = wrap(Net(MoELayer(MoEConfig(**CFG), parallel_state=ps)))
+    try:
+        model(data(0, dist.get_rank())[0])
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def assert_parity(per_rank: list[dict[str, float]], num_params: int) -> None:
+    """Every rank's every parameter within ``TOL`` of the one-process run."""
+    for rank, errors in enumerate(per_rank):
+        assert len(errors) == num_params, errors
+        for name, err in errors.items():
+            assert err < TOL, f"rank {rank} {name}: relative error {err:.3e}"

@@ -88,16 +88,15 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
     params = _params_with_grad(params)
     bucket_bytes = int(bucket_mb * 2**20)
     expert = [p.grad for p in params if is_expert_param(p)]
-    dense = [p.grad for p in params if not is_expert_param(p)]
+    dense_grads = [p.grad for p in params if not is_expert_param(p)] if dense else []
     seq_parallel = [p.grad for p in params
                     if not is_expert_param(p) and getattr(p, "sequence_parallel", False)]
     _allreduce_bucketed(expert, ps.group("edp"), bucket_bytes)
-    if dense:
-        _allreduce_bucketed(dense, ps.group("dp_cp"), bucket_bytes)
+    _allreduce_bucketed(dense_grads, ps.group("dp_cp"), bucket_bytes)
     _allreduce_bucketed(seq_parallel, ps.group("tp"), bucket_bytes)
     if average and ps.dp * ps.cp > 1:
         scale = 1.0 / (ps.dp * ps.cp)
-        for g in expert + (dense if dense else []):
+        for g in expert + dense_grads:
             g.mul_(scale)
 
 

@@ -154,11 +154,12 @@ class TopKRouter(nn.Module):
         if self.noise_weight is not None:
             nn.init.normal_(self.noise_weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True
+    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True
                 ) -> tuple[Routing, dict[str, Tensor]]:
         """Route ``x`` ``[T, H]`` (sequence-major, ``num_seqs`` sequences) to ``top_k`` experts.
         ``count=False`` leaves ``local_tokens_per_expert`` to the caller (``MoELayer`` adds the
-        counts in its backward, once per step even under activation recomputation)."""
+        counts in its backward, once per step even under activation recomputation);
+        ``check=False`` leaves the ``check_finite`` test of the logits to the caller."""
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
         E, k = cfg.num_experts, cfg.top_k
@@ -168,7 +169,7 @@ class TopKRouter(nn.Module):
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(xr, self.noise_weight.to(dtype)))
             logits = logits + torch.randn_like(logits) * noise_std
-        if cfg.check_finite:
+        if cfg.check_finite and check:
             _check_logits(logits)
 
         if cfg.score_function == "softmax":
@@ -302,16 +303,17 @@ class ExpertChoiceRouter(nn.Module):
         cf = cf if cf is not None else 1.0
         return min(num_tokens, expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, cf))
 
-    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True
+    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True
                 ) -> tuple[Routing, dict[str, Tensor]]:
         """Route ``x`` ``[T, H]``: every expert picks its top-``C`` tokens (``count`` is
-        accepted for the router interface; expert choice keeps no counts)."""
+        accepted for the router interface: expert choice keeps no counts; ``check`` as in
+        ``TopKRouter``)."""
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
         T, E = x.shape[0], cfg.num_experts
         dtype = _compute_dtype(self.weight)
         logits = F.linear(x.to(dtype), self.weight.to(dtype))
-        if cfg.check_finite:
+        if cfg.check_finite and check:
             _check_logits(logits)
         scores = torch.softmax(logits, dim=-1)
         cap = self.capacity(T)
