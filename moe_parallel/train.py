@@ -25,12 +25,14 @@ import argparse
 import math
 import time
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import checkpoint
 from .config import MoEConfig
 from .cpu_memory import reuse_freed_memory
 from .distributed import (
@@ -181,20 +183,34 @@ def local_batch(global_batch: Tensor, ps: ParallelState) -> Tensor:
     return global_batch[ps.dp_rank * per_rank:][:per_rank]
 
 
-def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tensor,
-               ps: ParallelState, clip: float) -> tuple[Tensor, Tensor]:
-    """One optimizer step on this rank's ``tokens [B, S+1]``; returns (lm loss, grad norm)."""
+def backward_step(model: MoETransformerLM, tokens: Tensor, ps: ParallelState) -> Tensor:
+    """Forward and backward on this rank's ``tokens [B, S+1]``, gradients synced over their
+    groups (``sync_gradients``); returns the lm loss (detached)."""
     logits = model(tokens[:, :-1])
     lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                               tokens[:, 1:].reshape(-1))
     loss = lm_loss / ps.tp  # the MoE losses are on the graph already (scale 1/tp: build_model)
-    opt.zero_grad(set_to_none=True)
     loss.backward()
     sync_gradients(model, ps)
+    return lm_loss.detach()
+
+
+def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tensor,
+               ps: ParallelState, clip: float) -> tuple[Tensor, Tensor]:
+    """One optimizer step on this rank's ``tokens [B, S+1]``; returns (lm loss, grad norm)."""
+    opt.zero_grad(set_to_none=True)
+    lm_loss = backward_step(model, tokens, ps)
+    return lm_loss, optimizer_step(model, opt, ps, clip)
+
+
+def optimizer_step(model: MoETransformerLM, opt: torch.optim.Optimizer, ps: ParallelState,
+                   clip: float) -> Tensor:
+    """Clip the synced gradients (global norm), step, update the expert biases; returns the
+    gradient norm before clipping."""
     norm = clip_grad_norm(model, ps, clip)
     opt.step()
     update_expert_biases(model, ps)  # aux-loss-free balancing (layers with expert_bias only)
-    return lm_loss.detach(), norm
+    return norm
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -249,6 +265,16 @@ def _parser() -> argparse.ArgumentParser:
         help="'auto' (this rank's GPU when CUDA is available, else cpu), cpu, cuda")
     add("--timeout-s", type=float, default=300.0,
         help="collective timeout in seconds: a lost rank ends the job with an error")
+    add("--save-dir", default=None,
+        help="checkpoint root: DIR/step_<N> (moe_parallel.checkpoint, loadable at any layout) "
+             "and DIR/latest; written every --save-every steps and at the end")
+    add("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    add("--keep-checkpoints", type=int, default=2, help="checkpoints kept in --save-dir")
+    add("--async-save", action="store_true",
+        help="write checkpoints in the background (DCP async_save) while training goes on")
+    add("--resume", nargs="?", const="latest", default=None, metavar="STEP",
+        help="continue from --save-dir's latest checkpoint (or that of step STEP), at this "
+             "run's layout; without one, start from step 0")
     return p
 
 
@@ -257,6 +283,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        p.error(f"--save-every must be >= 0 and --keep-checkpoints >= 1, got {args.save_every} "
+                f"and {args.keep_checkpoints}")
+    if args.save_dir is None and (args.resume is not None or args.save_every or args.async_save):
+        p.error("--resume, --save-every and --async-save need --save-dir")
+    if args.resume not in (None, "latest") and not args.resume.isdigit():
+        p.error(f"--resume takes a step number or nothing (the latest), got {args.resume!r}")
     return args
 
 
@@ -275,9 +308,30 @@ def _global_stats(model: MoETransformerLM, ps: ParallelState,
     return [int(v) for v in counts[:-2].tolist()], dropped / max(routed, 1.0)
 
 
+def _resume(args: argparse.Namespace, model: MoETransformerLM, opt: torch.optim.Optimizer,
+            sched, source: MarkovSource, ps: ParallelState, history: list[float]) -> int:
+    """Load ``--resume``'s checkpoint (model, AdamW state, schedule, data position, losses so
+    far) into this run's layout; returns the step to continue from (0 without a checkpoint)."""
+    step = checkpoint.latest_step(args.save_dir) if args.resume == "latest" else int(args.resume)
+    if step is None:
+        if ps.rank == 0:
+            print(f"--resume: no checkpoint in {args.save_dir} yet, starting at step 0",
+                  flush=True)
+        return 0
+    extra = checkpoint.load(checkpoint.step_dir(args.save_dir, step), model, opt, ps)
+    sched.load_state_dict(extra["scheduler"])
+    source.generator.set_state(extra["data"])
+    history.extend(extra["history"])
+    if ps.rank == 0:
+        print(f"resumed from {checkpoint.step_dir(args.save_dir, step)} at step {extra['step']}",
+              flush=True)
+    return extra["step"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, initialise the process group (any supported launcher), train, print the
-    loss curve and throughput on rank 0; returns ``{first_loss, last_loss, history}``."""
+    loss curve and throughput on rank 0; returns ``{first_loss, last_loss, history, model}``
+    (``history``: every step's loss, those before a resume included)."""
     args = _parse(argv)
     rank, world, _ = init_distributed(timeout=timedelta(seconds=args.timeout_s))
     if world == 1:
@@ -314,9 +368,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"loss floor (source entropy) ~{source.entropy:.3f}, "
               f"uniform {math.log(args.vocab):.3f}", flush=True)
     history: list[float] = []
+    start = _resume(args, model, opt, sched, source, ps, history) if args.resume else 0
+    pending: Optional[checkpoint.PendingSave] = None
     tokens_per_step = args.batch_size * ps.dp * args.seq_len
     t_start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, disable=not lead)
+    bar = tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=not lead,
+               initial=start, total=args.steps)
     for step in bar:
         batch = local_batch(source.batch(args.batch_size * ps.dp, args.seq_len), ps).to(device)
         t0 = time.perf_counter()
@@ -335,13 +392,26 @@ def main(argv: list[str] | None = None) -> dict:
                 tqdm.write(f"step {step:4d}  loss {history[-1]:.4f}  tok/s {tok_s:,.0f}  "
                            f"load/expert {load} (max/mean {imbalance:.2f})  "
                            f"drop {100 * drop:.1f}%")
+        done = step + 1
+        if args.save_dir and (done == args.steps or (args.save_every and
+                                                     done % args.save_every == 0)):
+            if pending is not None:
+                pending.wait()
+            extra = {"step": done, "scheduler": sched.state_dict(), "history": history,
+                     "data": source.generator.get_state()}
+            pending = checkpoint.save_step(args.save_dir, done, model, opt, ps, extra,
+                                           args.keep_checkpoints, args.async_save)
+    if pending is not None:
+        pending.wait()
     elapsed = time.perf_counter() - t_start
+    run = args.steps - start
     n = min(5, len(history))  # mean of the first and of the last (up to) 5 steps
     first, last = sum(history[:n]) / n, sum(history[-n:]) / n
     if lead:
         print(f"loss {first:.3f} -> {last:.3f} (floor ~{source.entropy:.3f}) in {args.steps} "
-              f"steps, {args.steps * tokens_per_step / elapsed:,.0f} tok/s overall", flush=True)
-    return {"first_loss": first, "last_loss": last, "history": history}
+              f"steps, {run * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s overall",
+              flush=True)
+    return {"first_loss": first, "last_loss": last, "history": history, "model": model}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Allowed imports between top-level parts of ``moe_parallel`` (``DESIGN.md`` section 2): ``ops``
 imports nothing of ours; ``config`` only ``ops``; ``routing``, ``experts`` and ``distributed``
 only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` composes them;
-``integrations`` and ``train`` sit on top, and nothing imports them.
+``checkpoint`` and ``integrations`` sit on top (``train`` uses ``checkpoint``), and nothing
+below imports them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ BELOW = {
     "dispatch": {"ops", "config", "distributed", "routing"},
     "reference": {"ops", "config"},
     "layer": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch"},
+    "checkpoint": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
+                   "layer"},
     "integrations": {"ops", "config", "metrics", "routing", "experts", "distributed",
                      "dispatch", "layer"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
-              "dispatch", "layer"},
+              "dispatch", "layer", "checkpoint"},
 }
 
 

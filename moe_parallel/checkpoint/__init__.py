@@ -1,0 +1,17 @@
+"""Checkpoints that describe the model, not the job: save at one layout, load at any other.
+
+* ``layout.py``: where each rank's routed-expert shard sits in the global expert tensors (DCP
+  chunk metadata, SwiGLU's gate | up halves as two chunks);
+* ``manifest.py``: the model and layout a checkpoint was written by, and the completeness marker;
+* ``api.py``: ``save`` / ``load`` (synchronous or asynchronous, atomic commit, named errors);
+* ``series.py``: a run's checkpoints ``root/step_<N>`` with a ``root/latest`` pointer;
+* ``convert.py``: ``consolidate`` a checkpoint into one single-process state dict (torch.save or
+  safetensors) and ``shard`` one back; ``python -m moe_parallel.checkpoint`` runs both.
+"""
+
+from .api import CheckpointError, PendingSave, load, resolve, save
+from .convert import consolidate, shard
+from .series import latest_step, save_step, step_dir
+
+__all__ = ["CheckpointError", "PendingSave", "consolidate", "latest_step", "load", "resolve",
+           "save", "save_step", "shard", "step_dir"]

@@ -1,0 +1,98 @@
+"""Where a rank's local tensor sits in the global tensor of the full model (DCP chunk metadata).
+
+Routed experts are the only sharded state. ``GroupedExperts`` of EP rank ``p`` and ETP rank ``q``
+(``El = E/ep`` experts from ``e0 = p·El``, ``Fl = F/etp`` hidden units from ``f0 = q·Fl``) holds:
+
+    w2 local [El, Fl, H]   = global w2 [E, F, H][e0:e0+El, f0:f0+Fl, :]        one chunk
+    w1 local [El, H, Fl]   = global w1 [E, H, F][e0:e0+El, :, f0:f0+Fl]        one chunk
+    w1 local [El, H, 2Fl]  (SwiGLU, gate | up) = two chunks of global w1 [E, H, 2F]:
+        local [:, :, 0:Fl]   -> global [e0:e0+El, :, f0:f0+Fl]
+        local [:, :, Fl:2Fl] -> global [e0:e0+El, :, F+f0:F+f0+Fl]
+
+``GlobalLayout.annotate`` returns an alias of the local tensor (same storage) carrying DCP's
+``CheckpointableTensor`` fields (``global_shape``, ``global_offsets``, ``local_offsets``,
+``local_sizes``), so ``torch.distributed.checkpoint`` writes each chunk at its global offsets
+(EDP replicas of a chunk are written once) and, on load, reads into each chunk the part of the
+saved global tensor it covers, whatever layout wrote it. Every other tensor is replicated: it
+is saved whole, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..experts import GroupedExperts
+
+__all__ = ["Chunk", "GlobalLayout", "expert_layouts", "sharded_layouts"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``local[local_offset : local_offset + size] = global[global_offset : ... + size]``."""
+
+    global_offset: tuple[int, ...]
+    local_offset: tuple[int, ...]
+    size: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GlobalLayout:
+    """A local tensor of ``local_shape`` as ``chunks`` of a global tensor of ``shape``."""
+
+    shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+    def annotate(self, local: Tensor) -> Tensor:
+        """An alias of ``local`` (shared storage, so a load writes into it) with DCP's chunk
+        metadata; ``ValueError`` when ``local`` does not have ``local_shape``."""
+        if tuple(local.shape) != self.local_shape:
+            raise ValueError(f"tensor of shape {tuple(local.shape)} does not match its layout's "
+                             f"local shape {self.local_shape}")
+        alias = local.detach().view(local.shape)
+        alias.global_shape = self.shape
+        alias.global_offsets = tuple(c.global_offset for c in self.chunks)
+        alias.local_offsets = tuple(c.local_offset for c in self.chunks)
+        alias.local_sizes = tuple(c.size for c in self.chunks)
+        return alias
+
+
+def expert_layouts(experts: GroupedExperts) -> dict[str, GlobalLayout]:
+    """The layouts of ``experts.w1`` and ``experts.w2`` (module docstring)."""
+    cfg = experts.config
+    E, H, F = cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size
+    El, Fl, e0 = experts.num_local_experts, experts.ffn_size, experts.first_expert
+    f0 = experts.etp_rank * Fl
+    w2 = GlobalLayout((E, F, H), (El, Fl, H), (Chunk((e0, f0, 0), (0, 0, 0), (El, Fl, H)),))
+    if cfg.gated:
+        halves = tuple(Chunk((e0, 0, base + f0), (0, 0, i * Fl), (El, H, Fl))
+                       for i, base in enumerate((0, F)))
+        w1 = GlobalLayout((E, H, 2 * F), (El, H, 2 * Fl), halves)
+    else:
+        w1 = GlobalLayout((E, H, F), (El, H, Fl), (Chunk((e0, 0, f0), (0, 0, 0), (El, H, Fl)),))
+    return {"w1": w1, "w2": w2}
+
+
+def sharded_layouts(model: nn.Module, strict: bool = True) -> dict[int, GlobalLayout]:
+    """``id(parameter) -> layout`` for every routed-expert weight of ``model``.
+
+    ``strict`` (a multi-process job): ``ValueError`` for an expert-parallel parameter
+    (``expert_parallel`` tag) that is not a ``GroupedExperts`` weight: its global layout is
+    unknown, and saving it whole under its name would let every rank's shard overwrite the
+    others'. In one process such a parameter is the whole tensor and is saved as it is.
+    """
+    layouts: dict[int, GlobalLayout] = {}
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            for name, layout in expert_layouts(module).items():
+                layouts[id(getattr(module, name))] = layout
+    for name, p in model.named_parameters():
+        if strict and getattr(p, "expert_parallel", False) and id(p) not in layouts:
+            raise ValueError(
+                f"parameter {name} is tagged expert_parallel but is not a GroupedExperts weight: "
+                "its place in the global expert tensor is unknown, so it cannot be checkpointed "
+                "across layouts"
+            )
+    return layouts
