@@ -185,7 +185,7 @@ def _resume_bitwise(layout: dict, root: str) -> str:
 
     flags = ARGS + [f"--{k}={v}" for k, v in layout.items()] + [
         "--batch-size=2", "--steps=7", "--log-every=100", f"--save-dir={root}"]
-    first = train.main(flags + ["--save-every=4"])
+    first = train.main(flags + ["--save-every=4"] + (["--async-save"] if layout.get("tp") else []))
     resumed = train.main(flags + ["--resume=4"])
     assert resumed["history"] == first["history"], (resumed["history"], first["history"])
     a, b = first["model"].state_dict(), resumed["model"].state_dict()
@@ -195,7 +195,7 @@ def _resume_bitwise(layout: dict, root: str) -> str:
 
 
 @pytest.mark.parametrize("layout", [dict(ep=4), dict(tp=2, ep=2)],
-                         ids=lambda d: "_".join(f"{k}{v}" for k, v in d.items()))
+                         ids=["ep4", "tp2_ep2_async_save"])
 def test_resume_same_layout_is_bitwise(layout, tmp_path):
     assert get_pool(4).run(_resume_bitwise, layout, str(tmp_path), timeout=180) == ["ok"] * 4
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000004", "step_00000007"]
@@ -346,3 +346,123 @@ def test_async_save(saved, tmp_path):
     for errors in get_pool(4).run(_async_save_and_load, dict(ep=2, etp=2),
                                   str(tmp_path / "async"), consolidated, timeout=120):
         assert max(errors.values()) < TOL, errors
+
+
+def test_save_before_the_first_step_keeps_the_optimizer_fresh(tmp_path):
+    """An optimizer that has not stepped is saved as its hyperparameters, without creating
+    state: the resumed step equals the uninterrupted one bit for bit."""
+    from moe_parallel import checkpoint, train
+    from moe_parallel.distributed import ParallelState
+
+    single = ParallelState.single()
+    args = _args({}, single)
+    model = train.build_model(args, single)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    assert not opt.state
+    other = train.build_model(_args({}, single, "--seed=5"), single)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
+    checkpoint.load(tmp_path / "ckpt", other, other_opt)
+    assert not other_opt.state and other_opt.param_groups[0]["lr"] == args.lr
+    batch = train.MarkovSource(args.vocab, seed=7).batch(GLOBAL_BATCH, args.seq_len)
+    for m, o in ((model, opt), (other, other_opt)):
+        train.train_step(m, o, batch, single, args.clip)
+    b = dict(other.named_parameters())
+    assert all(torch.equal(p, b[n]) for n, p in model.named_parameters())
+
+
+def _wrapped_save(wrapper: str, directory: str) -> dict:
+    """One AdamW step of the parity net under ``wrap_ddp`` or the FSDP2 recipe at ep2, saved
+    through the wrapper; returns this rank's parameters (dense ones whole) and coordinates."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from training_parity import data, loss, nets
+
+    from moe_parallel import checkpoint
+    from moe_parallel.distributed import sync_gradients, wrap_ddp
+
+    ps = parallel_state(ep=2)
+    _, model = nets(ps, num_shared_experts=1)
+    if wrapper == "ddp":
+        forward = wrap_ddp(model, ps)
+    else:
+        for dense in (model.inp, model.out):
+            fully_shard(dense, mesh=DeviceMesh.from_group(ps.group("dp_cp"), "cpu"))
+        forward = model
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    loss(forward, *data(0, ps.rank)).backward()
+    if wrapper == "ddp":  # the recipes of tests/test_ddp.py and tests/test_fsdp.py
+        sync_gradients(model, ps, dense=False)
+    else:
+        sync_gradients(model.moe, ps)
+    opt.step()
+    checkpoint.save(directory, forward, opt, ps)
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in model.named_parameters()}
+    return {"params": params, "ep_rank": ps.ep_rank, "ep": ps.ep, "etp_rank": 0, "etp": 1}
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_wrapped_models_save_and_load_unwrapped(wrapper, tmp_path):
+    """Saved through ``wrap_ddp`` (``module.`` prefixes) or with FSDP2-sharded dense
+    submodules (DTensors), the checkpoint loads into the plain single-process net."""
+    from types import SimpleNamespace
+
+    from training_parity import CFG, Net
+
+    from moe_parallel import MoEConfig, MoELayer, checkpoint
+
+    directory = str(tmp_path / wrapper)
+    ranks = get_pool(4).run(_wrapped_save, wrapper, directory, timeout=120)
+    torch.manual_seed(11)
+    net = Net(MoELayer(MoEConfig(**{**CFG, "num_shared_experts": 1})))
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    checkpoint.load(directory, net, opt)
+    loaded = dict(net.named_parameters())
+    for got in ranks:
+        coords = SimpleNamespace(**{k: v for k, v in got.items() if k != "params"})
+        for name, want in got["params"].items():
+            assert torch.equal(_expected_shard(name, loaded, coords), want), (wrapper, name)
+    assert all(float(opt.state[p]["step"]) == 1 for p in net.parameters())
+
+
+def _save_differing_extra(layout: dict, directory: str) -> str:
+    from moe_parallel import checkpoint, train
+
+    ps = _ps(layout)
+    model = train.build_model(_args(layout, ps), ps)
+    try:
+        checkpoint.save(directory, model, None, ps, extra={"rank": ps.rank})
+    except checkpoint.CheckpointError as e:
+        return str(e)
+    return "saved"
+
+
+def test_extra_that_differs_between_ranks_is_refused(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    for answer in get_pool(4).run(_save_differing_extra, dict(ep=4), directory, timeout=60):
+        assert "extra differs between ranks" in answer, answer
+    assert not os.path.exists(directory)
+
+
+def _rng_round_trip(layout: dict, directory: str) -> list:
+    """Each rank's RNG draws after a load equal those right after the save (same layout)."""
+    import random
+
+    from moe_parallel import checkpoint, train
+
+    ps = _ps(layout)
+    model = train.build_model(_args(layout, ps), ps)
+    torch.manual_seed(100 + ps.rank)
+    random.seed(200 + ps.rank)
+    checkpoint.save(directory, model, None, ps)
+    after_save = [torch.rand(2).tolist(), random.random()]
+    checkpoint.load(directory, model, None, ps)
+    assert [torch.rand(2).tolist(), random.random()] == after_save
+    return after_save
+
+
+def test_rng_states_are_restored_per_rank(tmp_path):
+    draws = get_pool(4).run(_rng_round_trip, dict(ep=2), str(tmp_path / "ckpt"), timeout=60)
+    assert len({repr(d) for d in draws}) == 4  # each rank its own stream

@@ -8,6 +8,7 @@ and ``moe_parallel.json`` (``manifest.py``). Its state dict, flattened by DCP:
     optim.state.<fqn>.<name>    optimizer state by parameter name (``get_optimizer_state_dict``);
                                 tensors shaped like their parameter share its layout
     optim.param_groups.*        hyperparameters (learning rate, betas, ...)
+    optim_hyperparameters       instead of ``optim.*`` for an optimizer that has not stepped
     extra                       the caller's picklable ``extra`` (step, data position, scheduler)
     rng.rank<r>                 each rank's RNG states (torch CPU and CUDA, Python, NumPy)
 
@@ -21,6 +22,7 @@ verdict everywhere (a named error on all ranks, before any tensor is read).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import random
@@ -40,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from ..distributed import ParallelState, job_timeout
 from ..layer import MoELayer
@@ -96,6 +99,40 @@ def single_process_quiet():
         yield
 
 
+def _canonical(obj: Any) -> Any:
+    """A form of ``obj`` whose pickle is the same in every process for equal values (a
+    tensor's pickle carries a per-save id, a set's order follows the process's hash seed)."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        return ("tensor", str(obj.dtype), tuple(obj.shape), t.view(torch.uint8).numpy().tobytes())
+    if isinstance(obj, dict):
+        return ("dict", sorted(((repr(k), _canonical(v)) for k, v in obj.items()), key=repr))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_canonical(v) for v in obj])
+    if isinstance(obj, (set, frozenset)):
+        return ("set", sorted(repr(_canonical(v)) for v in obj))
+    return obj
+
+
+def _check_same_everywhere(extra: dict[str, Any], stepped: bool) -> None:
+    """``CheckpointError`` on every rank unless every rank has the same ``extra`` (written
+    once) and, for all or none of them, optimizer state."""
+    if _world()[1] == 1:
+        return
+    mine = (hashlib.sha256(pickle.dumps(_canonical(extra))).hexdigest(), stepped)
+    gathered: list = [None] * _world()[1]
+    dist.all_gather_object(gathered, mine)
+    problems = []
+    if len({g[0] for g in gathered}) > 1:
+        problems.append("extra differs between ranks (it is written once: pass the same "
+                        "value on every rank)")
+    if len({g[1] for g in gathered}) > 1:
+        problems.append("some ranks' optimizers hold state and others' do not: "
+                        f"{[r for r, g in enumerate(gathered) if g[1]]} do")
+    if problems:
+        raise CheckpointError("save refused: " + "; ".join(problems))
+
+
 def _barrier() -> None:
     if _world()[1] > 1:
         dist.barrier()
@@ -111,41 +148,51 @@ def _layer_names(model: nn.Module, keys: dict[int, str]) -> dict[str, MoELayer]:
 
 
 def _param_keys(model: nn.Module, msd: dict[str, Any]) -> dict[int, str]:
-    """``id(parameter) -> key of msd`` (keys are DCP's canonical names: DDP's ``module.`` and
-    similar wrapper prefixes removed), matched by storage."""
-    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in msd.items()
-                  if isinstance(t, Tensor)}
+    """``id(parameter) -> key of msd`` for the plain-tensor parameters (keys are DCP's canonical
+    names: DDP's ``module.`` and similar wrapper prefixes removed), matched by storage."""
+    def plain(t: Any) -> bool:
+        return isinstance(t, Tensor) and not isinstance(t, DTensor)
+
+    by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in msd.items() if plain(t)}
     keys = {}
     for p in model.parameters():
-        key = by_storage.get((p.data_ptr(), tuple(p.shape)))
+        key = by_storage.get((p.data_ptr(), tuple(p.shape))) if plain(p) else None
         if key is not None:
             keys[id(p)] = key
     return keys
 
 
-def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], distributed: bool
-           ) -> tuple[dict[str, Any], dict[str, GlobalLayout], dict[str, MoELayer]]:
-    """``{"model": ..., "optim": ...}`` with the routed experts (and their optimizer state)
-    annotated with their global layout, the layouts by model key, and the MoE layers by name.
-    Without optimizer state yet, the optimizer's state is created first (a zero step)."""
+def _model_state(model: nn.Module, distributed: bool
+                 ) -> tuple[dict[str, Any], dict[str, GlobalLayout], dict[str, MoELayer]]:
+    """The model's state dict (DCP's ``get_model_state_dict``) with the routed experts
+    annotated with their global layout; the layouts by key; the MoE layers by name."""
     layouts = sharded_layouts(model, strict=distributed)
     msd = get_model_state_dict(model)
     keys = _param_keys(model, msd)
-    by_key = {keys[pid]: layout for pid, layout in layouts.items() if pid in keys}
+    by_key = {keys[pid]: layout for pid, layout in layouts.items()}
     for key, layout in by_key.items():
         msd[key] = layout.annotate(msd[key])
-    state: dict[str, Any] = {"model": msd}
-    if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer)
-        for key, entries in osd["state"].items():
-            layout = by_key.get(key)
-            if layout is None:
-                continue
-            for name, value in entries.items():
-                if isinstance(value, Tensor) and tuple(value.shape) == layout.local_shape:
-                    entries[name] = layout.annotate(value)
-        state["optim"] = osd
-    return state, by_key, _layer_names(model, keys)
+    return msd, by_key, _layer_names(model, keys)
+
+
+def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 by_key: dict[str, GlobalLayout]) -> dict[str, Any]:
+    """The optimizer's state by parameter name (``get_optimizer_state_dict``; it creates the
+    state of an optimizer that has none with a zero-learning-rate step), each tensor shaped
+    like a routed-expert parameter annotated with that parameter's layout."""
+    osd = get_optimizer_state_dict(model, optimizer)
+    for key, entries in osd["state"].items():
+        layout = by_key.get(key)
+        if layout is None:
+            continue
+        for name, value in entries.items():
+            if isinstance(value, Tensor) and tuple(value.shape) == layout.local_shape:
+                entries[name] = layout.annotate(value)
+    return osd
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def _rng_state() -> bytes:
@@ -254,12 +301,24 @@ def save(directory: str | os.PathLike, model: nn.Module,
     rank, world = _world()
     directory = os.fspath(directory)
     tmp = directory + ".tmp"
-    state, _, layers = _state(model, optimizer, world > 1)
-    state["extra"] = pickle.dumps(dict(extra or {}))
-    state["rng"] = {f"rank{rank}": _rng_state()}
+    extra = dict(extra or {})
+    msd, by_key, layers = _model_state(model, world > 1)
+    state: dict[str, Any] = {"model": msd, "extra": pickle.dumps(extra),
+                             "rng": {f"rank{rank}": _rng_state()}}
+    # An optimizer that has not stepped is saved as its hyperparameters: creating its state
+    # here would change the run (AdamW's step count starts at 1 instead of 0).
+    stepped = optimizer is not None and bool(optimizer.state)
+    _check_same_everywhere(extra, stepped)
+    if stepped:
+        state["optim"] = _optim_state(model, optimizer, by_key)
+    elif optimizer is not None:
+        state["optim_hyperparameters"] = pickle.dumps(_hyperparameters(optimizer))
     manifest = {"format": mf.FORMAT, "layout": mf.describe_layout(ps),
                 "moe_layers": {n: mf.describe_layer(m.config) for n, m in layers.items()},
-                "optimizer": optimizer is not None, "rng": True}
+                "optimizer": None if optimizer is None else ("state" if stepped else
+                                                             "hyperparameters"),
+                "optimizer_groups": len(optimizer.param_groups) if optimizer else 0,
+                "rng": True}
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -359,14 +418,27 @@ def load(directory: str | os.PathLike, model: nn.Module,
     if kind != "ok":
         raise CheckpointError(path)
 
-    state, _, layers = _state(model, optimizer, world > 1)
+    msd, by_key, layers = _model_state(model, world > 1)
+    state: dict[str, Any] = {"model": msd}
     current = {n: mf.describe_layer(m.config) for n, m in layers.items()}
     problems = mf.model_mismatches(saved["moe_layers"], current)
-    if optimizer is not None and not saved["optimizer"]:
-        problems.append("the checkpoint holds no optimizer state (load with optimizer=None)")
-    _agree(problems, f"checkpoint {path} does not match this model")
-    _agree(_shape_problems(state, dcp.FileSystemReader(path).read_metadata()),
-           f"checkpoint {path} does not match this model")
+    kind = saved["optimizer"]
+    if optimizer is not None:
+        if kind is None:
+            problems.append("the checkpoint holds no optimizer state (load with "
+                            "optimizer=None)")
+        elif saved["optimizer_groups"] != len(optimizer.param_groups):
+            problems.append(f"the checkpoint's optimizer has {saved['optimizer_groups']} "
+                            f"parameter groups, this one {len(optimizer.param_groups)}")
+    what = f"checkpoint {path} does not match this model"
+    _agree(problems, what)
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    _agree(_shape_problems(state, metadata), what)
+    if optimizer is not None and kind == "state":
+        state["optim"] = _optim_state(model, optimizer, by_key)
+        _agree(_shape_problems(state, metadata), what)
+    elif optimizer is not None:
+        state["optim_hyperparameters"] = b""
 
     same_layout = saved["rng"] and saved["layout"] == mf.describe_layout(ps)
     state["extra"] = b""
@@ -374,8 +446,13 @@ def load(directory: str | os.PathLike, model: nn.Module,
         state["rng"] = {f"rank{rank}": b""}
     with single_process_quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=world == 1)
-    if optimizer is not None:
+    if "optim" in state:
         set_optimizer_state_dict(model, optimizer, state["optim"])
+    elif "optim_hyperparameters" in state:  # saved before its first step: no state
+        optimizer.state.clear()
+        for group, saved_group in zip(optimizer.param_groups,
+                                      pickle.loads(state["optim_hyperparameters"])):
+            group.update(saved_group)
     if same_layout:
         _set_rng_state(state["rng"][f"rank{rank}"])
     elif rank == 0 and saved["rng"]:

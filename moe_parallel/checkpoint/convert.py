@@ -51,6 +51,8 @@ def consolidate(directory: str | os.PathLike, out: str | os.PathLike) -> dict[st
                               "manifest": manifest}
     if "optim" in state:
         result["optim"] = state["optim"]
+    if "optim_hyperparameters" in state:  # saved before the optimizer's first step
+        result["optim_hyperparameters"] = pickle.loads(state["optim_hyperparameters"])
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
@@ -85,11 +87,17 @@ def shard(file: str | os.PathLike, directory: str | os.PathLike) -> None:
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     state = {"model": src["model"], "extra": pickle.dumps(src.get("extra", {}))}
+    kind = None
     if "optim" in src:
-        state["optim"] = src["optim"]
+        state["optim"], kind = src["optim"], "state"
+    elif "optim_hyperparameters" in src:
+        state["optim_hyperparameters"] = pickle.dumps(src["optim_hyperparameters"])
+        kind = "hyperparameters"
     with single_process_quiet():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
-    manifest = {**src["manifest"], "layout": None, "rng": False, "optimizer": "optim" in src}
+    manifest = {**src["manifest"], "layout": None, "rng": False, "optimizer": kind}
+    if kind is None:
+        manifest["optimizer_groups"] = 0
     mf.write(tmp, manifest)
     shutil.rmtree(directory, ignore_errors=True)
     os.rename(tmp, directory)

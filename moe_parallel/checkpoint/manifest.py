@@ -6,7 +6,8 @@
     {"format": 1,
      "layout": {"world_size", "tp", "cp", "ep", "etp", "pp", "dp", "edp"} or null,
      "moe_layers": {layer name: {field: value for field in MODEL_FIELDS}},
-     "optimizer": bool, "rng": bool}
+     "optimizer": "state" | "hyperparameters" (it had not stepped: no state) | null,
+     "optimizer_groups": number of parameter groups, "rng": bool}
 
 ``MODEL_FIELDS`` are the ``MoEConfig`` fields that fix the shape or the meaning of a layer's
 state; a checkpoint loads only into layers that agree on all of them (the runtime choices:
