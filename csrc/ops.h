@@ -31,6 +31,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(
 // SwiGLU of h [N, 2F] = [gate | up]: out [N, F] = silu(gate) * up, and its backward.
 at::Tensor swiglu_cpu(const at::Tensor& h);
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
+at::Tensor clamped_swiglu_cpu(const at::Tensor& h, double alpha, double limit);
+at::Tensor clamped_swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
+                                       double alpha, double limit);
 
 // ---- device-generic (csrc/cpu/sort_chunks.cpp, csrc/cpu/grouped_gemm.cpp): CPU path with
 // OpenMP, other devices through ATen copies/GEMMs ----
@@ -116,6 +119,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(
     const std::optional<at::Tensor>& probs, int64_t num_rows, bool validate);
 at::Tensor swiglu_cuda(const at::Tensor& h);
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h);
+at::Tensor clamped_swiglu_cuda(const at::Tensor& h, double alpha, double limit);
+at::Tensor clamped_swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
+                                        double alpha, double limit);
 // Grouped GEMM on CUDA by backend (csrc/cuda/grouped_gemm_cuda.cpp): "loop" = one cuBLAS GEMM
 // per group on the current stream ("auto": see auto_backend() there), "streams" = the same spread
 // over side streams, "cublas" = one cublasGemmGroupedBatchedEx, "torch" = at::_grouped_mm,

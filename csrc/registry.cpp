@@ -37,6 +37,10 @@ TORCH_LIBRARY(moe_parallel, m) {
       " Tensor transpose_idx, int num_experts, bool trans=False) -> Tensor");
   m.def("swiglu(Tensor h) -> Tensor");
   m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
+  m.def("clamped_swiglu(Tensor h, float alpha, float limit) -> Tensor");
+  m.def(
+      "clamped_swiglu_backward(Tensor grad_out, Tensor h, float alpha, float limit)"
+      " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
@@ -52,4 +56,6 @@ TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
   m.impl("bsr_wgrad", &moe_parallel::bsr_wgrad_impl);
   m.impl("swiglu", &moe_parallel::swiglu_cpu);
   m.impl("swiglu_backward", &moe_parallel::swiglu_backward_cpu);
+  m.impl("clamped_swiglu", &moe_parallel::clamped_swiglu_cpu);
+  m.impl("clamped_swiglu_backward", &moe_parallel::clamped_swiglu_backward_cpu);
 }

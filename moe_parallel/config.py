@@ -15,14 +15,16 @@ import torch
 
 from .ops import GROUPED_GEMM_BACKENDS
 
-Activation = Literal["swiglu", "gelu", "relu"]
+Activation = Literal["swiglu", "clamped_swiglu", "gelu", "relu"]
 RouterType = Literal["topk", "expert_choice"]
 ScoreFunction = Literal["softmax", "sigmoid"]
 DropPolicy = Literal["probs", "position"]
 ExpertImpl = Literal["block_sparse", "grouped"]
 RowOverflow = Literal["error", "capacity"]
 
-_ACTIVATIONS = ("swiglu", "gelu", "relu")
+_ACTIVATIONS = ("swiglu", "clamped_swiglu", "gelu", "relu")
+_GROUP_SCORES = ("sum_topk", "sum_top2", "max")
+_ROUTER_DTYPES = (None, torch.float32, torch.float64)
 _ROUTER_TYPES = ("topk", "expert_choice")
 _SCORE_FUNCTIONS = ("softmax", "sigmoid")
 _DROP_POLICIES = ("probs", "position")
@@ -36,6 +38,9 @@ _BOOL_FIELDS = (
     "pad_to_capacity",
     "shared_expert_gate",
     "check_finite",
+    "router_bias",
+    "expert_proj_bias",
+    "scale_expert_input",
 )
 
 
@@ -44,8 +49,14 @@ class MoEConfig:
     """Configuration of one MoE layer.
 
     Routing (token choice, ``router_type="topk"``):
-      logits = x W_r, in float32 whatever the input dtype (float64 when ``params_dtype`` is
-      float64); in training with ``noisy_gating`` logits += N(0,1)·softplus(x W_noise).
+      logits = x W_r (+ b_r with ``router_bias``: a learned bias that enters selection and
+      weights, GPT-OSS), in ``router_dtype`` (x and W_r cast to it; Megatron's
+      ``moe_router_dtype``; None: float32, float64 when ``params_dtype`` is float64); in
+      training with ``noisy_gating`` logits += N(0,1)·softplus(x W_noise). The scores and
+      everything after them are computed in ``router_score_dtype`` from the logits (None: the
+      router dtype; Hugging Face's Mixtral/Qwen/OLMoE/Llama-4 blocks use float32 scores from
+      model-dtype logits). ``jitter_noise = ε > 0`` multiplies, in training, the layer's input
+      by U(1 - ε, 1 + ε) before routing and experts (Mixtral's ``router_jitter_noise``).
       ``score_function="softmax"``: with ``softmax_before_topk`` probs = topk(softmax(logits)),
       renormalised to sum 1 when ``norm_topk_prob``; else probs = softmax(topk(logits)).
       ``score_function="sigmoid"``: scores = sigmoid(logits), probs = topk(scores), renormalised
@@ -54,8 +65,13 @@ class MoEConfig:
       router would learn nothing from the main loss, so that combination is refused and the
       top-1 weight is the score itself (Switch: p = softmax(logits)[top-1]). Selection may add
       a per-expert bias (``expert_bias``) that never enters the weights;
-      ``num_groups``/``group_topk`` restrict selection to the best groups. probs are finally
-      multiplied by ``routed_scaling_factor``.
+      ``num_groups``/``group_topk`` restrict selection to the ``group_topk`` best groups,
+      a group scored (``group_score``) by the sum of its ``top_k // group_topk`` best
+      selection scores (``"sum_topk"``, Megatron-Core), of its 2 best (``"sum_top2"``,
+      DeepSeek-V3) or by its best (``"max"``, DeepSeek-V2 ``group_limited_greedy``). probs are
+      finally multiplied by ``routed_scaling_factor``. With ``scale_expert_input`` (Llama-4)
+      the weight multiplies each expert's input instead of its output:
+      y = Σ_j expert_j(probs_j · x).
     Routing (expert choice): scores = softmax(logits) over experts; expert e takes its
       top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor)) (capacity_factor None means 1.0).
       The aux losses, ``min_capacity``, ``routed_scaling_factor``, noisy gating, expert bias and
@@ -67,6 +83,11 @@ class MoEConfig:
     Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
       ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
       ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
+    Experts: ``activation`` ``"swiglu"`` silu(gate)·up; ``"clamped_swiglu"`` (GPT-OSS)
+      (min(up, L) clamped to [-L, L] + 1)·g·sigmoid(α·g) with g = min(gate, L),
+      ``α = swiglu_alpha``, ``L = swiglu_limit``; ``"gelu"``; ``"relu"``. ``expert_proj_bias``
+      adds a learned bias to both expert projections (GPT-OSS; not with
+      expert-tensor parallelism).
     Expert computation (``expert_impl``), the same result either way: ``"grouped"`` (default:
       grouped GEMM on the unpadded, ragged groups) or ``"block_sparse"`` (MegaBlocks-style:
       each local expert's rows padded to a multiple of ``block_size``, first GEMM as a sampled
@@ -113,6 +134,12 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     num_groups: Optional[int] = None
     group_topk: Optional[int] = None
+    group_score: Literal["sum_topk", "sum_top2", "max"] = "sum_topk"
+    router_bias: bool = False
+    router_dtype: Optional[torch.dtype] = None
+    router_score_dtype: Optional[torch.dtype] = None
+    jitter_noise: float = 0.0
+    scale_expert_input: bool = False
 
     aux_loss_coeff: float = 0.0
     seq_aux_loss_coeff: float = 0.0
@@ -123,6 +150,10 @@ class MoEConfig:
     min_capacity: int = 0
     drop_policy: DropPolicy = "probs"
     pad_to_capacity: bool = False
+
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_proj_bias: bool = False
 
     num_shared_experts: int = 0
     shared_expert_ffn_hidden_size: Optional[int] = None
@@ -231,9 +262,17 @@ class MoEConfig:
                 raise ValueError(
                     f"group_topk ({self.group_topk}) must be <= num_groups ({self.num_groups})"
                 )
-            if self.top_k % self.group_topk:
+            _choice("group_score", self.group_score, _GROUP_SCORES)
+            if self.group_score == "sum_topk" and self.top_k % self.group_topk:
                 raise ValueError(
-                    f"top_k ({self.top_k}) must be divisible by group_topk ({self.group_topk})"
+                    f"top_k ({self.top_k}) must be divisible by group_topk ({self.group_topk}) "
+                    "with group_score='sum_topk' (each group scored by its top_k // group_topk "
+                    "best); group_score='sum_top2' or 'max' take any top_k"
+                )
+            if self.group_score == "sum_top2" and self.num_experts // self.num_groups < 2:
+                raise ValueError(
+                    f"group_score='sum_top2' needs at least 2 experts per group, got "
+                    f"{self.num_experts // self.num_groups}"
                 )
             if self.top_k > self.group_topk * (self.num_experts // self.num_groups):
                 raise ValueError(
@@ -266,6 +305,7 @@ class MoEConfig:
                 )
             if self.score_function != "softmax":
                 raise ValueError("router_type='expert_choice' requires score_function='softmax'")
+        self._check_hf_semantics()
         _nonneg_int("num_shared_experts", self.num_shared_experts)
         if self.shared_expert_ffn_hidden_size is not None:
             _positive_int("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size)
@@ -278,6 +318,27 @@ class MoEConfig:
             raise ValueError(f"params_dtype must be one of {_DTYPES}, got {self.params_dtype}")
         if not (_is_real(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+
+    def _check_hf_semantics(self) -> None:
+        """The routing and expert variants of the Hugging Face model families."""
+        if self.group_score != "sum_topk":
+            _choice("group_score", self.group_score, _GROUP_SCORES)
+            if self.num_groups is None:
+                raise ValueError(f"group_score={self.group_score!r} needs num_groups/group_topk")
+        for name in ("router_dtype", "router_score_dtype"):
+            if getattr(self, name) not in _ROUTER_DTYPES:
+                raise ValueError(f"{name} must be one of (None, torch.float32, torch.float64), "
+                                 f"got {getattr(self, name)!r}")
+        if not (_is_real(self.jitter_noise) and 0 <= self.jitter_noise < 1):
+            raise ValueError(f"jitter_noise must be a number in [0, 1), got {self.jitter_noise!r}")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            v = getattr(self, name)
+            if not (_is_real(v) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if self.router_type == "expert_choice":
+            for name in ("router_bias", "scale_expert_input"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is not supported with router_type='expert_choice'")
 
     def _check_dropless(self) -> None:
         _choice("expert_impl", self.expert_impl, _EXPERT_IMPLS)
@@ -337,8 +398,8 @@ class MoEConfig:
 
     @property
     def gated(self) -> bool:
-        """True when the first expert GEMM produces two halves (SwiGLU)."""
-        return self.activation == "swiglu"
+        """True when the first expert GEMM produces two halves (gate | up: the SwiGLUs)."""
+        return self.activation in ("swiglu", "clamped_swiglu")
 
     def replace(self, **changes) -> MoEConfig:
         """A copy with ``changes`` applied and validated."""

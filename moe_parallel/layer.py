@@ -126,8 +126,10 @@ class MoELayer(nn.Module):
         """
         ps = parallel_state
         device = full.experts.w1.device
+        fe = full.experts
         layer = cls(full.config, device=device, parallel_state=ps, experts=GroupedExperts.from_full(
-            full.config, full.experts.w1, full.experts.w2, ps.ep_rank, ps.ep, ps.etp_rank, ps.etp))
+            full.config, fe.w1, fe.w2, ps.ep_rank, ps.ep, ps.etp_rank, ps.etp,
+            getattr(fe, "b1", None), getattr(fe, "b2", None)))
         own = dict(layer.named_parameters()) | dict(layer.named_buffers())
         with torch.no_grad():
             for name, t in list(full.named_parameters()) + list(full.named_buffers()):
@@ -221,6 +223,30 @@ class MoELayer(nn.Module):
             )
         return result
 
+    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int):
+        """The routed experts' combined output ``[T, H]``, the dispatch handle, the rows the
+        local experts received and the tokens' row map (``[T, k]``, for the statistics).
+        With ``scale_expert_input`` (Llama-4) the output is
+        ``Σ_j expert_{idx[t, j]}(probs[t, j] · x[t])``: each of a token's ``k`` assignments goes
+        out as its own row ``probs[t, j]·x[t]`` with combine weight 1, and the ``k`` outputs are
+        summed."""
+        scaled = self.config.scale_expert_input
+        rows, route = tokens, routing
+        if scaled:
+            T, k = routing.expert_idx.shape
+            rows = (tokens.unsqueeze(1) * routing.probs.unsqueeze(-1).to(tokens.dtype))
+            rows = rows.reshape(T * k, tokens.shape[1])
+            route = replace(
+                routing, expert_idx=routing.expert_idx.reshape(T * k, 1),
+                probs=torch.ones(T * k, 1, dtype=routing.probs.dtype, device=rows.device),
+                keep=None if routing.keep is None else routing.keep.reshape(T * k, 1))
+        expert_in, group_sizes, handle = self.dispatcher.dispatch(rows, route, pad_to)
+        y = self.dispatcher.combine(self.experts(expert_in, group_sizes), handle)
+        row_map = handle.row_map
+        if scaled:
+            y, row_map = y.view(T, k, y.shape[-1]).sum(dim=1), row_map.reshape(T, k)
+        return y, handle, expert_in.shape[0], row_map
+
     def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
         """``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t]) + shared(x[t])``.
 
@@ -254,10 +280,12 @@ class MoELayer(nn.Module):
             # gradient would skip it while its peers wait in it. Every rank takes part.
             tokens = tokens.detach().requires_grad_()
 
+        if self.training and cfg.jitter_noise > 0:  # Mixtral: the input to router and experts
+            eps = cfg.jitter_noise
+            tokens = tokens * torch.empty_like(tokens).uniform_(1.0 - eps, 1.0 + eps)
+
         routing, losses, pad_to = self._route_collectively(tokens, num_seqs)
-        expert_in, group_sizes, handle = self.dispatcher.dispatch(tokens, routing, pad_to)
-        expert_out = self.experts(expert_in, group_sizes)
-        y = self.dispatcher.combine(expert_out, handle)
+        y, handle, num_rows, row_map = self._routed(tokens, routing, pad_to)
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
         if training_step:
@@ -276,8 +304,8 @@ class MoELayer(nn.Module):
                 "(see RoutingStats.overflow and drop_rate)", RuntimeWarning, stacklevel=2,
             )
         stats = RoutingStats.from_counts(
-            routing.routed_per_expert, handle.tokens_per_expert, handle.row_map,
-            expert_in.shape[0], getattr(self.experts, "last_padded_rows", None), overflow,
+            routing.routed_per_expert, handle.tokens_per_expert, row_map, num_rows,
+            getattr(self.experts, "last_padded_rows", None), overflow,
         )
         if training_step:  # eval / no_grad: training state untouched
             self.last_losses = losses

@@ -17,15 +17,20 @@ from torch import Tensor, nn
 from .config import MoEConfig
 
 
-def _act(h: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        half = h.shape[-1] // 2
+def _act(h: Tensor, config: MoEConfig) -> Tensor:
+    half = h.shape[-1] // 2
+    if config.activation == "swiglu":
         return F.silu(h[..., :half]) * h[..., half:]
-    return F.gelu(h) if activation == "gelu" else F.relu(h)
+    if config.activation == "clamped_swiglu":
+        limit = config.swiglu_limit
+        gate = torch.clamp(h[..., :half], max=limit)
+        up = torch.clamp(h[..., half:], min=-limit, max=limit)
+        return (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
+    return F.gelu(h) if config.activation == "gelu" else F.relu(h)
 
 
 def router_dtype(config: MoEConfig) -> torch.dtype:
-    """Routing runs in float64 for float64 models, else in float32."""
+    """The router parameters' dtype: float64 for float64 models, else float32."""
     return torch.float64 if config.params_dtype == torch.float64 else torch.float32
 
 
@@ -42,11 +47,16 @@ class ReferenceMoE(nn.Module):
         self.router.weight = nn.Parameter(torch.randn(E, H, dtype=rd) * config.init_std)
         if config.noisy_gating:
             self.router.noise_weight = nn.Parameter(torch.randn(E, H, dtype=rd) * config.init_std)
+        if config.router_bias:
+            self.router.bias = nn.Parameter(torch.randn(E, dtype=rd) * config.init_std)
         if config.expert_bias:
             self.router.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         self.experts = nn.Module()
         self.experts.w1 = nn.Parameter(torch.randn(E, H, fc1, dtype=pd) * config.init_std)
         self.experts.w2 = nn.Parameter(torch.randn(E, Fh, H, dtype=pd) * config.init_std)
+        if config.expert_proj_bias:
+            self.experts.b1 = nn.Parameter(torch.randn(E, fc1, dtype=pd) * config.init_std)
+            self.experts.b2 = nn.Parameter(torch.randn(E, H, dtype=pd) * config.init_std)
         if config.num_shared_experts:
             Fs = config.shared_ffn_size
             self.shared_expert = nn.Module()
@@ -73,11 +83,15 @@ class ReferenceMoE(nn.Module):
 
     # ---- routing -------------------------------------------------------------------------
     def _logits(self, x: Tensor) -> Tensor:
+        """Logits in the router dtype (``router_dtype``, else the router parameters' dtype)."""
         cfg = self.config
-        xr = x.to(self.router.weight.dtype)
-        logits = xr @ self.router.weight.t()
+        dtype = cfg.router_dtype or self.router.weight.dtype
+        xr = x.to(dtype)
+        logits = xr @ self.router.weight.to(dtype).t()
+        if cfg.router_bias:
+            logits = logits + self.router.bias.to(dtype)
         if cfg.noisy_gating and self.training:
-            noise_std = F.softplus(xr @ self.router.noise_weight.t())
+            noise_std = F.softplus(xr @ self.router.noise_weight.to(dtype).t())
             logits = logits + torch.randn_like(logits) * noise_std
         if cfg.check_finite and not torch.isfinite(logits).all():
             raise FloatingPointError("router logits are not finite")
@@ -94,6 +108,8 @@ class ReferenceMoE(nn.Module):
         """Token-choice top-k: (expert_idx [T, k], probs [T, k])."""
         cfg = self.config
         k = cfg.top_k
+        if cfg.router_score_dtype is not None:
+            logits = logits.to(cfg.router_score_dtype)
         if cfg.score_function == "softmax":
             scores = logits.softmax(-1) if cfg.softmax_before_topk else logits
         else:
@@ -104,7 +120,12 @@ class ReferenceMoE(nn.Module):
         if cfg.num_groups is not None:
             (T, E), G = choose.shape, cfg.num_groups
             per_group = choose.view(T, G, E // G)
-            group_score = per_group.topk(k // cfg.group_topk, dim=-1).values.sum(-1)
+            if cfg.group_score == "max":  # DeepSeek-V2 group_limited_greedy
+                group_score = per_group.max(-1).values
+            elif cfg.group_score == "sum_top2":  # DeepSeek-V3
+                group_score = per_group.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = per_group.topk(k // cfg.group_topk, dim=-1).values.sum(-1)
             best_groups = group_score.topk(cfg.group_topk, dim=-1).indices
             allowed = torch.zeros(T, G, dtype=torch.bool, device=choose.device)
             allowed[torch.arange(T, device=choose.device)[:, None], best_groups] = True
@@ -165,11 +186,13 @@ class ReferenceMoE(nn.Module):
     # ---- experts -------------------------------------------------------------------------
     def _expert(self, e: int, x: Tensor) -> Tensor:
         w1, w2 = self.experts.w1[e], self.experts.w2[e]
-        return _act(x @ w1, self.config.activation) @ w2
+        if not self.config.expert_proj_bias:
+            return _act(x @ w1, self.config) @ w2
+        return _act(x @ w1 + self.experts.b1[e], self.config) @ w2 + self.experts.b2[e]
 
     def _shared(self, x: Tensor) -> Tensor:
         se = self.shared_expert
-        y = _act(x @ se.w1, self.config.activation) @ se.w2
+        y = _act(x @ se.w1, self.config) @ se.w2
         if self.config.shared_expert_gate:
             y = torch.sigmoid(x @ se.gate_weight.t()) * y
         return y
@@ -181,6 +204,8 @@ class ReferenceMoE(nn.Module):
         shape = x.shape
         num_seqs = shape[1] if x.dim() == 3 else 1
         x = x.reshape(-1, cfg.hidden_size)
+        if self.training and cfg.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.jitter_noise, 1 + cfg.jitter_noise)
         T = x.shape[0]
         logits = self._logits(x)
         y = torch.zeros_like(x)
@@ -188,7 +213,7 @@ class ReferenceMoE(nn.Module):
             losses = {}
             if cfg.z_loss_coeff > 0:
                 losses["z"] = cfg.z_loss_coeff * logits.logsumexp(-1).square().mean()
-            scores = logits.softmax(-1)
+            scores = logits.to(cfg.router_score_dtype or logits.dtype).softmax(-1)
             cf = cfg.capacity_factor_in(self.training)
             cf = cf if cf is not None else 1.0
             cap = min(T, math.ceil(T * cfg.top_k / cfg.num_experts * cf))
@@ -204,8 +229,11 @@ class ReferenceMoE(nn.Module):
                 tok, slot = ((idx == e) & keep).nonzero(as_tuple=True)
                 if tok.numel() == 0:
                     continue
-                out = self._expert(e, x[tok])
-                y = y.index_add(0, tok, probs[tok, slot, None].to(x.dtype) * out)
+                p = probs[tok, slot, None].to(x.dtype)
+                if cfg.scale_expert_input:  # Llama-4: the weight scales the expert's input
+                    y = y.index_add(0, tok, self._expert(e, p * x[tok]))
+                else:
+                    y = y.index_add(0, tok, p * self._expert(e, x[tok]))
         if cfg.num_shared_experts:
             y = y + self._shared(x)
         return y.reshape(shape), losses

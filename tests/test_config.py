@@ -28,6 +28,12 @@ def make(**changes) -> MoEConfig:
         dict(top_k=8),
         dict(num_shared_experts=2, shared_expert_gate=True, shared_expert_ffn_hidden_size=64),
         dict(params_dtype=torch.bfloat16, activation="gelu"),
+        dict(num_groups=4, group_topk=2, top_k=3, group_score="sum_top2"),  # any top_k
+        dict(num_groups=4, group_topk=2, top_k=3, group_score="max"),
+        dict(router_bias=True, softmax_before_topk=False, expert_proj_bias=True,
+             activation="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0),
+        dict(router_dtype=torch.float32, router_score_dtype=torch.float64),
+        dict(score_function="sigmoid", top_k=1, scale_expert_input=True, jitter_noise=0.01),
     ],
 )
 def test_valid_configs(changes):
@@ -96,6 +102,21 @@ def test_valid_configs(changes):
         (dict(params_dtype=torch.int32), "params_dtype"),
         (dict(init_std=0.0), "init_std"),
         (dict(init_std=float("nan")), "init_std"),
+        (dict(num_groups=4, group_topk=2, group_score="sum"), "group_score"),
+        (dict(group_score="max"), "group_score"),  # without groups
+        (dict(num_experts=4, num_groups=4, group_topk=2, group_score="sum_top2"),
+         "group_score"),  # one expert per group has no top 2
+        (dict(router_dtype=torch.bfloat16), "router_dtype"),
+        (dict(router_score_dtype="float32"), "router_score_dtype"),
+        (dict(jitter_noise=1.0), "jitter_noise"),
+        (dict(jitter_noise=-0.1), "jitter_noise"),
+        (dict(swiglu_alpha=0.0), "swiglu_alpha"),
+        (dict(swiglu_limit=float("inf")), "swiglu_limit"),
+        (dict(router_bias="yes"), "router_bias"),
+        (dict(expert_proj_bias=1), "expert_proj_bias"),
+        (dict(scale_expert_input=None), "scale_expert_input"),
+        (dict(router_type="expert_choice", router_bias=True), "router_bias"),
+        (dict(router_type="expert_choice", scale_expert_input=True), "scale_expert_input"),
     ],
 )
 def test_invalid_configs_name_the_field(changes, field):

@@ -567,6 +567,32 @@ def test_swiglu(dtype, n, f):
     assert_cpu_close(hd.grad, M().swiglu_backward(grad, h), dtype)
 
 
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("n,f", [(1, 1), (37, 13), (300, 64), (0, 8)])
+def test_clamped_swiglu(dtype, n, f):
+    """GPT-OSS's clamped SwiGLU on CUDA against float64 (HF's formula, torch.clamp's gradient)
+    and the CPU op, with a limit that clamps a good part of h."""
+    alpha, limit = 1.702, 2.5
+    h = randn(n, 2 * f, dtype=dtype, seed=n + f) * 4
+    grad = randn(n, f, dtype=dtype, seed=7)
+    poison_allocator()
+    hd = h.to(DEV).requires_grad_(True)
+    out = ops.clamped_swiglu(hd, alpha, limit)
+    out.backward(grad.to(DEV))
+    h64 = h.double().requires_grad_(True)
+    gate, up = h64.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    ref = (up + 1) * gate * torch.sigmoid(alpha * gate)
+    ref.backward(grad.double())
+    assert out.dtype == dtype and out.shape == (n, f) and hd.grad.shape == (n, 2 * f)
+    if n == 0:
+        return
+    assert_ref(out, ref, TOL[dtype])
+    assert_ref(hd.grad, h64.grad, TOL[dtype])
+    assert_cpu_close(out, M().clamped_swiglu(h, alpha, limit), dtype)
+    assert_cpu_close(hd.grad, M().clamped_swiglu_backward(grad, h, alpha, limit), dtype)
+
 # ---------------------------------------------------------------- bad input
 
 

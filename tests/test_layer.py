@@ -41,15 +41,38 @@ CASES = {
     "losses": dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.05, z_loss_coeff=0.01),
     "expert_choice": dict(router_type="expert_choice", z_loss_coeff=0.01),
     "expert_choice_cf": dict(router_type="expert_choice", capacity_factor=0.5),
+    # the Hugging Face families' semantics
+    "deepseek_v3_groups": dict(num_experts=16, top_k=3, num_groups=4, group_topk=2,
+                               group_score="sum_top2", score_function="sigmoid",
+                               expert_bias=True, routed_scaling_factor=2.5,
+                               router_dtype=torch.float32),
+    "deepseek_v2_groups": dict(num_experts=16, top_k=3, num_groups=4, group_topk=2,
+                               group_score="max", norm_topk_prob=False,
+                               routed_scaling_factor=1.5),
+    "gpt_oss": dict(router_bias=True, softmax_before_topk=False, expert_proj_bias=True,
+                    activation="clamped_swiglu", swiglu_limit=0.5),
+    "gpt_oss_block_sparse": dict(router_bias=True, softmax_before_topk=False,
+                                 expert_proj_bias=True, activation="clamped_swiglu",
+                                 swiglu_limit=0.5, expert_impl="block_sparse", block_size=4),
+    "proj_bias_capacity_padded": dict(expert_proj_bias=True, capacity_factor=1.0,
+                                      pad_to_capacity=True),
+    "llama4": dict(score_function="sigmoid", top_k=1, scale_expert_input=True,
+                   num_shared_experts=1, router_score_dtype=torch.float32),
+    "scale_input_top2_capacity": dict(scale_expert_input=True, capacity_factor=1.0),
+    "hf_score_dtype": dict(router_score_dtype=torch.float32),
+    "jitter": dict(jitter_noise=0.2),
 }
 
 
 def _pair(cfg: MoEConfig, seed: int = 0) -> tuple[MoELayer, ReferenceMoE]:
     torch.manual_seed(seed)
     layer = MoELayer(cfg)
-    if cfg.expert_bias:
-        with torch.no_grad():
+    with torch.no_grad():
+        if cfg.expert_bias:
             layer.router.expert_bias.copy_(torch.randn(cfg.num_experts) * 0.2)
+        for bias in (getattr(layer.router, "bias", None), layer.experts.b1, layer.experts.b2):
+            if bias is not None:  # initialised to zero: make them count
+                bias.copy_(torch.randn_like(bias) * 0.3)
     return layer, ReferenceMoE.from_layer(layer)
 
 
@@ -368,3 +391,12 @@ def test_aux_loss_scale_scales_only_the_loss_gradient():
         grads[scale] = layer.router.weight.grad.clone()
     _close(grads[0.25], 0.75 * grads[0.0] + 0.25 * grads[1.0], "scaled router grad")
     assert (grads[1.0] - grads[0.0]).norm() > 1e-3 * grads[0.0].norm()  # the losses matter
+
+
+def test_expert_projection_biases_refuse_expert_tensor_parallelism():
+    from moe_parallel.experts import GroupedExperts
+
+    cfg = MoEConfig(**{**BASE, "expert_proj_bias": True})
+    with pytest.raises(ValueError, match="expert_proj_bias=True is not supported with expert "
+                                         "tensor parallelism"):
+        GroupedExperts(cfg, 8, cfg.ffn_hidden_size // 2)

@@ -131,3 +131,59 @@ def test_twin_bad_input_names_the_argument():
         ops.swiglu_torch(torch.randn(2, 3))
     with pytest.raises(ValueError, match="grad_out must have shape"):
         ops.swiglu_backward_torch(torch.randn(2, 2), torch.randn(2, 6))
+
+
+# ---- clamped SwiGLU (GPT-OSS) ----------------------------------------------------------------
+
+def clamped_reference(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Hugging Face GPT-OSS's ``_apply_gate`` on [gate | up] halves, in float64."""
+    gate, up = h.double().chunk(2, dim=-1)
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+CLAMPS = [(1.702, 7.0), (1.0, 2.5)]  # GPT-OSS's values; a tight limit (a third of h clamped)
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("n,f", SHAPES)
+@pytest.mark.parametrize("alpha,limit", CLAMPS)
+def test_clamped_forward_and_backward_match_float64(dtype, n, f, alpha, limit):
+    h = make_h(n, f, dtype, seed=n + f, scale=4.0).requires_grad_(True)
+    out = ops.clamped_swiglu(h, alpha, limit)
+    assert out.shape == (n, f) and out.dtype == dtype
+    grad = torch.randn(n, f, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad.to(dtype))
+    h64 = h.detach().double().requires_grad_(True)
+    ref = clamped_reference(h64, alpha, limit)
+    ref.backward(grad)
+    if n == 0:
+        assert h.grad.shape == (0, 2 * f)
+        return
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(h.grad, h64.grad) < TOL[dtype]
+    clamped = (h64.detach()[:, :f] > limit) | (h64.detach()[:, f:].abs() > limit)
+    assert n * f < 20 or clamped.any()  # the clamps are exercised, their zero gradient too
+
+
+def test_clamped_twin_matches_float64():
+    h = make_h(40, 11, torch.float64, seed=5, scale=4.0)
+    alpha, limit = CLAMPS[1]
+    assert rel_err(ops.clamped_swiglu_torch(h, alpha, limit),
+                   clamped_reference(h, alpha, limit)) < TOL[torch.float64]
+    grad = torch.randn(40, 11, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    h64 = h.clone().requires_grad_(True)
+    clamped_reference(h64, alpha, limit).backward(grad)
+    assert rel_err(ops.clamped_swiglu_backward_torch(grad, h, alpha, limit),
+                   h64.grad) < TOL[torch.float64]
+
+
+@needs_ext
+def test_clamped_gradcheck_and_opcheck():
+    h = make_h(6, 9, torch.float64, seed=7, scale=4.0).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops.clamped_swiglu(t, 1.3, 2.5), (h,))
+    torch.library.opcheck(torch.ops.moe_parallel.clamped_swiglu.default, (h, 1.3, 2.5))
+    grad = torch.randn(6, 9, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.moe_parallel.clamped_swiglu_backward.default,
+                          (grad, h.detach(), 1.3, 2.5))

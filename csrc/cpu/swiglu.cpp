@@ -3,6 +3,11 @@
 // swiglu_backward: with s = sigmoid(g),
 //   grad_gate = grad_out * up * s * (1 + g * (1 - s)),   grad_up = grad_out * g * s,
 //   grad_h [N, 2F] = [grad_gate | grad_up].
+// clamped_swiglu (GPT-OSS), with g = min(gate, L), u = clamp(up, -L, L), s = sigmoid(alpha * g):
+//   out = (u + 1) * g * s;
+//   grad_gate = grad_out * (u + 1) * s * (1 + alpha * g * (1 - s)) where gate < L, else 0,
+//   grad_up = grad_out * g * s where -L < up < L, else 0 (torch.clamp's gradient: zero at the
+//   bounds themselves).
 // Math in float32 (float64 for float64, with std::exp). float32/bfloat16/float16 use a
 // Cody-Waite + degree-5 polynomial exp (relative error ~2e-7 on silu); float32 rows run 8 columns
 // at a time with AVX2+FMA where the CPU has them (checked at run time). Rows are split over
@@ -184,9 +189,51 @@ void over_rows(int64_t N, int64_t work, const Body& body) {
   }
 }
 
-}  // namespace
+// clamped_swiglu rows (scalar: one pass, same sigmoid as swiglu).
+template <typename scalar_t>
+void clamped_fwd_rows(const scalar_t* h, scalar_t* out, int64_t r0, int64_t r1, int64_t F,
+                      double alpha, double limit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t a = static_cast<acc_t>(alpha), L = static_cast<acc_t>(limit);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* gate = h + r * 2 * F;
+    const scalar_t* up = gate + F;
+    scalar_t* o = out + r * F;
+    for (int64_t j = 0; j < F; ++j) {
+      const acc_t g = std::min(static_cast<acc_t>(gate[j]), L);
+      const acc_t u = std::min(std::max(static_cast<acc_t>(up[j]), -L), L);
+      o[j] = static_cast<scalar_t>((u + acc_t(1)) * g * sigmoid(a * g));
+    }
+  }
+}
 
-at::Tensor swiglu_cpu(const at::Tensor& h_in) {
+template <typename scalar_t>
+void clamped_bwd_rows(const scalar_t* grad_out, const scalar_t* h, scalar_t* grad_h, int64_t r0,
+                      int64_t r1, int64_t F, double alpha, double limit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t a = static_cast<acc_t>(alpha), L = static_cast<acc_t>(limit);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* gate = h + r * 2 * F;
+    const scalar_t* up = gate + F;
+    const scalar_t* go = grad_out + r * F;
+    scalar_t* gg = grad_h + r * 2 * F;
+    scalar_t* gu = gg + F;
+    for (int64_t j = 0; j < F; ++j) {
+      const acc_t graw = static_cast<acc_t>(gate[j]), uraw = static_cast<acc_t>(up[j]);
+      const acc_t g = std::min(graw, L);
+      const acc_t u = std::min(std::max(uraw, -L), L);
+      const acc_t s = sigmoid(a * g);
+      const acc_t d = static_cast<acc_t>(go[j]);
+      const acc_t dg = d * (u + acc_t(1)) * s * (acc_t(1) + a * g * (acc_t(1) - s));
+      gg[j] = static_cast<scalar_t>(graw < L ? dg : acc_t(0));
+      gu[j] = static_cast<scalar_t>(uraw > -L && uraw < L ? d * g * s : acc_t(0));
+    }
+  }
+}
+
+// out [N, F] from h [N, 2F]: rows(h, out, r0, r1, F) over OpenMP row ranges, per dtype.
+template <typename Rows>
+at::Tensor forward_op(const at::Tensor& h_in, const Rows& rows) {
   check_swiglu_args(h_in);
   const at::Tensor h = h_in.contiguous();
   const int64_t N = h.size(0), F = h.size(1) / 2;
@@ -194,12 +241,14 @@ at::Tensor swiglu_cpu(const at::Tensor& h_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "swiglu_cpu", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    over_rows(N, N * F, [&](int64_t r0, int64_t r1) { fwd_rows(hp, op, r0, r1, F); });
+    over_rows(N, N * F, [&](int64_t r0, int64_t r1) { rows(hp, op, r0, r1, F); });
   });
   return out;
 }
 
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& h_in) {
+// grad_h [N, 2F] from grad_out [N, F] and h: rows(grad_out, h, grad_h, r0, r1, F).
+template <typename Rows>
+at::Tensor backward_op(const at::Tensor& grad_out_in, const at::Tensor& h_in, const Rows& rows) {
   check_swiglu_backward_args(grad_out_in, h_in);
   const at::Tensor h = h_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();
@@ -210,9 +259,36 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
         const scalar_t* gp = grad_out.data_ptr<scalar_t>();
         const scalar_t* hp = h.data_ptr<scalar_t>();
         scalar_t* out = grad_h.data_ptr<scalar_t>();
-        over_rows(N, 2 * N * F, [&](int64_t r0, int64_t r1) { bwd_rows(gp, hp, out, r0, r1, F); });
+        over_rows(N, 2 * N * F, [&](int64_t r0, int64_t r1) { rows(gp, hp, out, r0, r1, F); });
       });
   return grad_h;
+}
+
+}  // namespace
+
+at::Tensor swiglu_cpu(const at::Tensor& h) {
+  return forward_op(h, [](const auto* hp, auto* op, int64_t r0, int64_t r1, int64_t F) {
+    fwd_rows(hp, op, r0, r1, F);
+  });
+}
+
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h) {
+  return backward_op(grad_out, h, [](const auto* gp, const auto* hp, auto* out, int64_t r0,
+                                     int64_t r1, int64_t F) { bwd_rows(gp, hp, out, r0, r1, F); });
+}
+
+at::Tensor clamped_swiglu_cpu(const at::Tensor& h, double alpha, double limit) {
+  return forward_op(h, [=](const auto* hp, auto* op, int64_t r0, int64_t r1, int64_t F) {
+    clamped_fwd_rows(hp, op, r0, r1, F, alpha, limit);
+  });
+}
+
+at::Tensor clamped_swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
+                                       double alpha, double limit) {
+  return backward_op(grad_out, h, [=](const auto* gp, const auto* hp, auto* out, int64_t r0,
+                                      int64_t r1, int64_t F) {
+    clamped_bwd_rows(gp, hp, out, r0, r1, F, alpha, limit);
+  });
 }
 
 }  // namespace moe_parallel

@@ -21,6 +21,8 @@ TORCH_LIBRARY_IMPL(moe_parallel, CUDA, m) {
   m.impl("bsr_wgrad", &moe_parallel::bsr_wgrad_impl);
   m.impl("swiglu", &moe_parallel::swiglu_cuda);
   m.impl("swiglu_backward", &moe_parallel::swiglu_backward_cuda);
+  m.impl("clamped_swiglu", &moe_parallel::clamped_swiglu_cuda);
+  m.impl("clamped_swiglu_backward", &moe_parallel::clamped_swiglu_backward_cuda);
 }
 
 #endif  // MOE_PARALLEL_WITH_CUDA

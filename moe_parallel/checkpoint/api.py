@@ -53,7 +53,7 @@ __all__ = ["CheckpointError", "PendingSave", "load", "resolve", "save"]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model (raised on every rank)."""
+    """A checkpoint that cannot be saved or loaded as asked (raised on every rank alike)."""
 
 
 # ---- every rank decides the same -------------------------------------------------------------

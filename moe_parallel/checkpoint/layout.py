@@ -8,6 +8,7 @@ Routed experts are the only sharded state. ``GroupedExperts`` of EP rank ``p`` a
     w1 local [El, H, 2Fl]  (SwiGLU, gate | up) = two chunks of global w1 [E, H, 2F]:
         local [:, :, 0:Fl]   -> global [e0:e0+El, :, f0:f0+Fl]
         local [:, :, Fl:2Fl] -> global [e0:e0+El, :, F+f0:F+f0+Fl]
+    b1 local [El, (2)F], b2 local [El, H] (``expert_proj_bias``, no ETP) = rows e0..e0+El
 
 ``GlobalLayout.annotate`` returns an alias of the local tensor (same storage) carrying DCP's
 ``CheckpointableTensor`` fields (``global_shape``, ``global_offsets``, ``local_offsets``,
@@ -72,7 +73,13 @@ def expert_layouts(experts: GroupedExperts) -> dict[str, GlobalLayout]:
         w1 = GlobalLayout((E, H, 2 * F), (El, H, 2 * Fl), halves)
     else:
         w1 = GlobalLayout((E, H, F), (El, H, Fl), (Chunk((e0, 0, f0), (0, 0, 0), (El, H, Fl)),))
-    return {"w1": w1, "w2": w2}
+    layouts = {"w1": w1, "w2": w2}
+    for name in ("b1", "b2"):  # whole rows of experts (expert projection biases: etp = 1)
+        bias = getattr(experts, name, None)
+        if bias is not None:
+            D = bias.shape[1]
+            layouts[name] = GlobalLayout((E, D), (El, D), (Chunk((e0, 0), (0, 0), (El, D)),))
+    return layouts
 
 
 def sharded_layouts(model: nn.Module, strict: bool = True) -> dict[int, GlobalLayout]:

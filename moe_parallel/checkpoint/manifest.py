@@ -25,8 +25,8 @@ from ..config import MoEConfig
 FORMAT = 1
 NAME = "moe_parallel.json"
 MODEL_FIELDS = ("num_experts", "hidden_size", "ffn_hidden_size", "activation", "router_type",
-                "noisy_gating", "expert_bias", "num_shared_experts", "shared_ffn_size",
-                "shared_expert_gate")
+                "noisy_gating", "expert_bias", "router_bias", "expert_proj_bias",
+                "num_shared_experts", "shared_ffn_size", "shared_expert_gate")
 LAYOUT_FIELDS = ("world_size", "tp", "cp", "ep", "etp", "pp", "dp", "edp")
 
 

@@ -1,8 +1,10 @@
 """Expert activations on the first GEMM's output ``h``, and that GEMM's width.
 
-    swiglu: silu(h[:, :F]) * h[:, F:]     (h [rows, 2F] = gate | up; ``ops.swiglu``, fused)
-    gelu:   gelu(h) (erf form)            relu: max(h, 0)             (h [rows, F])
-Every one has act(0) = 0, so zero padding rows stay zero.
+    swiglu:         silu(h[:, :F]) * h[:, F:]    (h [rows, 2F] = gate | up; ``ops.swiglu``, fused)
+    clamped_swiglu: (clamp(up, -L, L) + 1)·g·sigmoid(α·g), g = min(gate, L)   (GPT-OSS; fused,
+                    ``ops.clamped_swiglu``; α = ``swiglu_alpha``, L = ``swiglu_limit``)
+    gelu:           gelu(h) (erf form)           relu: max(h, 0)             (h [rows, F])
+Every one has act(0) = 0, so zero padding rows stay zero (without expert projection biases).
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from .. import ops
 from ..config import MoEConfig
 
 
-def activate(h: Tensor, activation: str) -> Tensor:
-    """Apply the expert activation to the first GEMM's output ``h`` ([rows, F] or [rows, 2F])."""
+def activate(h: Tensor, config: MoEConfig) -> Tensor:
+    """Apply ``config.activation`` to the first GEMM's output ``h`` ([rows, F] or [rows, 2F])."""
+    activation = config.activation
     if activation == "swiglu":
         return ops.swiglu(h)
+    if activation == "clamped_swiglu":
+        return ops.clamped_swiglu(h, config.swiglu_alpha, config.swiglu_limit)
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
         return F.relu(h)
-    raise ValueError(f"activation must be one of ('swiglu', 'gelu', 'relu'), got {activation!r}")
+    raise ValueError("activation must be one of ('swiglu', 'clamped_swiglu', 'gelu', 'relu'), "
+                     f"got {activation!r}")
 
 
 def fc1_width(config: MoEConfig, ffn_size: int) -> int:

@@ -11,9 +11,11 @@ For the local experts' rows ``x [N, H]`` grouped by expert with counts ``c_e`` a
                                               n..2n-1 (n = F / B; w1 columns are gate | up)
     y_pad = bsr_dsd(a, w2, topology(F / B))
     y = y_pad[real rows]                      [N, H]
-Padding rows are zero in ``x_pad`` (act(0) = 0 for every activation here), never reach ``y``,
-and receive no gradient (``y`` gathers only the real rows), so the weight gradients are those
-of the real rows. Per call at most ``E·(B - 1)`` padding rows are added.
+With projection biases ``b1 [E, F1]``, ``b2 [E, H]`` (GPT-OSS), each block of the first product
+adds its expert's ``b1`` columns and each real output row its expert's ``b2``.
+Padding rows are zero in ``x_pad``, never reach ``y`` and receive no gradient (``y`` gathers
+only the real rows), so the weight gradients are those of the real rows. Per call at most
+``E·(B - 1)`` padding rows are added.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..config import MoEConfig
+from .activation import activate
 
 DEFAULT_BLOCK_SIZE = {"cuda": 128, "cpu": 32}
 
@@ -66,26 +70,29 @@ def _row_maps(group_sizes: Tensor, padded_offsets: Tensor, device: torch.device
     return pad_map.to(device), real.view(-1, 1).to(device)
 
 
-def _activate_blocks(blocks: Tensor, activation: str, n_blocks: int, block_size: int) -> Tensor:
+def _activate_blocks(blocks: Tensor, config: MoEConfig, n_blocks: int, block_size: int
+                     ) -> Tensor:
     """The activation on the first product's blocks, returned in the second product's layout."""
     b = block_size
-    if activation == "swiglu":
+    if config.gated:
         gate, up = blocks.view(-1, 2, n_blocks, b, b).unbind(1)
+        if config.activation == "clamped_swiglu":
+            alpha, limit = config.swiglu_alpha, config.swiglu_limit
+            gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+            return ((up + 1) * gate * torch.sigmoid(alpha * gate)).reshape(-1, b, b)
         return (F.silu(gate) * up).reshape(-1, b, b)
-    if activation == "gelu":
-        return F.gelu(blocks)
-    if activation == "relu":
-        return F.relu(blocks)
-    raise ValueError(f"activation must be one of ('swiglu', 'gelu', 'relu'), got {activation!r}")
+    return activate(blocks, config)
 
 
 def block_sparse_ffn(
-    x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, block_size: int, activation: str
+    x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, block_size: int, config: MoEConfig,
+    b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
 ) -> tuple[Tensor, int]:
     """``y [N, H]`` of the experts (see the module docstring) and the padded row count.
 
-    ``x [N, H]`` grouped by expert; ``w1 [E, H, F1]`` (``F1 = 2F`` for SwiGLU, else ``F``);
-    ``w2 [E, F, H]``; ``group_sizes [E]`` CPU int64 summing to ``N``; ``F % block_size == 0``.
+    ``x [N, H]`` grouped by expert; ``w1 [E, H, F1]`` (``F1 = 2F`` for the SwiGLUs, else
+    ``F``); ``w2 [E, F, H]``; optional biases ``b1 [E, F1]``, ``b2 [E, H]``; ``group_sizes
+    [E]`` CPU int64 summing to ``N``; ``F % block_size == 0``.
     """
     b = block_size
     ffn = w2.shape[1]
@@ -102,7 +109,18 @@ def block_sparse_ffn(
         pad_map, real_map = _row_maps(group_sizes, padded_offsets, x.device)
         x_pad = ops.unpermute(x, pad_map, validate=False)  # maps built in range above
     blocks = ops.bsr_sdd(x_pad, w1, block_row, block_col, b)
-    a = _activate_blocks(blocks, activation, n2, b)
+    if b1 is not None:  # block k holds columns of global column block block_col[k]
+        blocks = blocks + b1.reshape(-1, b)[block_col.to(blocks.device)].unsqueeze(1)
+    a = _activate_blocks(blocks, config, n2, b)
     y_pad = ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)
     y = y_pad if real_map is None else ops.unpermute(y_pad, real_map, validate=False)
+    if b2 is not None:
+        y = y + expert_rows(b2, group_sizes)
     return y, num_padded
+
+
+def expert_rows(bias: Tensor, group_sizes: Tensor) -> Tensor:
+    """``[N, D]``: row ``i`` holds ``bias[e]`` of the expert ``e`` that row ``i`` belongs to
+    (``group_sizes [E]`` CPU int64, rows grouped by expert)."""
+    sizes = group_sizes.to(bias.device)
+    return bias.repeat_interleave(sizes, dim=0, output_size=int(group_sizes.sum()))

@@ -3,9 +3,13 @@ GEMMs.
 
 Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecutive in ``x``):
     h = x_e @ w1[e]                     w1: [E_local, H, F]   (SwiGLU: [E_local, H, 2F], gate | up)
-    a = act(h)                          SwiGLU: silu(h[:, :F]) * h[:, F:]; GELU (erf); ReLU
+    a = act(h)                          SwiGLU: silu(h[:, :F]) * h[:, F:]; clamped SwiGLU;
+                                        GELU (erf); ReLU
     y_e = a @ w2[e]                     w2: [E_local, F, H]
-With no biases, act(0) = 0 for every activation, so zero padding rows produce zero outputs.
+With ``expert_proj_bias`` (GPT-OSS) ``h += b1[e]`` (``b1 [E_local, (2)F]``, gate | up) and
+``y_e += b2[e]`` (``b2 [E_local, H]``), both initialised to zero. Without biases act(0) = 0 for
+every activation, so zero padding rows produce zero outputs; with them padding rows are never
+read back and get no gradient.
 ``config.expert_impl`` picks the computation of the same formula: ``"grouped"``
 (``ops.grouped_gemm``, the default) or ``"block_sparse"`` (dropless block-sparse products,
 ``block_sparse.py``).
@@ -23,7 +27,14 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import MoEConfig
 from .activation import activate, fc1_width
-from .block_sparse import block_sparse_ffn, resolve_block_size
+from .block_sparse import block_sparse_ffn, expert_rows, resolve_block_size
+
+
+def shard_expert_bias(bias: Tensor, ep_rank: int, ep: int) -> Tensor:
+    """The EP rank's experts ``bias[p·E/ep : (p+1)·E/ep]`` of a full expert projection bias
+    ``[E, D]`` (``b1`` or ``b2``; these are refused with ``etp > 1``); a new contiguous tensor."""
+    El = bias.shape[0] // ep
+    return bias[ep_rank * El:(ep_rank + 1) * El].clone(memory_format=torch.contiguous_format)
 
 
 def shard_expert_weights(
@@ -84,10 +95,22 @@ class GroupedExperts(nn.Module):
                              f"{config.ffn_hidden_size}")
         self.first_expert, self.etp_rank = first_expert, etp_rank
         self.etp = config.ffn_hidden_size // self.ffn_size
+        if config.expert_proj_bias and self.etp > 1:
+            raise ValueError(
+                "expert_proj_bias=True is not supported with expert tensor parallelism "
+                f"(etp={self.etp}): the second projection's bias would be added once per ETP "
+                "rank; use etp=1"
+            )
         kw = dict(device=device, dtype=config.params_dtype)
         H, Fw = config.hidden_size, fc1_width(config, self.ffn_size)
         self.w1 = nn.Parameter(torch.empty(self.num_local_experts, H, Fw, **kw))
         self.w2 = nn.Parameter(torch.empty(self.num_local_experts, self.ffn_size, H, **kw))
+        if config.expert_proj_bias:
+            self.b1 = nn.Parameter(torch.zeros(self.num_local_experts, Fw, **kw))
+            self.b2 = nn.Parameter(torch.zeros(self.num_local_experts, H, **kw))
+        else:
+            self.register_parameter("b1", None)
+            self.register_parameter("b2", None)
         self.block_size = (
             resolve_block_size(config.block_size, self.ffn_size, self.w1.device)
             if config.expert_impl == "block_sparse" else None
@@ -105,9 +128,12 @@ class GroupedExperts(nn.Module):
         ep: int = 1,
         etp_rank: int = 0,
         etp: int = 1,
+        b1: Tensor | None = None,
+        b2: Tensor | None = None,
     ) -> GroupedExperts:
         """The local experts of (``ep_rank``, ``etp_rank``), copied from full weights ``w1``
-        ``[E, H, (2)F]`` and ``w2`` ``[E, F, H]`` (see ``shard_expert_weights``)."""
+        ``[E, H, (2)F]`` and ``w2`` ``[E, F, H]`` (see ``shard_expert_weights``) and, with
+        ``expert_proj_bias``, biases ``b1 [E, (2)F]``, ``b2 [E, H]``."""
         w1_s, w2_s = shard_expert_weights(w1.detach(), w2.detach(), ep_rank, ep, etp_rank, etp,
                                           config.gated)
         experts = cls(config, w1_s.shape[0], w2_s.shape[1], device=w1.device,
@@ -115,6 +141,11 @@ class GroupedExperts(nn.Module):
         with torch.no_grad():
             experts.w1.copy_(w1_s)
             experts.w2.copy_(w2_s)
+            if experts.b1 is not None:
+                if b1 is None or b2 is None:
+                    raise ValueError("expert_proj_bias=True: from_full needs b1 and b2")
+                experts.b1.copy_(shard_expert_bias(b1.detach(), ep_rank, ep))
+                experts.b2.copy_(shard_expert_bias(b2.detach(), ep_rank, ep))
         return experts
 
     def reset_parameters(self) -> None:
@@ -139,10 +170,15 @@ class GroupedExperts(nn.Module):
         """``x`` [N, H] grouped by local expert; ``group_sizes`` [E_local] CPU int64, sum N."""
         if self.block_size is not None:
             y, self.last_padded_rows = block_sparse_ffn(
-                x, self.w1, self.w2, group_sizes, self.block_size, self.config.activation
+                x, self.w1, self.w2, group_sizes, self.block_size, self.config, self.b1, self.b2
             )
             return y
         backend = self.config.grouped_gemm_backend
         h = ops.grouped_gemm(x, self.w1, group_sizes, backend=backend)
-        a = activate(h, self.config.activation)
-        return ops.grouped_gemm(a, self.w2, group_sizes, backend=backend)
+        if self.b1 is not None:
+            h = h + expert_rows(self.b1, group_sizes)
+        a = activate(h, self.config)
+        y = ops.grouped_gemm(a, self.w2, group_sizes, backend=backend)
+        if self.b2 is not None:
+            y = y + expert_rows(self.b2, group_sizes)
+        return y

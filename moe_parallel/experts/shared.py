@@ -38,7 +38,7 @@ class SharedExpert(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [T, H] -> [T, H]."""
-        y = activate(x @ self.w1, self.config.activation) @ self.w2
+        y = activate(x @ self.w1, self.config) @ self.w2
         if self.gate_weight is not None:
             y = torch.sigmoid(x @ self.gate_weight.t()) * y
         return y

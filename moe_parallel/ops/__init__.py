@@ -12,7 +12,8 @@ Index tensors are int64; float tensors are float32, float64, bfloat16 or float16
 * ``sort_chunks(x, split_sizes, order) -> cat([chunk[order[0]], chunk[order[1]], ...])``.
 * ``grouped_gemm(a, b, group_sizes, trans_b=False) -> out``: rows of group ``g`` are
   ``a_g @ b[g]`` (``a_g @ b[g]^T`` when ``trans_b``).
-* ``swiglu(h) -> out``: ``silu(h[:, :F]) * h[:, F:]`` for ``h [N, 2F]``, fused in one pass.
+* ``swiglu(h) -> out``: ``silu(h[:, :F]) * h[:, F:]`` for ``h [N, 2F]``, fused in one pass;
+  ``clamped_swiglu(h, alpha, limit)``: GPT-OSS's clamped variant (``swiglu.py``).
 * ``block_topology`` / ``bsr_sdd`` / ``bsr_dsd``: block-sparse (dropless) expert products, see
   ``block_sparse`` and csrc/cpu/block_sparse.cpp.
 
@@ -26,7 +27,7 @@ registers the fake (meta) kernels and the autograd formulas of its ops:
 * sort_chunks:  ``grad_x = sort_chunks(grad, split_sizes[order], argsort(order))``
 * grouped_gemm: ``grad_a = grouped_gemm(grad_out, b, gs, not trans_b)``,
   ``grad_b = grouped_gemm_wgrad(a, grad_out, gs, trans_b)``
-* swiglu:       ``grad_h = swiglu_backward(grad_out, h)``
+* swiglu:       ``grad_h = swiglu_backward(grad_out, h)`` (``clamped_swiglu_backward`` likewise)
 * bsr_sdd:      ``grad_x = bsr_dsd(grad_blocks, w^T, row_ptr, block_col)``,
   ``grad_w = bsr_wgrad(x, grad_blocks, ..., trans=False)``
 * bsr_dsd:      ``grad_blocks = bsr_sdd(grad_y, w^T, block_row, block_col)``,
@@ -77,7 +78,14 @@ from .permute import (
     unpermute_torch,
 )
 from .sort_chunks import sort_chunks, sort_chunks_torch
-from .swiglu import swiglu, swiglu_backward_torch, swiglu_torch
+from .swiglu import (
+    clamped_swiglu,
+    clamped_swiglu_backward_torch,
+    clamped_swiglu_torch,
+    swiglu,
+    swiglu_backward_torch,
+    swiglu_torch,
+)
 
 __all__ = [
     "OP_NAMES",
@@ -92,6 +100,9 @@ __all__ = [
     "grouped_gemm",
     "GROUPED_GEMM_BACKENDS",
     "swiglu",
+    "clamped_swiglu",
+    "clamped_swiglu_torch",
+    "clamped_swiglu_backward_torch",
     "permute_torch",
     "unpermute_torch",
     "unpermute_backward_torch",

@@ -33,6 +33,8 @@ OP_NAMES = (
     "bsr_wgrad",
     "swiglu",
     "swiglu_backward",
+    "clamped_swiglu",
+    "clamped_swiglu_backward",
 )
 _REQUIRE_ENV = "MOE_PARALLEL_REQUIRE_EXTENSION"
 _REGISTERED: set[str] = set()  # ops whose fake kernel (and autograd formula) are registered

@@ -1,5 +1,10 @@
 """Fused SwiGLU: ``swiglu(h) -> silu(h[:, :F]) * h[:, F:]`` for ``h = [gate | up]`` ``[N, 2F]``
-and its backward ``swiglu_backward(grad_out, h) -> [grad_gate | grad_up]``.
+and its backward ``swiglu_backward(grad_out, h) -> [grad_gate | grad_up]``; and GPT-OSS's clamped
+variant ``clamped_swiglu(h, alpha, limit)``: with ``g = min(gate, L)``, ``u = clamp(up, -L, L)``,
+``s = sigmoid(alpha·g)``: ``out = (u + 1)·g·s``;
+``grad_gate = grad·(u + 1)·s·(1 + alpha·g·(1 - s))`` where ``gate < L`` (else 0),
+``grad_up = grad·g·s`` where ``-L < up < L`` (else 0): torch.clamp's gradient, zero at the
+bounds themselves.
 
 ``silu(g) = g·sigmoid(g)``, computed in float32 (float64 for float64) in one pass over ``h``;
 with ``s = sigmoid(gate)``: ``grad_gate = grad_out·up·s·(1 + gate·(1 - s))``,
@@ -46,6 +51,38 @@ def swiglu_backward_torch(grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tens
     return torch.cat([d * up * s * (1 + gate * (1 - s)), d * gate * s], dim=-1).to(h.dtype)
 
 
+def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU of ``h = [gate | up]`` ``[N, 2F]`` (module docstring): ``out``
+    ``[N, F]`` in h's dtype, computed in float32 (float64 for float64) in one pass."""
+    if has_extension():
+        return torch.ops.moe_parallel.clamped_swiglu(h.contiguous(), float(alpha), float(limit))
+    return clamped_swiglu_torch(h, alpha, limit)
+
+
+def clamped_swiglu_torch(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """``(clamp(up, -L, L) + 1)·g·sigmoid(alpha·g)``, ``g = min(gate, L)`` (HF GPT-OSS's
+    ``_apply_gate`` on de-interleaved columns), in float32 (float64 for float64)."""
+    _check_swiglu_static(h)
+    gate, up = h.to(_acc_dtype(h.dtype)).chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return ((up + 1) * gate * torch.sigmoid(gate * alpha)).to(h.dtype)
+
+
+def clamped_swiglu_backward_torch(grad_out: torch.Tensor, h: torch.Tensor, alpha: float,
+                                  limit: float) -> torch.Tensor:
+    """``[grad_gate | grad_up]`` of ``clamped_swiglu`` (module docstring)."""
+    _check_swiglu_backward_static(grad_out, h)
+    acc = _acc_dtype(h.dtype)
+    graw, uraw = h.to(acc).chunk(2, dim=-1)
+    g, u = graw.clamp(max=limit), uraw.clamp(min=-limit, max=limit)
+    d = grad_out.to(acc)
+    s = torch.sigmoid(alpha * g)
+    dg = d * (u + 1) * s * (1 + alpha * g * (1 - s)) * (graw < limit)
+    du = d * g * s * ((uraw > -limit) & (uraw < limit))
+    return torch.cat([dg, du], dim=-1).to(h.dtype)
+
+
 def _check_swiglu_static(h: torch.Tensor) -> None:
     _check_float(h, "h", 2)
     if h.shape[1] % 2:
@@ -88,5 +125,26 @@ def _swiglu_backward(ctx, grad_out):
     return {"h": torch.ops.moe_parallel.swiglu_backward(grad_out.contiguous(), h)}
 
 
+def _clamped_fake(h, alpha, limit):
+    return _swiglu_fake(h)
+
+
+def _clamped_backward_fake(grad_out, h, alpha, limit):
+    return _swiglu_backward_fake(grad_out, h)
+
+
+def _clamped_setup(ctx, args, output):
+    ctx.save_for_backward(args["h"])
+    ctx.alpha, ctx.limit = args["alpha"], args["limit"]
+
+
+def _clamped_backward(ctx, grad_out):
+    (h,) = ctx.saved_tensors
+    return {"h": torch.ops.moe_parallel.clamped_swiglu_backward(grad_out.contiguous(), h,
+                                                                 ctx.alpha, ctx.limit)}
+
+
 register("swiglu", _swiglu_fake, _swiglu_setup, _swiglu_backward)
 register("swiglu_backward", _swiglu_backward_fake)
+register("clamped_swiglu", _clamped_fake, _clamped_setup, _clamped_backward)
+register("clamped_swiglu_backward", _clamped_backward_fake)

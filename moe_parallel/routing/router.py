@@ -1,6 +1,8 @@
 """Routers: which experts each token goes to, and with which combine weight.
 
-Token choice (``TopKRouter``), with ``logits = x W^T`` (``W`` = ``weight`` ``[E, H]``):
+Token choice (``TopKRouter``), with ``logits = x W^T (+ b_r)`` (``W`` = ``weight`` ``[E, H]``,
+``b_r`` = ``bias`` ``[E]`` with ``router_bias``) in the router dtype, and the scores below
+computed in ``router_score_dtype`` (default: the router dtype) from those logits:
 
 * softmax, ``softmax_before_topk``: ``s = softmax(logits)``; select ``topk(s + b)``;
   ``p = s[selected]``, divided by its sum when ``renormalize_topk``.
@@ -12,8 +14,9 @@ Token choice (``TopKRouter``), with ``logits = x W^T`` (``W`` = ``weight`` ``[E,
 
 ``b`` is the selection-only expert bias (zero unless ``expert_bias``). With
 ``num_groups = G`` and ``group_topk = M`` the selection scores ``s + b`` are viewed as
-``[T, G, E/G]``, a group's score is the sum of its ``top_k // M`` best scores, only the ``M``
-best groups stay selectable. With ``noisy_gating``, in training,
+``[T, G, E/G]``, a group's score is (``group_score``) the sum of its ``top_k // M`` best scores
+(``"sum_topk"``), of its 2 best (``"sum_top2"``, DeepSeek-V3) or its best (``"max"``,
+DeepSeek-V2), and only the ``M`` best groups stay selectable. With ``noisy_gating``, in training,
 ``logits = x W^T + randn_like · softplus(x W_noise^T)``.
 
 Expert choice (``ExpertChoiceRouter``): ``s = softmax(logits)`` ``[T, E]``; expert ``e`` takes
@@ -21,8 +24,9 @@ the ``C = min(T, ceil(T·top_k/E·cf))`` tokens with the highest ``s[:, e]``.
 
 Losses (``losses.py``) are returned coefficient-scaled, keyed ``"aux"``, ``"seq_aux"``, ``"z"``.
 
-All router math runs in float32 whatever the input dtype (float64 when the router parameters
-are float64, i.e. ``params_dtype=torch.float64``).
+The router dtype is ``router_dtype`` when set, else float32 whatever the input dtype (float64
+when the router parameters are float64, i.e. ``params_dtype=torch.float64``); x and the router
+parameters are cast to it.
 """
 
 from __future__ import annotations
@@ -101,7 +105,9 @@ def _check_logits(logits: Tensor) -> None:
         )
 
 
-def _compute_dtype(weight: Tensor) -> torch.dtype:
+def _compute_dtype(weight: Tensor, config: MoEConfig) -> torch.dtype:
+    if config.router_dtype is not None:
+        return config.router_dtype
     return torch.promote_types(weight.dtype, torch.float32)
 
 
@@ -139,6 +145,10 @@ class TopKRouter(nn.Module):
             self.noise_weight = nn.Parameter(torch.empty(E, H, dtype=dtype))
         else:
             self.register_parameter("noise_weight", None)
+        if config.router_bias:
+            self.bias = nn.Parameter(torch.zeros(E, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         else:
@@ -163,19 +173,22 @@ class TopKRouter(nn.Module):
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
         E, k = cfg.num_experts, cfg.top_k
-        dtype = _compute_dtype(self.weight)
+        dtype = _compute_dtype(self.weight, cfg)
         xr = x.to(dtype)
-        logits = F.linear(xr, self.weight.to(dtype))
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        logits = F.linear(xr, self.weight.to(dtype), bias)
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(xr, self.noise_weight.to(dtype)))
             logits = logits + torch.randn_like(logits) * noise_std
         if cfg.check_finite and check:
             _check_logits(logits)
 
+        score_logits = logits.to(cfg.router_score_dtype or dtype)
         if cfg.score_function == "softmax":
-            scores = torch.softmax(logits, dim=-1) if cfg.softmax_before_topk else logits
+            scores = (torch.softmax(score_logits, dim=-1) if cfg.softmax_before_topk
+                      else score_logits)
         else:
-            scores = torch.sigmoid(logits)
+            scores = torch.sigmoid(score_logits)
 
         expert_idx = self._select(scores.detach())
         picked = scores.gather(1, expert_idx)
@@ -228,7 +241,11 @@ class TopKRouter(nn.Module):
         if cfg.num_groups is not None:
             (T, E), G = choose.shape, cfg.num_groups
             per_group = choose.view(T, G, E // G)  # explicit sizes: T may be 0
-            group_score = per_group.topk(cfg.top_k // cfg.group_topk, dim=-1).values.sum(dim=-1)
+            if cfg.group_score == "max":
+                group_score = per_group.max(dim=-1).values
+            else:
+                best = 2 if cfg.group_score == "sum_top2" else cfg.top_k // cfg.group_topk
+                group_score = per_group.topk(best, dim=-1).values.sum(dim=-1)
             best_groups = group_score.topk(cfg.group_topk, dim=-1).indices
             allowed = torch.zeros(T, G, dtype=torch.bool, device=choose.device)
             allowed.scatter_(1, best_groups, True)
@@ -311,11 +328,11 @@ class ExpertChoiceRouter(nn.Module):
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
         T, E = x.shape[0], cfg.num_experts
-        dtype = _compute_dtype(self.weight)
+        dtype = _compute_dtype(self.weight, cfg)
         logits = F.linear(x.to(dtype), self.weight.to(dtype))
         if cfg.check_finite and check:
             _check_logits(logits)
-        scores = torch.softmax(logits, dim=-1)
+        scores = torch.softmax(logits.to(cfg.router_score_dtype or dtype), dim=-1)
         cap = self.capacity(T)
         chosen = scores.detach().topk(cap, dim=0).indices  # [C, E] token ids per expert
         keep = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
