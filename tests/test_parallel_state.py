@@ -146,7 +146,7 @@ def test_build_creates_groups_whose_all_reduce_matches_the_rank_lists():
 STALL_TIMEOUT_S, STALL_S = 3, 15
 
 
-def _stall_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _stall_worker(rank: int, world: int, port: int, out_dir: str, start) -> None:
     import os
     import time
     from datetime import timedelta
@@ -155,6 +155,7 @@ def _stall_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    start.wait()  # imports done everywhere: the 3 s rendezvous does not race a slow import
     init_distributed(timeout=timedelta(seconds=STALL_TIMEOUT_S))
     ps = ParallelState.build(ep=world)  # the layer's all-to-all spans every rank
     torch.manual_seed(0)
@@ -179,7 +180,8 @@ def test_a_stalled_rank_makes_the_others_raise_within_the_job_timeout(tmp_path):
     """init_distributed(timeout=3 s): the groups ParallelState.build creates carry it, so the
     ranks waiting in the layer's all-to-all for a rank stalled 15 s raise after ~3 s instead of
     waiting for it (dist.new_group alone would give them torch's 30-minute default)."""
-    spawn_bounded(_stall_worker, 4, (4, free_port(), str(tmp_path)), timeout_s=120)
+    start = mp.get_context("spawn").Barrier(4)
+    spawn_bounded(_stall_worker, 4, (4, free_port(), str(tmp_path), start), timeout_s=120)
     results = {int(p.name[4:]): p.read_text().split() for p in tmp_path.glob("rank*")}
     assert sorted(results) == [0, 1, 2, 3], results
     for rank in range(3):
