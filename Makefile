@@ -46,7 +46,7 @@ $(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES) pyproject.toml
 	mkdir -p build && touch $@
 
 # The optional integrations the tests exercise (extras of pyproject.toml), so they run, not skip.
-TEST_EXTRAS := megatron
+TEST_EXTRAS := megatron,hf
 test-deps: $(VENV)/.test-deps-stamp
 
 $(VENV)/.test-deps-stamp: $(EXT_STAMP) pyproject.toml

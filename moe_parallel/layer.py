@@ -41,10 +41,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MoEAux:
-    """Side outputs of one forward: coefficient-scaled losses and routing statistics."""
+    """Side outputs of one forward: coefficient-scaled losses, routing statistics, and the
+    routing itself (``Routing``: logits, probs, expert ids; on the autograd graph)."""
 
     losses: dict[str, Tensor]
     stats: RoutingStats
+    routing: Optional[Routing] = None
 
     @property
     def total_loss(self) -> Tensor | None:
@@ -311,7 +313,7 @@ class MoELayer(nn.Module):
             self.last_losses = losses
         self.last_stats = stats
         y = y.reshape(shape)
-        return (y, MoEAux(losses, stats)) if return_aux else y
+        return (y, MoEAux(losses, stats, routing)) if return_aux else y
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> int:

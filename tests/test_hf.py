@@ -1,0 +1,227 @@
+"""Hugging Face MoE models in and out (``moe_parallel.integrations.hf``), against transformers
+itself, in float64: a converted model's logits and every gradient equal the HF model's, on one
+process (both expert implementations) and on 4 gloo ranks (EP, EP×ETP, TP×EP); HF's own aux
+loss comes out the same; export gives back what ``save_pretrained`` writes, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dist_harness import get_pool, parallel_state  # noqa: E402
+from hf_models import build, configs  # noqa: E402
+
+from moe_parallel.integrations import hf  # noqa: E402
+
+FAMILIES = sorted(configs())
+TOL = 1e-12
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _block_grads(family: hf.Family, block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An HF block's parameter gradients in our layout (``family.weights`` applied to them)."""
+    saved = {n: p.data for n, p in block.named_parameters()}
+    try:
+        for p in block.parameters():
+            p.data = p.grad
+        return {k: v.clone() for k, v in family.weights(block).items()}
+    finally:
+        for n, p in block.named_parameters():
+            p.data = saved[n]
+
+
+def _tokens(seed: int, batch: int = 3, seq: int = 7) -> torch.Tensor:
+    return torch.randint(0, 32, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _compare(name: str, overrides: dict) -> dict[str, float]:
+    ref = build(name)
+    ours = hf.convert(copy.deepcopy(ref), **overrides)
+    ref.train(), ours.train()
+    ids = _tokens(1)
+    out_ref, out = ref(ids).logits, ours(ids).logits
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    (out_ref * cot).sum().backward()
+    (out * cot).sum().backward()
+    errors = {"logits": _rel(out, out_ref)}
+    family = hf.family_of(ref)
+    ref_params = dict(ref.named_parameters())
+    dense = [_rel(p.grad, ref_params[n].grad) for n, p in ours.named_parameters()
+             if ".moe." not in n]
+    moe = []
+    for block_name, block in ref.named_modules():
+        if type(block).__name__ == family.block_class:
+            want = _block_grads(family, block)
+            layer = ours.get_submodule(block_name).moe
+            moe += [_rel(p.grad, want[k]) for k, p in layer.named_parameters()]
+    errors["dense_grads"], errors["moe_grads"] = max(dense), max(moe)
+    return errors
+
+
+@pytest.mark.parametrize("expert_impl", ["grouped", "block_sparse"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_converted_model_equals_hf(name, expert_impl):
+    overrides = dict(expert_impl=expert_impl, block_size=4) if expert_impl == "block_sparse" else {}
+    errors = _compare(name, overrides)
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss"])
+def test_hf_aux_loss_is_computed_from_the_converted_router_logits(name):
+    """``output_router_logits=True``: HF's model-level aux loss (its convention: top_k times
+    ours) is computed from the converted blocks' logits, and the loss equals HF's."""
+    ref = build(name)
+    ref.config.output_router_logits, ref.config.router_aux_loss_coef = True, 0.05
+    ours = hf.convert(copy.deepcopy(ref))
+    ids = _tokens(3)
+    a, b = ref(ids, labels=ids), ours(ids, labels=ids)
+    assert len(b.router_logits) == ref.config.num_hidden_layers
+    assert float(a.aux_loss) > 0 and _rel(b.aux_loss, a.aux_loss) < TOL
+    assert _rel(b.loss, a.loss) < TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_round_trip_is_bitwise(name, tmp_path):
+    """HF -> ours -> HF: ``export`` equals the safetensors ``save_pretrained`` writes (keys,
+    dtypes, values), and ``from_pretrained`` of the exported weights gives the model that
+    ``from_pretrained`` of HF's own checkpoint gives (the same logits)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    ref = build(name)
+    ref.save_pretrained(tmp_path / "hf")
+    disk = {}
+    for f in os.listdir(tmp_path / "hf"):
+        if f.endswith(".safetensors"):
+            disk.update(load_file(tmp_path / "hf" / f))
+    exported = hf.export(hf.convert(copy.deepcopy(ref)))
+    assert exported.keys() == disk.keys()
+    bad = [k for k in disk if not (exported[k].dtype == disk[k].dtype
+                                   and torch.equal(exported[k], disk[k]))]
+    assert not bad, bad
+    out = tmp_path / "exported"
+    ref.config.save_pretrained(out)
+    save_file(exported, out / "model.safetensors", metadata={"format": "pt"})
+    cls = transformers.Llama4ForCausalLM if name == "llama4" else (
+        transformers.AutoModelForCausalLM)
+    kw = dict(dtype=torch.float64, experts_implementation="eager")
+    back, hf_own = cls.from_pretrained(out, **kw), cls.from_pretrained(tmp_path / "hf", **kw)
+    ids = _tokens(4)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf_own(ids).logits)
+
+
+def test_unsupported_models_and_fields_are_named():
+    import transformers
+
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=12, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(hf.UnsupportedModelError, match="model_type='llama' is not supported"):
+        hf.convert(dense)
+    cfg = configs()["mixtral"]
+    cfg.hidden_act = "gelu"
+    with pytest.raises(hf.UnsupportedModelError, match="mixtral: hidden_act='gelu'"):
+        hf.convert(transformers.AutoModelForCausalLM.from_config(cfg))
+
+
+# ---- across ranks ------------------------------------------------------------------------------
+
+
+def _across_ranks(name: str, layout: dict, overrides: dict) -> dict[str, float]:
+    """Each rank runs the converted model (its EP/ETP shard) on its own tokens; its logits
+    equal HF's on those tokens, and the summed gradients (dense ones over the world, each
+    expert shard's over its EDP replicas) equal HF's for the sum of every rank's loss."""
+    import torch.distributed as dist
+
+    from moe_parallel.experts import shard_expert_bias, shard_expert_weights
+
+    ps = parallel_state(**layout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref = build(name)
+    ours = hf.convert(copy.deepcopy(ref), parallel_state=ps, **overrides)
+    ref.train(), ours.train()
+    errors = {}
+    for r in range(world):  # HF: every rank's loss, summed
+        ids = _tokens(10 + r, batch=2, seq=5)
+        logits = ref(ids).logits
+        cot = torch.randn(logits.shape, generator=torch.Generator().manual_seed(20 + r),
+                          dtype=logits.dtype)
+        (logits * cot).sum().backward()
+        if r == rank:
+            mine = ours(ids).logits
+            errors["logits"] = _rel(mine, logits.detach())
+            (mine * cot).sum().backward()
+    family = hf.family_of(ref)
+    ref_params = dict(ref.named_parameters())
+    dense = []
+    for n, p in ours.named_parameters():
+        if ".moe.experts." in n:
+            continue
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        key = n.replace(".moe.", ".", 1)
+        want = ref_params[key].grad if key in ref_params else None
+        if want is None:  # our router / shared expert: compared with the block's below
+            continue
+        dense.append(_rel(grad, want))
+    moe = []
+    for block_name, block in ref.named_modules():
+        if type(block).__name__ != family.block_class:
+            continue
+        want = _block_grads(family, block)
+        layer = ours.get_submodule(block_name).moe
+        w1, w2 = shard_expert_weights(want["experts.w1"], want["experts.w2"], ps.ep_rank, ps.ep,
+                                      ps.etp_rank, ps.etp, layer.config.gated)
+        want["experts.w1"], want["experts.w2"] = w1, w2
+        for k in ("experts.b1", "experts.b2"):
+            if k in want:
+                want[k] = shard_expert_bias(want[k], ps.ep_rank, ps.ep)
+        for k, p in layer.named_parameters():
+            grad = p.grad.clone()
+            if not k.startswith("experts."):  # router, shared expert: replicated
+                dist.all_reduce(grad)
+            elif ps.edp > 1:  # expert replicas: each EDP rank saw its own EP group's tokens
+                dist.all_reduce(grad, group=ps.group("edp"))
+            moe.append(_rel(grad, want[k]))
+    errors["dense_grads"] = max(dense) if dense else 0.0
+    errors["moe_grads"] = max(moe)
+    return errors
+
+
+ACROSS = ([(name, dict(ep=4), {}) for name in FAMILIES] + [
+    ("mixtral", dict(ep=2, etp=2), dict(expert_impl="block_sparse", block_size=4)),
+    ("qwen2_moe", dict(tp=2, ep=2), {}),
+    ("deepseek_v3", dict(tp=2, ep=2), dict(token_dispatcher_type="allgather")),
+])
+
+
+@pytest.mark.parametrize("name, layout, overrides", ACROSS,
+                         ids=[f"{n}-{'_'.join(f'{k}{v}' for k, v in lay.items())}"
+                              for n, lay, _ in ACROSS])
+def test_converted_model_across_ranks_equals_hf(name, layout, overrides):
+    for rank, errors in enumerate(get_pool(4).run(_across_ranks, name, layout, overrides,
+                                                  timeout=180)):
+        assert max(errors.values()) < TOL, (rank, errors)
+
+
+def _gpt_oss_with_etp() -> str:
+    try:
+        hf.convert(build("gpt_oss"), parallel_state=parallel_state(ep=2, etp=2))
+    except ValueError as e:
+        return str(e)
+    return "converted"
+
+
+def test_expert_biases_with_expert_tensor_parallelism_are_refused():
+    for answer in get_pool(4).run(_gpt_oss_with_etp, timeout=120):
+        assert "expert_proj_bias=True is not supported with expert tensor parallelism" in answer
