@@ -36,6 +36,8 @@ shared MLP ``gate_proj, up_proj [Fs, H]``, ``down_proj [H, Fs]`` -> ``w1 = [gate
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -48,7 +50,8 @@ from ..config import MoEConfig
 from ..distributed import ParallelState
 from ..layer import MoELayer
 
-__all__ = ["FAMILIES", "HFMoEBlock", "UnsupportedModelError", "convert", "export"]
+__all__ = ["FAMILIES", "HFMoEBlock", "UnsupportedModelError", "convert", "export",
+           "load_pretrained"]
 
 Weights = dict[str, Tensor]  # our names: router.weight, experts.w1, ... (full, all experts)
 
@@ -132,6 +135,10 @@ class Family:
     disk_prefix: Optional[str] = None  # on-disk name of the block when it differs (Mixtral)
     returns: Optional[str] = None
     flat_output: bool = False  # Llama-4 returns [T, H]
+    # on disk: per-expert (gate, up, down) projection names, or None when HF saves the fused
+    # experts.gate_up_proj [E, H, 2F] ("halves": gate | up; "interleaved": GPT-OSS)
+    expert_names: Optional[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    fused_gate_up: Optional[str] = None
 
 
 def _softmax_family(model_type: str, experts: str, shared: bool = False) -> Callable[[Any], dict]:
@@ -280,7 +287,8 @@ def _llama4_disk(w: Weights) -> dict[str, Tensor]:
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("mixtral", "MixtralSparseMoeBlock", "MixtralTopKRouter", 0, _mixtral_config,
-           _plain_weights, _mixtral_disk, disk_prefix="block_sparse_moe"),
+           _plain_weights, _mixtral_disk, disk_prefix="block_sparse_moe",
+           expert_names=("w1", "w3", "w2")),
     Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeTopKRouter", 0,
            _softmax_family("qwen2_moe", "num_experts", shared=True), _qwen2_weights,
            _qwen2_disk),
@@ -293,15 +301,21 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("deepseek_v2", "DeepseekV2Moe", "DeepseekV2TopkRouter", 0, _deepseek_v2_config,
            _deepseek_weights, _deepseek_disk),
     Family("gpt_oss", "GptOssMLP", "GptOssTopKRouter", 0, _gpt_oss_config, _gpt_oss_weights,
-           _gpt_oss_disk, returns="router_scores"),
+           _gpt_oss_disk, returns="router_scores", expert_names=None,
+           fused_gate_up="interleaved"),
     Family("llama4_text", "Llama4TextMoe", "Llama4Router", 1, _llama4_config, _llama4_weights,
-           _llama4_disk, returns="router_logits", flat_output=True),
+           _llama4_disk, returns="router_logits", flat_output=True, expert_names=None,
+           fused_gate_up="halves"),
 ]}
 
 
 def family_of(model: nn.Module) -> Family:
     """The family of a transformers model, ``UnsupportedModelError`` naming its model type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _family_of_config(getattr(model, "config", None))
+
+
+def _family_of_config(config: Any) -> Family:
+    model_type = getattr(config, "model_type", None)
     if model_type == "llama4":  # the multimodal wrapper: its text model holds the blocks
         model_type = "llama4_text"
     if model_type not in FAMILIES:
@@ -396,7 +410,7 @@ def convert(model: nn.Module, parallel_state: Optional[ParallelState] = None,
     router_cls = type(getattr(blocks[0][1], "gate", None) or blocks[0][1].router)
     for name, block in blocks:
         weights = family.weights(block)
-        hf_dtypes = {k: v.dtype for k, v in family.disk(weights).items()}
+        hf_dtypes = {_pattern(k): v.dtype for k, v in family.disk(weights).items()}
         full = _layer_from_weights(cfg, weights, block)
         layer = full if parallel_state is None or parallel_state.world_size == 1 else (
             MoELayer.shard_from(full, parallel_state))
@@ -422,6 +436,172 @@ def _layer_from_weights(cfg: MoEConfig, weights: Weights, block: nn.Module) -> M
         for k, v in weights.items():
             own[k].copy_(v)
     return layer
+
+
+def _pattern(key: str) -> str:
+    """A per-expert key with its expert index replaced by ``*`` (one dtype per projection)."""
+    return re.sub(r"experts\.\d+\.", "experts.*.", key)
+
+
+# ---- loading a checkpoint directory, shard by shard -------------------------------------------
+
+
+class _Reader:
+    """The tensors of a safetensors checkpoint directory (one file or an index of shards), read
+    one key (or slice of it) at a time; ``expert_bytes`` counts what was read of the experts."""
+
+    def __init__(self, path: str) -> None:
+        import json
+
+        from safetensors import safe_open
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors checkpoint in {path}")
+        self.handles = [safe_open(os.path.join(path, f), "pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+        self.expert_bytes = 0
+        self.largest_read = 0
+
+    def get(self, key: str, index: tuple = ()) -> Tensor:
+        if key not in self.where:
+            raise KeyError(f"{key} is not in the checkpoint")
+        t = self.where[key].get_slice(key)[index] if index else self.where[key].get_tensor(key)
+        if ".experts." in key:
+            self.expert_bytes += t.numel() * t.element_size()
+        self.largest_read = max(self.largest_read, t.numel() * t.element_size())
+        return t
+
+
+def _namespace(tensors: dict[str, Tensor]) -> Any:
+    """Nested attribute access over dotted keys (``gate.weight`` -> ``ns.gate.weight``), the
+    shape of an HF block that ``Family.weights`` reads."""
+    from types import SimpleNamespace
+
+    root = SimpleNamespace()
+    for key, value in tensors.items():
+        node = root
+        *path, leaf = key.split(".")
+        for part in path:
+            if not hasattr(node, part):
+                setattr(node, part, SimpleNamespace())
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return root
+
+
+def _local_block(family: Family, reader: _Reader, prefix: str, cfg: MoEConfig,
+                 e0: int, El: int, f0: int, Fl: int) -> Weights:
+    """This rank's weights of the block stored under ``prefix``: its ``El`` experts from
+    ``e0`` and hidden units ``f0 .. f0+Fl`` (read slice by slice), router and shared experts
+    whole."""
+    F = cfg.ffn_hidden_size
+    dense = {k[len(prefix) + 1:]: reader.get(k) for k in reader.where
+             if k.startswith(prefix + ".") and ".experts." not in k}
+    tensors = dict(dense)
+    if family.expert_names is not None:  # per expert: gate, up [F, H], down [H, F]
+        gate_n, up_n, down_n = family.expert_names
+        gate_up, down = [], []
+        for e in range(e0, e0 + El):
+            key = f"{prefix}.experts.{e}"
+            gate = reader.get(f"{key}.{gate_n}.weight", (slice(f0, f0 + Fl),))
+            up = reader.get(f"{key}.{up_n}.weight", (slice(f0, f0 + Fl),))
+            gate_up.append(torch.cat([gate, up], dim=0))
+            down.append(reader.get(f"{key}.{down_n}.weight", (slice(None), slice(f0, f0 + Fl))))
+        tensors["experts.gate_up_proj"] = torch.stack(gate_up)  # [El, 2Fl, H]
+        tensors["experts.down_proj"] = torch.stack(down)  # [El, H, Fl]
+    else:  # fused on disk: gate_up_proj [E, H, 2F], down_proj [E, F, H]
+        e = slice(e0, e0 + El)
+        key = f"{prefix}.experts"
+        if family.fused_gate_up == "halves":
+            halves = [reader.get(f"{key}.gate_up_proj",
+                                 (e, slice(None), slice(b + f0, b + f0 + Fl))) for b in (0, F)]
+            tensors["experts.gate_up_proj"] = torch.cat(halves, dim=2)
+        else:  # interleaved gate/up columns (expert projection biases: etp = 1, whole F)
+            tensors["experts.gate_up_proj"] = reader.get(f"{key}.gate_up_proj", (e,))
+            tensors["experts.gate_up_proj_bias"] = reader.get(f"{key}.gate_up_proj_bias", (e,))
+            tensors["experts.down_proj_bias"] = reader.get(f"{key}.down_proj_bias", (e,))
+        tensors["experts.down_proj"] = reader.get(f"{key}.down_proj",
+                                                  (e, slice(f0, f0 + Fl)))
+    return family.weights(_namespace(tensors))
+
+
+def load_pretrained(path: str | os.PathLike, parallel_state: Optional[ParallelState] = None,
+                    dtype: torch.dtype = torch.float32, **config_overrides) -> nn.Module:
+    """A transformers model from the checkpoint directory ``path`` (config + safetensors, as
+    ``save_pretrained`` writes it), its MoE blocks converted, each rank reading only its own
+    experts (and, with ETP, its hidden units) from disk: the full expert tensors are never
+    materialised. Dense weights are read whole on every rank. ``dtype``: the model's
+    parameter dtype."""
+    import transformers
+
+    path = os.fspath(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    family = _family_of_config(config)
+    config._experts_implementation = "eager"
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf_config = getattr(model.config, "text_config", model.config)
+    cfg = _moe_config(family, hf_config, dtype, **config_overrides)
+    ps = parallel_state if parallel_state is not None else ParallelState.single()
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.block_class]
+    if not blocks:
+        raise UnsupportedModelError(f"{family.model_type}: no {family.block_class} in the model")
+    router_cls = type(getattr(blocks[0][1], "gate", None) or blocks[0][1].router)
+    new_blocks = {}
+    for name, _ in blocks:
+        layer = MoELayer(cfg, device="cpu", parallel_state=None if ps.world_size == 1 else ps)
+        new_blocks[name] = HFMoEBlock(layer, family, _router_tap(family, router_cls), {})
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new_blocks[name])
+    model.to_empty(device="cpu")  # dense weights: placeholders until read below
+    for module in model.modules():  # non-persistent buffers (rotary tables): recomputed
+        if any(n in module._non_persistent_buffers_set for n, _ in
+               module.named_buffers(recurse=False)) and not isinstance(module, MoELayer):
+            model._init_weights(module)
+    reader = _Reader(path)
+    own = model.state_dict()
+    moe_prefixes = {}
+    for name in new_blocks:
+        disk = name if family.disk_prefix is None else (
+            name.rsplit(".", 1)[0] + "." + family.disk_prefix)
+        moe_prefixes[disk] = name
+    loaded = set()
+    with torch.no_grad():
+        for key in reader.where:
+            if any(key.startswith(p + ".") for p in moe_prefixes):
+                continue
+            if key not in own:
+                raise UnsupportedModelError(f"{family.model_type}: checkpoint key {key} has no "
+                                            "place in the model")
+            own[key].copy_(reader.get(key))
+            loaded.add(key)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ())
+        missing = sorted(k for k in own if k not in loaded and k not in tied
+                         and not any(k.startswith(n + ".") for n in new_blocks))
+        if missing:
+            raise UnsupportedModelError(f"{path}: the checkpoint lacks {missing[:8]}")
+        for disk, name in moe_prefixes.items():
+            block = new_blocks[name]
+            layer = block.moe
+            experts = layer.experts
+            local = _local_block(family, reader, disk, cfg, experts.first_expert,
+                                 experts.num_local_experts, experts.etp_rank * experts.ffn_size,
+                                 experts.ffn_size)
+            block.hf_dtypes = {_pattern(k): v.dtype for k, v in family.disk(local).items()}
+            params = dict(layer.named_parameters()) | dict(layer.named_buffers())
+            for k, v in local.items():
+                params[k].copy_(v)
+            layer.router.local_tokens_per_expert.zero_()
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.moe_checkpoint_reader = reader  # what was read (expert bytes), for inspection
+    return model
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -472,7 +652,7 @@ def export(model: nn.Module) -> dict[str, Tensor]:
         if block.family.disk_prefix is not None:
             disk_name = name.rsplit(".", 1)[0] + "." + block.family.disk_prefix
         for k, v in block.family.disk(_gather_experts(block.moe)).items():
-            out[f"{disk_name}.{k}"] = v.to(block.hf_dtypes[k]).contiguous()
+            out[f"{disk_name}.{k}"] = v.to(block.hf_dtypes[_pattern(k)]).contiguous()
     tied = getattr(model, "_tied_weights_keys", None) or {}
     for key in (tied if isinstance(tied, (list, dict)) else []):
         if getattr(model.config, "tie_word_embeddings", False):
