@@ -168,13 +168,55 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
     )
 
 
-def build_model(args: argparse.Namespace, ps: ParallelState) -> MoETransformerLM:
-    """The full model from ``args.seed`` (identical on every rank), then sharded for ``ps``."""
+class HFCausalLM(nn.Module):
+    """A converted transformers causal LM (``integrations.hf.load_pretrained``) with the built-in
+    model's interface: ``forward(tokens [B, S]) -> logits``, ``moe_layers()``."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def moe_layers(self) -> list[MoELayer]:
+        """Every converted block's ``MoELayer``, in order."""
+        return [m for m in self.hf.modules() if isinstance(m, MoELayer)]
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, S, vocab]``."""
+        return self.hf(tokens, use_cache=False).logits
+
+
+def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
+    """The full model from ``args.seed`` (identical on every rank), then sharded for ``ps``; with
+    ``--hf-model`` the converted transformers model, each rank reading its own experts."""
     torch.manual_seed(args.seed)
-    model = MoETransformerLM(build_config(args), args.vocab, args.layers, args.heads, args.seq_len)
-    model = model.parallelize(ps)
+    if args.hf_model:
+        from .integrations import hf
+
+        model = HFCausalLM(hf.load_pretrained(
+            args.hf_model, parallel_state=ps, dtype=getattr(torch, args.dtype),
+            **_runtime_fields(build_config(args))))
+        for p in model.parameters():  # the dense part is replicated over TP, as parallelize
+            if getattr(p, "sync_group", "dp") == "dp":
+                p.sequence_parallel = ps.tp > 1
+    else:
+        model = MoETransformerLM(build_config(args), args.vocab, args.layers, args.heads,
+                                 args.seq_len).parallelize(ps)
     set_aux_loss_scale(model, 1.0 / ps.tp)  # each TP rank's share, as its lm loss / tp
     return model
+
+
+_RUNTIME_FIELDS = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "expert_bias",
+                   "bias_update_rate", "token_dispatcher_type", "expert_impl", "block_size",
+                   "grouped_gemm_backend", "max_rows_factor", "row_overflow")
+
+
+def _runtime_fields(config: MoEConfig) -> dict:
+    """The flags that apply to a converted model's layers too (the model fields come from its
+    config); ``--expert-bias`` only where the family has none (DeepSeek-V3 keeps its own)."""
+    fields = {f: getattr(config, f) for f in _RUNTIME_FIELDS}
+    if not fields["expert_bias"]:
+        del fields["expert_bias"]
+    return fields
 
 
 def local_batch(global_batch: Tensor, ps: ParallelState) -> Tensor:
@@ -187,7 +229,8 @@ def backward_step(model: MoETransformerLM, tokens: Tensor, ps: ParallelState) ->
     """Forward and backward on this rank's ``tokens [B, S+1]``, gradients synced over their
     groups (``sync_gradients``); returns the lm loss (detached)."""
     logits = model(tokens[:, :-1])
-    lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+    lm_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32))
+                              .reshape(-1, logits.shape[-1]),
                               tokens[:, 1:].reshape(-1))
     loss = lm_loss / ps.tp  # the MoE losses are on the graph already (scale 1/tp: build_model)
     loss.backward()
@@ -265,6 +308,10 @@ def _parser() -> argparse.ArgumentParser:
         help="'auto' (this rank's GPU when CUDA is available, else cpu), cpu, cuda")
     add("--timeout-s", type=float, default=300.0,
         help="collective timeout in seconds: a lost rank ends the job with an error")
+    add("--hf-model", default=None, metavar="PATH",
+        help="train a transformers MoE model from a local save_pretrained directory (its MoE "
+             "blocks converted, each rank reading its own experts; the size flags then come "
+             "from its config, the data from its vocabulary)")
     add("--save-dir", default=None,
         help="checkpoint root: DIR/step_<N> (moe_parallel.checkpoint, loadable at any layout) "
              "and DIR/latest; written every --save-every steps and at the end")
@@ -354,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu":
         reuse_freed_memory()  # see cpu_memory: no page faults on each step's large tensors
     model = build_model(args, ps).to(device)
+    if args.hf_model:
+        args.vocab = model.hf.config.vocab_size
     source = MarkovSource(args.vocab, args.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -361,9 +410,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     lead = rank == 0
     if lead:
+        what = (f"{model.hf.config.model_type} from {args.hf_model}" if args.hf_model else
+                f"{args.layers} layers, H={args.hidden}, E={args.experts}, top-{args.top_k}")
         print(f"moe_parallel demo on {device}: {world} process(es) tp={ps.tp} ep={ps.ep} "
-              f"etp={ps.etp} dp={ps.dp} edp={ps.edp}; {args.layers} layers, H={args.hidden}, "
-              f"E={args.experts}, top-{args.top_k}, "
+              f"etp={ps.etp} dp={ps.dp} edp={ps.edp}; {what}, "
               f"capacity_factor={args.capacity_factor or None}; "
               f"loss floor (source entropy) ~{source.entropy:.3f}, "
               f"uniform {math.log(args.vocab):.3f}", flush=True)

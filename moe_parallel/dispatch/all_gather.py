@@ -134,7 +134,10 @@ class AllGatherDispatcher:
         k = idx.shape[1]
         route = comm.all_gather(torch.cat([idx, keep.to(idx.dtype)], 1), group, token_counts)
         idx_all, keep_all = route[:, :k], route[:, k:].bool()
-        probs_all = comm.all_gather(routing.probs, group, token_counts)
+        # gathered at the activations' precision when it is higher: the gradient of each
+        # weight then sums its ETP partials there, and is rounded to the router dtype once
+        probs = routing.probs.to(torch.promote_types(routing.probs.dtype, x.dtype))
+        probs_all = comm.all_gather(probs, group, token_counts)
 
         local_idx = idx_all - self.first_expert
         local = keep_all & (local_idx >= 0) & (local_idx < E_local)

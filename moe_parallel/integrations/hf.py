@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from ..distributed import ParallelState
+from ..distributed import ParallelState, collectives
 from ..layer import MoELayer
 
 __all__ = ["FAMILIES", "HFMoEBlock", "UnsupportedModelError", "convert", "export",
@@ -355,10 +355,27 @@ class HFMoEBlock(nn.Module):
         self.family = family
         self.router_logits = tap
         self.hf_dtypes = hf_dtypes
+        ps = moe.parallel_state
+        self.tp_group = ps.group("tp") if ps is not None and ps.tp > 1 else None
+
+    def _routed(self, hidden_states: Tensor) -> tuple[Tensor, Any]:
+        """The layer on the block's tokens; with TP > 1 (sequence parallel, as the built-in
+        model) on this TP rank's 1/tp of the sequence, the outputs gathered back."""
+        B, S, H = hidden_states.shape
+        if self.tp_group is None:
+            return self.moe(hidden_states.reshape(-1, H), return_aux=True)
+        tp, rank = collectives.group_size(self.tp_group), collectives.group_rank(self.tp_group)
+        if S % tp:
+            raise ValueError(f"sequence length {S} is not divisible by tp={tp}")
+        chunk = S // tp
+        mine = hidden_states[:, rank * chunk:(rank + 1) * chunk].transpose(0, 1)
+        y, aux = self.moe(mine.reshape(-1, H), return_aux=True)  # [chunk·B, H], sequence-major
+        y = collectives.all_gather(y, self.tp_group, sizes=[chunk * B] * tp)
+        return y.view(S, B, H).transpose(0, 1).reshape(B * S, H), aux
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         shape = hidden_states.shape
-        y, aux = self.moe(hidden_states.reshape(-1, shape[-1]), return_aux=True)
+        y, aux = self._routed(hidden_states.reshape(-1, shape[-2], shape[-1]))
         logits = aux.routing.logits
         if self.router_logits is not None:
             self.router_logits(logits)
@@ -595,9 +612,14 @@ def load_pretrained(path: str | os.PathLike, parallel_state: Optional[ParallelSt
                                  experts.ffn_size)
             block.hf_dtypes = {_pattern(k): v.dtype for k, v in family.disk(local).items()}
             params = dict(layer.named_parameters()) | dict(layer.named_buffers())
-            for k, v in local.items():
-                params[k].copy_(v)
-            layer.router.local_tokens_per_expert.zero_()
+            for k, t in params.items():
+                if k in local:
+                    t.copy_(local[k])
+                elif k in ("router.expert_bias", "router.local_tokens_per_expert"):
+                    t.zero_()  # a balancing bias the family lacks (--expert-bias) starts at 0
+                else:
+                    raise UnsupportedModelError(f"{family.model_type}: {name}.moe.{k} has no "
+                                                "weight in the checkpoint")
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
     model.moe_checkpoint_reader = reader  # what was read (expert bytes), for inspection
