@@ -321,3 +321,22 @@ def test_main_job_trains_a_converted_model_as_one_process(layout, tmp_path):
         assert len(history) == 3
         for a, b in zip(history, single["history"]):
             assert abs(a - b) <= 1e-10 * abs(b), (rank, history, single["history"])
+
+
+def _export_sharded(name: str, layout: dict) -> dict[str, torch.Tensor]:
+    ps = parallel_state(**layout)
+    return hf.export(hf.convert(build(name), parallel_state=ps))
+
+
+@pytest.mark.parametrize("name, layout", [("mixtral", dict(ep=2, etp=2)),
+                                          ("gpt_oss", dict(ep=4)),
+                                          ("llama4", dict(ep=2, etp=2))],
+                         ids=["mixtral-ep2_etp2", "gpt_oss-ep4", "llama4-ep2_etp2"])
+def test_export_gathers_the_shards(name, layout):
+    """Converted at EP/ETP, ``export`` on every rank gathers the full HF state dict, equal bit
+    for bit to the unconverted model's (the same keys ``save_pretrained`` writes)."""
+    want = hf.export(hf.convert(build(name)))
+    for rank, got in enumerate(get_pool(4).run(_export_sharded, name, layout, timeout=180)):
+        assert got.keys() == want.keys(), rank
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, (rank, bad)
