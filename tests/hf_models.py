@@ -1,6 +1,6 @@
 """Tiny random transformers models of every family ``integrations.hf`` converts, in float64
-(H = 12 differs from 2F = 16 and from F, so a transposed weight cannot pass), every weight
-random and non-zero."""
+(H = 12 differs from 2F = 16 and from F, so a transposed weight cannot pass); every weight but
+the norms' (HF's ones) drawn at random, none zero."""
 
 from __future__ import annotations
 

@@ -340,3 +340,25 @@ def test_export_gathers_the_shards(name, layout):
         assert got.keys() == want.keys(), rank
         bad = [k for k in want if not torch.equal(got[k], want[k])]
         assert not bad, (rank, bad)
+
+
+def test_mixtral_jitter_noise_draws_as_hf():
+    """``router_jitter_noise`` in training: the converted layer scales its input by the same
+    U(1 - ε, 1 + ε) draws as HF's block (same RNG state, same [tokens, H] order)."""
+    ref = build("mixtral")
+    ref.config.router_jitter_noise = 0.3
+    for block in ref.modules():
+        if type(block).__name__ == "MixtralSparseMoeBlock":
+            block.jitter_noise = 0.3
+    ours = hf.convert(copy.deepcopy(ref))
+    assert all(m.moe.config.jitter_noise == 0.3 for m in ours.modules()
+               if isinstance(m, hf.HFMoEBlock))
+    ref.train(), ours.train()
+    ids = _tokens(5)
+    torch.manual_seed(9)
+    a = ref(ids).logits
+    torch.manual_seed(9)
+    b = ours(ids).logits
+    torch.manual_seed(10)
+    other = ours(ids).logits
+    assert _rel(b, a) < TOL and _rel(other, a) > 1e-6  # the noise is there, and drawn alike
