@@ -3,8 +3,8 @@
 Allowed imports between top-level parts of ``moe_parallel`` (``DESIGN.md`` section 2): ``ops``
 imports nothing of ours; ``config`` only ``ops``; ``routing``, ``experts`` and ``distributed``
 only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` composes them;
-``checkpoint`` and ``integrations`` sit on top (``train`` uses ``checkpoint``), and nothing
-below imports them.
+``checkpoint`` and ``integrations`` sit on top (``train`` uses both: checkpoints, converted HF
+models), and nothing below imports them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ BELOW = {
     "integrations": {"ops", "config", "metrics", "routing", "experts", "distributed",
                      "dispatch", "layer"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
-              "dispatch", "layer", "checkpoint"},
+              "dispatch", "layer", "checkpoint", "integrations"},
 }
 
 
