@@ -189,7 +189,7 @@ def _mixtral_disk(w: Weights) -> dict[str, Tensor]:
     return {"gate.weight": w["router.weight"], **_per_expert_keys(w, ("w1", "w3", "w2"))}
 
 
-def _deepseek_shared(c, model_type: str) -> dict:
+def _deepseek_shared(c) -> dict:
     n = c.n_shared_experts or 0
     return dict(num_shared_experts=n, shared_expert_ffn_hidden_size=(
         n * c.moe_intermediate_size if n else None))
@@ -204,7 +204,7 @@ def _deepseek_v3_config(c) -> dict:
                 expert_bias=True, norm_topk_prob=bool(c.norm_topk_prob),
                 routed_scaling_factor=float(c.routed_scaling_factor),
                 num_groups=c.n_group, group_topk=c.topk_group, group_score="sum_top2",
-                router_dtype=torch.float32, **_deepseek_shared(c, "deepseek_v3"))
+                router_dtype=torch.float32, **_deepseek_shared(c))
 
 
 def _deepseek_v2_config(c) -> dict:
@@ -217,7 +217,7 @@ def _deepseek_v2_config(c) -> dict:
     return dict(num_experts=c.n_routed_experts, top_k=c.num_experts_per_tok,
                 ffn_hidden_size=c.moe_intermediate_size, norm_topk_prob=False,
                 routed_scaling_factor=float(c.routed_scaling_factor),
-                router_dtype=torch.float32, **groups, **_deepseek_shared(c, "deepseek_v2"))
+                router_dtype=torch.float32, **groups, **_deepseek_shared(c))
 
 
 def _deepseek_weights(block) -> Weights:
@@ -518,9 +518,8 @@ def _local_block(family: Family, reader: _Reader, prefix: str, cfg: MoEConfig,
     ``e0`` and hidden units ``f0 .. f0+Fl`` (read slice by slice), router and shared experts
     whole."""
     F = cfg.ffn_hidden_size
-    dense = {k[len(prefix) + 1:]: reader.get(k) for k in reader.where
-             if k.startswith(prefix + ".") and ".experts." not in k}
-    tensors = dict(dense)
+    tensors = {k[len(prefix) + 1:]: reader.get(k) for k in reader.where
+               if k.startswith(prefix + ".") and ".experts." not in k}
     if family.expert_names is not None:  # per expert: gate, up [F, H], down [H, F]
         gate_n, up_n, down_n = family.expert_names
         gate_up, down = [], []
