@@ -74,14 +74,20 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
+def _gather(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order."""
+    world = _world()[1]
+    if world == 1:
+        return [obj]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def _agree(problems: list[str], what: str) -> None:
     """Raise ``CheckpointError`` on every rank when any rank has a problem."""
-    rank, world = _world()
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, problems)
-    else:
-        gathered = [problems]
+    world = _world()[1]
+    gathered = _gather(problems)
     found = [(r, p) for r, ps in enumerate(gathered) for p in ps]
     if found:
         first = sorted({p for _, p in found})
@@ -119,9 +125,7 @@ def _check_same_everywhere(extra: dict[str, Any], stepped: bool) -> None:
     once) and, for all or none of them, optimizer state."""
     if _world()[1] == 1:
         return
-    mine = (hashlib.sha256(pickle.dumps(_canonical(extra))).hexdigest(), stepped)
-    gathered: list = [None] * _world()[1]
-    dist.all_gather_object(gathered, mine)
+    gathered = _gather((hashlib.sha256(pickle.dumps(_canonical(extra))).hexdigest(), stepped))
     problems = []
     if len({g[0] for g in gathered}) > 1:
         problems.append("extra differs between ranks (it is written once: pass the same "

@@ -416,15 +416,10 @@ def convert(model: nn.Module, parallel_state: Optional[ParallelState] = None,
     cannot be reproduced, before anything is replaced.
     """
     family = family_of(model)
-    blocks = [(name, m) for name, m in model.named_modules()
-              if type(m).__name__ == family.block_class]
-    if not blocks:
-        raise UnsupportedModelError(f"{family.model_type}: no {family.block_class} in the model")
+    blocks, router_cls = _blocks(model, family)
     hf_config = getattr(model.config, "text_config", model.config)
-    first = family.weights(blocks[0][1])
-    dtype = first["experts.w1"].dtype
+    dtype = family.weights(blocks[0][1])["experts.w1"].dtype
     cfg = _moe_config(family, hf_config, dtype, **config_overrides)  # validated before any swap
-    router_cls = type(getattr(blocks[0][1], "gate", None) or blocks[0][1].router)
     for name, block in blocks:
         weights = family.weights(block)
         hf_dtypes = {_pattern(k): v.dtype for k, v in family.disk(weights).items()}
@@ -433,10 +428,30 @@ def convert(model: nn.Module, parallel_state: Optional[ParallelState] = None,
             MoELayer.shard_from(full, parallel_state))
         tap = _router_tap(family, router_cls)
         _install_recorder_hook(model, tap, family)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr,
-                HFMoEBlock(layer, family, tap, hf_dtypes))
+        _replace(model, name, HFMoEBlock(layer, family, tap, hf_dtypes))
     return model
+
+
+def _blocks(model: nn.Module, family: Family) -> tuple[list[tuple[str, nn.Module]], type]:
+    """The family's MoE blocks of ``model`` (name, module) and the class of their router."""
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.block_class]
+    if not blocks:
+        raise UnsupportedModelError(f"{family.model_type}: no {family.block_class} in the model")
+    first = blocks[0][1]
+    return blocks, type(getattr(first, "gate", None) or first.router)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _disk_name(family: Family, name: str) -> str:
+    """The on-disk name of the block at ``name`` (Mixtral saves its ``mlp`` as
+    ``block_sparse_moe``)."""
+    if family.disk_prefix is None:
+        return name
+    return name.rsplit(".", 1)[0] + "." + family.disk_prefix
 
 
 def _layer_from_weights(cfg: MoEConfig, weights: Weights, block: nn.Module) -> MoELayer:
@@ -565,16 +580,12 @@ def load_pretrained(path: str | os.PathLike, parallel_state: Optional[ParallelSt
     hf_config = getattr(model.config, "text_config", model.config)
     cfg = _moe_config(family, hf_config, dtype, **config_overrides)
     ps = parallel_state if parallel_state is not None else ParallelState.single()
-    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.block_class]
-    if not blocks:
-        raise UnsupportedModelError(f"{family.model_type}: no {family.block_class} in the model")
-    router_cls = type(getattr(blocks[0][1], "gate", None) or blocks[0][1].router)
+    blocks, router_cls = _blocks(model, family)
     new_blocks = {}
     for name, _ in blocks:
         layer = MoELayer(cfg, device="cpu", parallel_state=None if ps.world_size == 1 else ps)
         new_blocks[name] = HFMoEBlock(layer, family, _router_tap(family, router_cls), {})
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new_blocks[name])
+        _replace(model, name, new_blocks[name])
     model.to_empty(device="cpu")  # dense weights: placeholders until read below
     for module in model.modules():  # non-persistent buffers (rotary tables): recomputed
         if any(n in module._non_persistent_buffers_set for n, _ in
@@ -582,11 +593,7 @@ def load_pretrained(path: str | os.PathLike, parallel_state: Optional[ParallelSt
             model._init_weights(module)
     reader = _Reader(path)
     own = model.state_dict()
-    moe_prefixes = {}
-    for name in new_blocks:
-        disk = name if family.disk_prefix is None else (
-            name.rsplit(".", 1)[0] + "." + family.disk_prefix)
-        moe_prefixes[disk] = name
+    moe_prefixes = {_disk_name(family, name): name for name in new_blocks}
     loaded = set()
     with torch.no_grad():
         for key in reader.where:
@@ -669,9 +676,7 @@ def export(model: nn.Module) -> dict[str, Tensor]:
         if not any(key.startswith(name + ".") for name in blocks):
             out[key] = value
     for name, block in blocks.items():
-        disk_name = name
-        if block.family.disk_prefix is not None:
-            disk_name = name.rsplit(".", 1)[0] + "." + block.family.disk_prefix
+        disk_name = _disk_name(block.family, name)
         for k, v in block.family.disk(_gather_experts(block.moe)).items():
             out[f"{disk_name}.{k}"] = v.to(block.hf_dtypes[_pattern(k)]).contiguous()
     tied = getattr(model, "_tied_weights_keys", None) or {}
