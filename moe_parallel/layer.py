@@ -34,6 +34,7 @@ from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router, expert_capacity
 from .routing.losses import attach_to_graph
+from .routing.router import count_assignments
 
 if TYPE_CHECKING:
     from .distributed import ParallelState
@@ -162,11 +163,13 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
-    def route(self, x: Tensor, num_seqs: int = 1, check: bool = True
-              ) -> tuple[Routing, dict[str, Tensor], int]:
+    def route(self, x: Tensor, num_seqs: int = 1, check: bool = True,
+              valid: Optional[Tensor] = None) -> tuple[Routing, dict[str, Tensor], int]:
         """Router plus capacity: the routing to dispatch, the losses, and the pad length
-        (``check=False``: the caller tests the logits for ``check_finite``)."""
-        routing, losses = self.router(x, num_seqs=num_seqs, count=False, check=check)
+        (``check=False``: the caller tests the logits for ``check_finite``; ``valid``: ``[T]``
+        bool, the non-padding tokens, see ``forward``)."""
+        kw = {} if valid is None else {"valid": valid}
+        routing, losses = self.router(x, num_seqs=num_seqs, count=False, check=check, **kw)
         capacity = self.capacity(x.shape[0])
         pad_to = 0
         if capacity is not None:
@@ -205,14 +208,14 @@ class MoELayer(nn.Module):
                 "sync_gradients(model, ps, dense=False) after backward"
             )
 
-    def _route_collectively(self, tokens: Tensor, num_seqs: int):
+    def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor]):
         """``route``, with the finiteness verdict (``check_finite``) shared by the ETP×EP group:
         when any rank's router logits are non-finite every rank raises ``FloatingPointError``
         (naming those ranks), so no rank enters the exchange its peers skipped."""
         ps, group = self.parallel_state, self._group
         if group is None or not self.config.check_finite:
-            return self.route(tokens, num_seqs)
-        result = self.route(tokens, num_seqs, check=False)
+            return self.route(tokens, num_seqs, valid=valid)
+        result = self.route(tokens, num_seqs, check=False, valid=valid)
         ok = torch.isfinite(result[0].logits).all().to(torch.int64).view(1, 1)
         w = collectives.group_size(group)
         verdict = collectives.all_gather(ok, group, [1] * w).view(-1).tolist()  # one host read
@@ -249,12 +252,18 @@ class MoELayer(nn.Module):
             y, row_map = y.view(T, k, y.shape[-1]).sum(dim=1), row_map.reshape(T, k)
         return y, handle, expert_in.shape[0], row_map
 
-    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | tuple[Tensor, MoEAux]:
+    def forward(self, x: Tensor, return_aux: bool = False,
+                padding_mask: Optional[Tensor] = None) -> Tensor | tuple[Tensor, MoEAux]:
         """``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t]) + shared(x[t])``.
 
         ``x``: ``[T, H]`` or ``[S, B, H]`` (sequence-major) in ``config.params_dtype``; ``y`` has
         its shape. With ``return_aux`` returns ``(y, MoEAux(losses, stats))``; the same are kept
         on the layer (``last_losses`` and ``aux_loss`` for training forwards only, ``last_stats``).
+        ``padding_mask``: bool, ``x.shape[:-1]``, True marks a padding token (Megatron-Core's
+        convention). Padding tokens are routed and computed like the others (their outputs are
+        well defined; in capacity mode they take capacity like any token, as in Megatron-Core),
+        but they are left out of the losses and of the counts behind the expert-bias update;
+        ``RoutingStats`` still counts them (they are load the experts carry).
         With a ``parallel_state`` this is a collective over the layer's EP/ETP groups: every
         rank of them calls it (and its backward) in the same order, possibly with zero tokens.
         """
@@ -271,6 +280,17 @@ class MoELayer(nn.Module):
         shape = x.shape
         num_seqs = shape[1] if x.dim() == 3 else 1
         tokens = x.reshape(-1, cfg.hidden_size)
+        valid = None
+        if padding_mask is not None:
+            if (not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool
+                    or padding_mask.shape != shape[:-1]):
+                raise ValueError(
+                    f"padding_mask must be a bool tensor of shape {tuple(shape[:-1])} (x's shape "
+                    f"without hidden_size; True = padding), got "
+                    f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)} "
+                    f"{tuple(getattr(padding_mask, 'shape', ()))}"
+                )
+            valid = ~padding_mask.reshape(-1).to(tokens.device)
         ps = self.parallel_state
         training_step = self.training and torch.is_grad_enabled()
         if not self._agreed:
@@ -286,7 +306,7 @@ class MoELayer(nn.Module):
             eps = cfg.jitter_noise
             tokens = tokens * torch.empty_like(tokens).uniform_(1.0 - eps, 1.0 + eps)
 
-        routing, losses, pad_to = self._route_collectively(tokens, num_seqs)
+        routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid)
         y, handle, num_rows, row_map = self._routed(tokens, routing, pad_to)
         if self.shared_expert is not None:
             y = y + self.shared_expert(tokens)
@@ -294,8 +314,10 @@ class MoELayer(nn.Module):
             # The losses ride on the output's graph (their gradient: aux_loss_scale), and the
             # routed counts are added when the backward passes: once per step, recomputed or not.
             total = sum(losses.values()) if losses else None
+            counted = (routing.routed_per_expert if valid is None
+                       else count_assignments(routing.expert_idx, cfg.num_experts, valid))
             y = attach_to_graph(y, total, self.aux_loss_scale,
-                                partial(self._count_routed, routing.routed_per_expert))
+                                partial(self._count_routed, counted))
             losses = {k: v.detach() for k, v in losses.items()}
 
         overflow = getattr(handle, "overflow", False)

@@ -8,6 +8,8 @@ Each is returned coefficient-scaled (the router keys them ``"aux"``, ``"seq_aux"
 
 where ``ŝ`` is the full distribution over experts (``softmax(logits)``, or
 ``sigmoid(logits) / Σ_e sigmoid(logits)``) and ``count`` the selections before capacity drops.
+With a ``valid`` mask (``[T]`` bool, False: a padding token) every mean, count and ``T`` is
+over the valid tokens only, so padding changes no loss.
 """
 
 from __future__ import annotations
@@ -38,45 +40,66 @@ def full_scores(logits: Tensor, score_function: str) -> Tensor:
     raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
 
 
+def _masked(values: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | int]:
+    """``values`` with the rows of invalid tokens zeroed, and the number of valid rows (>= 1)."""
+    if valid is None:
+        return values, max(values.shape[0], 1)
+    keep = valid.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+    return values * keep, valid.sum().clamp(min=1).to(values.dtype)
+
+
 def switch_load_balancing_loss(
-    scores: Tensor, routed_per_expert: Tensor, top_k: int, coeff: float
+    scores: Tensor, routed_per_expert: Tensor, top_k: int, coeff: float,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Switch aux loss ``coeff · E · Σ_i f_i P_i``.
 
     ``scores``: ``[T, E]`` full distributions (see ``full_scores``); ``routed_per_expert``:
-    ``[E]`` selection counts; ``f_i = count_i / (T·k)``, ``P_i = mean_t scores[t, i]``.
+    ``[E]`` selection counts (of the valid tokens); ``f_i = count_i / (T·k)``,
+    ``P_i = mean_t scores[t, i]``, ``T`` and the mean over the ``valid`` tokens (all when None).
     Gradients flow through ``scores`` only. An empty batch gives 0.
     """
-    T, E = scores.shape
-    denom = max(T, 1)
+    E = scores.shape[1]
+    scores, denom = _masked(scores, valid)
     f = routed_per_expert.to(scores.dtype) / (denom * top_k)
     p = scores.sum(dim=0) / denom
     return coeff * E * torch.dot(f, p)
 
 
 def sequence_load_balancing_loss(
-    scores: Tensor, selected: Tensor, top_k: int, num_seqs: int, coeff: float
+    scores: Tensor, selected: Tensor, top_k: int, num_seqs: int, coeff: float,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Per-sequence aux loss (DeepSeek-V3) ``coeff · mean_b Σ_i f_{b,i} P_{b,i}``.
 
     ``scores``: ``[T, E]`` full distributions; ``selected``: ``[T, E]`` 0/1 selection mask.
     Tokens are sequence-major: sequence ``b`` owns the tokens ``t`` with ``t % num_seqs == b``
-    (``T_b = T / num_seqs`` of them). ``f_{b,i} = E · count_{b,i} / (k · T_b)``,
-    ``P_{b,i} = mean_{t∈b} scores[t, i]``. An empty batch gives 0.
+    (``T_b = T / num_seqs`` of them, or its ``valid`` ones). ``f_{b,i} = E · count_{b,i} /
+    (k · T_b)``, ``P_{b,i} = mean_{t∈b} scores[t, i]``; the mean over ``b`` is over the
+    sequences with a valid token. An empty batch gives 0.
     """
     T, E = scores.shape
     seq_len = T // num_seqs
-    denom = max(seq_len, 1)
+    if valid is None:
+        denom = torch.full((num_seqs, 1), float(max(seq_len, 1)), dtype=scores.dtype,
+                           device=scores.device)
+        seqs = num_seqs
+    else:
+        keep = valid.to(scores.dtype).view(seq_len, num_seqs, 1)
+        scores, selected = scores * keep.view(T, 1), selected * keep.view(T, 1)
+        per_seq = keep.sum(dim=0)  # [B, 1]
+        denom, seqs = per_seq.clamp(min=1), (per_seq > 0).sum().clamp(min=1)
     counts = selected.to(scores.dtype).view(seq_len, num_seqs, E).sum(dim=0)  # [B, E]
-    f = counts * (E / (top_k * denom))
+    f = counts * E / (top_k * denom)
     p = scores.view(seq_len, num_seqs, E).sum(dim=0) / denom  # [B, E]
-    return coeff * (f * p).sum(dim=-1).mean()
+    return coeff * (f * p).sum() / seqs
 
 
-def z_loss(logits: Tensor, coeff: float) -> Tensor:
-    """Router z-loss ``coeff · mean_t logsumexp(logits_t)^2`` (0 for an empty batch)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    return coeff * lse.square().sum() / max(lse.numel(), 1)
+def z_loss(logits: Tensor, coeff: float, valid: Tensor | None = None) -> Tensor:
+    """Router z-loss ``coeff · mean_t logsumexp(logits_t)^2`` over the ``valid`` tokens (all
+    when None; 0 for an empty batch)."""
+    lse, denom = _masked(torch.logsumexp(logits, dim=-1), valid)
+    return coeff * lse.square().sum() / denom
 
 
 class _AttachToGraph(torch.autograd.Function):

@@ -44,6 +44,7 @@ from .losses import full_scores, sequence_load_balancing_loss, switch_load_balan
 
 __all__ = [
     "ExpertChoiceRouter",
+    "count_assignments",
     "Routing",
     "TopKRouter",
     "build_router",
@@ -97,6 +98,27 @@ def _check_input(x: Tensor, hidden_size: int, num_seqs: int) -> None:
         )
 
 
+def _check_valid(valid: Optional[Tensor], num_tokens: int) -> Optional[Tensor]:
+    if valid is None:
+        return None
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.shape != (num_tokens,):
+        raise ValueError(
+            f"valid must be a [T={num_tokens}] bool tensor (True: a token that counts), got "
+            f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}"
+        )
+    return valid
+
+
+def count_assignments(expert_idx: Tensor, num_experts: int,
+                      valid: Optional[Tensor] = None) -> Tensor:
+    """``[E]`` int64: how many of the ``[T, k]`` assignments name each expert (only the tokens
+    where ``valid``, when given)."""
+    idx = expert_idx if valid is None else expert_idx[valid]
+    flat = idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _check_logits(logits: Tensor) -> None:
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError(
@@ -119,16 +141,18 @@ class TopKRouter(nn.Module):
 
     Parameters: ``weight`` ``[E, H]`` (and ``noise_weight`` ``[E, H]`` with ``noisy_gating``),
     both ``N(0, init_std)``, float32 (float64 for float64 models). Buffers: ``expert_bias``
-    ``[E]`` float32 (with ``expert_bias``; selection only) and ``local_tokens_per_expert``
-    ``[E]`` float32, the routed counts accumulated over training-mode forwards with autograd on
-    (not eval or ``no_grad`` ones) since the last
-    ``update_expert_bias``.
+    ``[E]`` (only with ``expert_bias``: a router without it has no such attribute, which is what
+    Megatron-Core's ``finalize_model_grads`` tests for; selection only) and
+    ``local_tokens_per_expert`` ``[E]``, the routed counts of the non-padding tokens accumulated
+    over training-mode forwards with autograd on (not eval or ``no_grad`` ones) since the last
+    ``update_expert_bias``. Both stay float32 whatever ``.to(dtype)``, ``.half()`` or
+    ``.bfloat16()`` does to the module (a mixed-precision wrapper must not round the bias or
+    the counts).
 
-    ``forward(x [T, H], num_seqs=1) -> (Routing, losses)``; ``keep`` is None (capacity is
-    applied downstream with ``capacity.apply_capacity``).
+    ``forward(x [T, H], num_seqs=1, valid=None) -> (Routing, losses)``; ``keep`` is None
+    (capacity is applied downstream with ``capacity.apply_capacity``).
     """
 
-    expert_bias: Optional[Tensor]
     local_tokens_per_expert: Tensor
 
     def __init__(self, config: MoEConfig) -> None:
@@ -151,8 +175,6 @@ class TopKRouter(nn.Module):
             self.register_parameter("bias", None)
         if config.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
-        else:
-            self.register_buffer("expert_bias", None)
         self.register_buffer(
             "local_tokens_per_expert", torch.zeros(E, dtype=torch.float32), persistent=False
         )
@@ -164,14 +186,28 @@ class TopKRouter(nn.Module):
         if self.noise_weight is not None:
             nn.init.normal_(self.noise_weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True
-                ) -> tuple[Routing, dict[str, Tensor]]:
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in ("expert_bias", "local_tokens_per_expert")
+                if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():  # moved with the module, never rounded
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True,
+                valid: Optional[Tensor] = None) -> tuple[Routing, dict[str, Tensor]]:
         """Route ``x`` ``[T, H]`` (sequence-major, ``num_seqs`` sequences) to ``top_k`` experts.
         ``count=False`` leaves ``local_tokens_per_expert`` to the caller (``MoELayer`` adds the
         counts in its backward, once per step even under activation recomputation);
-        ``check=False`` leaves the ``check_finite`` test of the logits to the caller."""
+        ``check=False`` leaves the ``check_finite`` test of the logits to the caller.
+        ``valid`` (``[T]`` bool, None: all): the tokens that count; padding tokens (False) are
+        routed like the others but left out of the losses and of ``local_tokens_per_expert``
+        (``Routing.routed_per_expert`` counts every token: it is the load the experts see)."""
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
+        valid = _check_valid(valid, x.shape[0])
         E, k = cfg.num_experts, cfg.top_k
         dtype = _compute_dtype(self.weight, cfg)
         xr = x.to(dtype)
@@ -202,27 +238,26 @@ class TopKRouter(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             probs = probs * cfg.routed_scaling_factor
 
-        flat_idx = expert_idx.reshape(-1)
-        routed_per_expert = torch.zeros(E, dtype=torch.int64, device=logits.device)
-        routed_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+        routed_per_expert = count_assignments(expert_idx, E)
+        counted = routed_per_expert if valid is None else count_assignments(expert_idx, E, valid)
         if count and self.training and torch.is_grad_enabled():  # eval / no_grad: no count
             with torch.no_grad():
-                self.local_tokens_per_expert += routed_per_expert.to(torch.float32)
+                self.local_tokens_per_expert += counted.to(torch.float32)
 
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
             dist = full_scores(logits, cfg.score_function)
             if cfg.aux_loss_coeff > 0:
                 losses["aux"] = switch_load_balancing_loss(
-                    dist, routed_per_expert, k, cfg.aux_loss_coeff
+                    dist, counted, k, cfg.aux_loss_coeff, valid
                 )
             if cfg.seq_aux_loss_coeff > 0:
                 selected = torch.zeros_like(dist).scatter_(1, expert_idx, 1.0)
                 losses["seq_aux"] = sequence_load_balancing_loss(
-                    dist, selected, k, num_seqs, cfg.seq_aux_loss_coeff
+                    dist, selected, k, num_seqs, cfg.seq_aux_loss_coeff, valid
                 )
         if cfg.z_loss_coeff > 0:
-            losses["z"] = z_loss(logits, cfg.z_loss_coeff)
+            losses["z"] = z_loss(logits, cfg.z_loss_coeff, valid)
 
         routing = Routing(
             probs=probs,
@@ -236,8 +271,9 @@ class TopKRouter(nn.Module):
     def _select(self, choose: Tensor) -> Tensor:
         """Expert ids ``[T, k]`` from detached selection scores (bias and group limit applied)."""
         cfg = self.config
-        if self.expert_bias is not None:
-            choose = choose + self.expert_bias.to(choose.dtype)
+        bias = getattr(self, "expert_bias", None)
+        if bias is not None:
+            choose = choose + bias.to(choose.dtype)
         if cfg.num_groups is not None:
             (T, E), G = choose.shape, cfg.num_groups
             per_group = choose.view(T, G, E // G)  # explicit sizes: T may be 0
@@ -260,7 +296,7 @@ class TopKRouter(nn.Module):
         ``c`` is ``tokens_per_expert`` (e.g. already summed over data-parallel ranks) or, when
         None, the accumulated ``local_tokens_per_expert``. Resets the accumulator afterwards.
         """
-        if self.expert_bias is None:
+        if getattr(self, "expert_bias", None) is None:
             raise RuntimeError("update_expert_bias needs a config with expert_bias=True")
         E = self.config.num_experts
         if tokens_per_expert is None:
@@ -320,13 +356,19 @@ class ExpertChoiceRouter(nn.Module):
         cf = cf if cf is not None else 1.0
         return min(num_tokens, expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, cf))
 
-    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True
-                ) -> tuple[Routing, dict[str, Tensor]]:
+    def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True,
+                valid: Optional[Tensor] = None) -> tuple[Routing, dict[str, Tensor]]:
         """Route ``x`` ``[T, H]``: every expert picks its top-``C`` tokens (``count`` is
         accepted for the router interface: expert choice keeps no counts; ``check`` as in
-        ``TopKRouter``)."""
+        ``TopKRouter``). ``valid`` must be None: an expert would spend its capacity on padding
+        tokens, so a padding mask is refused."""
         cfg = self.config
         _check_input(x, cfg.hidden_size, num_seqs)
+        if valid is not None:
+            raise ValueError(
+                "a padding mask is not supported with router_type='expert_choice' (each expert "
+                "picks its top-C tokens, padding included); use router_type='topk'"
+            )
         T, E = x.shape[0], cfg.num_experts
         dtype = _compute_dtype(self.weight, cfg)
         logits = F.linear(x.to(dtype), self.weight.to(dtype))

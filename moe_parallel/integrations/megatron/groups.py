@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from ..distributed.parallel_state import GROUP_NAMES, ParallelState, grid_groups
+from ...distributed.parallel_state import GROUP_NAMES, ParallelState, grid_groups
 
 # name -> (Megatron-Core function, keyword arguments)
 MEGATRON_GROUPS: dict[str, tuple[str, dict[str, Any]]] = {
