@@ -46,11 +46,13 @@ $(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES) pyproject.toml
 	mkdir -p build && touch $@
 
 # The optional integrations the tests exercise (extras of pyproject.toml), so they run, not skip.
-TEST_EXTRAS := megatron,hf
+# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA ops (the CPU tests JIT-build
+# the one they use into build/torch_extensions).
+TEST_EXTRAS := megatron,hf,deepspeed
 test-deps: $(VENV)/.test-deps-stamp
 
 $(VENV)/.test-deps-stamp: $(EXT_STAMP) pyproject.toml
-	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q \
+	DS_BUILD_OPS=0 CUDA_HOME=$(CUDA_HOME) MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q \
 	  --disable-pip-version-check --no-build-isolation -e ".[test,$(TEST_EXTRAS)]"
 	touch $@
 

@@ -15,14 +15,23 @@ With ``--expert-bias`` every layer balances its load without an aux loss (DeepSe
 each optimizer step ``distributed.update_expert_biases`` sums the routed counts of all ranks and
 nudges each layer's selection bias toward balance.
 
+With ``--deepspeed CONFIG.json`` the model trains under the DeepSpeed engine
+(``integrations.deepspeed``: ZeRO 0/1/2, expert gradients reduced over EDP, clipping by the
+global norm); ``--local_rank``, which the ``deepspeed`` launcher passes, is accepted (the rank
+comes from the environment). The config's ``optimizer``/``scheduler`` sections, when present,
+replace the AdamW and the warm-up/cosine schedule; ``gradient_clipping`` and
+``train_micro_batch_size_per_gpu`` default to ``--clip`` and ``--batch-size``.
+
     python -m moe_parallel.train --steps 150 --experts 8 --top-k 2 --capacity-factor 1.25
     torchrun --nproc-per-node 4 -m moe_parallel.train --ep 2 --tp 2
+    launch/deepspeed.sh 4 ds_config.json --ep 2
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from datetime import timedelta
 from typing import Optional
@@ -256,6 +265,53 @@ def optimizer_step(model: MoETransformerLM, opt: torch.optim.Optimizer, ps: Para
     return norm
 
 
+def lr_lambda(args: argparse.Namespace):
+    """The learning-rate multiplier of step ``s``: 10 warm-up steps, then a cosine decay."""
+    return lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
+
+
+def deepspeed_engine(args: argparse.Namespace, model: nn.Module, ps: ParallelState):
+    """The DeepSpeed engine of ``--deepspeed``'s config for ``model`` (``integrations.deepspeed
+    .initialize``) and its learning-rate scheduler. Without an ``optimizer`` section the
+    optimizer is AdamW(lr=--lr) over ``moe_param_groups``; without a ``scheduler`` section the
+    schedule is ``lr_lambda`` (the engine steps it). ``gradient_clipping`` and
+    ``train_micro_batch_size_per_gpu`` default to ``--clip`` and ``--batch-size``;
+    ``gradient_accumulation_steps`` must be 1 (one micro-batch per step here)."""
+    from .integrations import deepspeed as ds_moe
+
+    cfg = ds_moe.check_config(args.deepspeed, ps)
+    cfg.setdefault("train_micro_batch_size_per_gpu", args.batch_size)
+    cfg.setdefault("gradient_clipping", args.clip)
+    if cfg.get("gradient_accumulation_steps", 1) != 1:
+        raise ValueError(f"--deepspeed {args.deepspeed}: gradient_accumulation_steps must be 1 "
+                         f"in moe_parallel.train, got {cfg['gradient_accumulation_steps']}")
+    if cfg.get("train_batch_size", args.batch_size * ps.dp) != args.batch_size * ps.dp:
+        raise ValueError(f"--deepspeed {args.deepspeed}: train_batch_size "
+                         f"{cfg['train_batch_size']} is not --batch-size {args.batch_size} x "
+                         f"dp {ps.dp}")
+    optimizer = None if "optimizer" in cfg else torch.optim.AdamW(
+        ds_moe.moe_param_groups(model, ps, lr=args.lr, weight_decay=0.0))
+    schedule = None if "scheduler" in cfg else (
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args)))
+    engine, _, _, sched = ds_moe.initialize(model, ps, cfg, optimizer=optimizer,
+                                            lr_scheduler=schedule)
+    return engine, sched
+
+
+def engine_train_step(engine, tokens: Tensor, ps: ParallelState) -> tuple[Tensor, Tensor]:
+    """One optimizer step of the DeepSpeed ``engine`` on this rank's ``tokens [B, S+1]``
+    (backward with the engine's gradient reduction, its clipped step, then the expert-bias
+    update); returns (lm loss, the gradient norm before clipping, 0 without clipping)."""
+    logits = engine(tokens[:, :-1])
+    lm_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32))
+                              .reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    engine.backward(lm_loss)
+    engine.step()
+    update_expert_biases(engine.module, ps)
+    norm = engine.get_global_grad_norm()
+    return lm_loss.detach(), torch.as_tensor(0.0 if norm is None else float(norm))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -322,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--resume", nargs="?", const="latest", default=None, metavar="STEP",
         help="continue from --save-dir's latest checkpoint (or that of step STEP), at this "
              "run's layout; without one, start from step 0")
+    add("--deepspeed", default=None, metavar="CONFIG.json",
+        help="train under the DeepSpeed engine with this config (ZeRO stage 0, 1 or 2; tp=1; "
+             "see integrations.deepspeed); launch with launch/deepspeed.sh")
+    add("--local_rank", "--local-rank", type=int, default=None,
+        help="passed by the deepspeed launcher; accepted and ignored (the local rank comes "
+             "from LOCAL_RANK in the environment)")
     return p
 
 
@@ -337,6 +399,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--resume, --save-every and --async-save need --save-dir")
     if args.resume not in (None, "latest") and not args.resume.isdigit():
         p.error(f"--resume takes a step number or nothing (the latest), got {args.resume!r}")
+    if args.deepspeed is not None and args.save_dir is not None:
+        p.error("--save-dir (and --resume) are not supported with --deepspeed yet (the ZeRO "
+                "optimizer state is partitioned by DeepSpeed)")
+    if args.deepspeed is not None and args.tp > 1:
+        p.error(f"--deepspeed needs --tp 1 (DeepSpeed reduces dense gradients over the whole "
+                f"world), got --tp {args.tp}")
     return args
 
 
@@ -380,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     loss curve and throughput on rank 0; returns ``{first_loss, last_loss, history, model}``
     (``history``: every step's loss, those before a resume included)."""
     args = _parse(argv)
-    rank, world, _ = init_distributed(timeout=timedelta(seconds=args.timeout_s))
+    rank, world, local_rank = init_distributed(timeout=timedelta(seconds=args.timeout_s))
     if world == 1:
         asked = {f"--{n}": getattr(args, n) for n in ("tp", "ep", "etp") if getattr(args, n) > 1}
         if asked:
@@ -389,8 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "but this is a single process; launch with torchrun --nproc-per-node N (or "
                 "mpirun / srun), or drop the flag"
             )
-    ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp) if world > 1 else (
-        ParallelState.single())
+    ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp) if (
+        world > 1 or args.deepspeed) else ParallelState.single()
     if args.dp is not None and args.dp != ps.dp:
         raise ValueError(f"--dp {args.dp} does not match world {world} / tp {args.tp} = {ps.dp}")
     if args.seq_len % args.tp:
@@ -404,10 +472,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.hf_model:
         args.vocab = model.hf.config.vocab_size
     source = MarkovSource(args.vocab, args.seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
-    )
+    engine = None
+    if args.deepspeed:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeedEngine requires it
+        engine, sched = deepspeed_engine(args, model, ps)
+        opt = None  # the engine's (its ZeRO state is partitioned)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     lead = rank == 0
     if lead:
         what = (f"{model.hf.config.model_type} from {args.hf_model}" if args.hf_model else
@@ -415,6 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"moe_parallel demo on {device}: {world} process(es) tp={ps.tp} ep={ps.ep} "
               f"etp={ps.etp} dp={ps.dp} edp={ps.edp}; {what}, "
               f"capacity_factor={args.capacity_factor or None}; "
+              + (f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}; " if engine else "") +
               f"loss floor (source entropy) ~{source.entropy:.3f}, "
               f"uniform {math.log(args.vocab):.3f}", flush=True)
     history: list[float] = []
@@ -427,8 +500,11 @@ def main(argv: list[str] | None = None) -> dict:
     for step in bar:
         batch = local_batch(source.batch(args.batch_size * ps.dp, args.seq_len), ps).to(device)
         t0 = time.perf_counter()
-        lm_loss, _ = train_step(model, opt, batch, ps, args.clip)
-        sched.step()
+        if engine is not None:  # the engine steps its scheduler itself
+            lm_loss, _ = engine_train_step(engine, batch, ps)
+        else:
+            lm_loss, _ = train_step(model, opt, batch, ps, args.clip)
+            sched.step()
         if ps.dp > 1:
             torch.distributed.all_reduce(lm_loss, group=ps.group("dp"))
             lm_loss /= ps.dp

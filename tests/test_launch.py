@@ -8,6 +8,7 @@ its own session and is killed as a whole if it outlives its deadline.
 import importlib.util
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ from moe_parallel.distributed.init import parse_nodelist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ("torchrun_single_node.sh", "torchrun_multi_node.sh", "mpirun.sh", "slurm.sbatch",
-           "single_process.sh")
+           "single_process.sh", "deepspeed.sh")
 LAUNCH_TIMEOUT_S = 150
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "MPI_LOCALRANKID", "NNODES", "NODE_RANK", "RDZV_ENDPOINT")
@@ -160,17 +161,21 @@ def test_dry_runs_print_the_commands():
     assert "--oversubscribe " in out and out.rstrip().endswith("-m moe_parallel.train --steps 2")
     out = _dry("slurm.sbatch", "--steps", "5", MODULE="other.entry")
     assert "srun --kill-on-bad-exit=1" in out and out.rstrip().endswith("-m other.entry --steps 5")
+    out = _dry("deepspeed.sh", "4", "ds.json", "--ep", "2", MASTER_PORT=1234)
+    assert ("-m deepspeed.launcher.runner --num_gpus 4 --master_port 1234 --module "
+            "moe_parallel.train --deepspeed /ds.json --ep 2") in out  # CONFIG from the caller's cwd
 
 
 @pytest.mark.parametrize("name, env, message", [
     ("torchrun_single_node.sh", {}, "usage"),
+    ("deepspeed.sh", {}, "usage"),
     ("torchrun_multi_node.sh", {"RDZV_ENDPOINT": "h:1"}, "NNODES is not set"),
     ("torchrun_multi_node.sh", {"NNODES": 2}, "RDZV_ENDPOINT is not set"),
     ("torchrun_multi_node.sh", {"NNODES": 2, "RDZV_ENDPOINT": "h:1", "RDZV_BACKEND": "static"},
      "NODE_RANK is not set"),
 ])
 def test_missing_arguments_are_reported(name, env, message):
-    args = [] if name == "torchrun_single_node.sh" else ["2"]
+    args = [] if name in ("torchrun_single_node.sh", "deepspeed.sh") else ["2"]
     proc = subprocess.run([_script(name), *args], env=_env(DRY_RUN=1, **env),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and message in proc.stderr
@@ -250,3 +255,23 @@ def test_slurm_sbatch_under_a_fake_srun(entry_dir, tmp_path):
     [(rc, out)] = _run_all([(["bash", _script("slurm.sbatch"), "s"], env)])
     assert rc == 0, out
     assert _results(out) == _expected(2, "s")
+
+
+DEEPSPEED_SKIP = (None if importlib.util.find_spec("deepspeed") is not None else
+                  "deepspeed not installed: pip install -e '.[deepspeed]' (DS_BUILD_OPS=0)")
+DS_CONFIG = '{"zero_optimization": {"stage": 1}, "steps_per_print": 1000000}'
+
+
+@pytest.mark.skipif(DEEPSPEED_SKIP is not None, reason=str(DEEPSPEED_SKIP))
+def test_deepspeed_launcher_trains_under_the_engine(tmp_path):
+    """launch/deepspeed.sh: 2 ranks (ep2) of moe_parallel.train under the engine; the launcher's
+    --local_rank is accepted and every rank exits 0."""
+    (tmp_path / "ds.json").write_text(DS_CONFIG)
+    cmd = [_script("deepspeed.sh"), "2", str(tmp_path / "ds.json"), "--ep", "2", "--steps", "2",
+           "--layers", "1", "--hidden", "16", "--ffn", "16", "--seq-len", "8",
+           "--batch-size", "2", "--log-every", "1"]
+    [(rc, out)] = _run_all([(cmd, _env(MASTER_PORT=_free_port(), OMP_NUM_THREADS=1))])
+    assert rc == 0, out[-4000:]
+    assert "2 process(es) tp=1 ep=2 etp=1 dp=2 edp=1" in out and "DeepSpeed ZeRO-1" in out, out
+    assert re.search(r"^loss \d+\.\d+ -> \d+\.\d+ \(floor", out, re.M), out[-4000:]
+    assert out.count("exits successfully") == 2, out[-4000:]

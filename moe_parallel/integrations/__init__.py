@@ -5,4 +5,7 @@
   ``parallel_state_from_megatron`` adopts the process groups of an initialised Megatron-Core
   ``parallel_state`` as a ``ParallelState``.
 * ``hf``: Hugging Face transformers MoE models in and out.
+* ``deepspeed``: the DeepSpeed engine hosts the layers (ZeRO 0/1/2: expert parameters tagged
+  ``allreduce=False`` / ``group_name`` and reduced over EDP, MoE optimizer param groups, the
+  global-norm clipping).
 """
