@@ -322,3 +322,216 @@ def test_padding_tokens_stay_out_of_losses_and_counts():
     torch.testing.assert_close(a["grad_router"], b["grad_router"], rtol=1e-10, atol=1e-12)
     valid = int((~_inputs()[2]).sum())
     assert torch.equal(a["counts"], b["counts"]) and int(a["counts"].sum()) == 2 * valid
+
+
+# ---- TransformerConfig translation ------------------------------------------------------------
+
+ROUTING = [
+    dict(),  # softmax, top-k of the logits then softmax over them (Megatron's default)
+    dict(moe_router_pre_softmax=True),
+    dict(moe_router_pre_softmax=True, moe_router_topk=1),
+    dict(moe_router_score_function="sigmoid", moe_router_topk=3),
+    dict(moe_router_score_function="sigmoid", moe_router_topk=1),
+    dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+         moe_router_num_groups=4, moe_router_group_topk=2, moe_router_topk=4,
+         moe_router_topk_scaling_factor=2.5),
+    dict(moe_router_num_groups=2, moe_router_group_topk=1, moe_router_pre_softmax=True),
+]
+
+
+@pytest.mark.parametrize("moe", ROUTING)
+def test_translated_router_routes_as_megatron(moe):
+    """Our router built from the translated config gives the probs and expert map of
+    Megatron's own ``topk_routing_with_score_function`` on the same logits (and, with a
+    capacity, the kept map of its ``apply_router_token_dropping``)."""
+    from megatron.core.transformer.moe.moe_utils import (
+        apply_router_token_dropping,
+        topk_routing_with_score_function,
+    )
+
+    from moe_parallel.integrations.megatron import moe_config_from_megatron
+    from moe_parallel.routing import apply_capacity, build_router, expert_capacity
+
+    cfg, losses = moe_config_from_megatron(_config(**moe))
+    assert not losses.enabled and cfg.aux_loss_coeff == cfg.z_loss_coeff == 0
+    torch.manual_seed(0)
+    router = build_router(cfg)
+    bias = None
+    if cfg.expert_bias:
+        bias = torch.linspace(-0.2, 0.3, E)
+        router.expert_bias.copy_(bias)
+    x = torch.randn(64, H, dtype=torch.float64)
+    routing, _ = router(x)
+    logits = x @ router.weight.t()
+    probs, rmap = topk_routing_with_score_function(
+        logits, cfg.top_k, use_pre_softmax=bool(moe.get("moe_router_pre_softmax")),
+        num_groups=cfg.num_groups, group_topk=cfg.group_topk,
+        scaling_factor=moe.get("moe_router_topk_scaling_factor"),
+        score_function=cfg.score_function, expert_bias=bias)
+    ours = torch.zeros(64, E, dtype=torch.float64).scatter(1, routing.expert_idx, routing.probs)
+    assert torch.equal(ours != 0, rmap)
+    # Megatron evaluates softmax / sigmoid in float32 even for float64 logits
+    torch.testing.assert_close(ours, probs, rtol=3e-7, atol=1e-9)
+
+    cap = expert_capacity(64, E, cfg.top_k, 0.7)
+    keep = apply_capacity(routing.expert_idx, routing.probs, E, cap, "probs", None)
+    kept = torch.zeros(64, E, dtype=torch.bool).scatter(1, routing.expert_idx, keep)
+    _, mmap = apply_router_token_dropping(probs, rmap, cfg.top_k, 0.7, "probs")
+    assert torch.equal(kept, mmap) and not bool(kept.all())
+
+
+def test_config_translation_fields():
+    from moe_parallel.integrations.megatron import moe_config_from_megatron
+
+    cfg, losses = moe_config_from_megatron(_config(
+        moe_aux_loss_coeff=[0.01, 0.002], moe_router_load_balancing_type=["aux_loss",
+                                                                          "seq_aux_loss"],
+        moe_z_loss_coeff=1e-3, moe_expert_capacity_factor=1.25, moe_token_drop_policy="position",
+        moe_pad_expert_input_to_capacity=True, moe_shared_expert_intermediate_size=24,
+        moe_shared_expert_gate=True, moe_router_dtype="fp64", init_method_std=0.011,
+        moe_token_dispatcher_type="allgather"), expert_impl="block_sparse")
+    assert (cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.top_k) == (H, FF, E, 2)
+    assert (cfg.activation, cfg.capacity_factor, cfg.drop_policy, cfg.pad_to_capacity) == (
+        "swiglu", 1.25, "position", True)
+    assert (cfg.num_shared_experts, cfg.shared_expert_ffn_hidden_size,
+            cfg.shared_expert_gate) == (1, 24, True)
+    assert (cfg.router_dtype, cfg.params_dtype, cfg.init_std, cfg.token_dispatcher_type,
+            cfg.expert_impl) == (torch.float64, torch.float64, 0.011, "allgather",
+                                 "block_sparse")
+    assert (losses.aux_coeff, losses.seq_aux_coeff, losses.z_coeff) == (0.01, 0.002, 1e-3)
+    gelu, _ = moe_config_from_megatron(_config(gated_linear_unit=False, activation_func=F.gelu))
+    assert gelu.activation == "gelu"
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("moe_input_jitter_eps", 0.01, "moe_input_jitter_eps"),
+    ("moe_router_load_balancing_type", "sinkhorn", "moe_router_load_balancing_type"),
+    ("moe_router_load_balancing_type", "global_aux_loss", "moe_router_load_balancing_type"),
+    ("moe_latent_size", 4, "moe_latent_size"),
+    ("moe_router_force_load_balancing", True, "moe_router_force_load_balancing"),
+    ("add_bias_linear", True, "add_bias_linear"),
+    ("activation_func", F.relu, "activation_func"),
+    ("moe_token_dispatcher_type", "flex", "moe_token_dispatcher_type"),
+    ("moe_router_dtype", "fp16", "moe_router_dtype"),
+])
+def test_config_translation_names_what_it_cannot_honour(field, value, match):
+    from moe_parallel.integrations.megatron import moe_config_from_megatron
+
+    with pytest.raises(ValueError, match=match):
+        moe_config_from_megatron(_config(**{field: value}))
+
+
+# ---- Megatron dist-checkpointing --------------------------------------------------------------
+
+
+def _ckpt(layout: dict, directory: str, save: bool, seed: int):
+    """Save (the seed's weights) or load a layer's sharded_state_dict with Megatron's
+    dist_checkpointing; after a load, what this rank holds against the seed's global weights."""
+    from megatron.core import dist_checkpointing
+
+    from moe_parallel.experts import shard_expert_weights
+
+    with _megatron(**layout):
+        layer = _layer(_config(**layout), norm=False)
+        w = _weights(seed)
+        ps = layer.mlp.moe.parallel_state
+        if save:
+            _set_weights(layer, w)
+            dist_checkpointing.save(layer.sharded_state_dict(), directory)
+            return None
+        _set_weights(layer, _weights(seed + 1))  # other values, overwritten by the load
+        loaded = dist_checkpointing.load(layer.sharded_state_dict(), directory)
+        layer.load_state_dict(loaded)
+        w1, w2 = shard_expert_weights(w["w1"], w["w2"], ps.ep_rank, ps.ep, ps.etp_rank, ps.etp,
+                                      True)
+        moe = layer.mlp.moe
+        return (torch.equal(moe.experts.w1, w1) and torch.equal(moe.experts.w2, w2)
+                and torch.equal(moe.router.weight, w["router"]), (ps.ep, ps.etp))
+
+
+def _ckpt_job(rank: int, world: int, port: int, start, directory: str, saved: dict,
+              loads: list) -> None:
+    import torch.distributed as dist
+
+    start.wait(60)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    _ckpt(saved, directory, True, 11)
+    for layout in loads:
+        ok, sizes = _ckpt(layout, directory, False, 11)
+        assert ok, (rank, layout)
+        assert sizes == (layout.get("ep", 1), layout.get("etp", layout.get("tp", 1)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("saved,loads", [
+    (dict(ep=4), [dict(ep=2), dict(tp=2, ep=2)]),       # ep4 -> ep2 (EDP 2), -> ep2 etp2
+    (dict(tp=2, ep=2), [dict(ep=4), dict(tp=2, ep=2, etp=1)]),  # etp2 (gate|up chunks) -> ...
+])
+def test_dist_checkpoint_saves_every_expert_once_and_reshards(tmp_path, saved, loads):
+    """Megatron's dist-checkpointing forks writer processes, which the test pool's daemonic
+    workers may not: these ranks are spawned for the test."""
+    import torch.multiprocessing as mp
+    from proc_utils import free_port, spawn_bounded
+
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    start = mp.get_context("spawn").Barrier(4)
+    spawn_bounded(_ckpt_job, 4, (4, free_port(), start, str(directory), saved, loads),
+                  timeout_s=240)
+
+
+# ---- expert bias under Megatron's finalize_model_grads and Float16Module ---------------------
+
+
+def _bias_under_megatron(_layout):
+    """Two MoE layers, one with the expert bias and one without (a hybrid model), under
+    Megatron's Float16Module (bf16) and DDP: finalize_model_grads updates the one bias in
+    float32 by ``rate · sign(mean(c) − c)`` over the routed non-padding counts, and skips the
+    other layer."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.transformer.module import Float16Module
+
+    from moe_parallel.integrations.megatron import MoEMLP
+
+    with _megatron():
+        kw = dict(params_dtype=torch.bfloat16, bf16=True, moe_router_score_function="sigmoid",
+                  moe_router_bias_update_rate=0.125)
+        on = _config(moe_router_enable_expert_bias=True, **kw)
+        off = _config(**kw)
+        model = torch.nn.ModuleList([MoEMLP(on, layer_number=1), MoEMLP(off, layer_number=2)])
+        model.config = on
+        wrapped = Float16Module(on, model)
+        router = model[0].moe.router
+        assert not hasattr(model[1].moe.router, "expert_bias")
+        assert router.expert_bias.dtype == torch.float32
+        assert model[0].moe.experts.w1.dtype == torch.bfloat16
+        with torch.no_grad():
+            router.expert_bias.copy_(torch.linspace(-1, 1, E) * 1e-3 + 0.5)  # not exact in bf16
+        start = router.expert_bias.clone()
+        ddp = DistributedDataParallel(on, DistributedDataParallelConfig(), wrapped)
+        x = torch.randn(S, B, H, dtype=torch.bfloat16)
+        pad = torch.zeros(B, S, dtype=torch.bool)
+        pad[1, 3:] = True
+        y = x
+        for layer in model:
+            y, _ = layer(y, padding_mask=pad)
+        y.float().square().sum().backward()
+        counts = router.local_tokens_per_expert.clone()
+        finalize_model_grads([ddp])
+        return dict(start=start, end=router.expert_bias.clone(), counts=counts,
+                    after=router.local_tokens_per_expert.clone(),
+                    valid=int((~pad).sum()))
+
+
+def test_finalize_model_grads_updates_the_expert_bias_in_float32():
+    r = get_pool(1).run(_bias_under_megatron, {}, timeout=120)[0]
+    c = r["counts"]
+    assert int(c.sum()) == 2 * r["valid"]  # top-2 of the non-padding tokens
+    want = r["start"] + 0.125 * torch.sign(c.mean() - c)
+    assert r["end"].dtype == torch.float32 and torch.equal(r["end"], want)
+    assert not torch.equal(r["end"], r["start"]) and float(r["after"].abs().sum()) == 0
