@@ -400,3 +400,59 @@ def test_expert_projection_biases_refuse_expert_tensor_parallelism():
     with pytest.raises(ValueError, match="expert_proj_bias=True is not supported with expert "
                                          "tensor parallelism"):
         GroupedExperts(cfg, 8, cfg.ffn_hidden_size // 2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(score_function="sigmoid", expert_bias=True)])
+def test_padding_tokens_change_no_loss_count_or_other_output(kw):
+    """A padded [S, B, H] batch equals the same valid tokens packed at the front of each
+    sequence behind other (random) padding: outputs of the valid tokens, every loss (aux,
+    per-sequence aux, z), the router gradient and the expert-bias counts."""
+    cfg = MoEConfig(**BASE, **kw, aux_loss_coeff=0.05, seq_aux_loss_coeff=0.03,
+                    z_loss_coeff=0.01)
+    S_, B_ = 10, 3
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(S_, B_, 16, generator=g, dtype=torch.float64)
+    cot = torch.randn(S_, B_, 16, generator=g, dtype=torch.float64)
+    pad = torch.rand(S_, B_, generator=g) < 0.3
+    pad[:, 0] = False
+    order = torch.stack([torch.cat([torch.nonzero(~pad[:, b]).view(-1),
+                                    torch.nonzero(pad[:, b]).view(-1)]) for b in range(B_)], 1)
+    idx = order[..., None].expand(S_, B_, 16)
+    packed_pad = pad.gather(0, order)
+    packed_x = torch.where(packed_pad[..., None], 5 * torch.randn_like(x), x.gather(0, idx))
+    got = {}
+    for name, xs, cs, ps_ in (("padded", x, cot, pad),
+                              ("packed", packed_x, cot.gather(0, idx), packed_pad)):
+        torch.manual_seed(0)
+        layer = MoELayer(cfg)
+        y, aux = layer(xs.clone().requires_grad_(), return_aux=True, padding_mask=ps_)
+        (y * cs * (~ps_)[..., None]).sum().backward()
+        if name == "padded":
+            y = y.gather(0, idx)
+        got[name] = (y.detach() * (~packed_pad)[..., None], aux.losses,
+                     layer.router.weight.grad, layer.router.local_tokens_per_expert.clone())
+    (ya, la, ga, ca), (yb, lb, gb, cb) = got["padded"], got["packed"]
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    assert set(la) == {"aux", "seq_aux", "z"}
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], rtol=1e-12, atol=0, msg=k)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+    assert torch.equal(ca, cb) and int(ca.sum()) == 2 * int((~pad).sum())
+    # the loss over the valid tokens only, as a [T, H] batch, is the same aux and z loss
+    torch.manual_seed(0)
+    flat = MoELayer(cfg)
+    _, flat_aux = flat(x[~pad].clone().requires_grad_(), return_aux=True)
+    for k in ("aux", "z"):
+        torch.testing.assert_close(la[k], flat_aux.losses[k], rtol=1e-12, atol=0, msg=k)
+
+
+def test_padding_mask_is_checked():
+    layer = MoELayer(MoEConfig(**BASE))
+    x = torch.randn(4, 2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="padding_mask must be a bool tensor of shape"):
+        layer(x, padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding_mask"):
+        layer(x, padding_mask=torch.zeros(4, 2))
+    ec = MoELayer(MoEConfig(**BASE | dict(top_k=2), router_type="expert_choice"))
+    with pytest.raises(ValueError, match="expert_choice"):
+        ec(x, padding_mask=torch.zeros(4, 2, dtype=torch.bool))

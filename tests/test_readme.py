@@ -165,9 +165,8 @@ def test_readme_markers_and_blocks():
     python = [b for b in BLOCKS if b.kind == "python"]
     assert python, "README.md has no ```python block"
     torchrun = [b for b in BLOCKS if b.nproc is not None]
-    assert len(torchrun) == 1, (
-        f"expected exactly one `readme-test: torchrun N` block, found {len(torchrun)}")
-    assert torchrun[0].skip is None, "the torchrun block must run, not be skipped"
+    assert torchrun, "expected a `readme-test: torchrun N` block"
+    assert all(b.skip is None for b in torchrun), "a torchrun block must run, not be skipped"
     unchecked = [b.id for b in python if b.skip is None and not b.expect]
     assert not unchecked, f"python blocks without an `expect` marker: {unchecked}"
     assert any(b.kind == "bash" and b.skip is None for b in BLOCKS), "no runnable shell block"
