@@ -194,6 +194,12 @@ def _run(layout: dict, moe: dict, overrides: dict, shared: int, dp_ref: int, ste
                                              getattr(p, "sequence_parallel", False))
                  for n, p in ddp.named_parameters()}
         ps = layer.mlp.moe.parallel_state
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        from moe_parallel.integrations.megatron import MoEMLP
+
+        pgs = ProcessGroupCollection.use_mpu_process_groups()
+        assert MoEMLP(config, pg_collection=pgs).parallel_state.ranks == ps.ranks
         coords = dict(t=t, tp=tp, d=d, dp=dp, ep_rank=ps.ep_rank, ep=ps.ep,
                       etp_rank=ps.etp_rank, etp=ps.etp)
         return dict(out=torch.cat(outs, dim=1), grads=grads, bias=biases, tracker=tracker,
