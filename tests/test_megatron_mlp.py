@@ -43,16 +43,39 @@ def _on_cpu():
         torch.cuda.current_device, torch.cuda.synchronize = saved
 
 
+def _groups() -> set:
+    import torch.distributed.distributed_c10d as c10d
+
+    return set(c10d._world.pg_map)
+
+
+def _destroy(groups: set) -> None:
+    import torch.distributed as dist
+
+    for pg in groups:
+        dist.destroy_process_group(pg)
+
+
 @contextlib.contextmanager
 def _megatron(tp: int = 1, ep: int = 1, etp: int | None = None):
+    """Megatron's parallel state for one test, in a worker of the shared pool. Its
+    ``destroy_model_parallel`` forgets the process groups without destroying them; each keeps
+    gloo threads alive until it is freed, and hundreds of them slow every later test in the
+    worker, so the groups created here are destroyed on the way out and the garbage of earlier
+    tests (modules holding groups in reference cycles) is collected on the way in."""
+    import gc
+
     from megatron.core import parallel_state as mpu
     from megatron.core.transformer.moe.moe_utils import (
         MoEAuxLossAutoScaler,
         clear_aux_losses_tracker,
     )
 
+    gc.collect()
+    before = _groups()
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                  expert_tensor_parallel_size=etp)
+                                  expert_tensor_parallel_size=etp,
+                                  create_gloo_process_groups=False)
     try:
         with _on_cpu():
             yield mpu
@@ -60,6 +83,7 @@ def _megatron(tp: int = 1, ep: int = 1, etp: int | None = None):
         clear_aux_losses_tracker()
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
         mpu.destroy_model_parallel()
+        _destroy(_groups() - before)
 
 
 def _config(tp: int = 1, ep: int = 1, etp: int | None = None, **moe):
@@ -453,6 +477,13 @@ def _ckpt(layout: dict, directory: str, save: bool, seed: int):
         moe = layer.mlp.moe
         return (torch.equal(moe.experts.w1, w1) and torch.equal(moe.experts.w2, w2)
                 and torch.equal(moe.router.weight, w["router"]), (ps.ep, ps.etp))
+
+
+def _threads(_layout) -> int:
+    """This worker's OS threads (gloo's are native: not in ``threading``)."""
+    import os
+
+    return len(os.listdir("/proc/self/task"))
 
 
 def _ckpt_job(rank: int, world: int, port: int, start, directory: str, saved: dict,
