@@ -30,7 +30,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["DistFailure", "DistPool", "get_pool", "parallel_state"]
+__all__ = ["DistFailure", "DistPool", "close_all", "get_pool", "parallel_state"]
 
 _GRACE_S = 3.0  # how long to wait for the other ranks once one rank failed
 
@@ -184,7 +184,9 @@ def get_pool(world_size: int) -> DistPool:
 
 
 @atexit.register
-def _close_all() -> None:
+def close_all() -> None:
+    """Shut every pool down (the next ``get_pool`` starts a fresh one): idle workers keep their
+    gloo threads, which take CPU from tests that start their own processes."""
     for pool in _POOLS.values():
         if not pool.broken:
             pool.close()

@@ -121,6 +121,9 @@ def _env(**extra: str) -> dict[str, str]:
     """The test's environment with one thread per process, the venv first on PATH, and no
     PYTHONPATH entry pointing into the repository (snippets must use the installed package)."""
     env = dict(os.environ)
+    # DeepSpeed's JIT-built CPU op: built once per checkout, where tests/test_deepspeed.py and
+    # launch/deepspeed.sh build it too
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
@@ -170,6 +173,15 @@ def test_readme_markers_and_blocks():
     unchecked = [b.id for b in python if b.skip is None and not b.expect]
     assert not unchecked, f"python blocks without an `expect` marker: {unchecked}"
     assert any(b.kind == "bash" and b.skip is None for b in BLOCKS), "no runnable shell block"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_idle_pools():
+    """The snippets start their own processes: the suite's idle gloo pools would compete with
+    them for the CPUs."""
+    from dist_harness import close_all
+
+    close_all()
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
