@@ -28,6 +28,7 @@ _ROUTER_DTYPES = (None, torch.float32, torch.float64)
 _ROUTER_TYPES = ("topk", "expert_choice")
 _SCORE_FUNCTIONS = ("softmax", "sigmoid")
 _DROP_POLICIES = ("probs", "position")
+_DISPATCHERS = ("alltoall", "alltoall_hierarchical", "allgather")
 _EXPERT_IMPLS = ("block_sparse", "grouped")
 _ROW_OVERFLOWS = ("error", "capacity")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -111,8 +112,10 @@ class MoEConfig:
       knob); ``"capacity"`` drops the excess for that forward, as capacity mode would, and
       reports it in ``RoutingStats.overflow``.
     Dispatch across processes (``token_dispatcher_type``): ``"alltoall"`` sends each token copy
-      to the EP rank of its expert; ``"allgather"`` gathers the ETP×EP group's tokens on every
-      rank (for TP-heavy layouts or large top_k).
+      to the EP rank of its expert; ``"alltoall_hierarchical"`` does the same in two stages,
+      inside each node then one message per node pair across nodes (nodes: ``ParallelState``'s
+      ``ranks_per_node``; same results bitwise); ``"allgather"`` gathers the ETP×EP group's
+      tokens on every rank (for TP-heavy layouts or large top_k).
     Non-finite input: with ``check_finite`` (default) a NaN/Inf in the router logits raises
       ``FloatingPointError`` (on every rank of an expert-parallel layer's ETP×EP group together:
       one small all-gather per forward shares the verdict); without it NaN propagates.
@@ -162,7 +165,7 @@ class MoEConfig:
     params_dtype: torch.dtype = torch.float32
     init_std: float = 0.02
     check_finite: bool = True
-    token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    token_dispatcher_type: Literal["alltoall", "alltoall_hierarchical", "allgather"] = "alltoall"
 
     expert_impl: ExpertImpl = "grouped"
     grouped_gemm_backend: str = "auto"
@@ -184,7 +187,7 @@ class MoEConfig:
         _choice("router_type", self.router_type, _ROUTER_TYPES)
         _choice("score_function", self.score_function, _SCORE_FUNCTIONS)
         _choice("drop_policy", self.drop_policy, _DROP_POLICIES)
-        _choice("token_dispatcher_type", self.token_dispatcher_type, ("alltoall", "allgather"))
+        _choice("token_dispatcher_type", self.token_dispatcher_type, _DISPATCHERS)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -14,10 +14,12 @@ Every dispatcher takes an optional ``row_budget`` (``RowBudget``): before anythi
 all-gathers the kept counts of its group and enforces the ceiling on rows per rank.
 
 Modules: ``local.py`` (``LocalDispatcher``: every expert here), ``all_to_all.py``
-(``AllToAllDispatcher``: tokens travel to their experts' EP ranks), ``all_gather.py``
+(``AllToAllDispatcher``: tokens travel to their experts' EP ranks), ``hierarchical.py``
+(``HierarchicalAllToAllDispatcher``: the same exchange inside nodes, then across), ``all_gather.py``
 (``AllGatherDispatcher``: every rank of the ETP×EP group sees all its tokens), ``expert_grid.py``
-(what the expert-parallel ones share), ``row_budget.py`` (the ceiling on rows per rank);
-``build_dispatcher`` picks one by name.
+(what the expert-parallel ones share), ``row_budget.py`` (the ceiling on rows per rank),
+``in_flight.py`` (a started dispatch/combine: ``dispatch_start``/``combine_start``, for
+overlap); ``build_dispatcher`` picks one by name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import TYPE_CHECKING, Optional
 
 from .all_gather import AllGatherDispatcher, AllGatherHandle
 from .all_to_all import MAX_CHUNKED_EXPERTS, AllToAllDispatcher, AllToAllHandle
+from .hierarchical import HierarchicalAllToAllDispatcher
+from .in_flight import InFlight, start_combine, start_dispatch
 from .local import LocalDispatcher, LocalHandle
 from .row_budget import RowBudget, kept_counts
 
@@ -39,15 +43,19 @@ __all__ = [
     "AllGatherHandle",
     "AllToAllDispatcher",
     "AllToAllHandle",
+    "HierarchicalAllToAllDispatcher",
+    "InFlight",
     "LocalDispatcher",
     "LocalHandle",
     "RowBudget",
     "build_dispatcher",
     "kept_counts",
+    "start_combine",
+    "start_dispatch",
 ]
 
 
-DISPATCHERS = ("alltoall", "allgather")
+DISPATCHERS = ("alltoall", "alltoall_hierarchical", "allgather")
 
 
 def build_dispatcher(
@@ -57,12 +65,15 @@ def build_dispatcher(
     row_budget: Optional[RowBudget] = None,
 ):
     """The dispatcher for a layer: ``LocalDispatcher`` without ``parallel_state``, else
-    ``AllToAllDispatcher`` (``kind="alltoall"``) or ``AllGatherDispatcher`` (``"allgather"``),
-    as Megatron's ``moe_token_dispatcher_type``; ``row_budget`` caps the rows per rank."""
+    ``AllToAllDispatcher`` (``kind="alltoall"``), ``HierarchicalAllToAllDispatcher``
+    (``"alltoall_hierarchical"``) or ``AllGatherDispatcher`` (``"allgather"``), as Megatron's
+    ``moe_token_dispatcher_type``; ``row_budget`` caps the rows per rank."""
     if kind not in DISPATCHERS:
         raise ValueError(f"dispatcher kind must be one of {DISPATCHERS}, got {kind!r}")
     if parallel_state is None:
         return LocalDispatcher(num_experts, row_budget)
     if kind == "allgather":
         return AllGatherDispatcher(num_experts, parallel_state, row_budget)
+    if kind == "alltoall_hierarchical":
+        return HierarchicalAllToAllDispatcher(num_experts, parallel_state, row_budget)
     return AllToAllDispatcher(num_experts, parallel_state, row_budget)

@@ -18,6 +18,7 @@ from .. import ops
 from ..distributed import collectives as comm
 from ..routing.router import Routing
 from .expert_grid import enforce_budget, gather_counts, set_expert_grid
+from .in_flight import InFlight
 from .row_budget import RowBudget
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class AllToAllHandle:
     # per-expert exchange (AllToAllDispatcher._chunked): rows [l][source rank] this rank
     # receives and [l][destination rank] it sends; None for one all-to-all + sort_chunks
     chunk_splits: Optional[tuple[list[list[int]], list[list[int]]]] = None
+    # hierarchical exchange (HierarchicalAllToAllDispatcher): its two stages' splits
+    stages: Optional[object] = None
 
 
 MAX_CHUNKED_EXPERTS = 8
@@ -105,21 +108,69 @@ class AllToAllDispatcher:
         return (x.device.type == "cpu" and self.etp == 1 and self.ep > 1
                 and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS)
 
+    # ---- the EP exchange (``HierarchicalAllToAllDispatcher`` overrides these) -------------
+    def _send_order(self, idx: Tensor, chunked: bool) -> Tensor:
+        """The ids ``permute`` sorts by, so the send buffer has the exchange's row order."""
+        if chunked:  # local expert first, then EP rank: e = r·E_local + l  ->  l·ep + r
+            E_local = self.num_local_experts
+            return (idx % E_local) * self.ep + idx // E_local
+        return idx
+
+    def _global_counts(self, counts: Tensor, chunked: bool) -> Tensor:
+        """``permute``'s counts (in ``_send_order``) back in global expert order."""
+        if chunked:
+            return counts.view(self.num_local_experts, self.ep).t().reshape(self.num_experts)
+        return counts
+
+    def _ep_start(self, permuted: Tensor, send_counts: Tensor, gathered: Tensor,
+                  chunk_sizes: Tensor, chunked: bool):
+        """Start the exchange over EP: ``(rows, Pending, chunk_splits, stages)``; once the
+        ``Pending`` is waited for, ``rows`` are ``[EP source][local expert]`` (``chunked``:
+        ``[l][EP src]``). ``chunk_splits`` and ``stages`` go to the handle, for combine."""
+        E_local = self.num_local_experts
+        if chunked:  # [l][source rank] received, [l][destination rank] sent
+            chunk_splits = (chunk_sizes[0].t().tolist(),
+                            send_counts.view(self.ep, E_local).t().tolist())
+            rows, pending = comm.all_to_all_chunked(permuted, *chunk_splits, self.ep_group,
+                                                    async_op=True)
+            return rows, pending, chunk_splits, None
+        send_splits = send_counts.view(self.ep, E_local).sum(1).tolist()
+        recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
+        rows, pending = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group,
+                                        async_op=True)
+        return rows, pending, None, None
+
+    def _ep_back_start(self, y: Tensor, handle: AllToAllHandle):
+        """Start the EP exchange back: ``(y, Pending)``, ``y`` in the send buffer's order once
+        waited for (up to ``_ep_back_finish``)."""
+        if handle.chunk_splits is not None:
+            received, sent = handle.chunk_splits
+            return comm.all_to_all_chunked(y, sent, received, self.ep_group, async_op=True)
+        return comm.all_to_all(y, handle.send_splits, handle.recv_splits, self.ep_group,
+                               async_op=True)
+
+    def _ep_back_finish(self, y: Tensor, handle: AllToAllHandle) -> Tensor:
+        """What remains of the exchange back after its ``Pending``: nothing for the flat one."""
+        return y
+
+    # ---- dispatch / combine ---------------------------------------------------------------
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, AllToAllHandle]:
         """``(expert_in, group_sizes [E_local] CPU int64, handle)``: the rows of this rank's local
         experts from every rank of its EP (and ETP) group, grouped by local expert (steps 1-4 of
         the class docstring). A collective over the ``tp_ep``, EP and ETP groups."""
+        return self.dispatch_start(x, routing, pad_to).finish()
+
+    def dispatch_start(self, x: Tensor, routing: Routing, pad_to: int = 0) -> InFlight:
+        """``dispatch`` with its EP row exchange left in flight (``in_flight.py``): steps 1-2
+        run now; ``finish()`` waits and runs 3-4, returning ``dispatch``'s result."""
         E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
         routing, overflow, gathered = enforce_budget(self, routing)
         chunked = self._chunked(x)
-        idx = routing.expert_idx
-        if chunked:  # local expert first, then EP rank: e = r·E_local + l  ->  l·ep + r
-            idx = (idx % E_local) * ep + idx // E_local
+        idx = self._send_order(routing.expert_idx, chunked)
         permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to)
-        if chunked:
-            counts = counts.view(E_local, ep).t().reshape(E)  # back to global expert order
+        counts = self._global_counts(counts, chunked)
         send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
         if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
             gathered = gather_counts(send_counts, self.tp_ep_group)
@@ -128,32 +179,42 @@ class AllToAllDispatcher:
         etp_splits = chunk_sizes.sum((1, 2)).tolist()
         recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
         group_sizes = chunk_sizes.sum((0, 1))  # [E_local], over ETP and EP sources
-        chunk_splits = None
-        if chunked:  # [l][source rank] received, [l][destination rank] sent
-            chunk_splits = (chunk_sizes[0].t().tolist(),
-                            send_counts.view(ep, E_local).t().tolist())
-            rows = comm.all_to_all_chunked(permuted, *chunk_splits, self.ep_group)
-        else:
-            rows = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group)
-            rows = comm.all_gather(rows, self.etp_group, etp_splits)
-            if self.order is not None:
-                rows = ops.sort_chunks(rows, chunk_sizes.reshape(-1), self.order)
+        rows, pending, chunk_splits, stages = self._ep_start(permuted, send_counts, gathered,
+                                                             chunk_sizes, chunked)
         handle = AllToAllHandle(
             row_map, routing.probs, counts, send_splits, recv_splits, etp_splits,
-            chunk_sizes.reshape(-1), overflow, chunk_splits,
+            chunk_sizes.reshape(-1), overflow, chunk_splits, stages,
         )
-        return rows, group_sizes, handle
+
+        def finish() -> tuple[Tensor, Tensor, AllToAllHandle]:
+            pending.wait()
+            out = rows
+            if chunk_splits is None:
+                out = comm.all_gather(out, self.etp_group, etp_splits)
+                if self.order is not None:
+                    out = ops.sort_chunks(out, chunk_sizes.reshape(-1), self.order)
+            return out, group_sizes, handle
+
+        return InFlight(finish)
 
     def combine(self, expert_out: Tensor, handle: AllToAllHandle) -> Tensor:
         """The mirror of ``dispatch``: ``y[t] = Σ_{j kept} probs[t, j] · out[row of (t, j)]``,
         ``[T, H]`` for this rank's own tokens. A collective, as ``dispatch``."""
+        return self.combine_start(expert_out, handle).finish()
+
+    def combine_start(self, expert_out: Tensor, handle: AllToAllHandle) -> InFlight[Tensor]:
+        """``combine`` with its EP exchange back left in flight; ``finish()`` waits and
+        returns ``combine``'s result."""
         y = expert_out
-        if handle.chunk_splits is not None:
-            received, sent = handle.chunk_splits
-            y = comm.all_to_all_chunked(y, sent, received, self.ep_group)
-        else:
+        if handle.chunk_splits is None:
             if self.order is not None:
                 y = ops.sort_chunks(y, handle.chunk_sizes[self.order], self.inverse_order)
             y = comm.reduce_scatter(y, handle.etp_splits, self.etp_group)
-            y = comm.all_to_all(y, handle.send_splits, handle.recv_splits, self.ep_group)
-        return ops.unpermute(y, handle.row_map, handle.probs, validate=False)
+        y, pending = self._ep_back_start(y, handle)
+
+        def finish() -> Tensor:
+            pending.wait()
+            out = self._ep_back_finish(y, handle)
+            return ops.unpermute(out, handle.row_map, handle.probs, validate=False)
+
+        return InFlight(finish)

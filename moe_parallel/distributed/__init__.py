@@ -22,10 +22,11 @@ from .expert_bias import update_expert_biases
 from .fsdp import find_fsdp_managing_experts
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
 from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
-from .parallel_state import GROUP_NAMES, ParallelState, grid_groups
+from .parallel_state import GROUP_NAMES, NODE_GROUP_NAMES, ParallelState, grid_groups
 
 __all__ = [
     "GROUP_NAMES",
+    "NODE_GROUP_NAMES",
     "check_agreement",
     "LaunchEnv",
     "ParallelState",

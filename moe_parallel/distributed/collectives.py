@@ -15,6 +15,11 @@ Over a group of ``w`` ranks (``r`` = this rank's index in it), for tensors split
 * ``reduce_scatter(x, sizes, group)``: ``Σ_i x_i[block r]`` where every rank's ``x`` is split
   into blocks of ``sizes`` rows (``sizes`` identical on all ranks). Backward: ``all_gather``.
 
+``all_to_all`` and ``all_to_all_chunked`` take ``async_op=True``: they then return
+``(result, Pending)`` with the exchange still in flight (gloo's worker threads, NCCL's stream);
+the caller may compute anything that does not read ``result`` and must call ``Pending.wait()``
+before reading it. The backward of an asynchronous exchange is synchronous.
+
 Inputs are made contiguous. ``group=None`` means a one-process group (as
 ``ParallelState.single()`` holds), not the default world group; a group of size 1 returns its
 input unchanged without communicating. The split sizes must be consistent across ranks (what
@@ -32,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather", "all_gather_sizes", "all_to_all", "all_to_all_chunked", "group_rank",
+__all__ = ["Pending", "all_gather", "all_gather_sizes", "all_to_all", "all_to_all_chunked", "group_rank",
            "group_size", "reduce_scatter"]
 
 Group = Optional[dist.ProcessGroup]
@@ -67,13 +72,15 @@ def _check_splits(name: str, splits: Sequence[int], world: int) -> list[int]:
 
 
 def all_to_all(
-    x: Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int], group: Group
-) -> Tensor:
+    x: Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int], group: Group,
+    async_op: bool = False,
+):
     """Send ``input_split_sizes[i]`` rows of ``x`` (consecutive blocks) to rank ``i``; return the
     ``output_split_sizes[i]`` rows received from each rank ``i``, concatenated in rank order.
 
     ``sum(input_split_sizes) == x.shape[0]``. Differentiable: the gradient is the all-to-all of
-    the output gradient with the splits swapped.
+    the output gradient with the splits swapped. ``async_op``: ``(result, Pending)``, see the
+    module docstring.
     """
     world = group_size(group)
     out_splits = _check_splits("output_split_sizes", output_split_sizes, world)
@@ -87,21 +94,47 @@ def all_to_all(
             raise ValueError(
                 f"a one-rank all_to_all needs equal splits, got {out_splits} and {in_splits}"
             )
-        return x
-    return _AllToAll.apply(x, [out_splits], [in_splits], group)
+        return (x, Pending()) if async_op else x
+    return _exchange(x, [out_splits], [in_splits], group, async_op)
+
+
+class Pending:
+    """An exchange in flight: ``wait()`` blocks until its result may be read (idempotent)."""
+
+    def __init__(self) -> None:
+        self._works: list = []
+        self._keep: list[Tensor] = []  # the buffers the exchange reads and writes
+
+    def wait(self) -> None:
+        works, self._works, self._keep = self._works, [], []
+        for work in works:
+            work.wait()
+
+
+def _exchange(x: Tensor, out_splits: list[list[int]], in_splits: list[list[int]], group,
+              async_op: bool):
+    if not async_op:
+        return _AllToAll.apply(x, out_splits, in_splits, group, None)
+    pending = Pending()
+    return _AllToAll.apply(x, out_splits, in_splits, group, pending), pending
 
 
 def _all_to_all_raw(x: Tensor, out_splits: list[list[int]], in_splits: list[list[int]],
-                    group) -> Tensor:
-    """One ``all_to_all_single`` per chunk, each writing into its slice of one output."""
+                    group, pending: Optional[Pending] = None) -> Tensor:
+    """One ``all_to_all_single`` per chunk, each writing into its slice of one output; with
+    ``pending`` they are left in flight and recorded there."""
     out = x.new_empty((sum(map(sum, out_splits)), *x.shape[1:]))
     x = x.contiguous()
     src = dst = 0
     for o, i in zip(out_splits, in_splits):
         n_in, n_out = sum(i), sum(o)
-        dist.all_to_all_single(out.narrow(0, dst, n_out), x.narrow(0, src, n_in), o, i,
-                               group=group)
+        work = dist.all_to_all_single(out.narrow(0, dst, n_out), x.narrow(0, src, n_in), o, i,
+                                      group=group, async_op=pending is not None)
+        if pending is not None:
+            pending._works.append(work)
         src, dst = src + n_in, dst + n_out
+    if pending is not None:
+        pending._keep += [x, out]
     return out
 
 
@@ -109,21 +142,21 @@ class _AllToAll(torch.autograd.Function):
     """Chunked all-to-all (one chunk: the plain one); backward swaps the splits."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
+    def forward(ctx, x, out_splits, in_splits, group, pending):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _all_to_all_raw(x, out_splits, in_splits, group)
+        return _all_to_all_raw(x, out_splits, in_splits, group, pending)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        grad_x = _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group)
-        return grad_x, None, None, None
+        grad_x = _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group, None)
+        return grad_x, None, None, None, None
 
 
 def all_to_all_chunked(
     x: Tensor, output_splits: Sequence[Sequence[int]], input_splits: Sequence[Sequence[int]],
-    group: Group,
-) -> Tensor:
+    group: Group, async_op: bool = False,
+):
     """Chunk ``c`` of ``x`` (the next ``sum(input_splits[c])`` rows) goes out as an all-to-all
     with splits ``input_splits[c]``; what it brings back (``output_splits[c][i]`` rows from
     rank ``i``, in rank order) is chunk ``c`` of the result. Chunked exchanges reorder rows
@@ -131,6 +164,7 @@ def all_to_all_chunked(
 
     Both split lists have one entry per chunk, each with one entry per rank. Differentiable:
     the gradient is the chunked all-to-all of the output gradient with the splits swapped.
+    ``async_op``: ``(result, Pending)``, see the module docstring.
     """
     world = group_size(group)
     if len(output_splits) != len(input_splits):
@@ -145,8 +179,8 @@ def all_to_all_chunked(
         if out_splits != in_splits:
             raise ValueError("a one-rank all_to_all_chunked needs equal splits, got "
                              f"{out_splits} and {in_splits}")
-        return x
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+        return (x, Pending()) if async_op else x
+    return _exchange(x, out_splits, in_splits, group, async_op)
 
 
 # ---- all-gather / reduce-scatter --------------------------------------------------------------

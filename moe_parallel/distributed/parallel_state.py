@@ -6,11 +6,18 @@ Expert grid ``world = PP × EDP × EP × ETP``, rank = etp + ETP·(ep + EP·(edp
 ``edp = world / (pp·ep·etp)`` are derived. Groups held (torch ProcessGroups, one per grid axis
 through this rank): dense ``tp, cp, dp, dp_cp, pp``; expert ``ep, etp, edp, tp_ep`` (the ETP×EP
 block). Every rank creates every group in the same order, as ``new_group`` requires.
+
+Nodes: ranks ``[m·R, (m+1)·R)`` share node ``m`` (``R = ranks_per_node``, the launcher's local
+world). When each EP group spans ``n > 1`` nodes with ``g > 1`` of its ranks on each (EP rank
+``e = a·g + i``: node ``a``, local index ``i``), two more groups serve the hierarchical
+all-to-all: ``ep_node`` (the ``g`` EP ranks of this node) and ``ep_rail`` (the ``n`` EP ranks
+with this local index, one per node).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -20,6 +27,28 @@ import torch.distributed as dist
 from .init import job_timeout
 
 GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep")
+NODE_GROUP_NAMES = ("ep_node", "ep_rail")
+
+
+def ep_node_layout(ep_groups: list[list[int]], ranks_per_node: int) -> Optional[int]:
+    """``g``, the EP ranks per node of every EP group (``ep_groups``: sorted global ranks), when
+    each group's ranks fall on its nodes in equal consecutive blocks (``e = a·g + i``); None
+    when they do not (the hierarchical all-to-all then cannot run)."""
+    sizes = set()
+    for members in ep_groups:
+        nodes = [r // ranks_per_node for r in members]
+        blocks = [len(list(b)) for _, b in itertools.groupby(nodes)]
+        if len(set(blocks)) != 1 or len(blocks) != len(set(nodes)):
+            return None
+        sizes.add(blocks[0])
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def node_groups(ep_groups: list[list[int]], g: int) -> dict[str, list[list[int]]]:
+    """The ``ep_node`` groups (``g`` consecutive EP ranks) and ``ep_rail`` groups (EP ranks
+    ``i, i + g, i + 2g, ...``) of every EP group, for ``g`` EP ranks per node."""
+    return {"ep_node": [m[a:a + g] for m in ep_groups for a in range(0, len(m), g)],
+            "ep_rail": [m[i::g] for m in ep_groups for i in range(g)]}
 
 
 def _check_sizes(world: int, tp: int, cp: int, ep: int, etp: int, pp: int) -> tuple[int, int]:
@@ -101,17 +130,22 @@ class ParallelState:
     edp: int = 1
     ranks: dict[str, list[int]] = field(default_factory=dict)
     groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+    ranks_per_node: Optional[int] = None  # None: unknown (not built by ``build``)
+    ep_per_node: Optional[int] = None  # g: EP ranks per node, None when not in equal blocks
 
     @classmethod
     def single(cls) -> ParallelState:
         """The one-process state: world size 1, every size 1, every group ``None``."""
-        return cls(ranks={n: [0] for n in GROUP_NAMES}, groups={n: None for n in GROUP_NAMES})
+        names = GROUP_NAMES + NODE_GROUP_NAMES
+        return cls(ranks={n: [0] for n in names}, groups={n: None for n in names},
+                   ranks_per_node=1, ep_per_node=1)
 
     @classmethod
     def build(cls, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int = 1, *,
               world_size: Optional[int] = None, rank: Optional[int] = None,
               create_groups: bool = True,
-              timeout: Optional[timedelta] = None) -> ParallelState:
+              timeout: Optional[timedelta] = None,
+              ranks_per_node: Optional[int] = None) -> ParallelState:
         """Both grids over the world for the given sizes, and this rank's groups in them.
 
         ``tp, cp, ep, etp, pp`` are the tensor, context, expert, expert-tensor and pipeline
@@ -126,6 +160,11 @@ class ParallelState:
         Every created group waits at most ``timeout`` in a collective (default: the timeout
         ``init_distributed`` gave the default group, else torch's default), so a lost or stalled
         rank makes the others raise instead of hanging in the layer's all-to-all.
+        ``ranks_per_node`` (default: ``LOCAL_WORLD_SIZE`` from the launcher, else the whole world
+        on one node) must divide the world; it places the nodes (module docstring) and, when an
+        EP group spans several nodes with several ranks on each, adds the ``ep_node`` and
+        ``ep_rail`` groups (else they are the ``ep`` group itself or ``None``: one stage of the
+        hierarchical exchange is then empty).
         """
         if world_size is None or rank is None:
             if not dist.is_initialized():
@@ -138,15 +177,35 @@ class ParallelState:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         dp, edp = _check_sizes(world_size, tp, cp, ep, etp, pp)
+        if ranks_per_node is None:
+            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
+                or ranks_per_node < 1 or world_size % ranks_per_node):
+            raise ValueError(f"ranks_per_node must be a positive int dividing world_size "
+                             f"{world_size} (default LOCAL_WORLD_SIZE), got {ranks_per_node!r}")
         timeout = timeout if timeout is not None else job_timeout()
         all_groups = grid_groups(world_size, tp, cp, ep, etp, pp)
+        g = ep_node_layout(all_groups["ep"], ranks_per_node)
         ranks, groups = {}, {}
         for name in GROUP_NAMES:
             for members in all_groups[name]:
                 pg = dist.new_group(members, timeout=timeout) if create_groups else None
                 if rank in members:
                     ranks[name], groups[name] = members, pg
-        return cls(world_size, rank, tp, cp, ep, etp, pp, dp, edp, ranks, groups)
+        if g is not None:
+            for name, lists in node_groups(all_groups["ep"], g).items():
+                for members in lists:
+                    # the same decision on every rank, as new_group needs
+                    if members in all_groups["ep"]:  # one node, or one EP rank per node
+                        pg = groups["ep"] if rank in members else None
+                    elif len(members) == 1 or not create_groups:
+                        pg = None
+                    else:
+                        pg = dist.new_group(members, timeout=timeout)
+                    if rank in members:
+                        ranks[name], groups[name] = members, pg
+        return cls(world_size, rank, tp, cp, ep, etp, pp, dp, edp, ranks, groups,
+                   ranks_per_node, g)
 
     # ---- coordinates ------------------------------------------------------------------------
     def group_rank(self, name: str) -> int:
