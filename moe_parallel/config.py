@@ -42,6 +42,7 @@ _BOOL_FIELDS = (
     "router_bias",
     "expert_proj_bias",
     "scale_expert_input",
+    "shared_expert_overlap",
 )
 
 
@@ -116,6 +117,13 @@ class MoEConfig:
       inside each node then one message per node pair across nodes (nodes: ``ParallelState``'s
       ``ranks_per_node``; same results bitwise); ``"allgather"`` gathers the ETP×EP group's
       tokens on every rank (for TP-heavy layouts or large top_k).
+    Overlap of communication with compute (results unchanged): ``shared_expert_overlap``
+      computes the shared experts while the dispatch exchange is in flight (an asynchronous
+      collective: gloo's worker threads on CPU, NCCL's stream on GPU); ``overlap_chunks = n``
+      (Tutel's overlap degree) splits this rank's routed tokens into ``n`` consecutive chunks,
+      dispatched separately, so chunk ``i``'s expert GEMMs run while chunk ``i + 1``'s
+      dispatch and chunk ``i - 1``'s combine are in flight (not with ``pad_to_capacity`` or a
+      row ceiling; the backward runs the chunks' exchanges one after another).
     Non-finite input: with ``check_finite`` (default) a NaN/Inf in the router logits raises
       ``FloatingPointError`` (on every rank of an expert-parallel layer's ETP×EP group together:
       one small all-gather per forward shares the verdict); without it NaN propagates.
@@ -166,6 +174,8 @@ class MoEConfig:
     init_std: float = 0.02
     check_finite: bool = True
     token_dispatcher_type: Literal["alltoall", "alltoall_hierarchical", "allgather"] = "alltoall"
+    shared_expert_overlap: bool = False
+    overlap_chunks: int = 1
 
     expert_impl: ExpertImpl = "grouped"
     grouped_gemm_backend: str = "auto"
@@ -317,10 +327,24 @@ class MoEConfig:
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
         self._check_dropless()
+        self._check_overlap()
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"params_dtype must be one of {_DTYPES}, got {self.params_dtype}")
         if not (_is_real(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+
+    def _check_overlap(self) -> None:
+        if self.shared_expert_overlap and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_overlap=True needs num_shared_experts >= 1")
+        _positive_int("overlap_chunks", self.overlap_chunks)
+        if self.overlap_chunks > 1:
+            for name in ("pad_to_capacity", "max_rows_per_rank", "max_rows_factor"):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(
+                        f"overlap_chunks={self.overlap_chunks} cannot be combined with {name} "
+                        f"(the chunks' rows are dispatched separately: a per-forward static size "
+                        f"or row ceiling would apply per chunk); use overlap_chunks=1"
+                    )
 
     def _check_hf_semantics(self) -> None:
         """The routing and expert variants of the Hugging Face model families."""

@@ -17,6 +17,7 @@ Eval and ``no_grad`` forwards leave the training state alone.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Optional
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import RowBudget, build_dispatcher
+from .dispatch import RowBudget, build_dispatcher, start_combine, start_dispatch
 from .distributed import collectives
 from .distributed.agreement import check_agreement
 from .distributed.ddp import find_ddp_managing_experts
@@ -38,6 +39,20 @@ from .routing.router import count_assignments
 
 if TYPE_CHECKING:
     from .distributed import ParallelState
+
+
+@dataclass
+class _Routed:
+    """What ``MoELayer._routed`` returns: the combined routed output, the side computation's
+    result, and what ``RoutingStats`` needs."""
+
+    y: Tensor
+    side: Optional[Tensor]
+    tokens_per_expert: Tensor  # [E] kept assignments of this rank's tokens per expert
+    row_map: Tensor            # [T, k] -1 where dropped
+    num_rows: int              # rows the local experts received
+    padded_rows: Optional[int]
+    overflow: bool
 
 
 @dataclass(frozen=True)
@@ -228,13 +243,17 @@ class MoELayer(nn.Module):
             )
         return result
 
-    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int):
-        """The routed experts' combined output ``[T, H]``, the dispatch handle, the rows the
-        local experts received and the tokens' row map (``[T, k]``, for the statistics).
+    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int,
+                side: Optional[Callable[[], Tensor]] = None) -> _Routed:
+        """The routed experts' combined output ``[T, H]`` and what the statistics need; ``side``
+        (the shared experts) runs while the first dispatch exchange is in flight.
         With ``scale_expert_input`` (Llama-4) the output is
         ``Σ_j expert_{idx[t, j]}(probs[t, j] · x[t])``: each of a token's ``k`` assignments goes
         out as its own row ``probs[t, j]·x[t]`` with combine weight 1, and the ``k`` outputs are
-        summed."""
+        summed. With ``overlap_chunks = n`` the rows are dispatched in ``n`` consecutive chunks
+        (empty ones included, so every rank runs the same collectives), pipelined:
+        ``start(0); side; for i: start(i+1), finish(i), experts(i), combine_start(i)``; then
+        every combine finishes. Each row's result is the same as unchunked."""
         scaled = self.config.scale_expert_input
         rows, route = tokens, routing
         if scaled:
@@ -245,12 +264,38 @@ class MoELayer(nn.Module):
                 routing, expert_idx=routing.expert_idx.reshape(T * k, 1),
                 probs=torch.ones(T * k, 1, dtype=routing.probs.dtype, device=rows.device),
                 keep=None if routing.keep is None else routing.keep.reshape(T * k, 1))
-        expert_in, group_sizes, handle = self.dispatcher.dispatch(rows, route, pad_to)
-        y = self.dispatcher.combine(self.experts(expert_in, group_sizes), handle)
-        row_map = handle.row_map
+        n = self.config.overlap_chunks
+        bounds = [rows.shape[0] * i // n for i in range(n + 1)]
+        pieces = [(rows[a:b], replace(route, expert_idx=route.expert_idx[a:b],
+                                      probs=route.probs[a:b],
+                                      keep=None if route.keep is None else route.keep[a:b]))
+                  for a, b in zip(bounds, bounds[1:])] if n > 1 else [(rows, route)]
+        dispatcher, padded = self.dispatcher, None
+        started = [start_dispatch(dispatcher, *pieces[0], pad_to)]
+        side_out = side() if side is not None else None
+        combines, handles, num_rows = [], [], 0
+        for i in range(n):
+            if i + 1 < n:
+                started.append(start_dispatch(dispatcher, *pieces[i + 1], pad_to))
+            expert_in, group_sizes, handle = started[i].finish()
+            out = self.experts(expert_in, group_sizes)
+            combines.append(start_combine(dispatcher, out, handle))
+            handles.append(handle)
+            num_rows += expert_in.shape[0]
+            chunk_padded = getattr(self.experts, "last_padded_rows", None)
+            if chunk_padded is not None:
+                padded = (padded or 0) + chunk_padded
+        ys = [c.finish() for c in combines]
+        y = ys[0] if n == 1 else torch.cat(ys)
+        row_map = (handles[0].row_map if n == 1
+                   else torch.cat([h.row_map for h in handles]))
+        tokens_per_expert = handles[0].tokens_per_expert
+        for h in handles[1:]:
+            tokens_per_expert = tokens_per_expert + h.tokens_per_expert
         if scaled:
             y, row_map = y.view(T, k, y.shape[-1]).sum(dim=1), row_map.reshape(T, k)
-        return y, handle, expert_in.shape[0], row_map
+        overflow = any(getattr(h, "overflow", False) for h in handles)
+        return _Routed(y, side_out, tokens_per_expert, row_map, num_rows, padded, overflow)
 
     def forward(self, x: Tensor, return_aux: bool = False,
                 padding_mask: Optional[Tensor] = None) -> Tensor | tuple[Tensor, MoEAux]:
@@ -307,9 +352,16 @@ class MoELayer(nn.Module):
             tokens = tokens * torch.empty_like(tokens).uniform_(1.0 - eps, 1.0 + eps)
 
         routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid)
-        y, handle, num_rows, row_map = self._routed(tokens, routing, pad_to)
+        shared = None
         if self.shared_expert is not None:
-            y = y + self.shared_expert(tokens)
+            if cfg.shared_expert_overlap:  # computed while the dispatch exchange is in flight
+                shared = partial(self.shared_expert, tokens)
+            else:
+                shared_out = self.shared_expert(tokens)
+        routed = self._routed(tokens, routing, pad_to, shared)
+        y = routed.y
+        if self.shared_expert is not None:
+            y = y + (routed.side if shared is not None else shared_out)
         if training_step:
             # The losses ride on the output's graph (their gradient: aux_loss_scale), and the
             # routed counts are added when the backward passes: once per step, recomputed or not.
@@ -320,7 +372,7 @@ class MoELayer(nn.Module):
                                 partial(self._count_routed, counted))
             losses = {k: v.detach() for k, v in losses.items()}
 
-        overflow = getattr(handle, "overflow", False)
+        overflow = routed.overflow
         if overflow:
             warnings.warn(
                 "dropless MoE: the rows per rank exceeded max_rows_per_rank/max_rows_factor; "
@@ -328,8 +380,8 @@ class MoELayer(nn.Module):
                 "(see RoutingStats.overflow and drop_rate)", RuntimeWarning, stacklevel=2,
             )
         stats = RoutingStats.from_counts(
-            routing.routed_per_expert, handle.tokens_per_expert, row_map, num_rows,
-            getattr(self.experts, "last_padded_rows", None), overflow,
+            routing.routed_per_expert, routed.tokens_per_expert, routed.row_map,
+            routed.num_rows, routed.padded_rows, overflow,
         )
         if training_step:  # eval / no_grad: training state untouched
             self.last_losses = losses

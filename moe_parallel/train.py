@@ -174,6 +174,7 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         expert_impl=args.expert_impl, block_size=args.block_size,
         grouped_gemm_backend=args.grouped_gemm_backend,
         max_rows_factor=args.max_rows_factor, row_overflow=args.row_overflow,
+        overlap_chunks=args.overlap_chunks,
     )
 
 
@@ -216,7 +217,7 @@ def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
 
 _RUNTIME_FIELDS = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "expert_bias",
                    "bias_update_rate", "token_dispatcher_type", "expert_impl", "block_size",
-                   "grouped_gemm_backend", "max_rows_factor", "row_overflow")
+                   "grouped_gemm_backend", "max_rows_factor", "row_overflow", "overlap_chunks")
 
 
 def _runtime_fields(config: MoEConfig) -> dict:
@@ -356,8 +357,15 @@ def _parser() -> argparse.ArgumentParser:
     add("--tp", type=int, default=1, help="tensor (sequence) parallel size")
     add("--ep", type=int, default=1, help="expert parallel size")
     add("--etp", type=int, default=1, help="expert tensor parallel size")
-    add("--dispatcher", choices=("alltoall", "allgather"), default="alltoall",
-        help="token dispatcher of the expert-parallel layers")
+    add("--dispatcher", choices=("alltoall", "alltoall_hierarchical", "allgather"),
+        default="alltoall", help="token dispatcher of the expert-parallel layers "
+        "(alltoall_hierarchical: inside each node, then across nodes)")
+    add("--ranks-per-node", type=int, default=None,
+        help="ranks per node for the hierarchical all-to-all (default: the launcher's "
+             "LOCAL_WORLD_SIZE)")
+    add("--overlap-chunks", type=int, default=1,
+        help="pipeline each layer's routed tokens in this many chunks, so one chunk's expert "
+             "GEMMs overlap the next chunk's all-to-all")
     add("--dp", type=int, default=None,
         help="data parallel size (derived: world / tp; given only to check it)")
     add("--device", default="auto",
@@ -457,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "but this is a single process; launch with torchrun --nproc-per-node N (or "
                 "mpirun / srun), or drop the flag"
             )
-    ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp) if (
+    ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp,
+                             ranks_per_node=args.ranks_per_node) if (
         world > 1 or args.deepspeed) else ParallelState.single()
     if args.dp is not None and args.dp != ps.dp:
         raise ValueError(f"--dp {args.dp} does not match world {world} / tp {args.tp} = {ps.dp}")

@@ -21,7 +21,11 @@ ARGS = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "
         "--clip", "0.05", "--lr", "0.01"]
 LAYOUTS = [dict(ep=4), dict(ep=2), dict(tp=2, ep=2), dict(ep=2, etp=2), dict(tp=2, ep=4)]
 STEP_CASES = LAYOUTS + [dict(tp=2, ep=2, dispatcher="allgather"),
-                        dict(ep=2, etp=2, dispatcher="allgather")]
+                        dict(ep=2, etp=2, dispatcher="allgather"),
+                        # 2 simulated nodes x 2 ranks, layers pipelined in 3 chunks
+                        {"ep": 4, "dispatcher": "alltoall_hierarchical", "ranks-per-node": 2,
+                         "overlap-chunks": 3}]
+_NODE_PS: dict = {}
 
 
 def _steps_match(layout: dict, steps: int) -> float:
@@ -31,7 +35,13 @@ def _steps_match(layout: dict, steps: int) -> float:
     from moe_parallel.distributed.parallel_state import ParallelState
     from moe_parallel.experts import shard_expert_weights
 
-    ps = parallel_state(**{k: v for k, v in layout.items() if k != "dispatcher"})
+    sizes = {k: v for k, v in layout.items() if k in ("tp", "ep", "etp")}
+    ps = parallel_state(**sizes)
+    if "ranks-per-node" in layout:
+        key = (tuple(sizes.items()), layout["ranks-per-node"])
+        if key not in _NODE_PS:
+            _NODE_PS[key] = ParallelState.build(**sizes, ranks_per_node=layout["ranks-per-node"])
+        ps = _NODE_PS[key]
     args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
     single = ParallelState.single()
     dist_model, full_model = train.build_model(args, ps), train.build_model(args, single)

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Pending", "all_gather", "all_gather_sizes", "all_to_all", "all_to_all_chunked", "group_rank",
-           "group_size", "reduce_scatter"]
+__all__ = ["Pending", "all_gather", "all_gather_sizes", "all_to_all", "all_to_all_chunked",
+           "group_rank", "group_size", "reduce_scatter"]
 
 Group = Optional[dist.ProcessGroup]
 

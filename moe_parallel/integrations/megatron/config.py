@@ -23,6 +23,7 @@ is listed in ``PERFORMANCE_ONLY``, which change how Megatron's own kernels run, 
     moe_pad_expert_input_to_capacity    pad_to_capacity
     moe_shared_expert_intermediate_size one shared expert of that width
     moe_shared_expert_gate              shared_expert_gate
+    moe_shared_expert_overlap           shared_expert_overlap
     moe_apply_probs_on_input            scale_expert_input
     moe_token_dispatcher_type           token_dispatcher_type ("alltoall", "allgather")
     params_dtype, init_method_std       params_dtype, init_std
@@ -52,7 +53,7 @@ PERFORMANCE_ONLY = frozenset({
     "moe_grouped_gemm", "moe_use_legacy_grouped_gemm", "moe_permute_fusion", "moe_router_fusion",
     "moe_layer_recompute", "moe_per_layer_logging", "moe_deepep_num_sms", "moe_hybridep_num_sms",
     "moe_flex_dispatcher_backend", "moe_layer_freq", "moe_token_dropping",
-    "moe_enable_deepep", "moe_shared_expert_overlap",
+    "moe_enable_deepep",
 })
 
 # moe_* fields translated below (or into MegatronLosses).
@@ -63,6 +64,7 @@ TRANSLATED = frozenset({
     "moe_router_dtype", "moe_expert_capacity_factor", "moe_token_drop_policy",
     "moe_pad_expert_input_to_capacity", "moe_shared_expert_intermediate_size",
     "moe_shared_expert_gate", "moe_apply_probs_on_input", "moe_token_dispatcher_type",
+    "moe_shared_expert_overlap",
     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
 })
 
@@ -209,6 +211,7 @@ def moe_config_from_megatron(config: Any, **overrides: Any) -> tuple[MoEConfig, 
         num_shared_experts=1 if shared else 0,
         shared_expert_ffn_hidden_size=shared or None,
         shared_expert_gate=bool(config.moe_shared_expert_gate),
+        shared_expert_overlap=bool(config.moe_shared_expert_overlap) and bool(shared),
         scale_expert_input=bool(config.moe_apply_probs_on_input),
         token_dispatcher_type=config.moe_token_dispatcher_type,
         params_dtype=config.params_dtype,
