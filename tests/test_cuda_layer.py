@@ -25,6 +25,8 @@ MODES = {
     "gelu_top1": dict(top_k=1, norm_topk_prob=False, activation="gelu", capacity_factor=1.25),
     "dropless_block_sparse": dict(expert_impl="block_sparse"),
     "dropless_block128": dict(ffn_hidden_size=256, expert_impl="block_sparse", block_size=128),
+    "overlap_chunks_shared": dict(num_shared_experts=1, shared_expert_overlap=True,
+                                  overlap_chunks=3),
     "grouped_streams": dict(grouped_gemm_backend="streams"),
     "grouped_cublas": dict(grouped_gemm_backend="cublas"),
     "grouped_torch": dict(grouped_gemm_backend="torch"),
