@@ -15,6 +15,8 @@ BENCHMARKS = {
     "dropless": ("benchmarks.dropless_bench", "block-sparse vs grouped vs capacity modes"),
     "dispatch": ("benchmarks.dispatch_bench", "dispatch+combine vs raw all-to-all; DeepSpeed"),
     "scaling": ("benchmarks.scaling_bench", "weak/strong scaling and the GPU cost model"),
+    "cluster": ("benchmarks.cluster_bench", "all-to-all, dispatch and layer over EP sizes; "
+                "fitted cost model (any launcher)"),
     "grouped_gemm": ("benchmarks.grouped_gemm_bench", "grouped GEMM backends (CUDA)"),
     "cuda_ops": ("benchmarks.cuda_ops_bench", "CUDA kernel bandwidth vs copy (CUDA)"),
 }

@@ -43,9 +43,20 @@ direction, IB 50 GB/s per GPU = 400 Gb/s NDR, bf16 grouped GEMM 600 TFLOP/s) are
 typical of H100 clusters, not measurements; pass measured values with the CLI options. The
 default layer is DeepSeek-V3-like: T=4096, H=7168, F=2048, E=256, k=8, bf16 (``--cm-*``).
 
+Part C, fitted to a cluster (``--fit RESULT.json``, a ``python -m benchmarks cluster`` result):
+its all-to-all fit (:func:`fit_alltoall`: ``t = call + latency·(ep - 1) + V_intra/B_intra +
+V_inter/B_inter``) replaces the defaults: ``gpus_per_node`` = its ranks per node, NVLink = its
+intra-node bandwidth, IB = its inter-node bandwidth (kept ASSUMED when it measured one node
+only), ``latency_us`` = its per-call and ``message_latency_us`` = its per-message latency (one
+all-to-all then costs ``latency + message_latency·(ep - 1) + max(...)``). An option given on
+the command line still wins; the table says which values are fitted, given or assumed. Also
+pure here: :func:`all_to_all_hierarchical_seconds` (DESIGN.md §10) and
+:func:`pipelined_step_seconds` (chunked overlap), which the cluster bench prints.
+
     python -m benchmarks.scaling_bench              # tables, JSON + PNG in benchmarks/results/
     python -m benchmarks.scaling_bench --procs 1 2 --steps 3 --out /tmp/s.json
     python -m benchmarks.scaling_bench --skip-measure --gemm-tflops 498   # cost model only
+    python -m benchmarks.scaling_bench --skip-measure --fit benchmarks/results/cluster_X.json
 """
 
 from __future__ import annotations
@@ -116,19 +127,28 @@ def link_fractions(ep: int, gpus_per_node: int = 8) -> tuple[float, float, float
     return 1 / ep, (intra - 1) / ep, (ep - intra) / ep
 
 
+def _nonneg_float(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
 def all_to_all_seconds(volume_bytes: float, ep: int, gpus_per_node: int = 8,
                        nvlink_gbps: float = 450.0, ib_gbps: float = 50.0,
-                       latency_us: float = 0.0) -> float:
-    """One all-to-all: ``latency + max(V·f_nv / BW_nv, V·f_ib / BW_ib)`` seconds, the
-    bandwidths in GB/s (1e9 B/s) per GPU per direction."""
+                       latency_us: float = 0.0, message_latency_us: float = 0.0) -> float:
+    """One all-to-all: ``latency + message_latency·(ep - 1) + max(V·f_nv / BW_nv, V·f_ib /
+    BW_ib)`` seconds, the bandwidths in GB/s (1e9 B/s) per GPU per direction (``latency``: a
+    fixed cost per call; ``message_latency``: per peer message, as :func:`fit_alltoall`
+    fits it; both default 0)."""
     if not volume_bytes >= 0:
         raise ValueError(f"volume_bytes must be >= 0, got {volume_bytes!r}")
     nv_bw = _positive_float("nvlink_gbps", nvlink_gbps) * 1e9
     ib_bw = _positive_float("ib_gbps", ib_gbps) * 1e9
-    if isinstance(latency_us, bool) or not 0 <= latency_us < math.inf:
-        raise ValueError(f"latency_us must be a finite number >= 0, got {latency_us!r}")
+    latency = _nonneg_float("latency_us", latency_us) * 1e-6
+    per_message = _nonneg_float("message_latency_us", message_latency_us) * 1e-6
     _, f_nv, f_ib = link_fractions(ep, gpus_per_node)
-    return latency_us * 1e-6 + max(volume_bytes * f_nv / nv_bw, volume_bytes * f_ib / ib_bw)
+    return (latency + per_message * (ep - 1)
+            + max(volume_bytes * f_nv / nv_bw, volume_bytes * f_ib / ib_bw))
 
 
 def expert_gemm_flops(tokens: int, hidden: int, ffn: int, top_k: int,
@@ -148,7 +168,8 @@ def predict_layer(tokens: int, hidden: int, ffn: int, experts: int, top_k: int,
                   dtype_bytes: int, ep: int, gpus_per_node: int = 8,
                   nvlink_gbps: float = 450.0, ib_gbps: float = 50.0,
                   gemm_tflops: float = 600.0, overlap: float = 0.0,
-                  latency_us: float = 0.0, activation: str = "swiglu") -> dict:
+                  latency_us: float = 0.0, activation: str = "swiglu",
+                  message_latency_us: float = 0.0) -> dict:
     """Predicted forward + backward of one MoE layer on one GPU of an EP group of ``ep``
     (formulas in the module docstring). Times in milliseconds; ``comm_share`` is the exposed
     communication over the step time. Raises ValueError naming any invalid parameter, and when
@@ -162,7 +183,8 @@ def predict_layer(tokens: int, hidden: int, ffn: int, experts: int, top_k: int,
     tflops = _positive_float("gemm_tflops", gemm_tflops)
     volume = a2a_bytes(tokens, hidden, top_k, dtype_bytes)
     f_self, f_nv, f_ib = link_fractions(ep, gpus_per_node)
-    t_a2a = all_to_all_seconds(volume, ep, gpus_per_node, nvlink_gbps, ib_gbps, latency_us)
+    t_a2a = all_to_all_seconds(volume, ep, gpus_per_node, nvlink_gbps, ib_gbps, latency_us,
+                               message_latency_us)
     fwd, bwd = expert_gemm_flops(tokens, hidden, ffn, top_k, activation)
     t_comm = 4 * t_a2a
     t_gemm = (fwd + bwd) / (tflops * 1e12)
@@ -190,6 +212,245 @@ def predict_layer(tokens: int, hidden: int, ffn: int, experts: int, top_k: int,
 def cost_model_rows(ep_sizes: tuple[int, ...] | list[int] = EP_SIZES, **kwargs) -> list[dict]:
     """``predict_layer(ep=ep, **kwargs)`` for every EP size."""
     return [predict_layer(ep=ep, **kwargs) for ep in ep_sizes]
+
+
+# ---- fitted all-to-all model, hierarchical exchange, pipelined overlap (pure) ---------------
+FIT_MODEL = ("t = call + latency·messages + intra_bytes / intra_bw + inter_bytes / inter_bw "
+             "(least squares on the relative error)")
+FIT_TERMS = ("call", "message", "intra", "inter")
+
+
+def _volume(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {v!r}")
+    return float(v)
+
+
+def alltoall_volumes(volume_bytes: float, ep: int, ranks_per_node: int
+                     ) -> tuple[int, float, float]:
+    """``(messages, intra_bytes, inter_bytes)`` of one rank in a balanced flat all-to-all over
+    ``ep`` ranks packed onto nodes of ``G = ranks_per_node``, the rank's send buffer ``V =
+    volume_bytes`` (own chunk included, ``V/ep`` per destination, as nccl-tests counts it):
+    ``ep - 1`` messages, ``V·(min(ep, G) - 1)/ep`` bytes to ranks of its node and
+    ``V·(ep - min(ep, G))/ep`` to other nodes. ``ep > G`` must be a multiple of G."""
+    v = _volume("volume_bytes", volume_bytes)
+    _positive_int("ep", ep)
+    g = _positive_int("ranks_per_node", ranks_per_node)
+    if ep > g and ep % g:
+        raise ValueError(f"ep {ep} above ranks_per_node {g} must be a multiple of it "
+                         f"(EP ranks packed onto full nodes)")
+    intra = min(ep, g)
+    return ep - 1, v * (intra - 1) / ep, v * (ep - intra) / ep
+
+
+def fit_alltoall(points: list[dict], ranks_per_node: int) -> dict:
+    """Fit the flat all-to-all cost model, linear in its parameters,
+
+        t = call + latency·m + V_intra·β_intra + V_inter·β_inter,
+
+    to measured ``points`` (dicts with ``ep``, ``bytes`` = one rank's send buffer, ``seconds`` =
+    one all-to-all, slowest rank; optionally ``messages``, ``intra_bytes``, ``inter_bytes`` from
+    the real layout, else :func:`alltoall_volumes` with ``ranks_per_node``). ``m = ep - 1``
+    messages per rank; ``call`` is a fixed cost per call, ``latency`` one per peer message;
+    bandwidth ``= 1/β``. Least squares on the relative error (every row of the system divided
+    by its measured ``t``, solved by ``numpy.linalg.lstsq`` on unit-scaled columns), so short
+    and long transfers weigh alike. A term the points cannot determine is left out: ``inter``
+    (``inter_gbps`` None) when no point sends across nodes, ``intra`` when none sends within a
+    node, and ``call`` (``call_us`` None; ``latency_us`` then holds the whole fixed cost, per
+    message) when every point has the same message count.
+
+    Returns ``{"model", "ranks_per_node", "terms", "call_us", "latency_us", "intra_gbps",
+    "inter_gbps", "coefficients", "rel_rms", "max_rel_error", "points", "warnings"}``: ``rel_rms
+    = sqrt(mean(((pred - t)/t)²))``, ``max_rel_error = max |pred - t|/t`` over the points, each
+    point with its ``predicted_s`` and ``rel_error``; a fitted slope <= 0 gives a bandwidth of
+    None and a warning. ValueError naming the bad field of a bad point, a bad
+    ``ranks_per_node``, no points, or points that do not determine the terms.
+    """
+    import numpy as np
+
+    g = _positive_int("ranks_per_node", ranks_per_node)
+    rows = []
+    for i, p in enumerate(points):
+        if not isinstance(p, dict):
+            raise ValueError(f"points[{i}] must be a dict, got {type(p).__name__}")
+        ep = _positive_int(f"points[{i}].ep", p.get("ep"))
+        if ep < 2:
+            raise ValueError(f"points[{i}].ep must be >= 2 (an all-to-all between ranks), "
+                             f"got {ep}")
+        volume = _positive_float(f"points[{i}].bytes", p.get("bytes"))
+        seconds = _positive_float(f"points[{i}].seconds", p.get("seconds"))
+        explicit = [k for k in ("messages", "intra_bytes", "inter_bytes") if k in p]
+        if explicit and len(explicit) < 3:
+            raise ValueError(f"points[{i}] gives {explicit}: messages, intra_bytes and "
+                             f"inter_bytes go together")
+        if explicit:
+            m = _positive_int(f"points[{i}].messages", p["messages"])
+            vi = _volume(f"points[{i}].intra_bytes", p["intra_bytes"])
+            vx = _volume(f"points[{i}].inter_bytes", p["inter_bytes"])
+        else:
+            m, vi, vx = alltoall_volumes(volume, ep, g)
+        rows.append({"ep": ep, "bytes": volume, "seconds": seconds, "messages": m,
+                     "intra_bytes": vi, "inter_bytes": vx})
+    if not rows:
+        raise ValueError("points is empty: nothing to fit")
+    col = {"call": [1.0] * len(rows), "message": [float(r["messages"]) for r in rows],
+           "intra": [r["intra_bytes"] for r in rows], "inter": [r["inter_bytes"] for r in rows]}
+    terms = [t for t in FIT_TERMS
+             if (t == "call" and len(set(col["message"])) > 1) or t == "message"
+             or (t in ("intra", "inter") and any(v > 0 for v in col[t]))]
+    a = np.array([[col[t][j] for t in terms] for j in range(len(rows))], dtype=np.float64)
+    t_meas = np.array([r["seconds"] for r in rows], dtype=np.float64)
+    scale = np.abs(a).max(axis=0)
+    weighted = a / t_meas[:, None] / scale
+    coef, _, rank, _ = np.linalg.lstsq(weighted, np.ones(len(rows)), rcond=None)
+    if rank < len(terms):
+        raise ValueError(
+            f"points do not determine the terms {terms}: {len(rows)} point(s) of rank {rank}; "
+            f"measure more volumes per EP size (and two EP sizes for a per-call latency)")
+    coef = coef / scale
+    pred = a @ coef
+    rel = (pred - t_meas) / t_meas
+    c = dict(zip(terms, (float(v) for v in coef)))
+    warnings = []
+
+    def bandwidth(term: str) -> float | None:
+        if term not in c:
+            return None
+        if c[term] <= 0:
+            warnings.append(f"fitted {term} slope {c[term]:.3g} s/B <= 0: the points show no "
+                            f"{term}-node bandwidth cost; {term}_gbps left None")
+            return None
+        return 1.0 / c[term] / 1e9
+
+    intra_gbps, inter_gbps = bandwidth("intra"), bandwidth("inter")
+    for term in ("call", "message"):
+        if c.get(term, 0.0) < 0:
+            warnings.append(f"fitted {term} latency {c[term] * 1e6:.3g} us < 0")
+    for r, p_s, e in zip(rows, pred, rel):
+        r.update(predicted_s=float(p_s), rel_error=float(e))
+    return {
+        "model": FIT_MODEL,
+        "ranks_per_node": g,
+        "terms": terms,
+        "call_us": c["call"] * 1e6 if "call" in c else None,
+        "latency_us": c["message"] * 1e6,
+        "intra_gbps": intra_gbps,
+        "inter_gbps": inter_gbps,
+        "coefficients": {"call_s": c.get("call"), "message_s": c["message"],
+                         "intra_s_per_byte": c.get("intra"), "inter_s_per_byte": c.get("inter")},
+        "rel_rms": float(np.sqrt(np.mean(rel ** 2))),
+        "max_rel_error": float(np.max(np.abs(rel))),
+        "points": rows,
+        "warnings": warnings,
+    }
+
+
+def _transfer_seconds(volume: float, gbps: float | None, what: str) -> float:
+    """``volume / bandwidth`` over the ``what`` ("intra"/"inter") link; ``gbps`` must be given
+    when ``volume > 0``."""
+    if volume == 0:
+        return 0.0
+    if gbps is None:
+        raise ValueError(f"{what}_gbps is needed: this all-to-all sends {volume:g} B {what}-node")
+    return volume / (_positive_float(f"{what}_gbps", gbps) * 1e9)
+
+
+def _phase_seconds(messages: int, volume: float, gbps: float | None, what: str,
+                   latency_us: float, call_us: float) -> float:
+    """One all-to-all phase on one link: ``call + latency·messages + volume / bandwidth`` (0
+    with no messages)."""
+    if messages == 0:
+        return 0.0
+    return (call_us + latency_us * messages) * 1e-6 + _transfer_seconds(volume, gbps, what)
+
+
+def all_to_all_flat_seconds(volume_bytes: float, ep: int, ranks_per_node: int,
+                            latency_us: float, intra_gbps: float | None,
+                            inter_gbps: float | None = None, call_us: float = 0.0) -> float:
+    """One flat all-to-all in :func:`fit_alltoall`'s model: with ``V = volume_bytes`` (a rank's
+    send buffer), ``G = min(ep, ranks_per_node)``,
+
+        t = call + latency·(ep - 1) + V·(G - 1)/ep / B_intra + V·(ep - G)/ep / B_inter
+
+    seconds (the link times add: no overlap of NVLink and network is assumed, unlike
+    :func:`all_to_all_seconds`). ``inter_gbps`` may be None when ``ep <= ranks_per_node``."""
+    _nonneg_float("latency_us", latency_us)
+    _nonneg_float("call_us", call_us)
+    m, vi, vx = alltoall_volumes(volume_bytes, ep, ranks_per_node)
+    if m == 0:
+        return 0.0
+    return ((call_us + latency_us * m) * 1e-6 + _transfer_seconds(vi, intra_gbps, "intra")
+            + _transfer_seconds(vx, inter_gbps, "inter"))
+
+
+def all_to_all_hierarchical_seconds(volume_bytes: float, ep: int, ranks_per_node: int,
+                                    latency_us: float, intra_gbps: float | None,
+                                    inter_gbps: float | None = None,
+                                    call_us: float = 0.0) -> float:
+    """One hierarchical all-to-all (DESIGN.md §10) in :func:`fit_alltoall`'s model, over ``ep``
+    ranks on ``n = ep / G`` nodes of ``G = ranks_per_node`` ranks, ``V = volume_bytes`` per rank:
+
+      1. intra-node all-to-all of the whole volume over the G ranks of the node (rank ``g``
+         receives the rows bound for local rank ``g`` of every node):
+         ``call + latency·(G - 1) + V·(G - 1)/G / B_intra``;
+      2. ``n - 1`` inter-node messages to the same local rank of every other node, each G times
+         a flat message (``G·V/ep``): ``call + latency·(n - 1) + V·(n - 1)/n / B_inter``.
+
+    The inter-node volume equals the flat one (``V·(ep - G)/ep``); the exchange trades
+    ``ep - G - n + 1`` fewer messages for ``V·(G - 1)·(1/G - 1/ep)`` more intra-node bytes and
+    one more call. With ``ep <= G`` (one node) or ``G = 1`` it is the flat all-to-all."""
+    _nonneg_float("latency_us", latency_us)
+    _nonneg_float("call_us", call_us)
+    v = _volume("volume_bytes", volume_bytes)
+    alltoall_volumes(v, ep, ranks_per_node)  # validates ep against ranks_per_node
+    g = ranks_per_node
+    if ep <= g or g == 1:
+        return all_to_all_flat_seconds(v, ep, g, latency_us, intra_gbps, inter_gbps, call_us)
+    n = ep // g
+    return (_phase_seconds(g - 1, v * (g - 1) / g, intra_gbps, "intra", latency_us, call_us)
+            + _phase_seconds(n - 1, v * (n - 1) / n, inter_gbps, "inter", latency_us, call_us))
+
+
+def pipelined_step_seconds(comm_s: float, gemm_s: float, chunks: int = 1,
+                           chunk_overhead_s: float = 0.0) -> float:
+    """Communication and expert GEMMs pipelined over ``chunks`` equal chunks (chunk i's GEMMs
+    hide chunk i+1's exchange): a two-stage pipeline of ``n = chunks`` items, each stage taking
+    ``c/n`` and ``g/n``, lasts ``(c + g)/n + (n - 1)·max(c, g)/n``, i.e.
+
+        t = max(c, g) + min(c, g) / n,   c = comm_s + (n - 1)·chunk_overhead_s,  g = gemm_s
+
+    (every extra chunk adds one more exchange's fixed cost ``chunk_overhead_s`` to the
+    communication). ``n = 1``: ``c + g``, nothing hidden; ``n -> ∞``: ``max(c, g)``. Overlap
+    hidden ``= c + g - t``, exposed communication ``= t - g``; in ``predict_layer``'s terms the
+    overlap fraction is ``1 - 1/n`` (without chunk overhead)."""
+    c = _nonneg_float("comm_s", comm_s)
+    g = _nonneg_float("gemm_s", gemm_s)
+    n = _positive_int("chunks", chunks)
+    c += (n - 1) * _nonneg_float("chunk_overhead_s", chunk_overhead_s)
+    return max(c, g) + min(c, g) / n
+
+
+def load_fit(path: str | Path) -> dict:
+    """The ``fit`` of a cluster bench result JSON (``python -m benchmarks cluster``).
+    ValueError when the file has none or its fit failed."""
+    data = json.loads(Path(path).read_text())
+    fit = data.get("fit") if isinstance(data, dict) else None
+    if not isinstance(fit, dict):
+        raise ValueError(f"{path} holds no 'fit' (not a cluster bench result?)")
+    if fit.get("error"):
+        raise ValueError(f"{path}: its all-to-all fit failed: {fit['error']}")
+    return fit
+
+
+def fitted_assumptions(fit: dict) -> dict:
+    """The cost-model parameters a :func:`fit_alltoall` result gives: ``gpus_per_node`` (its
+    ranks per node), ``nvlink_gbps`` (intra-node bandwidth), ``ib_gbps`` (inter-node),
+    ``latency_us`` (per call) and ``message_latency_us`` (per peer message). Parameters the fit
+    left None or fitted <= 0 are absent (the caller keeps its default for them)."""
+    out = {"gpus_per_node": fit.get("ranks_per_node"), "nvlink_gbps": fit.get("intra_gbps"),
+           "ib_gbps": fit.get("inter_gbps"), "latency_us": fit.get("call_us"),
+           "message_latency_us": fit.get("latency_us")}
+    return {k: v for k, v in out.items() if v is not None and v > 0}
 
 
 # ---- measured scaling ---------------------------------------------------------------------
@@ -357,9 +618,19 @@ def print_cost_model(cm: dict) -> None:
     print(f"\nCost model (per GPU, one MoE layer forward+backward): T={m['tokens']} "
           f"H={m['hidden']} F={m['ffn']} E={m['experts']} k={m['top_k']} "
           f"{m['dtype_bytes']} B/elem {m['activation']}")
-    print(f"ASSUMED: {a['gpus_per_node']} GPUs/node, NVLink {a['nvlink_gbps']:g} GB/s, "
-          f"IB {a['ib_gbps']:g} GB/s per GPU, grouped GEMM {a['gemm_tflops']:g} TFLOP/s, "
-          f"overlap {a['overlap']:g}, latency {a['latency_us']:g} us per all-to-all")
+    source = a.get("source", {})
+    tag = lambda k: source.get(k, "assumed" if k in a.get("assumed", ()) else "given")  # noqa: E731
+    print(f"{a['gpus_per_node']} GPUs/node [{tag('gpus_per_node')}], NVLink "
+          f"{a['nvlink_gbps']:.4g} GB/s [{tag('nvlink_gbps')}], IB {a['ib_gbps']:.4g} GB/s per "
+          f"GPU [{tag('ib_gbps')}], grouped GEMM {a['gemm_tflops']:g} TFLOP/s "
+          f"[{tag('gemm_tflops')}], overlap {a['overlap']:g} [{tag('overlap')}], latency "
+          f"{a['latency_us']:.4g} us per all-to-all [{tag('latency_us')}] + "
+          f"{a.get('message_latency_us', 0.0):.4g} us per message "
+          f"[{tag('message_latency_us')}]")
+    if a.get("assumed"):
+        print(f"ASSUMED (defaults, not measurements): {', '.join(a['assumed'])}")
+    if a.get("fitted"):
+        print(f"FITTED from {a['fit_source']}: {', '.join(a['fitted'])}")
     head = (f"{'EP':>4} {'nodes':>5} {'E/GPU':>5} {'NVLink':>7} {'IB':>7} {'a2a ms':>7} "
             f"{'comm ms':>8} {'GEMM ms':>8} {'step ms':>8} {'comm %':>7}")
     print(head)
@@ -397,9 +668,11 @@ def plot_cost_model(cm: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     ax1.set_ylim(bottom=0)
     ax1.legend()
+    src = a.get("source", {})
     fig.suptitle(f"MoE layer cost model, T={m['tokens']} H={m['hidden']} F={m['ffn']} "
-                 f"E={m['experts']} k={m['top_k']}; ASSUMED NVLink {a['nvlink_gbps']:g} GB/s, "
-                 f"IB {a['ib_gbps']:g} GB/s, GEMM {a['gemm_tflops']:g} TFLOP/s, "
+                 f"E={m['experts']} k={m['top_k']}; NVLink {a['nvlink_gbps']:.4g} GB/s "
+                 f"({src.get('nvlink_gbps', 'assumed')}), IB {a['ib_gbps']:.4g} GB/s "
+                 f"({src.get('ib_gbps', 'assumed')}), GEMM {a['gemm_tflops']:g} TFLOP/s, "
                  f"overlap {a['overlap']:g}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -435,17 +708,22 @@ def main(argv: list[str] | None = None) -> dict:
     c.add_argument("--cm-activation", default=DEFAULT_MODEL["activation"],
                    choices=tuple(ACTIVATION_MATRICES))
     c.add_argument("--ep-sizes", type=int, nargs="+", default=list(EP_SIZES))
-    c.add_argument("--gpus-per-node", type=int, default=DEFAULT_ASSUMPTIONS["gpus_per_node"])
-    c.add_argument("--nvlink-gbps", type=float, default=DEFAULT_ASSUMPTIONS["nvlink_gbps"],
+    c.add_argument("--gpus-per-node", type=int, default=None)
+    c.add_argument("--nvlink-gbps", type=float, default=None,
                    help="NVLink GB/s per GPU per direction")
-    c.add_argument("--ib-gbps", type=float, default=DEFAULT_ASSUMPTIONS["ib_gbps"],
+    c.add_argument("--ib-gbps", type=float, default=None,
                    help="InfiniBand GB/s per GPU per direction")
-    c.add_argument("--gemm-tflops", type=float, default=DEFAULT_ASSUMPTIONS["gemm_tflops"],
+    c.add_argument("--gemm-tflops", type=float, default=None,
                    help="grouped-GEMM TFLOP/s (e.g. a value measured by grouped_gemm_bench)")
-    c.add_argument("--overlap", type=float, default=DEFAULT_ASSUMPTIONS["overlap"],
+    c.add_argument("--overlap", type=float, default=None,
                    help="fraction of min(comm, GEMM) hidden by overlap, 0..1")
-    c.add_argument("--latency-us", type=float, default=DEFAULT_ASSUMPTIONS["latency_us"],
+    c.add_argument("--latency-us", type=float, default=None,
                    help="fixed latency per all-to-all")
+    c.add_argument("--message-latency-us", type=float, default=None,
+                   help="latency per peer message of an all-to-all (x (ep - 1))")
+    c.add_argument("--fit", type=Path, default=None, metavar="RESULT.json",
+                   help="a `python -m benchmarks cluster` result: use its fitted ranks per "
+                        "node, bandwidths and latencies instead of the defaults")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG (default: next to the JSON)")
     args = p.parse_args(argv)
@@ -459,14 +737,33 @@ def main(argv: list[str] | None = None) -> dict:
     model = {"tokens": args.cm_tokens, "hidden": args.cm_hidden, "ffn": args.cm_ffn,
              "experts": args.cm_experts, "top_k": args.cm_top_k,
              "dtype_bytes": args.cm_dtype_bytes, "activation": args.cm_activation}
-    cluster = {"gpus_per_node": args.gpus_per_node, "nvlink_gbps": args.nvlink_gbps,
-               "ib_gbps": args.ib_gbps, "gemm_tflops": args.gemm_tflops,
-               "overlap": args.overlap, "latency_us": args.latency_us}
-    rows = cost_model_rows(args.ep_sizes, **model, **cluster)
+    try:
+        fitted = fitted_assumptions(load_fit(args.fit)) if args.fit is not None else {}
+    except (OSError, ValueError) as exc:
+        p.error(f"--fit {args.fit}: {exc}")
+    defaults = {**DEFAULT_ASSUMPTIONS, "message_latency_us": 0.0}
+    cluster, source = {}, {}
+    for k, default in defaults.items():
+        given = getattr(args, k)
+        if given is not None:
+            cluster[k], source[k] = given, "given"
+        elif k in fitted:
+            cluster[k], source[k] = fitted[k], "fitted"
+        elif k == "message_latency_us":  # not part of the default model
+            cluster[k], source[k] = default, "not modelled"
+        else:
+            cluster[k], source[k] = default, "assumed"
+    try:
+        rows = cost_model_rows(args.ep_sizes, **model, **cluster)
+    except ValueError as exc:
+        p.error(str(exc))
     cost_model = {
         "assumptions": {
             **cluster, "model": model,
-            "assumed": sorted(k for k, v in DEFAULT_ASSUMPTIONS.items() if cluster[k] == v),
+            "assumed": sorted(k for k, v in source.items() if v == "assumed"),
+            "fitted": sorted(k for k, v in source.items() if v == "fitted"),
+            "fit_source": str(args.fit) if args.fit is not None else None,
+            "source": source,
             "note": ("bandwidths and GEMM throughput left at their defaults are assumptions "
                      "typical of H100 clusters, not measurements; balanced routing; EP ranks "
                      "packed onto full nodes; formulas in benchmarks/scaling_bench.py"),

@@ -136,3 +136,22 @@ def test_errors_name_the_knob():
         HierarchicalAllToAllDispatcher(8, ps)
     with pytest.raises(ValueError, match="token_dispatcher_type.*alltoall_hierarchical"):
         MoEConfig(**BASE, token_dispatcher_type="hierarchical")
+
+
+def run_round_robin_hosts() -> list[str]:
+    import socket
+    import warnings
+    from unittest import mock
+
+    rank = dist.get_rank()
+    with mock.patch.object(socket, "gethostname", return_value=f"host{rank % 2}"), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ParallelState.build(ep=4, ranks_per_node=2)  # ranks 0, 2 on host0; 1, 3 on host1
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_nodes_that_span_hosts_are_reported():
+    for messages in get_pool(4).run(run_round_robin_hosts):
+        assert len(messages) == 1 and "node(s) [0, 1]" in messages[0], messages
+        assert "--map-by slot" in messages[0]

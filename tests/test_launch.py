@@ -10,23 +10,20 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import textwrap
 
 import pytest
+from proc_utils import launcher_free_env, run_sessions
 
 from moe_parallel.distributed.init import parse_nodelist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ("torchrun_single_node.sh", "torchrun_multi_node.sh", "mpirun.sh", "slurm.sbatch",
-           "single_process.sh", "deepspeed.sh")
+           "single_process.sh", "deepspeed.sh", "slurm_bench.sbatch")
 LAUNCH_TIMEOUT_S = 150
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT", "MPI_LOCALRANKID", "NNODES", "NODE_RANK", "RDZV_ENDPOINT")
-LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_", "SLURM_")
 
 ALLREDUCE_CHECK = """
     import os
@@ -57,44 +54,16 @@ def entry_dir(tmp_path_factory):
 
 
 def _env(entry_dir=None, **extra) -> dict:
-    """This environment without any launcher's variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)}
+    """This environment without any launcher's variables, plus ``extra`` (and the check entry
+    point of ``entry_dir``)."""
     if entry_dir is not None:
-        env.update(PYTHONPATH=str(entry_dir), MODULE="allreduce_check")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+        extra = {"PYTHONPATH": str(entry_dir), "MODULE": "allreduce_check", **extra}
+    return launcher_free_env(**extra)
 
 
 def _run_all(commands: list[tuple[list[str], dict]], timeout_s: float = LAUNCH_TIMEOUT_S
              ) -> list[tuple[int, str]]:
-    """Start every command in its own session; (returncode, output) each. Past the deadline all
-    sessions are killed and the test fails with what they printed."""
-    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for cmd, env in commands]
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout_s)
-            results.append((p.returncode, out))
-    except subprocess.TimeoutExpired:
-        outputs = []
-        for p in procs:
-            _kill_session(p)
-            outputs.append(p.communicate()[0])
-        pytest.fail(f"launch still running after {timeout_s}s:\n" + "\n---\n".join(outputs))
-    finally:
-        for p in procs:
-            _kill_session(p)
-    return results
-
-
-def _kill_session(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return run_sessions(commands, timeout_s)
 
 
 def _results(output: str) -> list[str]:

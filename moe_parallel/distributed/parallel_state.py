@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -110,6 +112,23 @@ def grid_groups(world: int, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1,
     }
 
 
+def _warn_if_nodes_span_hosts(world: int, ranks_per_node: int) -> None:
+    """Warn when a node of ``ranks_per_node`` consecutive ranks holds ranks of several hosts
+    (e.g. mpirun's round-robin placement): the hierarchical all-to-all stays correct but its
+    "intra-node" stage then crosses hosts. A collective over the world (one all-gather)."""
+    hosts: list = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    mixed = [m for m in range(world // ranks_per_node)
+             if len(set(hosts[m * ranks_per_node:(m + 1) * ranks_per_node])) > 1]
+    if mixed:
+        warnings.warn(
+            f"ranks_per_node={ranks_per_node} puts ranks of different hosts on node(s) {mixed} "
+            f"(hosts by rank: {hosts}); the hierarchical all-to-all's intra-node stage crosses "
+            "hosts there. Place consecutive ranks on each host (mpirun --map-by node is "
+            "round-robin; use --map-by slot) or pass the matching ranks_per_node",
+            RuntimeWarning, stacklevel=3)
+
+
 @dataclass
 class ParallelState:
     """Sizes, this rank's coordinates and process groups of both grids.
@@ -192,6 +211,8 @@ class ParallelState:
                 pg = dist.new_group(members, timeout=timeout) if create_groups else None
                 if rank in members:
                     ranks[name], groups[name] = members, pg
+        if g is not None and 1 < g < ep and create_groups:
+            _warn_if_nodes_span_hosts(world_size, ranks_per_node)
         if g is not None:
             for name, lists in node_groups(all_groups["ep"], g).items():
                 for members in lists:
