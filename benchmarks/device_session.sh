@@ -63,6 +63,11 @@ if [ -n "${MEGABLOCKS:-}" ]; then
   fi
 fi
 [ -z "${SKIP_BENCH:-}" ] || exit 0
+# The cluster benchmark's single-GPU baseline (world 1, NCCL: the layer at ep 1; one GPU cannot
+# host two NCCL ranks), with the main job's MFU.
+$PY -m benchmarks cluster --nproc 1 --dtype bfloat16 --layer-tokens 16384 --layer-hidden 4096 \
+  --layer-ffn 14336 --rounds 7 --train-model --out "$OUT/cluster_world1_bf16.json" \
+  > "$OUT/cluster_world1_bf16.txt" 2>&1; tail -20 "$OUT/cluster_world1_bf16.txt"
 $PY benchmarks/cuda_ops_bench.py --out "$OUT/cuda_ops.json" 2>&1 | tee "$OUT/cuda_ops.txt" | tail -20
 $PY benchmarks/grouped_gemm_bench.py --out "$OUT/grouped_gemm.json" 2>&1 | tee "$OUT/grouped_gemm.txt" | tail -24
 $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hidden 4096 \
