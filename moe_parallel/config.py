@@ -27,7 +27,7 @@ _GROUP_SCORES = ("sum_topk", "sum_top2", "max")
 _ROUTER_DTYPES = (None, torch.float32, torch.float64)
 _ROUTER_TYPES = ("topk", "expert_choice")
 _SCORE_FUNCTIONS = ("softmax", "sigmoid")
-_DROP_POLICIES = ("probs", "position")
+_DROP_POLICIES = ("probs", "position", "k_major", "batch_priority")
 _DISPATCHERS = ("alltoall", "alltoall_hierarchical", "allgather")
 _EXPERT_IMPLS = ("block_sparse", "grouped")
 _ROW_OVERFLOWS = ("error", "capacity")
@@ -43,6 +43,7 @@ _BOOL_FIELDS = (
     "expert_proj_bias",
     "scale_expert_input",
     "shared_expert_overlap",
+    "dynamic_capacity",
 )
 
 
@@ -74,6 +75,16 @@ class MoEConfig:
       finally multiplied by ``routed_scaling_factor``. With ``scale_expert_input`` (Llama-4)
       the weight multiplies each expert's input instead of its output:
       y = Σ_j expert_j(probs_j · x).
+    Dynamic-k routing (``top_p``, Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic
+      Routing in MoE Models"): with P = softmax(logits) sorted descending, token t takes the
+      experts in that order until their cumulative probability reaches p, at most ``top_k``:
+      k_t = min(top_k, min{j : Σ_{i<=j} P_(i) >= p}); slot j is kept iff Σ_{i<j} P_(i) < p.
+      The weights are the probabilities themselves (the paper), renormalised over the k_t
+      selected ones with ``norm_topk_prob=True``. Needs softmax scores taken before the
+      selection; not with expert bias or group-limited routing. ``dynamic_loss_coeff``
+      adds the paper's dynamic (entropy) loss ``coeff·mean_t(-Σ_e P_te log P_te)``, which
+      pushes the router towards confident, fewer-expert choices; with top-p the Switch loss
+      normalises by the assignments taken: f_i = count_i / Σ_e count_e.
     Routing (expert choice): scores = softmax(logits) over experts; expert e takes its
       top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor)) (capacity_factor None means 1.0).
       The aux losses, ``min_capacity``, ``routed_scaling_factor``, noisy gating, expert bias and
@@ -81,7 +92,16 @@ class MoEConfig:
     Capacity (token choice): C = max(ceil(T·top_k/E·capacity_factor), min_capacity) per expert;
       ``capacity_factor=None`` is dropless. In eval mode (``module.eval()``) the factor is
       ``eval_capacity_factor`` when set (DeepSpeed's knob; e.g. 2.0 to drop less at eval), for
-      expert choice too.
+      expert choice too. Which assignments an expert over capacity keeps (``drop_policy``):
+      ``"probs"`` its highest combine weights, ``"position"`` its earliest tokens,
+      ``"k_major"`` (GShard) every token's first choice before any second choice, tokens in
+      order within a choice rank, ``"batch_priority"`` (V-MoE's Batch Prioritized Routing) the
+      same choice-rank order with the tokens sorted by their top combine weight, descending.
+      With ``dynamic_capacity`` the training factor follows the drops measured over the
+      ranks (``update_capacity_factors`` after each step; ``routing.capacity``): raised by
+      ``capacity_update_rate`` when the drop rate exceeds ``target_drop_rate``, lowered when
+      it is below half of it and more than that share of the slots idled, within
+      [``capacity_factor_min``, ``capacity_factor_max``]; it starts at ``capacity_factor``.
     Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
       ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
       ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
@@ -156,8 +176,16 @@ class MoEConfig:
     seq_aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
 
+    top_p: Optional[float] = None
+    dynamic_loss_coeff: float = 0.0
+
     capacity_factor: Optional[float] = None
     eval_capacity_factor: Optional[float] = None
+    dynamic_capacity: bool = False
+    target_drop_rate: float = 0.01
+    capacity_factor_min: float = 1.0
+    capacity_factor_max: float = 4.0
+    capacity_update_rate: float = 0.1
     min_capacity: int = 0
     drop_policy: DropPolicy = "probs"
     pad_to_capacity: bool = False
@@ -328,10 +356,52 @@ class MoEConfig:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
         self._check_dropless()
         self._check_overlap()
+        self._check_dynamic_routing()
         if self.params_dtype not in _DTYPES:
             raise ValueError(f"params_dtype must be one of {_DTYPES}, got {self.params_dtype}")
         if not (_is_real(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+
+    def _check_dynamic_routing(self) -> None:
+        _nonneg_float("dynamic_loss_coeff", self.dynamic_loss_coeff)
+        if self.dynamic_loss_coeff > 0 and self.score_function != "softmax":
+            raise ValueError("dynamic_loss_coeff > 0 needs score_function='softmax' (the entropy "
+                             "of the router's distribution)")
+        if self.top_p is not None:
+            if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+                raise ValueError(f"top_p must be a number in (0, 1], or None for top-k; got "
+                                 f"{self.top_p!r}")
+            if (self.router_type != "topk" or self.score_function != "softmax"
+                    or not self.softmax_before_topk):
+                raise ValueError(
+                    "top_p needs router_type='topk', score_function='softmax' and "
+                    "softmax_before_topk=True (it accumulates the softmax probabilities), got "
+                    f"{self.router_type!r}, {self.score_function!r}, {self.softmax_before_topk}")
+            for name in ("expert_bias", "num_groups", "scale_expert_input"):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(f"top_p cannot be combined with {name}")
+            if self.routed_scaling_factor != 1.0:
+                raise ValueError("top_p needs routed_scaling_factor=1.0")
+        if self.drop_policy in ("k_major", "batch_priority") and self.router_type != "topk":
+            raise ValueError(f"drop_policy={self.drop_policy!r} applies only to "
+                             "router_type='topk'")
+        if not self.dynamic_capacity:
+            return
+        if self.router_type != "topk" or self.capacity_factor is None:
+            raise ValueError("dynamic_capacity=True needs router_type='topk' and a "
+                             "capacity_factor (its starting value)")
+        if not (_is_real(self.target_drop_rate) and 0 < self.target_drop_rate < 1):
+            raise ValueError(f"target_drop_rate must be in (0, 1), got {self.target_drop_rate!r}")
+        if not (_is_real(self.capacity_update_rate) and 0 < self.capacity_update_rate < 1):
+            raise ValueError("capacity_update_rate must be in (0, 1), got "
+                             f"{self.capacity_update_rate!r}")
+        lo, hi = self.capacity_factor_min, self.capacity_factor_max
+        if not (_is_real(lo) and _is_real(hi) and 0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"capacity_factor_min/capacity_factor_max must satisfy 0 < min <= "
+                             f"max < inf, got {lo!r}, {hi!r}")
+        if not lo <= self.capacity_factor <= hi:
+            raise ValueError(f"capacity_factor {self.capacity_factor} must lie in "
+                             f"[capacity_factor_min, capacity_factor_max] = [{lo}, {hi}]")
 
     def _check_overlap(self) -> None:
         if self.shared_expert_overlap and self.num_shared_experts == 0:
@@ -402,7 +472,9 @@ class MoEConfig:
     def renormalize_topk(self) -> bool:
         """Whether the top-k weights are divided by their sum: ``norm_topk_prob``, or, when it
         is None, ``top_k > 1`` (Mixtral/Qwen renormalise top-2; Switch keeps the top-1 score)."""
-        return self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
+        if self.norm_topk_prob is None:
+            return self.top_k > 1 and self.top_p is None
+        return self.norm_topk_prob
 
     @property
     def dropless(self) -> bool:

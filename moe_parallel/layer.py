@@ -33,7 +33,7 @@ from .distributed.ddp import find_ddp_managing_experts
 from .distributed.fsdp import find_fsdp_managing_experts
 from .experts import GroupedExperts, SharedExpert
 from .metrics import RoutingStats
-from .routing import Routing, apply_capacity, build_router, expert_capacity
+from .routing import Routing, apply_capacity, build_router, expert_capacity, next_capacity_factor
 from .routing.losses import attach_to_graph
 from .routing.router import count_assignments
 
@@ -133,6 +133,16 @@ class MoELayer(nn.Module):
         self._group = ps.group("tp_ep") if ps is not None and ps.ep * ps.etp > 1 else None
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
         self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
+        if config.dynamic_capacity:
+            # the training capacity factor (saved with the model: a persistent float64 buffer),
+            # and this rank's [dropped, routed, slots] since the last update_capacity_factor
+            self.register_buffer("capacity_factor_now",
+                                 torch.tensor(float(config.capacity_factor), dtype=torch.float64,
+                                              device=device))
+            self.register_buffer("capacity_counts",
+                                 torch.zeros(3, dtype=torch.int64, device=device),
+                                 persistent=False)
+            self._factor = float(config.capacity_factor)
 
     @classmethod
     def shard_from(cls, full: MoELayer, parallel_state: ParallelState) -> MoELayer:
@@ -170,10 +180,49 @@ class MoELayer(nn.Module):
         """Sum of the last forward's losses (None when no loss is enabled)."""
         return sum(self.last_losses.values()) if self.last_losses else None
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        factor = self._buffers.get("capacity_factor_now")
+        if factor is not None and factor.dtype != torch.float64:  # never rounded
+            self._buffers["capacity_factor_now"] = torch.tensor(
+                self._factor, dtype=torch.float64, device=factor.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.config.dynamic_capacity:
+            self._factor = float(self.capacity_factor_now)
+
+    def current_capacity_factor(self, training: bool) -> float | None:
+        """The factor of a training (or eval) forward: ``eval_capacity_factor`` in eval when
+        set, else the dynamic factor (``dynamic_capacity``) or ``capacity_factor``."""
+        cfg = self.config
+        if not training and cfg.eval_capacity_factor is not None:
+            return cfg.eval_capacity_factor
+        return self._factor if cfg.dynamic_capacity else cfg.capacity_factor
+
+    @torch.no_grad()
+    def update_capacity_factor(self, counts: Optional[Tensor] = None) -> float:
+        """One step of the dynamic capacity schedule (``routing.capacity.next_capacity_factor``)
+        from ``counts`` = ``[dropped, routed, slots]`` (summed over the ranks; None: this rank's
+        ``capacity_counts``); resets the counts and returns the new factor."""
+        cfg = self.config
+        if not cfg.dynamic_capacity:
+            raise RuntimeError("update_capacity_factor needs a config with dynamic_capacity=True")
+        c = self.capacity_counts if counts is None else counts
+        dropped, routed, slots = (int(v) for v in c.tolist())
+        self._factor = next_capacity_factor(
+            self._factor, dropped, routed, slots - (routed - dropped), slots,
+            cfg.target_drop_rate, cfg.capacity_update_rate, cfg.capacity_factor_min,
+            cfg.capacity_factor_max)
+        self.capacity_factor_now.fill_(self._factor)
+        self.capacity_counts.zero_()
+        return self._factor
+
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for ``num_tokens`` tokens in token-choice mode (None = dropless)."""
         cfg = self.config
-        factor = cfg.capacity_factor_in(self.training)
+        factor = self.current_capacity_factor(self.training)
         if cfg.router_type != "topk" or factor is None:
             return None
         return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
@@ -196,10 +245,13 @@ class MoELayer(nn.Module):
             pad_to = capacity if self.config.pad_to_capacity else 0
         return routing, losses, pad_to
 
-    def _count_routed(self, routed_per_expert: Tensor) -> None:
+    def _count_routed(self, routed_per_expert: Tensor, capacity_counts: Optional[Tensor] = None
+                      ) -> None:
         counts = getattr(self.router, "local_tokens_per_expert", None)
         if counts is not None:
             counts += routed_per_expert.to(counts.dtype)
+        if capacity_counts is not None:
+            self.capacity_counts += capacity_counts
 
     def _check_host(self, ps: ParallelState) -> None:
         """Refuse a DistributedDataParallel or FSDP2 unit that manages this layer's expert
@@ -368,8 +420,15 @@ class MoELayer(nn.Module):
             total = sum(losses.values()) if losses else None
             counted = (routing.routed_per_expert if valid is None
                        else count_assignments(routing.expert_idx, cfg.num_experts, valid))
+            cap_counts = None
+            if cfg.dynamic_capacity:  # [dropped, routed, slots] of this forward
+                routed_n = routing.routed_per_expert.sum()
+                kept_n = routed.tokens_per_expert.sum()
+                slots = cfg.num_experts * (self.capacity(tokens.shape[0]) or 0)
+                cap_counts = torch.stack([routed_n - kept_n, routed_n,
+                                          torch.full_like(routed_n, slots)]).to(torch.int64)
             y = attach_to_graph(y, total, self.aux_loss_scale,
-                                partial(self._count_routed, counted))
+                                partial(self._count_routed, counted, cap_counts))
             losses = {k: v.detach() for k, v in losses.items()}
 
         overflow = routed.overflow
@@ -381,7 +440,7 @@ class MoELayer(nn.Module):
             )
         stats = RoutingStats.from_counts(
             routing.routed_per_expert, routed.tokens_per_expert, routed.row_map,
-            routed.num_rows, routed.padded_rows, overflow,
+            routed.num_rows, routed.padded_rows, overflow, routing.experts_per_token,
         )
         if training_step:  # eval / no_grad: training state untouched
             self.last_losses = losses

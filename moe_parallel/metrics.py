@@ -22,10 +22,13 @@ class RoutingStats:
       padding included). padded_rows: the same after block-sparse padding (None for grouped),
       padding_fraction = (padded_rows − expert_rows) / padded_rows.
     overflow: True when the dropless row ceiling (``max_rows_*``) made this forward drop.
+    experts_per_token_histogram[j]: tokens that selected j experts (j = 0..k', before capacity;
+      dynamic-k routing varies it), mean_experts_per_token its mean.
 
     Built from device counts, the statistics travel to the host by one non-blocking copy into
     pinned memory: the forward never waits for them, and reading a count waits only for that
-    copy (``counts = [routed_per_expert | tokens_per_expert | unrouted_tokens]``, int64).
+    copy (``counts = [routed_per_expert | tokens_per_expert | unrouted_tokens |
+    experts_per_token_histogram]``, int64; ``num_experts`` says where each part starts).
     """
 
     counts: Tensor
@@ -34,6 +37,7 @@ class RoutingStats:
     padded_rows: Optional[int] = None
     overflow: bool = False
     ready: Optional[torch.cuda.Event] = field(default=None, repr=False, compare=False)
+    num_experts: int = 0
 
     @classmethod
     def from_counts(
@@ -44,13 +48,23 @@ class RoutingStats:
         expert_rows: int = 0,
         padded_rows: Optional[int] = None,
         overflow: bool = False,
+        experts_per_token: Optional[Tensor] = None,
     ) -> RoutingStats:
-        """Build from the two count vectors and the dispatch row map ([T, k], -1 = dropped)."""
+        """Build from the two count vectors, the dispatch row map ([T, k], -1 = dropped) and
+        the experts each token selected (``[T]``; None: every token selected ``k``)."""
         dev = row_map.device
+        T, k = row_map.shape
         unrouted = (row_map < 0).all(dim=1).sum() if row_map.numel() else row_map.shape[0]
+        if experts_per_token is None:
+            hist = torch.zeros(k + 1, dtype=torch.int64, device=dev)
+            hist[k] = T
+        else:
+            hist = torch.bincount(experts_per_token.detach().to(dev, torch.int64).reshape(-1),
+                                  minlength=k + 1)
         packed = torch.cat([routed_per_expert.detach().to(dev, torch.int64).reshape(-1),
                             tokens_per_expert.detach().to(dev, torch.int64).reshape(-1),
-                            torch.as_tensor(unrouted, dtype=torch.int64, device=dev).view(1)])
+                            torch.as_tensor(unrouted, dtype=torch.int64, device=dev).view(1),
+                            hist])
         ready = None
         if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=torch.int64, pin_memory=True)
@@ -59,7 +73,8 @@ class RoutingStats:
             ready.record()
             packed = host
         return cls(counts=packed, num_tokens=row_map.shape[0], expert_rows=expert_rows,
-                   padded_rows=padded_rows, overflow=overflow, ready=ready)
+                   padded_rows=padded_rows, overflow=overflow, ready=ready,
+                   num_experts=routed_per_expert.numel())
 
     def _host_counts(self) -> Tensor:
         if self.ready is not None:
@@ -69,19 +84,30 @@ class RoutingStats:
     @property
     def routed_per_expert(self) -> Tensor:
         """``[E]`` int64 (CPU): assignments the router sent to each expert, before capacity."""
-        e = (self.counts.numel() - 1) // 2
-        return self._host_counts()[:e]
+        return self._host_counts()[:self.num_experts]
 
     @property
     def tokens_per_expert(self) -> Tensor:
         """``[E]`` int64 (CPU): assignments each expert processed, after capacity."""
-        e = (self.counts.numel() - 1) // 2
+        e = self.num_experts
         return self._host_counts()[e:2 * e]
+
+    @property
+    def experts_per_token_histogram(self) -> Tensor:
+        """``[k' + 1]`` int64 (CPU): entry j counts the tokens that selected j experts."""
+        return self._host_counts()[2 * self.num_experts + 1:]
+
+    @property
+    def mean_experts_per_token(self) -> float:
+        """Experts selected per token, on average (before capacity; 0.0 without tokens)."""
+        h = self.experts_per_token_histogram
+        n = int(h.sum())
+        return float((h * torch.arange(h.numel())).sum()) / n if n else 0.0
 
     @property
     def unrouted_tokens(self) -> int:
         """Tokens that reached no expert (every assignment dropped, or chosen by no expert)."""
-        return int(self._host_counts()[-1])
+        return int(self._host_counts()[2 * self.num_experts])
 
     @property
     def padding_fraction(self) -> float:
@@ -140,4 +166,6 @@ class RoutingStats:
             "padded_rows": self.padded_rows,
             "padding_fraction": self.padding_fraction,
             "overflow": self.overflow,
+            "mean_experts_per_token": self.mean_experts_per_token,
+            "experts_per_token_histogram": self.experts_per_token_histogram.tolist(),
         }

@@ -40,6 +40,8 @@ class ReferenceMoE(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
+        self.capacity_factor_now = config.capacity_factor  # stepped by next_capacity_factor
+        self.last_counts = (0, 0, 0)  # (dropped, routed, slots) of the last token-choice forward
         E, H, Fh = config.num_experts, config.hidden_size, config.ffn_hidden_size
         rd, pd = router_dtype(config), config.params_dtype
         fc1 = 2 * Fh if config.gated else Fh
@@ -104,8 +106,8 @@ class ReferenceMoE(nn.Module):
         s = logits.sigmoid()
         return s / s.sum(-1, keepdim=True)
 
-    def _select(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Token-choice top-k: (expert_idx [T, k], probs [T, k])."""
+    def _select(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token-choice top-k: (expert_idx [T, k], probs [T, k], selected [T, k] bool)."""
         cfg = self.config
         k = cfg.top_k
         if cfg.router_score_dtype is not None:
@@ -133,6 +135,17 @@ class ReferenceMoE(nn.Module):
             choose = choose.masked_fill(~allowed, float("-inf"))
         idx = choose.topk(k, dim=-1).indices
         picked = scores.gather(1, idx)
+        selected = torch.ones_like(idx, dtype=torch.bool)
+        if cfg.top_p is not None:  # take experts, best first, until their probability >= p
+            for t in range(idx.shape[0]):
+                total = torch.zeros((), dtype=picked.dtype)
+                for j in range(k):
+                    selected[t, j] = bool(total < cfg.top_p)
+                    total = total + picked[t, j].detach()
+            probs = torch.where(selected, picked, torch.zeros_like(picked))
+            if cfg.norm_topk_prob:
+                probs = probs / probs.sum(-1, keepdim=True)
+            return idx, probs, selected
         if cfg.score_function == "softmax" and not cfg.softmax_before_topk:
             probs = picked.softmax(-1)
         elif cfg.renormalize_topk:
@@ -140,35 +153,49 @@ class ReferenceMoE(nn.Module):
             probs = picked / (picked.sum(-1, keepdim=True) + eps)
         else:
             probs = picked
-        return idx, probs * cfg.routed_scaling_factor
+        return idx, probs * cfg.routed_scaling_factor, selected
 
-    def _capacity_keep(self, idx: Tensor, probs: Tensor) -> Tensor:
-        """Keep at most C assignments per expert, by drop policy."""
+    def _factor(self) -> float | None:
+        cfg = self.config
+        if self.training and cfg.dynamic_capacity:
+            return self.capacity_factor_now
+        return cfg.capacity_factor_in(self.training)
+
+    def _capacity_keep(self, idx: Tensor, probs: Tensor, selected: Tensor) -> Tensor:
+        """Keep at most C of the selected assignments per expert, by drop policy."""
         cfg = self.config
         T, k = idx.shape
-        keep = torch.ones_like(idx, dtype=torch.bool)
-        factor = cfg.capacity_factor_in(self.training)
+        keep = selected.clone()
+        factor = self._factor()
         if factor is None:
             return keep
         cap = max(math.ceil(T * k / cfg.num_experts * factor), cfg.min_capacity)
+        priority = probs.detach().max(dim=1).values.tolist() if k else [0.0] * T
+        weight = probs.detach().tolist()
         for e in range(cfg.num_experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)  # sorted by token
-            if tok.numel() <= cap:
+            tok, slot = ((idx == e) & selected).nonzero(as_tuple=True)
+            cand = list(zip(tok.tolist(), slot.tolist()))  # (t, j) ascending
+            if len(cand) <= cap:
                 continue
             if cfg.drop_policy == "probs":
-                order = torch.sort(-probs[tok, slot].detach(), stable=True).indices
-            else:
-                order = torch.arange(tok.numel(), device=idx.device)
-            dropped = order[cap:]
-            keep[tok[dropped], slot[dropped]] = False
+                cand.sort(key=lambda c: -weight[c[0]][c[1]])
+            elif cfg.drop_policy == "k_major":
+                cand.sort(key=lambda c: (c[1], c[0]))
+            elif cfg.drop_policy == "batch_priority":
+                cand.sort(key=lambda c: (c[1], -priority[c[0]], c[0]))
+            for t, j in cand[cap:]:
+                keep[t, j] = False
         return keep
 
-    def _losses(self, logits: Tensor, idx: Tensor, num_seqs: int) -> dict[str, Tensor]:
+    def _losses(self, logits: Tensor, idx: Tensor, selected: Tensor,
+                num_seqs: int) -> dict[str, Tensor]:
         cfg = self.config
         T, k, E = idx.shape[0], idx.shape[1], cfg.num_experts
         losses: dict[str, Tensor] = {}
         scores = self._full_scores(logits)
-        onehot = F.one_hot(idx, E).sum(1).to(scores.dtype)  # [T, E] 0/1 selections
+        onehot = (F.one_hot(idx, E) * selected[..., None]).sum(1).to(scores.dtype)  # [T, E]
+        if cfg.top_p is not None:  # the mean number of experts a token took
+            k = onehot.sum() / T
         if cfg.aux_loss_coeff > 0:
             f = onehot.sum(0) / (T * k)
             losses["aux"] = cfg.aux_loss_coeff * E * (f * scores.mean(0)).sum()
@@ -181,6 +208,10 @@ class ReferenceMoE(nn.Module):
             losses["seq_aux"] = cfg.seq_aux_loss_coeff * torch.stack(per_seq).mean()
         if cfg.z_loss_coeff > 0:
             losses["z"] = cfg.z_loss_coeff * logits.logsumexp(-1).square().mean()
+        if cfg.dynamic_loss_coeff > 0:
+            p = logits.softmax(-1)
+            entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
+            losses["dynamic"] = cfg.dynamic_loss_coeff * entropy.mean()
         return losses
 
     # ---- experts -------------------------------------------------------------------------
@@ -222,9 +253,13 @@ class ReferenceMoE(nn.Module):
                 out = self._expert(e, x[tok])
                 y = y.index_add(0, tok, scores[tok, e, None].to(x.dtype) * out)
         else:
-            idx, probs = self._select(logits)
-            losses = self._losses(logits, idx, num_seqs)
-            keep = self._capacity_keep(idx, probs)
+            idx, probs, selected = self._select(logits)
+            losses = self._losses(logits, idx, selected, num_seqs)
+            keep = self._capacity_keep(idx, probs, selected)
+            self.last_counts = (int(selected.sum() - keep.sum()), int(selected.sum()),
+                                cfg.num_experts * max(math.ceil(
+                                    T * cfg.top_k / cfg.num_experts * self._factor()),
+                                    cfg.min_capacity) if self._factor() else 0)
             for e in range(cfg.num_experts):
                 tok, slot = ((idx == e) & keep).nonzero(as_tuple=True)
                 if tok.numel() == 0:
@@ -237,3 +272,20 @@ class ReferenceMoE(nn.Module):
         if cfg.num_shared_experts:
             y = y + self._shared(x)
         return y.reshape(shape), losses
+
+
+def next_capacity_factor(config: MoEConfig, factor: float, dropped: int, routed: int,
+                         slots: int) -> float:
+    """The dynamic capacity schedule of ``MoEConfig``, written out: with d = dropped / routed
+    and the idle share u = (slots - kept) / slots, raise the factor by ``capacity_update_rate``
+    when d > ``target_drop_rate``, lower it when d < target / 2 and u > the rate, within the
+    bounds."""
+    if routed == 0:
+        return factor
+    kept = routed - dropped
+    if dropped / routed > config.target_drop_rate:
+        return min(config.capacity_factor_max, factor * (1 + config.capacity_update_rate))
+    if (dropped / routed < config.target_drop_rate / 2 and slots > 0
+            and (slots - kept) / slots > config.capacity_update_rate):
+        return max(config.capacity_factor_min, factor * (1 - config.capacity_update_rate))
+    return factor

@@ -3,7 +3,8 @@
 Layouts on 4 ranks: ep=4; ep=2 with edp=2; ep=2 with etp=2; tp=2 (sequence parallel: TP ranks
 bring distinct tokens) with ep=2; each with top-1/top-2/fine-grained top-6 + shared expert,
 dropless, capacity (both drop policies), pad-to-capacity, all tokens to one expert, expert
-choice, 3-D input, ranks without tokens; every case with both the AllToAllDispatcher and the
+choice, dynamic-k (top-p) routing and the GShard / V-MoE priority drop policies, 3-D input,
+ranks without tokens; every case with both the AllToAllDispatcher and the
 AllGatherDispatcher. Six 8-rank layouts run a subset of the cases: the three that need 8 ranks
 for ETP×EDP or TP×EP4 (and the all-gather dispatcher on them), and ep=8, ep=4 with edp=2,
 tp=2 with ep=2 and edp=2 (top-1/top-2/fine-grained top-6 + shared, dropless and capacity).
@@ -110,13 +111,25 @@ CASES["input_without_grad_on_rank2-block_sparse"] = dict(
 CASES["no_tokens_anywhere_padded"] = dict(
     cfg=dict(top_k=2, capacity_factor=1.0, pad_to_capacity=True), tokens=[0] * 4
 )
+# Dynamic-k (top-p) routing and the priority drop policies (GShard k-major, V-MoE BPR).
+_TOP_P = dict(top_k=4, top_p=0.6)
+CASES["top_p-dropless"] = dict(cfg=_TOP_P)
+CASES["top_p-dropless-block_sparse"] = dict(cfg={**_TOP_P, "expert_impl": "block_sparse"})
+CASES["top_p-cap_k_major"] = dict(cfg={**_TOP_P, "capacity_factor": 0.6, "drop_policy": "k_major"})
+CASES["top_p-pad_batch_priority"] = dict(cfg={**_TOP_P, "capacity_factor": 0.6,
+                                              "drop_policy": "batch_priority",
+                                              "pad_to_capacity": True})
+CASES["top2-cap_k_major"] = dict(cfg=dict(top_k=2, capacity_factor=0.7, drop_policy="k_major"))
+CASES["top2-cap_batch_priority"] = dict(cfg=dict(top_k=2, capacity_factor=0.7,
+                                                 drop_policy="batch_priority"))
 EIGHT_RANK_CASES = ["top1-cap_probs", "top2-dropless", "top6_fine_shared-pad_position",
                     "one_expert-cap_probs"]
 # the 8-rank layouts that 4 ranks also hold in a smaller form: every routing, dropless/capacity
 EIGHT_RANK_ROUTING_CASES = [
     "top1-dropless", "top1-cap_probs", "top2-dropless", "top2-dropless-block_sparse",
     "top2-cap_position", "top6_fine_shared-dropless", "top6_fine_shared-cap_probs",
-    "top6_fine_shared-pad_position",
+    "top6_fine_shared-pad_position", "top_p-dropless", "top_p-cap_k_major",
+    "top2-cap_batch_priority",
 ]
 ROUTING_LAYOUTS = ("w8_ep8", "w8_ep4_edp2", "w8_tp2_ep2_edp2")
 

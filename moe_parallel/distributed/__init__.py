@@ -13,10 +13,12 @@
   ``sync_gradients``) and the detection of an FSDP unit that manages expert parameters;
 * ``agreement.py``: ``check_agreement``, every rank of a layer's group built it the same way;
 * ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
+* ``capacity_schedule.py``: ``update_capacity_factors``, the dynamic capacity step of every layer.
 """
 
 from . import collectives
 from .agreement import check_agreement
+from .capacity_schedule import update_capacity_factors
 from .ddp import find_ddp_managing_experts, wrap_ddp
 from .expert_bias import update_expert_biases
 from .fsdp import find_fsdp_managing_experts
@@ -39,6 +41,7 @@ __all__ = [
     "is_expert_param",
     "job_timeout",
     "sync_gradients",
+    "update_capacity_factors",
     "update_expert_biases",
     "wrap_ddp",
     "find_ddp_managing_experts",

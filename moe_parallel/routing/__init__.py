@@ -7,7 +7,7 @@
 * ``losses.py``: the Switch and per-sequence load-balancing losses and the router z-loss.
 """
 
-from .capacity import DROP_POLICIES, apply_capacity, expert_capacity
+from .capacity import DROP_POLICIES, apply_capacity, expert_capacity, next_capacity_factor
 from .losses import full_scores, sequence_load_balancing_loss, switch_load_balancing_loss, z_loss
 from .router import ExpertChoiceRouter, Routing, TopKRouter, build_router
 
@@ -17,6 +17,7 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "apply_capacity",
+    "next_capacity_factor",
     "build_router",
     "expert_capacity",
     "full_scores",

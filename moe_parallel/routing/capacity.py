@@ -3,8 +3,17 @@
     C = max(ceil(T · k / E · capacity_factor), min_capacity)
 
 Each expert processes at most C of the (token, slot) assignments routed to it; the drop policy
-decides which ones: ``"probs"`` keeps the C highest combine weights (ties go to the earlier
-token), ``"position"`` keeps the C earliest tokens.
+decides which ones, by ranking each expert's candidates ``(t, j)`` (token t, choice rank j:
+its j-th best expert) and keeping the first C:
+  * ``"probs"``: combine weight ``probs[t, j]`` descending, ties to the earlier token;
+  * ``"position"``: token ``t`` ascending;
+  * ``"k_major"`` (GShard, Lepikhin et al. 2020): ``(j, t)`` ascending, every token's first
+    choice before any token's second choice;
+  * ``"batch_priority"`` (V-MoE's Batch Prioritized Routing, Riquelme et al. 2021):
+    ``(j, -s_t, t)`` ascending with the priority ``s_t = max_j probs[t, j]`` (the top
+    combine weight): first choices first, each choice rank in priority order.
+
+Dynamic capacity (``next_capacity_factor``): a factor that follows the measured drop rate.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["DROP_POLICIES", "apply_capacity", "expert_capacity"]
+__all__ = ["DROP_POLICIES", "apply_capacity", "expert_capacity", "next_capacity_factor"]
 
-DROP_POLICIES = ("probs", "position")
+DROP_POLICIES = ("probs", "position", "k_major", "batch_priority")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -69,8 +78,11 @@ def apply_capacity(
 
       * ``"probs"``: ``probs[t, j]`` descending, ties broken by the earlier token ``t``;
       * ``"position"``: token index ``t`` ascending;
+      * ``"k_major"``: ``(j, t)`` ascending;
+      * ``"batch_priority"``: ``(j, -max_j' probs[t, j'], t)`` ascending;
 
-    and the first ``capacity`` are kept. One stable sort per key replaces any loop: sorting the
+    and the first ``capacity`` are kept (``j`` is the column of ``expert_idx``: the router
+    orders a token's choices best first). One stable sort per key replaces any loop: sorting the
     flattened assignments by (expert, key) puts each expert's candidates in a contiguous run,
     and an assignment's rank is its position minus the start of its expert's run.
 
@@ -118,11 +130,21 @@ def apply_capacity(
     experts = expert_idx.reshape(-1).to(torch.int64)
     if keep is not None:
         experts = experts.masked_fill(~keep.reshape(-1), num_experts)
+    T, k = shape
     if drop_policy == "probs":
-        by_prob = torch.sort(probs.detach().reshape(-1), descending=True, stable=True).indices
-        order = by_prob[torch.sort(experts[by_prob], stable=True).indices]
-    else:
+        first = torch.sort(probs.detach().reshape(-1), descending=True, stable=True).indices
+    elif drop_policy == "position":
+        first = None  # row-major flat order is already (t, j)
+    else:  # choice rank major: flat index t·k + j visited for j = 0.., tokens in priority order
+        tokens = torch.arange(T, device=device)
+        if drop_policy == "batch_priority":
+            top = probs.detach().amax(dim=1) if k else probs.new_zeros(T)
+            tokens = torch.sort(top, descending=True, stable=True).indices
+        first = (tokens.view(1, T) * k + torch.arange(k, device=device).view(k, 1)).reshape(-1)
+    if first is None:
         order = torch.sort(experts, stable=True).indices
+    else:
+        order = first[torch.sort(experts[first], stable=True).indices]
     sorted_experts = experts[order]
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts))
@@ -132,3 +154,27 @@ def apply_capacity(
     out = torch.empty(n, dtype=torch.bool, device=device)
     out[order] = keep_sorted
     return out.view(shape)
+
+
+def next_capacity_factor(factor: float, dropped: int, routed: int, idle_slots: int, slots: int,
+                         target_drop_rate: float, rate: float, lo: float, hi: float) -> float:
+    """One step of the dynamic capacity schedule, from counts summed over the ranks (and the
+    forwards since the last step): drop rate ``d = dropped / routed``, idle share
+    ``u = idle_slots / slots`` (capacity slots no assignment filled):
+
+        d > target_drop_rate                       ->  min(hi, factor · (1 + rate))
+        d < target_drop_rate / 2  and  u > rate    ->  max(lo, factor · (1 - rate))
+        otherwise                                  ->  factor
+
+    (lowering by ``rate`` removes about a ``rate`` share of the slots, so it waits until more
+    than that idled). Pure arithmetic on integers every rank holds alike: every rank computes
+    the same factor. No routed assignment: unchanged.
+    """
+    if routed <= 0:
+        return factor
+    d = dropped / routed
+    if d > target_drop_rate:
+        return min(hi, factor * (1.0 + rate))
+    if d < target_drop_rate / 2 and slots > 0 and idle_slots / slots > rate:
+        return max(lo, factor * (1.0 - rate))
+    return factor

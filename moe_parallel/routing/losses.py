@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "attach_to_graph",
+    "dynamic_loss",
     "full_scores",
     "sequence_load_balancing_loss",
     "switch_load_balancing_loss",
@@ -100,6 +101,16 @@ def z_loss(logits: Tensor, coeff: float, valid: Tensor | None = None) -> Tensor:
     when None; 0 for an empty batch)."""
     lse, denom = _masked(torch.logsumexp(logits, dim=-1), valid)
     return coeff * lse.square().sum() / denom
+
+
+def dynamic_loss(probs: Tensor, coeff: float, valid: Tensor | None = None) -> Tensor:
+    """Dynamic-routing loss of Huang et al. 2024, the entropy of the router's distribution:
+    ``coeff · mean_t(-Σ_e P_te log P_te)`` over the ``valid`` tokens (``probs``: ``[T, E]``
+    softmax; ``0 · log 0 = 0``). Minimising it makes the router confident, so top-p routing
+    takes fewer experts per token."""
+    ent = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=-1)
+    ent, denom = _masked(ent, valid)
+    return coeff * ent.sum() / denom
 
 
 class _AttachToGraph(torch.autograd.Function):

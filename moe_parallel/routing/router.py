@@ -11,6 +11,10 @@ computed in ``router_score_dtype`` (default: the router dtype) from those logits
 * sigmoid: ``s = sigmoid(logits)``; select ``topk(s + b)``; ``p = s[selected]``, divided by
   ``sum + 1e-20`` when ``renormalize_topk`` (``norm_topk_prob``, by default ``top_k > 1``).
 * ``p *= routed_scaling_factor``.
+* dynamic-k (``top_p``, Huang et al. 2024): of the ``top_k`` best (softmax, descending), slot
+  ``j`` is selected iff ``Σ_{i<j} p_i < top_p`` (``keep``), so each token takes the fewest
+  experts whose probability reaches ``top_p``; ``p`` stays ``s[selected]`` (0 elsewhere),
+  divided by its sum only with ``norm_topk_prob=True``.
 
 ``b`` is the selection-only expert bias (zero unless ``expert_bias``). With
 ``num_groups = G`` and ``group_topk = M`` the selection scores ``s + b`` are viewed as
@@ -22,7 +26,8 @@ DeepSeek-V2), and only the ``M`` best groups stay selectable. With ``noisy_gatin
 Expert choice (``ExpertChoiceRouter``): ``s = softmax(logits)`` ``[T, E]``; expert ``e`` takes
 the ``C = min(T, ceil(T·top_k/E·cf))`` tokens with the highest ``s[:, e]``.
 
-Losses (``losses.py``) are returned coefficient-scaled, keyed ``"aux"``, ``"seq_aux"``, ``"z"``.
+Losses (``losses.py``) are returned coefficient-scaled, keyed ``"aux"``, ``"seq_aux"``, ``"z"``
+and ``"dynamic"`` (the entropy loss of dynamic routing).
 
 The router dtype is ``router_dtype`` when set, else float32 whatever the input dtype (float64
 when the router parameters are float64, i.e. ``params_dtype=torch.float64``); x and the router
@@ -40,7 +45,13 @@ from torch import Tensor, nn
 
 from ..config import MoEConfig
 from .capacity import expert_capacity
-from .losses import full_scores, sequence_load_balancing_loss, switch_load_balancing_loss, z_loss
+from .losses import (
+    dynamic_loss,
+    full_scores,
+    sequence_load_balancing_loss,
+    switch_load_balancing_loss,
+    z_loss,
+)
 
 __all__ = [
     "ExpertChoiceRouter",
@@ -60,6 +71,8 @@ class Routing:
     keep: ``[T, k']`` bool, or None when every assignment is kept.
     logits: ``[T, E]`` router logits (after noise, if any), router dtype.
     routed_per_expert: ``[E]`` int64 assignments per expert before any capacity drop.
+    experts_per_token: ``[T]`` int64, the experts each token selected (top-p, expert choice);
+      None when every token selected ``k'``.
 
     Token choice has ``k' = top_k``; expert choice has ``k' = E`` with
     ``expert_idx[t, e] = e``, ``keep[t, e]`` = expert ``e`` chose token ``t`` and
@@ -71,6 +84,7 @@ class Routing:
     keep: Optional[Tensor]
     logits: Tensor
     routed_per_expert: Tensor
+    experts_per_token: Optional[Tensor] = None  # [T] int64 selected per token; None: all k'
 
 
 # ---- shared helpers ----------------------------------------------------------------------------
@@ -110,11 +124,13 @@ def _check_valid(valid: Optional[Tensor], num_tokens: int) -> Optional[Tensor]:
 
 
 def count_assignments(expert_idx: Tensor, num_experts: int,
-                      valid: Optional[Tensor] = None) -> Tensor:
+                      valid: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
     """``[E]`` int64: how many of the ``[T, k]`` assignments name each expert (only the tokens
-    where ``valid``, when given)."""
-    idx = expert_idx if valid is None else expert_idx[valid]
-    flat = idx.reshape(-1)
+    where ``valid`` and the assignments where ``keep``, when given)."""
+    mask = keep
+    if valid is not None:
+        mask = valid.view(-1, 1).expand_as(expert_idx) if mask is None else mask & valid.view(-1, 1)
+    flat = (expert_idx if mask is None else expert_idx[mask]).reshape(-1)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx.device)
     return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
@@ -149,8 +165,9 @@ class TopKRouter(nn.Module):
     ``.bfloat16()`` does to the module (a mixed-precision wrapper must not round the bias or
     the counts).
 
-    ``forward(x [T, H], num_seqs=1, valid=None) -> (Routing, losses)``; ``keep`` is None
-    (capacity is applied downstream with ``capacity.apply_capacity``).
+    ``forward(x [T, H], num_seqs=1, valid=None) -> (Routing, losses)``; ``keep`` is None, or
+    with ``top_p`` the dynamic-k selection (capacity is applied downstream, among the selected
+    assignments, with ``capacity.apply_capacity``).
     """
 
     local_tokens_per_expert: Tensor
@@ -228,7 +245,16 @@ class TopKRouter(nn.Module):
 
         expert_idx = self._select(scores.detach())
         picked = scores.gather(1, expert_idx)
-        if cfg.score_function == "softmax" and not cfg.softmax_before_topk:
+        selected = None
+        if cfg.top_p is not None:  # slot j kept iff the probability before it is below p
+            cum = torch.cumsum(picked.detach(), dim=1)
+            before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
+            selected = before < cfg.top_p
+        if selected is not None:
+            probs = picked * selected
+            if cfg.norm_topk_prob:
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+        elif cfg.score_function == "softmax" and not cfg.softmax_before_topk:
             probs = torch.softmax(picked, dim=-1)
         elif cfg.renormalize_topk:
             eps = 1e-20 if cfg.score_function == "sigmoid" else 0.0
@@ -238,8 +264,9 @@ class TopKRouter(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             probs = probs * cfg.routed_scaling_factor
 
-        routed_per_expert = count_assignments(expert_idx, E)
-        counted = routed_per_expert if valid is None else count_assignments(expert_idx, E, valid)
+        routed_per_expert = count_assignments(expert_idx, E, keep=selected)
+        counted = (routed_per_expert if valid is None
+                   else count_assignments(expert_idx, E, valid, selected))
         if count and self.training and torch.is_grad_enabled():  # eval / no_grad: no count
             with torch.no_grad():
                 self.local_tokens_per_expert += counted.to(torch.float32)
@@ -247,24 +274,32 @@ class TopKRouter(nn.Module):
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
             dist = full_scores(logits, cfg.score_function)
+            # top-p: f_i = count_i / Σ count (k_eff = the mean experts per counted token)
+            k_eff = k if selected is None else counted.sum().clamp(min=1) / (
+                valid.sum().clamp(min=1) if valid is not None else max(x.shape[0], 1))
             if cfg.aux_loss_coeff > 0:
                 losses["aux"] = switch_load_balancing_loss(
-                    dist, counted, k, cfg.aux_loss_coeff, valid
+                    dist, counted, k_eff, cfg.aux_loss_coeff, valid
                 )
             if cfg.seq_aux_loss_coeff > 0:
-                selected = torch.zeros_like(dist).scatter_(1, expert_idx, 1.0)
+                chosen = torch.zeros_like(dist).scatter_(
+                    1, expert_idx, 1.0 if selected is None else selected.to(dist.dtype))
                 losses["seq_aux"] = sequence_load_balancing_loss(
-                    dist, selected, k, num_seqs, cfg.seq_aux_loss_coeff, valid
+                    dist, chosen, k_eff, num_seqs, cfg.seq_aux_loss_coeff, valid
                 )
         if cfg.z_loss_coeff > 0:
             losses["z"] = z_loss(logits, cfg.z_loss_coeff, valid)
+        if cfg.dynamic_loss_coeff > 0:
+            losses["dynamic"] = dynamic_loss(
+                full_scores(logits, "softmax"), cfg.dynamic_loss_coeff, valid)
 
         routing = Routing(
             probs=probs,
             expert_idx=expert_idx,
-            keep=None,
+            keep=selected,
             logits=logits,
             routed_per_expert=routed_per_expert,
+            experts_per_token=None if selected is None else selected.sum(dim=1),
         )
         return routing, losses
 
@@ -392,6 +427,7 @@ class ExpertChoiceRouter(nn.Module):
             keep=keep,
             logits=logits,
             routed_per_expert=keep.sum(dim=0),
+            experts_per_token=keep.sum(dim=1),
         )
         return routing, losses
 
