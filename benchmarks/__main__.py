@@ -17,6 +17,7 @@ BENCHMARKS = {
     "scaling": ("benchmarks.scaling_bench", "weak/strong scaling and the GPU cost model"),
     "cluster": ("benchmarks.cluster_bench", "all-to-all, dispatch and layer over EP sizes; "
                 "fitted cost model (any launcher)"),
+    "routing": ("benchmarks.routing_bench", "top-2 vs top-p and the drop policies, demo model"),
     "grouped_gemm": ("benchmarks.grouped_gemm_bench", "grouped GEMM backends (CUDA)"),
     "cuda_ops": ("benchmarks.cuda_ops_bench", "CUDA kernel bandwidth vs copy (CUDA)"),
 }

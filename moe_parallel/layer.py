@@ -136,13 +136,12 @@ class MoELayer(nn.Module):
         if config.dynamic_capacity:
             # the training capacity factor (saved with the model: a persistent float64 buffer),
             # and this rank's [dropped, routed, slots] since the last update_capacity_factor
+            # (float64 on the CPU whatever the module's device and dtype: read every forward)
             self.register_buffer("capacity_factor_now",
-                                 torch.tensor(float(config.capacity_factor), dtype=torch.float64,
-                                              device=device))
+                                 torch.tensor(float(config.capacity_factor), dtype=torch.float64))
             self.register_buffer("capacity_counts",
                                  torch.zeros(3, dtype=torch.int64, device=device),
                                  persistent=False)
-            self._factor = float(config.capacity_factor)
 
     @classmethod
     def shard_from(cls, full: MoELayer, parallel_state: ParallelState) -> MoELayer:
@@ -181,17 +180,11 @@ class MoELayer(nn.Module):
         return sum(self.last_losses.values()) if self.last_losses else None
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
         factor = self._buffers.get("capacity_factor_now")
-        if factor is not None and factor.dtype != torch.float64:  # never rounded
-            self._buffers["capacity_factor_now"] = torch.tensor(
-                self._factor, dtype=torch.float64, device=factor.device)
+        super()._apply(fn, recurse)
+        if factor is not None:  # stays a float64 CPU scalar (never rounded, read without sync)
+            self._buffers["capacity_factor_now"] = factor
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.config.dynamic_capacity:
-            self._factor = float(self.capacity_factor_now)
 
     def current_capacity_factor(self, training: bool) -> float | None:
         """The factor of a training (or eval) forward: ``eval_capacity_factor`` in eval when
@@ -199,7 +192,7 @@ class MoELayer(nn.Module):
         cfg = self.config
         if not training and cfg.eval_capacity_factor is not None:
             return cfg.eval_capacity_factor
-        return self._factor if cfg.dynamic_capacity else cfg.capacity_factor
+        return float(self.capacity_factor_now) if cfg.dynamic_capacity else cfg.capacity_factor
 
     @torch.no_grad()
     def update_capacity_factor(self, counts: Optional[Tensor] = None) -> float:
@@ -211,13 +204,13 @@ class MoELayer(nn.Module):
             raise RuntimeError("update_capacity_factor needs a config with dynamic_capacity=True")
         c = self.capacity_counts if counts is None else counts
         dropped, routed, slots = (int(v) for v in c.tolist())
-        self._factor = next_capacity_factor(
-            self._factor, dropped, routed, slots - (routed - dropped), slots,
+        factor = next_capacity_factor(
+            float(self.capacity_factor_now), dropped, routed, slots - (routed - dropped), slots,
             cfg.target_drop_rate, cfg.capacity_update_rate, cfg.capacity_factor_min,
             cfg.capacity_factor_max)
-        self.capacity_factor_now.fill_(self._factor)
+        self.capacity_factor_now.fill_(factor)
         self.capacity_counts.zero_()
-        return self._factor
+        return factor
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for ``num_tokens`` tokens in token-choice mode (None = dropless)."""

@@ -49,6 +49,7 @@ from .distributed import (
     clip_grad_norm,
     init_distributed,
     sync_gradients,
+    update_capacity_factors,
     update_expert_biases,
 )
 from .distributed import collectives as comm
@@ -174,7 +175,12 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
         expert_impl=args.expert_impl, block_size=args.block_size,
         grouped_gemm_backend=args.grouped_gemm_backend,
         max_rows_factor=args.max_rows_factor, row_overflow=args.row_overflow,
-        overlap_chunks=args.overlap_chunks,
+        overlap_chunks=args.overlap_chunks, top_p=args.top_p,
+        dynamic_loss_coeff=args.dynamic_loss_coeff, drop_policy=args.drop_policy,
+        dynamic_capacity=args.dynamic_capacity, target_drop_rate=args.target_drop_rate,
+        capacity_factor_min=args.capacity_factor_min,
+        capacity_factor_max=args.capacity_factor_max,
+        capacity_update_rate=args.capacity_update_rate,
     )
 
 
@@ -217,7 +223,9 @@ def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
 
 _RUNTIME_FIELDS = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "expert_bias",
                    "bias_update_rate", "token_dispatcher_type", "expert_impl", "block_size",
-                   "grouped_gemm_backend", "max_rows_factor", "row_overflow", "overlap_chunks")
+                   "grouped_gemm_backend", "max_rows_factor", "row_overflow", "overlap_chunks",
+                   "drop_policy", "dynamic_capacity", "target_drop_rate", "capacity_factor_min",
+                   "capacity_factor_max", "capacity_update_rate")
 
 
 def _runtime_fields(config: MoEConfig) -> dict:
@@ -258,11 +266,12 @@ def train_step(model: MoETransformerLM, opt: torch.optim.Optimizer, tokens: Tens
 
 def optimizer_step(model: MoETransformerLM, opt: torch.optim.Optimizer, ps: ParallelState,
                    clip: float) -> Tensor:
-    """Clip the synced gradients (global norm), step, update the expert biases; returns the
-    gradient norm before clipping."""
+    """Clip the synced gradients (global norm), step, update the expert biases and the dynamic
+    capacity factors; returns the gradient norm before clipping."""
     norm = clip_grad_norm(model, ps, clip)
     opt.step()
     update_expert_biases(model, ps)  # aux-loss-free balancing (layers with expert_bias only)
+    update_capacity_factors(model, ps)  # layers with dynamic_capacity only
     return norm
 
 
@@ -309,6 +318,7 @@ def engine_train_step(engine, tokens: Tensor, ps: ParallelState) -> tuple[Tensor
     engine.backward(lm_loss)
     engine.step()
     update_expert_biases(engine.module, ps)
+    update_capacity_factors(engine.module, ps)
     norm = engine.get_global_grad_norm()
     return lm_loss.detach(), torch.as_tensor(0.0 if norm is None else float(norm))
 
@@ -329,6 +339,21 @@ def _parser() -> argparse.ArgumentParser:
     add("--top-k", type=int, default=2, help="experts per token")
     add("--capacity-factor", type=float, default=0.0,
         help="expert capacity factor; 0 for dropless")
+    add("--top-p", type=float, default=None,
+        help="dynamic-k routing: each token takes experts until their probability reaches P, "
+             "at most --top-k")
+    add("--dynamic-loss-coeff", type=float, default=0.0,
+        help="weight of the router-entropy loss of dynamic routing")
+    add("--drop-policy", choices=("probs", "position", "k_major", "batch_priority"),
+        default="probs", help="which assignments an expert over capacity keeps")
+    add("--dynamic-capacity", action="store_true",
+        help="the capacity factor follows the drop rate measured over the ranks (starts at "
+             "--capacity-factor)")
+    add("--target-drop-rate", type=float, default=0.01, help="dynamic capacity: drop target")
+    add("--capacity-factor-min", type=float, default=1.0, help="dynamic capacity: lower bound")
+    add("--capacity-factor-max", type=float, default=4.0, help="dynamic capacity: upper bound")
+    add("--capacity-update-rate", type=float, default=0.1,
+        help="dynamic capacity: relative change per step")
     add("--expert-impl", choices=("grouped", "block_sparse"), default="grouped",
         help="expert computation: grouped GEMMs or block-sparse products")
     add("--grouped-gemm-backend", choices=GROUPED_GEMM_BACKENDS, default="auto",
@@ -454,7 +479,8 @@ def _resume(args: argparse.Namespace, model: MoETransformerLM, opt: torch.optim.
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, initialise the process group (any supported launcher), train, print the
     loss curve and throughput on rank 0; returns ``{first_loss, last_loss, history, model}``
-    (``history``: every step's loss, those before a resume included)."""
+    (``history``: every step's loss, those before a resume included), ``tokens_per_s`` and,
+    per step run, this rank's ``experts_per_token``, ``drop_rate`` and ``capacity_factor``."""
     args = _parse(argv)
     rank, world, local_rank = init_distributed(timeout=timedelta(seconds=args.timeout_s))
     if world == 1:
@@ -504,6 +530,10 @@ def main(argv: list[str] | None = None) -> dict:
     pending: Optional[checkpoint.PendingSave] = None
     tokens_per_step = args.batch_size * ps.dp * args.seq_len
     t_start = time.perf_counter()
+    # per step, this rank's: mean experts per token and drop rate over the layers, and every
+    # layer's training capacity factor after the step (dynamic capacity moves it)
+    routing_log: dict[str, list] = {"experts_per_token": [], "drop_rate": [],
+                                    "capacity_factor": []}
     bar = tqdm(range(start, args.steps), desc="train", dynamic_ncols=True, disable=not lead,
                initial=start, total=args.steps)
     for step in bar:
@@ -519,14 +549,25 @@ def main(argv: list[str] | None = None) -> dict:
             lm_loss /= ps.dp
         tok_s = tokens_per_step / (time.perf_counter() - t0)
         history.append(lm_loss.item())
+        local = [m.last_stats for m in model.moe_layers()]  # this rank's, no communication
+        routing_log["experts_per_token"].append(
+            sum(st.mean_experts_per_token for st in local) / len(local))
+        routing_log["drop_rate"].append(
+            sum(st.dropped for st in local) / max(sum(st.num_routed for st in local), 1))
+        routing_log["capacity_factor"].append(
+            [m.current_capacity_factor(True) for m in model.moe_layers()])
         bar.set_postfix(loss=f"{history[-1]:.3f}", tok_s=f"{tok_s:,.0f}")
         if step % args.log_every == 0 or step == args.steps - 1:
             load, drop = _global_stats(model, ps, device)
             if lead:
                 imbalance = max(load) / (sum(load) / len(load)) if sum(load) else 0.0
+                factors = routing_log["capacity_factor"][-1]
+                cap = (f"  capacity factor {factors[0]:.3f}" if factors[0] is not None
+                       and model.moe_layers()[0].config.dynamic_capacity else "")
                 tqdm.write(f"step {step:4d}  loss {history[-1]:.4f}  tok/s {tok_s:,.0f}  "
                            f"load/expert {load} (max/mean {imbalance:.2f})  "
-                           f"drop {100 * drop:.1f}%")
+                           f"drop {100 * drop:.1f}%  experts/token "
+                           f"{routing_log['experts_per_token'][-1]:.2f}{cap}")
         done = step + 1
         if args.save_dir and (done == args.steps or (args.save_every and
                                                      done % args.save_every == 0)):
@@ -546,7 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"loss {first:.3f} -> {last:.3f} (floor ~{source.entropy:.3f}) in {args.steps} "
               f"steps, {run * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s overall",
               flush=True)
-    return {"first_loss": first, "last_loss": last, "history": history, "model": model}
+    return {"first_loss": first, "last_loss": last, "history": history, "model": model,
+            "tokens_per_s": run * tokens_per_step / max(elapsed, 1e-9), **routing_log}
 
 
 if __name__ == "__main__":

@@ -133,3 +133,41 @@ def test_dropless_sweep_plot(tmp_path):
         assert plot_sweep(results, path) is False and not path.exists()
     else:
         assert plot_sweep(results, path) is True and path.stat().st_size > 1000
+
+
+def test_routing_bench_tiny(tmp_path):
+    from benchmarks import routing_bench
+
+    out = tmp_path / "routing.json"
+    rec = routing_bench.main(["--steps", "5", "--top-p", "0.3", "--train-args",
+                              "--layers 1 --hidden 16 --ffn 16 --seq-len 8 --batch-size 2",
+                              "--out", str(out)])
+    runs = rec["runs"]
+    assert set(runs) == {"top2", "top_p", *(f"cap_{p}" for p in routing_bench.POLICIES),
+                         "dynamic_batch_priority"}
+    assert runs["top2"]["mean_experts_per_token"] == 2.0
+    assert 1.0 <= runs["top_p"]["mean_experts_per_token"] <= 4.0
+    assert all(runs[f"cap_{p}"]["mean_drop_rate"] > 0 for p in routing_bench.POLICIES)
+    assert runs["top2"]["mean_drop_rate"] == 0.0
+    assert len(runs["dynamic_batch_priority"]["capacity_factor"]) == 5
+    assert json.loads(out.read_text())["runs"]["top_p"]["top_p"] == 0.3
+
+
+def test_routing_bench_calibrates_p():
+    from benchmarks import routing_bench
+
+    seen = []
+
+    def fake_run(args):  # mean experts per token = 1 + 4p, as a real run would grow with p
+        p = float(args[args.index("--top-p") + 1])
+        seen.append(p)
+        return {"mean_experts_per_token": 1 + 4 * p}
+
+    real = routing_bench.run
+    routing_bench.run = fake_run
+    try:
+        p, tried = routing_bench.calibrate([], 4, 6, 0.05, [])
+    finally:
+        routing_bench.run = real
+    assert seen == [0.5, 0.25]  # 3.0 > 2 -> lower half; 2.0 within tolerance
+    assert p == 0.25 and len(tried) == 2

@@ -572,3 +572,14 @@ def test_finalize_model_grads_updates_the_expert_bias_in_float32():
     want = r["start"] + 0.125 * torch.sign(c.mean() - c)
     assert r["end"].dtype == torch.float32 and torch.equal(r["end"], want)
     assert not torch.equal(r["end"], r["start"]) and float(r["after"].abs().sum()) == 0
+
+
+def test_top_p_refuses_megatron_balancing_losses():
+    from moe_parallel.integrations.megatron import moe_config_from_megatron
+
+    cfg = _config(moe_router_topk=2, moe_router_pre_softmax=True, moe_aux_loss_coeff=0.01)
+    with pytest.raises(ValueError, match="top_p .* Megatron's load-balancing"):
+        moe_config_from_megatron(cfg, top_p=0.5)
+    cfg.moe_aux_loss_coeff = 0.0
+    moe, losses = moe_config_from_megatron(cfg, top_p=0.5)
+    assert moe.top_p == 0.5 and not losses.enabled

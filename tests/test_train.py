@@ -50,3 +50,22 @@ def test_parallel_flags_on_one_process_are_refused(flag):
 def test_zero_steps_is_refused():
     out = _run("--steps", "0")
     assert out.returncode == 2 and "--steps must be >= 1" in out.stderr
+
+
+def test_dynamic_routing_flags_reach_every_layer():
+    args = ["--steps", "6", "--layers", "2", "--hidden", "16", "--ffn", "16", "--seq-len", "8",
+            "--batch-size", "2", "--top-k", "4", "--top-p", "0.3", "--capacity-factor", "1.0",
+            "--drop-policy", "k_major", "--dynamic-capacity", "--target-drop-rate", "0.001",
+            "--capacity-update-rate", "0.2", "--dynamic-loss-coeff", "0.01", "--log-every", "5"]
+    out = train.main(args)
+    cfgs = [m.config for m in out["model"].moe_layers()]
+    assert all(c.top_p == 0.3 and c.drop_policy == "k_major" and c.dynamic_capacity
+               and c.dynamic_loss_coeff == 0.01 and c.capacity_update_rate == 0.2
+               for c in cfgs)
+    assert len(out["experts_per_token"]) == len(out["drop_rate"]) == 6
+    assert all(1.0 <= k <= 4.0 for k in out["experts_per_token"])
+    factors = out["capacity_factor"]  # per step, every layer's factor after that step
+    assert all(1.0 <= f <= 4.0 for step in factors for f in step)
+    if out["drop_rate"][0] > 0.001:  # a layer that dropped more than the target raised its own
+        assert max(factors[0]) == pytest.approx(1.2)
+    assert len({f for step in factors for f in step}) > 1 and out["tokens_per_s"] > 0

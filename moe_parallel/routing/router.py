@@ -275,7 +275,7 @@ class TopKRouter(nn.Module):
         if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
             dist = full_scores(logits, cfg.score_function)
             # top-p: f_i = count_i / Σ count (k_eff = the mean experts per counted token)
-            k_eff = k if selected is None else counted.sum().clamp(min=1) / (
+            k_eff = k if selected is None else counted.sum().clamp(min=1).to(dist.dtype) / (
                 valid.sum().clamp(min=1) if valid is not None else max(x.shape[0], 1))
             if cfg.aux_loss_coeff > 0:
                 losses["aux"] = switch_load_balancing_loss(

@@ -227,4 +227,11 @@ def moe_config_from_megatron(config: Any, **overrides: Any) -> tuple[MoEConfig, 
         moe = MoEConfig(**kw, **overrides)
     except ValueError as e:
         raise ValueError(f"TransformerConfig does not translate to an MoEConfig: {e}") from e
-    return moe, _losses(config)
+    losses = _losses(config)
+    if moe.top_p is not None and (losses.aux_coeff > 0 or losses.seq_aux_coeff > 0):
+        raise ValueError(
+            "top_p (dynamic-k routing) cannot be combined with Megatron's load-balancing "
+            "losses: Megatron computes them on a plain top-k routing map. Set "
+            "moe_aux_loss_coeff=0 (load-balancing type without aux/seq_aux loss) to use top_p "
+            "in MoEMLP")
+    return moe, losses
