@@ -269,3 +269,30 @@ def test_dynamic_capacity_is_the_same_on_every_rank_and_saved(tmp_path, world, e
         assert all(f == r["factors"] for f in r["everyone"])  # bitwise on every rank
         assert r["loaded"] == (1.0, r["factors"][-1], r["factors"][-1])
     assert len(set(results[0]["factors"])) > 1  # the factor moved
+
+
+def test_dynamic_capacity_single_process_follows_the_reference():
+    cfg = MoEConfig(**{**BASE, "init_std": 1.0}, top_k=2, capacity_factor=1.0,
+                    dynamic_capacity=True, target_drop_rate=0.05, capacity_update_rate=0.2,
+                    drop_policy="k_major")
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    ref = ReferenceMoE.from_layer(layer)
+    g = torch.Generator().manual_seed(4)
+    path = []
+    for _ in range(5):
+        x = torch.randn(30, 8, dtype=torch.float64, generator=g)
+        y = layer(x.clone().requires_grad_())
+        y_ref, _ = ref(x)
+        assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-14)  # the same capacity
+        assert layer.capacity_counts.tolist() == [0, 0, 0]  # counted in the backward
+        y.sum().backward()
+        assert layer.capacity_counts.tolist() == list(ref.last_counts)
+        (factor,) = update_capacity_factors(layer, ParallelState.single())
+        ref.capacity_factor_now = ref_mod.next_capacity_factor(cfg, ref.capacity_factor_now,
+                                                               *ref.last_counts)
+        assert factor == ref.capacity_factor_now
+        path.append(factor)
+    assert len(set(path)) > 1
+    layer.eval()  # eval uses the factor reached in training (no eval_capacity_factor)
+    assert layer.current_capacity_factor(False) == path[-1]
