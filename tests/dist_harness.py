@@ -18,6 +18,7 @@ when every rank answered (all finished, some with an exception) the pool stays u
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import queue
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["DistFailure", "DistPool", "close_all", "get_pool", "parallel_state"]
+__all__ = ["DistFailure", "DistPool", "close_all", "get_pool", "own_groups", "parallel_state"]
 
 _GRACE_S = 3.0  # how long to wait for the other ranks once one rank failed
 
@@ -53,6 +54,25 @@ def parallel_state(tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int 
     if key not in _PS_CACHE:
         _PS_CACHE[key] = ParallelState.build(tp=tp, cp=cp, ep=ep, etp=etp, pp=pp)
     return _PS_CACHE[key]
+
+
+@contextlib.contextmanager
+def own_groups():
+    """Inside a worker: destroy, on the way out, every process group created inside (each
+    gloo group keeps threads that cost CPU in every idle worker until it is freed). Every rank
+    must create the same groups inside, as ``new_group`` requires anyway."""
+    import gc
+
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    before = set(c10d._world.pg_map)
+    try:
+        yield
+    finally:
+        for pg in [g for g in list(c10d._world.pg_map) if g not in before]:
+            dist.destroy_process_group(pg)
+        gc.collect()
 
 
 def _worker(rank: int, world: int, init_file: str, tasks, results, parent_pid: int) -> None:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import get_pool
+from dist_harness import get_pool, own_groups
 
 from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
 from moe_parallel import reference as ref_mod
@@ -225,6 +225,11 @@ TOKENS = [24, 8, 40, 16, 0, 32, 12, 20]
 
 
 def run_dynamic_capacity(tmp: str, ep: int) -> dict:
+    with own_groups():
+        return _run_dynamic_capacity(tmp, ep)
+
+
+def _run_dynamic_capacity(tmp: str, ep: int) -> dict:
     from moe_parallel import checkpoint
 
     rank = dist.get_rank()

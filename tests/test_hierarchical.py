@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import get_pool
+from dist_harness import get_pool, own_groups
 
 from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.dispatch import HierarchicalAllToAllDispatcher
@@ -39,16 +39,6 @@ CASES = {
     "capacity": dict(top_k=2, capacity_factor=1.0),
     "pad_to_capacity": dict(top_k=2, capacity_factor=1.0, pad_to_capacity=True),
 }
-_PS: dict = {}
-
-
-def _ps(sizes: dict, rpn: int) -> ParallelState:
-    key = (tuple(sorted(sizes.items())), rpn)
-    if key not in _PS:
-        _PS[key] = ParallelState.build(**sizes, ranks_per_node=rpn)
-    return _PS[key]
-
-
 def _run(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor):
     x = x.clone().requires_grad_()
     layer.zero_grad(set_to_none=True)
@@ -59,8 +49,13 @@ def _run(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor):
 
 
 def run_layout(layout: str) -> dict:
+    with own_groups():
+        return _run_layout(layout)
+
+
+def _run_layout(layout: str) -> dict:
     world, sizes, rpn = LAYOUTS[layout]
-    ps = _ps(sizes, rpn)
+    ps = ParallelState.build(**sizes, ranks_per_node=rpn)
     rank = dist.get_rank()
     out = {}
     for name, case in CASES.items():
@@ -145,7 +140,7 @@ def run_round_robin_hosts() -> list[str]:
 
     rank = dist.get_rank()
     with mock.patch.object(socket, "gethostname", return_value=f"host{rank % 2}"), \
-            warnings.catch_warnings(record=True) as caught:
+            warnings.catch_warnings(record=True) as caught, own_groups():
         warnings.simplefilter("always")
         ParallelState.build(ep=4, ranks_per_node=2)  # ranks 0, 2 on host0; 1, 3 on host1
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]

@@ -20,7 +20,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import get_pool
+from dist_harness import get_pool, own_groups
 
 from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.distributed import collectives as comm
@@ -45,7 +45,6 @@ OVERLAPS = {
 }
 LAYOUTS = {"ep4": (dict(ep=4), "alltoall", 4), "ep2_etp2": (dict(ep=2, etp=2), "alltoall", 4),
            "tp2_ep2_hier": (dict(tp=2, ep=2), "alltoall_hierarchical", 1)}
-_PS: dict = {}
 
 
 def _run(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor):
@@ -102,11 +101,10 @@ def test_overlap_single_process():
 
 def run_layout(layout: str) -> dict:
     sizes, dispatcher, rpn = LAYOUTS[layout]
-    key = (layout,)
-    if key not in _PS:
-        _PS[key] = ParallelState.build(**sizes, ranks_per_node=rpn if rpn > 1 else 2)
-    rank = dist.get_rank()
-    return _cases(_PS[key], dispatcher, TOKENS[rank], 10 + rank)
+    with own_groups():
+        ps = ParallelState.build(**sizes, ranks_per_node=rpn if rpn > 1 else 2)
+        rank = dist.get_rank()
+        return _cases(ps, dispatcher, TOKENS[rank], 10 + rank)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import get_pool, parallel_state
+from dist_harness import get_pool, own_groups, parallel_state
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "--heads", "2",
@@ -25,23 +25,25 @@ STEP_CASES = LAYOUTS + [dict(tp=2, ep=2, dispatcher="allgather"),
                         # 2 simulated nodes x 2 ranks, layers pipelined in 3 chunks
                         {"ep": 4, "dispatcher": "alltoall_hierarchical", "ranks-per-node": 2,
                          "overlap-chunks": 3}]
-_NODE_PS: dict = {}
 
 
 def _steps_match(layout: dict, steps: int) -> float:
     """Train ``steps`` steps distributed and on one process; return the largest relative
     difference over all parameters (expert shards compared with the full model's slice)."""
+    from moe_parallel.distributed.parallel_state import ParallelState
+
+    sizes = {k: v for k, v in layout.items() if k in ("tp", "ep", "etp")}
+    if "ranks-per-node" in layout:
+        with own_groups():
+            ps = ParallelState.build(**sizes, ranks_per_node=layout["ranks-per-node"])
+            return _match(layout, steps, ps)
+    return _match(layout, steps, parallel_state(**sizes))
+
+
+def _match(layout: dict, steps: int, ps) -> float:
     from moe_parallel import train
     from moe_parallel.distributed.parallel_state import ParallelState
     from moe_parallel.experts import shard_expert_weights
-
-    sizes = {k: v for k, v in layout.items() if k in ("tp", "ep", "etp")}
-    ps = parallel_state(**sizes)
-    if "ranks-per-node" in layout:
-        key = (tuple(sizes.items()), layout["ranks-per-node"])
-        if key not in _NODE_PS:
-            _NODE_PS[key] = ParallelState.build(**sizes, ranks_per_node=layout["ranks-per-node"])
-        ps = _NODE_PS[key]
     args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
     single = ParallelState.single()
     dist_model, full_model = train.build_model(args, ps), train.build_model(args, single)
