@@ -6,7 +6,8 @@ Layouts: 2 nodes × 2 ranks (ep4), 2 × 4 (ep8), 4 × 2 (ep8), two EP groups of 
 same full layer (one seed) is sharded twice, once per dispatcher, and both run forward and
 backward on the rank's own tokens (uneven counts, some ranks empty), in float64. Only rows move
 differently, so output, input gradient, every parameter gradient and the routing statistics must
-be bitwise equal (``torch.equal``), dropless and with capacity (unpadded and padded). Also: the
+be bitwise equal (``torch.equal``), dropless and with capacity (unpadded and padded; top-p
+routing with V-MoE's batch-priority dropping too). Also: the
 node layout arithmetic, and the named errors.
 """
 
@@ -38,6 +39,8 @@ CASES = {
     "dropless_top6_shared": dict(top_k=6, ffn_hidden_size=4, num_shared_experts=1),
     "capacity": dict(top_k=2, capacity_factor=1.0),
     "pad_to_capacity": dict(top_k=2, capacity_factor=1.0, pad_to_capacity=True),
+    "top_p_batch_priority": dict(top_k=4, top_p=0.6, capacity_factor=0.6,
+                                 drop_policy="batch_priority"),
 }
 def _run(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor):
     x = x.clone().requires_grad_()
