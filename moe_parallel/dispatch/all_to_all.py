@@ -123,19 +123,18 @@ class AllToAllDispatcher:
         return counts
 
     def _ep_start(self, permuted: Tensor, send_counts: Tensor, gathered: Tensor,
-                  chunk_sizes: Tensor, chunked: bool):
-        """Start the exchange over EP: ``(rows, Pending, chunk_splits, stages)``; once the
-        ``Pending`` is waited for, ``rows`` are ``[EP source][local expert]`` (``chunked``:
-        ``[l][EP src]``). ``chunk_splits`` and ``stages`` go to the handle, for combine."""
-        E_local = self.num_local_experts
+                  chunk_sizes: Tensor, chunked: bool, splits: tuple[list[int], list[int]]):
+        """Start the exchange over EP (``splits``: the rows sent to and received from each EP
+        rank): ``(rows, Pending, chunk_splits, stages)``; once the ``Pending`` is waited for,
+        ``rows`` are ``[EP source][local expert]`` (``chunked``: ``[l][EP src]``).
+        ``chunk_splits`` and ``stages`` go to the handle, for combine."""
         if chunked:  # [l][source rank] received, [l][destination rank] sent
             chunk_splits = (chunk_sizes[0].t().tolist(),
-                            send_counts.view(self.ep, E_local).t().tolist())
+                            send_counts.view(self.ep, self.num_local_experts).t().tolist())
             rows, pending = comm.all_to_all_chunked(permuted, *chunk_splits, self.ep_group,
                                                     async_op=True)
             return rows, pending, chunk_splits, None
-        send_splits = send_counts.view(self.ep, E_local).sum(1).tolist()
-        recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
+        send_splits, recv_splits = splits
         rows, pending = comm.all_to_all(permuted, recv_splits, send_splits, self.ep_group,
                                         async_op=True)
         return rows, pending, None, None
@@ -179,8 +178,8 @@ class AllToAllDispatcher:
         etp_splits = chunk_sizes.sum((1, 2)).tolist()
         recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
         group_sizes = chunk_sizes.sum((0, 1))  # [E_local], over ETP and EP sources
-        rows, pending, chunk_splits, stages = self._ep_start(permuted, send_counts, gathered,
-                                                             chunk_sizes, chunked)
+        rows, pending, chunk_splits, stages = self._ep_start(
+            permuted, send_counts, gathered, chunk_sizes, chunked, (send_splits, recv_splits))
         handle = AllToAllHandle(
             row_map, routing.probs, counts, send_splits, recv_splits, etp_splits,
             chunk_sizes.reshape(-1), overflow, chunk_splits, stages,

@@ -103,9 +103,10 @@ class HierarchicalAllToAllDispatcher(AllToAllDispatcher):
         return counts.view(g, n, E_local).transpose(0, 1).reshape(self.num_experts)
 
     def _ep_start(self, permuted: Tensor, send_counts: Tensor, gathered: Tensor,
-                  chunk_sizes: Tensor, chunked: bool):
+                  chunk_sizes: Tensor, chunked: bool, splits: tuple[list[int], list[int]]):
         if not self.two_stage:
-            return super()._ep_start(permuted, send_counts, gathered, chunk_sizes, False)
+            return super()._ep_start(permuted, send_counts, gathered, chunk_sizes, False,
+                                     splits)
         ep, etp, g, n, E_local = self.ep, self.etp, self.ep_per_node, self.nodes, \
             self.num_local_experts
         me = self.ep_rank

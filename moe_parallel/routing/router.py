@@ -272,6 +272,7 @@ class TopKRouter(nn.Module):
                 self.local_tokens_per_expert += counted.to(torch.float32)
 
         losses: dict[str, Tensor] = {}
+        dist = None  # the full distributions, shared by the losses that need them
         if cfg.aux_loss_coeff > 0 or cfg.seq_aux_loss_coeff > 0:
             dist = full_scores(logits, cfg.score_function)
             # top-p: f_i = count_i / Σ count (k_eff = the mean experts per counted token)
@@ -291,7 +292,8 @@ class TopKRouter(nn.Module):
             losses["z"] = z_loss(logits, cfg.z_loss_coeff, valid)
         if cfg.dynamic_loss_coeff > 0:
             losses["dynamic"] = dynamic_loss(
-                full_scores(logits, "softmax"), cfg.dynamic_loss_coeff, valid)
+                dist if dist is not None else full_scores(logits, "softmax"),  # softmax only
+                cfg.dynamic_loss_coeff, valid)
 
         routing = Routing(
             probs=probs,
