@@ -2,6 +2,7 @@
 gloo start."""
 
 import os
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from proc_utils import free_port, spawn_bounded
+from proc_utils import free_port, launcher_free_env, spawn_bounded
 
 from moe_parallel.distributed import init as init_mod
 from moe_parallel.distributed.init import LaunchEnv, detect_launch_env, init_distributed
@@ -135,6 +136,25 @@ def test_single_process_gets_a_one_rank_group(monkeypatch):
         assert (clean["RANK"], clean["WORLD_SIZE"], clean["LOCAL_RANK"]) == ("0", "1", "0")
     finally:
         dist.destroy_process_group()
+
+
+EXIT_SCRIPT = """
+import atexit
+import torch.distributed as dist
+# registered first, so it runs after init_distributed's handler (atexit is last-in, first-out)
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+from moe_parallel import init_distributed
+init_distributed("gloo")
+print("initialized:", dist.is_initialized(), flush=True)
+"""
+
+
+def test_init_distributed_destroys_its_group_at_exit():
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], env=launcher_free_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["initialized: True", "initialized at exit: False"], \
+        done.stdout
 
 
 # ---- init_distributed: one real launch ---------------------------------------------------------

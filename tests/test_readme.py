@@ -139,6 +139,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _tail(text: str, n: int = 6000) -> str:
+    """The last ``n`` characters of ``text`` with repeated lines (each rank's copy of the same
+    warning) left out, so one rank's own error stays in view."""
+    text = "\n".join(dict.fromkeys(text.splitlines()))
     return text if len(text) <= n else "...\n" + text[-n:]
 
 

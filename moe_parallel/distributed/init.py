@@ -26,6 +26,7 @@ single        nothing set: one process, world size 1       none (an in-memory st
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import re
@@ -42,6 +43,7 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 _job_timeout: Optional[timedelta] = None  # what init_distributed gave the default group
+_exit_hook = False  # _destroy_at_exit is registered
 
 
 def job_timeout() -> Optional[timedelta]:
@@ -323,8 +325,12 @@ def init_distributed(backend: Optional[str] = None, timeout: timedelta = DEFAULT
     one-rank group on an in-memory store. RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
     MASTER_PORT are exported (if unset) for libraries that read them. If the default group
     already exists nothing is re-initialised and its rank and size are returned.
+
+    A group this call creates is destroyed at interpreter exit (``destroy_process_group``, an
+    ``atexit`` handler; a no-op if the program destroyed it): left to interpreter finalisation,
+    gloo's worker threads can release tensors after Python is gone and abort the process.
     """
-    global _job_timeout
+    global _job_timeout, _exit_hook
     env = detect_launch_env(os.environ, expand_nodelist=slurm_hostnames)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), env.local_rank
@@ -348,4 +354,14 @@ def init_distributed(backend: Optional[str] = None, timeout: timedelta = DEFAULT
         dist.init_process_group(backend, init_method=f"tcp://{host}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
     _job_timeout = timeout
+    if not _exit_hook:
+        atexit.register(_destroy_at_exit)
+        _exit_hook = True
     return env.rank, env.world_size, env.local_rank
+
+
+def _destroy_at_exit() -> None:
+    """Destroy every process group still alive while the interpreter can still run their
+    teardown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
