@@ -139,7 +139,8 @@ class MoEConfig:
       tokens on every rank (for TP-heavy layouts or large top_k).
     Overlap of communication with compute (results unchanged): ``shared_expert_overlap``
       computes the shared experts while the dispatch exchange is in flight (an asynchronous
-      collective: gloo's worker threads on CPU, NCCL's stream on GPU); ``overlap_chunks = n``
+      collective: gloo's worker threads on CPU, NCCL's stream on GPU; on GPU the shared
+      experts run on a side CUDA stream); ``overlap_chunks = n``
       (Tutel's overlap degree) splits this rank's routed tokens into ``n`` consecutive chunks,
       dispatched separately, so chunk ``i``'s expert GEMMs run while chunk ``i + 1``'s
       dispatch and chunk ``i - 1``'s combine are in flight (not with ``pad_to_capacity`` or a

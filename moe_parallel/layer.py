@@ -26,7 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from .config import MoEConfig
-from .dispatch import RowBudget, build_dispatcher, start_combine, start_dispatch
+from .dispatch import (
+    InFlight,
+    RowBudget,
+    build_dispatcher,
+    start_beside,
+    start_combine,
+    start_dispatch,
+)
 from .distributed import collectives
 from .distributed.agreement import check_agreement
 from .distributed.ddp import find_ddp_managing_experts
@@ -289,9 +296,11 @@ class MoELayer(nn.Module):
         return result
 
     def _routed(self, tokens: Tensor, routing: Routing, pad_to: int,
-                side: Optional[Callable[[], Tensor]] = None) -> _Routed:
+                side: Optional[Callable[[], InFlight[Tensor]]] = None) -> _Routed:
         """The routed experts' combined output ``[T, H]`` and what the statistics need; ``side``
-        (the shared experts) runs while the first dispatch exchange is in flight.
+        (the shared experts, ``start_beside``) starts while the first dispatch exchange is in
+        flight and finishes after the last combine (on CUDA it runs on a side stream, beside
+        the exchanges and the routed experts' kernels).
         With ``scale_expert_input`` (Llama-4) the output is
         ``Σ_j expert_{idx[t, j]}(probs[t, j] · x[t])``: each of a token's ``k`` assignments goes
         out as its own row ``probs[t, j]·x[t]`` with combine weight 1, and the ``k`` outputs are
@@ -317,7 +326,7 @@ class MoELayer(nn.Module):
                   for a, b in zip(bounds, bounds[1:])] if n > 1 else [(rows, route)]
         dispatcher, padded = self.dispatcher, None
         started = [start_dispatch(dispatcher, *pieces[0], pad_to)]
-        side_out = side() if side is not None else None
+        side_started = side() if side is not None else None
         combines, handles, num_rows = [], [], 0
         for i in range(n):
             if i + 1 < n:
@@ -331,6 +340,7 @@ class MoELayer(nn.Module):
             if chunk_padded is not None:
                 padded = (padded or 0) + chunk_padded
         ys = [c.finish() for c in combines]
+        side_out = side_started.finish() if side_started is not None else None
         y = ys[0] if n == 1 else torch.cat(ys)
         row_map = (handles[0].row_map if n == 1
                    else torch.cat([h.row_map for h in handles]))
@@ -400,7 +410,7 @@ class MoELayer(nn.Module):
         shared = None
         if self.shared_expert is not None:
             if cfg.shared_expert_overlap:  # computed while the dispatch exchange is in flight
-                shared = partial(self.shared_expert, tokens)
+                shared = partial(start_beside, self.shared_expert, tokens)
             else:
                 shared_out = self.shared_expert(tokens)
         routed = self._routed(tokens, routing, pad_to, shared)

@@ -8,6 +8,7 @@ import torch
 
 from benchmarks.layer_bench import sync_sites
 from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+from moe_parallel.dispatch.in_flight import side_stream
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -100,3 +101,32 @@ def test_dropless_step_reads_the_device_once(backend, check_finite):
     stats = layer.last_stats
     assert int(stats.tokens_per_expert.sum()) == 256 * cfg.top_k
     assert stats.unrouted_tokens == 0
+
+
+def test_shared_expert_overlap_runs_on_the_side_stream():
+    """With shared_expert_overlap the shared experts run on the device's side stream (the
+    current stream waits for it before the sum) and the layer's output and every gradient are
+    the plain layer's (float64; a missing stream wait would read unfinished memory, far above
+    the 1e-12 bound)."""
+    cfg = MoEConfig(**{**BASE, "num_shared_experts": 2, "shared_expert_gate": True,
+                       "params_dtype": torch.float64})
+    torch.manual_seed(0)
+    plain = MoELayer(cfg, device="cuda")
+    overlapped = MoELayer(cfg.replace(shared_expert_overlap=True), device="cuda")
+    overlapped.load_state_dict(plain.state_dict())
+    streams = []
+    overlapped.shared_expert.register_forward_pre_hook(
+        lambda module, args: streams.append(torch.cuda.current_stream()))
+    x = torch.randn(512, cfg.hidden_size, device="cuda", dtype=torch.float64)
+    grad = torch.randn_like(x)
+    results = []
+    for layer in (plain, overlapped):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(grad)
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    torch.cuda.synchronize()
+    side = side_stream(x.device)
+    assert streams == [side] and side != torch.cuda.default_stream(x.device)
+    for a, b in zip(*results):
+        assert ((a - b).norm() / a.norm()).item() < 1e-12

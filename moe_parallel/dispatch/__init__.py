@@ -18,8 +18,9 @@ Modules: ``local.py`` (``LocalDispatcher``: every expert here), ``all_to_all.py`
 (``HierarchicalAllToAllDispatcher``: the same exchange inside nodes, then across), ``all_gather.py``
 (``AllGatherDispatcher``: every rank of the ETP×EP group sees all its tokens), ``expert_grid.py``
 (what the expert-parallel ones share), ``row_budget.py`` (the ceiling on rows per rank),
-``in_flight.py`` (a started dispatch/combine: ``dispatch_start``/``combine_start``, for
-overlap); ``build_dispatcher`` picks one by name.
+``in_flight.py`` (a started dispatch/combine: ``dispatch_start``/``combine_start``, and
+``start_beside``, compute on a side CUDA stream, for overlap); ``build_dispatcher`` picks one
+by name.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Optional
 from .all_gather import AllGatherDispatcher, AllGatherHandle
 from .all_to_all import MAX_CHUNKED_EXPERTS, AllToAllDispatcher, AllToAllHandle
 from .hierarchical import HierarchicalAllToAllDispatcher
-from .in_flight import InFlight, start_combine, start_dispatch
+from .in_flight import InFlight, start_beside, start_combine, start_dispatch
 from .local import LocalDispatcher, LocalHandle
 from .row_budget import RowBudget, kept_counts
 
@@ -50,6 +51,7 @@ __all__ = [
     "RowBudget",
     "build_dispatcher",
     "kept_counts",
+    "start_beside",
     "start_combine",
     "start_dispatch",
 ]
