@@ -111,6 +111,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks import scaling_bench as sb
+from benchmarks.local_ranks import free_port, run_ranks
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 PARTS = ("sweep", "dispatch", "layer", "overlap")
@@ -1237,12 +1238,6 @@ def report(argv: list[str], args: argparse.Namespace, cfg: dict, topology: dict,
 
 
 # ---- self-spawn -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawned_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
     """Entry of a self-spawned rank: the launcher's variables, then :func:`rank_main`."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -1265,29 +1260,10 @@ def spawn(argv: list[str], nproc: int, timeout_s: float) -> int:
     """Run :func:`rank_main` on ``nproc`` fresh local processes (spawn), wait; the first
     non-zero exit code (0 when all succeed). A rank that fails makes the others stop 10 s later;
     the whole run is stopped after ``timeout_s``."""
-    import multiprocessing as mp
-
     entry = importlib.import_module("benchmarks.cluster_bench")._spawned_rank
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=entry, args=(r, nproc, port, argv)) for r in range(nproc)]
-    for p in procs:
-        p.start()
-    deadline, failed_at = time.monotonic() + timeout_s, None
-    while any(p.is_alive() for p in procs):
-        now = time.monotonic()
-        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-            failed_at = now
-        if now > deadline or (failed_at is not None and now - failed_at > 10.0):
-            why = "a rank failed" if failed_at is not None else "timeout"
-            _log(f"cluster bench: stopping the ranks ({why})")
-            break
-        time.sleep(0.1)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    codes = [p.exitcode for p in procs]
+    codes, why = run_ranks(entry, (nproc, free_port(), argv), nproc, timeout_s, grace_s=10.0)
+    if why is not None:
+        _log(f"cluster bench: stopped the ranks ({why})")
     return next((c if c > 0 else 1 for c in codes if c != 0), 0)
 
 

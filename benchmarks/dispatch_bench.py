@@ -52,7 +52,6 @@ import json
 import logging
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -64,8 +63,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from benchmarks.local_ranks import free_port, run_ranks
 from benchmarks.record import save_result
 
 TARGET_RATIO = 1.3
@@ -80,13 +79,6 @@ def _log(msg: str) -> None:
 
 
 # ---- process launching ------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_entry(rank: int, world: int, port: int, job: dict, outdir: str) -> None:
@@ -120,30 +112,15 @@ def launch(world: int, job: dict, timeout_s: float) -> list[dict]:
     import importlib
 
     entry = importlib.import_module("benchmarks.dispatch_bench")._rank_entry
-    ctx = mp.get_context("spawn")
     job = dict(job, timeout_s=int(timeout_s))
     with tempfile.TemporaryDirectory(prefix="dispatch_bench_") as tmp:
-        port = _free_port()
-        procs = [ctx.Process(target=entry, args=(r, world, port, job, tmp)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline, failed_at = time.monotonic() + timeout_s, None
-        while any(p.is_alive() for p in procs):
-            now = time.monotonic()
-            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-                failed_at = now  # give the others a moment to report, then stop them
-            if now > deadline or (failed_at is not None and now - failed_at > 5.0):
-                break
-            time.sleep(0.1)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
+        codes, _ = run_ranks(entry, (world, free_port(), job, tmp), world, timeout_s,
+                             grace_s=5.0)
         outs = []
         for r in range(world):
             f = Path(tmp) / f"rank{r}.json"
             outs.append(json.loads(f.read_text()) if f.exists()
-                        else {"error": f"rank {r}: no result (exit code {procs[r].exitcode}; "
+                        else {"error": f"rank {r}: no result (exit code {codes[r]}; "
                                        f"killed after the deadline or another rank's failure)"})
     errors = [o["error"] for o in outs if "error" in o]
     if errors:

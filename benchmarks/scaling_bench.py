@@ -66,7 +66,6 @@ import importlib
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -74,6 +73,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from benchmarks.local_ranks import free_port
 from benchmarks.plotting import pyplot
 
 EXPERT_IMPL = "grouped"  # the measured layers' expert computation (MoEConfig's default)
@@ -466,12 +466,6 @@ def core_bound(procs: int, cores: int, base_procs: int = 1) -> float:
     return min(procs, cores) / procs * base_procs / min(base_procs, cores)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
     """One rank: build the EP layer, time every case, rank 0 writes the per-step maxima."""
     import torch
@@ -523,7 +517,7 @@ def run_world(world: int, spec: dict, timeout_s: float) -> dict[str, list[float]
     worker = importlib.import_module("benchmarks.scaling_bench")._worker
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "times.json")
-        ctx = mp.start_processes(worker, args=(world, _free_port(), spec, out_path),
+        ctx = mp.start_processes(worker, args=(world, free_port(), spec, out_path),
                                  nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout_s
         try:
