@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.record import save_result
-
-POLICIES = ("probs", "position", "k_major", "batch_priority")
+from moe_parallel.routing import DROP_POLICIES
 
 
 def run(train_args: list[str]) -> dict:
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs["top_p"] = run([*base, "--top-k", str(args.max_k), "--top-p", f"{top_p:.6g}", *extra])
     runs["top_p"]["top_p"] = top_p
     cap = ["--top-k", "2", "--capacity-factor", str(args.capacity_factor)]
-    for policy in POLICIES:
+    for policy in DROP_POLICIES:
         runs[f"cap_{policy}"] = run([*base, *cap, "--drop-policy", policy])
     runs["dynamic_batch_priority"] = run(
         [*base, *cap, "--drop-policy", "batch_priority", "--dynamic-capacity",

@@ -155,21 +155,26 @@ class ReferenceMoE(nn.Module):
             probs = picked
         return idx, probs * cfg.routed_scaling_factor, selected
 
-    def _factor(self) -> float | None:
+    def _capacity(self, T: int) -> int | None:
+        """C = max(ceil(T·k/E·factor), min_capacity) with this forward's factor (the dynamic
+        one in training with ``dynamic_capacity``); None: dropless."""
         cfg = self.config
         if self.training and cfg.dynamic_capacity:
-            return self.capacity_factor_now
-        return cfg.capacity_factor_in(self.training)
+            factor = self.capacity_factor_now
+        else:
+            factor = cfg.capacity_factor_in(self.training)
+        if factor is None:
+            return None
+        return max(math.ceil(T * cfg.top_k / cfg.num_experts * factor), cfg.min_capacity)
 
     def _capacity_keep(self, idx: Tensor, probs: Tensor, selected: Tensor) -> Tensor:
         """Keep at most C of the selected assignments per expert, by drop policy."""
         cfg = self.config
         T, k = idx.shape
         keep = selected.clone()
-        factor = self._factor()
-        if factor is None:
+        cap = self._capacity(T)
+        if cap is None:
             return keep
-        cap = max(math.ceil(T * k / cfg.num_experts * factor), cfg.min_capacity)
         priority = probs.detach().max(dim=1).values.tolist() if k else [0.0] * T
         weight = probs.detach().tolist()
         for e in range(cfg.num_experts):
@@ -257,9 +262,7 @@ class ReferenceMoE(nn.Module):
             losses = self._losses(logits, idx, selected, num_seqs)
             keep = self._capacity_keep(idx, probs, selected)
             self.last_counts = (int(selected.sum() - keep.sum()), int(selected.sum()),
-                                cfg.num_experts * max(math.ceil(
-                                    T * cfg.top_k / cfg.num_experts * self._factor()),
-                                    cfg.min_capacity) if self._factor() else 0)
+                                cfg.num_experts * (self._capacity(T) or 0))
             for e in range(cfg.num_experts):
                 tok, slot = ((idx == e) & keep).nonzero(as_tuple=True)
                 if tok.numel() == 0:

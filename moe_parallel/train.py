@@ -55,6 +55,7 @@ from .distributed import (
 from .distributed import collectives as comm
 from .layer import MoELayer, set_aux_loss_scale
 from .ops import GROUPED_GEMM_BACKENDS
+from .routing import DROP_POLICIES
 
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
 
@@ -344,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
              "at most --top-k")
     add("--dynamic-loss-coeff", type=float, default=0.0,
         help="weight of the router-entropy loss of dynamic routing")
-    add("--drop-policy", choices=("probs", "position", "k_major", "batch_priority"),
+    add("--drop-policy", choices=DROP_POLICIES,
         default="probs", help="which assignments an expert over capacity keeps")
     add("--dynamic-capacity", action="store_true",
         help="the capacity factor follows the drop rate measured over the ranks (starts at "

@@ -137,17 +137,18 @@ def test_dropless_sweep_plot(tmp_path):
 
 def test_routing_bench_tiny(tmp_path):
     from benchmarks import routing_bench
+    from moe_parallel.routing import DROP_POLICIES
 
     out = tmp_path / "routing.json"
     rec = routing_bench.main(["--steps", "5", "--top-p", "0.3", "--train-args",
                               "--layers 1 --hidden 16 --ffn 16 --seq-len 8 --batch-size 2",
                               "--out", str(out)])
     runs = rec["runs"]
-    assert set(runs) == {"top2", "top_p", *(f"cap_{p}" for p in routing_bench.POLICIES),
+    assert set(runs) == {"top2", "top_p", *(f"cap_{p}" for p in DROP_POLICIES),
                          "dynamic_batch_priority"}
     assert runs["top2"]["mean_experts_per_token"] == 2.0
     assert 1.0 <= runs["top_p"]["mean_experts_per_token"] <= 4.0
-    assert all(runs[f"cap_{p}"]["mean_drop_rate"] > 0 for p in routing_bench.POLICIES)
+    assert all(runs[f"cap_{p}"]["mean_drop_rate"] > 0 for p in DROP_POLICIES)
     assert runs["top2"]["mean_drop_rate"] == 0.0
     assert len(runs["dynamic_batch_priority"]["capacity_factor"]) == 5
     assert json.loads(out.read_text())["runs"]["top_p"]["top_p"] == 0.3
