@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
@@ -18,19 +18,22 @@ from .ops import GROUPED_GEMM_BACKENDS
 Activation = Literal["swiglu", "clamped_swiglu", "gelu", "relu"]
 RouterType = Literal["topk", "expert_choice"]
 ScoreFunction = Literal["softmax", "sigmoid"]
-DropPolicy = Literal["probs", "position"]
+GroupScore = Literal["sum_topk", "sum_top2", "max"]
+DropPolicy = Literal["probs", "position", "k_major", "batch_priority"]
+DispatcherType = Literal["alltoall", "alltoall_hierarchical", "allgather"]
 ExpertImpl = Literal["block_sparse", "grouped"]
 RowOverflow = Literal["error", "capacity"]
 
-_ACTIVATIONS = ("swiglu", "clamped_swiglu", "gelu", "relu")
-_GROUP_SCORES = ("sum_topk", "sum_top2", "max")
+# The allowed values of each choice field: one definition, the Literal above.
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+ROUTER_TYPES: tuple[str, ...] = get_args(RouterType)
+SCORE_FUNCTIONS: tuple[str, ...] = get_args(ScoreFunction)
+GROUP_SCORES: tuple[str, ...] = get_args(GroupScore)
+DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
+DISPATCHERS: tuple[str, ...] = get_args(DispatcherType)
+EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
+ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
 _ROUTER_DTYPES = (None, torch.float32, torch.float64)
-_ROUTER_TYPES = ("topk", "expert_choice")
-_SCORE_FUNCTIONS = ("softmax", "sigmoid")
-_DROP_POLICIES = ("probs", "position", "k_major", "batch_priority")
-_DISPATCHERS = ("alltoall", "alltoall_hierarchical", "allgather")
-_EXPERT_IMPLS = ("block_sparse", "grouped")
-_ROW_OVERFLOWS = ("error", "capacity")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _BOOL_FIELDS = (
     "softmax_before_topk",
@@ -166,7 +169,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     num_groups: Optional[int] = None
     group_topk: Optional[int] = None
-    group_score: Literal["sum_topk", "sum_top2", "max"] = "sum_topk"
+    group_score: GroupScore = "sum_topk"
     router_bias: bool = False
     router_dtype: Optional[torch.dtype] = None
     router_score_dtype: Optional[torch.dtype] = None
@@ -202,7 +205,7 @@ class MoEConfig:
     params_dtype: torch.dtype = torch.float32
     init_std: float = 0.02
     check_finite: bool = True
-    token_dispatcher_type: Literal["alltoall", "alltoall_hierarchical", "allgather"] = "alltoall"
+    token_dispatcher_type: DispatcherType = "alltoall"
     shared_expert_overlap: bool = False
     overlap_chunks: int = 1
 
@@ -222,11 +225,11 @@ class MoEConfig:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got top_k={self.top_k}"
             )
-        _choice("activation", self.activation, _ACTIVATIONS)
-        _choice("router_type", self.router_type, _ROUTER_TYPES)
-        _choice("score_function", self.score_function, _SCORE_FUNCTIONS)
-        _choice("drop_policy", self.drop_policy, _DROP_POLICIES)
-        _choice("token_dispatcher_type", self.token_dispatcher_type, _DISPATCHERS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("router_type", self.router_type, ROUTER_TYPES)
+        _choice("score_function", self.score_function, SCORE_FUNCTIONS)
+        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _choice("token_dispatcher_type", self.token_dispatcher_type, DISPATCHERS)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -304,7 +307,7 @@ class MoEConfig:
                 raise ValueError(
                     f"group_topk ({self.group_topk}) must be <= num_groups ({self.num_groups})"
                 )
-            _choice("group_score", self.group_score, _GROUP_SCORES)
+            _choice("group_score", self.group_score, GROUP_SCORES)
             if self.group_score == "sum_topk" and self.top_k % self.group_topk:
                 raise ValueError(
                     f"top_k ({self.top_k}) must be divisible by group_topk ({self.group_topk}) "
@@ -420,7 +423,7 @@ class MoEConfig:
     def _check_hf_semantics(self) -> None:
         """The routing and expert variants of the Hugging Face model families."""
         if self.group_score != "sum_topk":
-            _choice("group_score", self.group_score, _GROUP_SCORES)
+            _choice("group_score", self.group_score, GROUP_SCORES)
             if self.num_groups is None:
                 raise ValueError(f"group_score={self.group_score!r} needs num_groups/group_topk")
         for name in ("router_dtype", "router_score_dtype"):
@@ -439,9 +442,9 @@ class MoEConfig:
                     raise ValueError(f"{name} is not supported with router_type='expert_choice'")
 
     def _check_dropless(self) -> None:
-        _choice("expert_impl", self.expert_impl, _EXPERT_IMPLS)
+        _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
         _choice("grouped_gemm_backend", self.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
-        _choice("row_overflow", self.row_overflow, _ROW_OVERFLOWS)
+        _choice("row_overflow", self.row_overflow, ROW_OVERFLOWS)
         if self.block_size is not None:
             _positive_int("block_size", self.block_size)
         if self.max_rows_per_rank is not None:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import checkpoint
-from .config import MoEConfig
+from .config import DISPATCHERS, DROP_POLICIES, EXPERT_IMPLS, MoEConfig
 from .cpu_memory import reuse_freed_memory
 from .distributed import (
     ParallelState,
@@ -55,7 +55,6 @@ from .distributed import (
 from .distributed import collectives as comm
 from .layer import MoELayer, set_aux_loss_scale
 from .ops import GROUPED_GEMM_BACKENDS
-from .routing import DROP_POLICIES
 
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
 
@@ -355,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--capacity-factor-max", type=float, default=4.0, help="dynamic capacity: upper bound")
     add("--capacity-update-rate", type=float, default=0.1,
         help="dynamic capacity: relative change per step")
-    add("--expert-impl", choices=("grouped", "block_sparse"), default="grouped",
+    add("--expert-impl", choices=EXPERT_IMPLS, default="grouped",
         help="expert computation: grouped GEMMs or block-sparse products")
     add("--grouped-gemm-backend", choices=GROUPED_GEMM_BACKENDS, default="auto",
         help="grouped GEMM implementation (all but auto/loop need CUDA)")
@@ -383,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--tp", type=int, default=1, help="tensor (sequence) parallel size")
     add("--ep", type=int, default=1, help="expert parallel size")
     add("--etp", type=int, default=1, help="expert tensor parallel size")
-    add("--dispatcher", choices=("alltoall", "alltoall_hierarchical", "allgather"),
+    add("--dispatcher", choices=DISPATCHERS,
         default="alltoall", help="token dispatcher of the expert-parallel layers "
         "(alltoall_hierarchical: inside each node, then across nodes)")
     add("--ranks-per-node", type=int, default=None,

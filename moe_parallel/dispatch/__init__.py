@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from ..config import DISPATCHERS
 from .all_gather import AllGatherDispatcher, AllGatherHandle
 from .all_to_all import MAX_CHUNKED_EXPERTS, AllToAllDispatcher, AllToAllHandle
 from .hierarchical import HierarchicalAllToAllDispatcher
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 
-DISPATCHERS = ("alltoall", "alltoall_hierarchical", "allgather")
 
 
 def build_dispatcher(

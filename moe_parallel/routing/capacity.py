@@ -24,9 +24,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["DROP_POLICIES", "apply_capacity", "expert_capacity", "next_capacity_factor"]
+from ..config import DROP_POLICIES
 
-DROP_POLICIES = ("probs", "position", "k_major", "batch_priority")
+__all__ = ["DROP_POLICIES", "apply_capacity", "expert_capacity", "next_capacity_factor"]
 
 
 def _check_int(name: str, value, minimum: int) -> None:
