@@ -294,6 +294,21 @@ def test_load_pretrained_reads_only_this_ranks_experts(name, layout, tmp_path):
         assert got["largest"] <= one_tensor, (rank, got)
 
 
+def test_load_pretrained_refuses_a_directory_without_safetensors(tmp_path, monkeypatch):
+    """A pickled checkpoint (``pytorch_model.bin``) is never unpickled: without a safetensors
+    file ``load_pretrained`` raises ``FileNotFoundError``."""
+    ref = build("mixtral")
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("load_pretrained unpickled a checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors checkpoint"):
+        hf.load_pretrained(tmp_path)
+
+
 # ---- the main job on a converted model ---------------------------------------------------------
 
 TRAIN = ["--dtype", "float64", "--steps", "3", "--seq-len", "8", "--aux-loss-coeff", "0",
