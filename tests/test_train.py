@@ -69,3 +69,78 @@ def test_dynamic_routing_flags_reach_every_layer():
     if out["drop_rate"][0] > 0.001:  # a layer that dropped more than the target raised its own
         assert max(factors[0]) == pytest.approx(1.2)
     assert len({f for step in factors for f in step}) > 1 and out["tokens_per_s"] > 0
+
+
+def test_progress_without_terminal_prints_plain_lines():
+    """stdout and stderr captured (not terminals): no carriage-return bar frames, one plain
+    line every ceil(20 / 16) = 2 steps, the last at step 20."""
+    out = _run("--steps", "20", "--layers", "1", "--hidden", "16", "--ffn", "16",
+               "--seq-len", "8", "--batch-size", "2", "--log-every", "100")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "\r" not in out.stdout and "\r" not in out.stderr
+    done = re.findall(r"^train (\d+)/20  loss \d+\.\d+  tok/s [\d,]+  elapsed", out.stdout, re.M)
+    assert done == [str(d) for d in range(2, 21, 2)], out.stdout
+
+
+def test_progress_every_sets_the_plain_line_period(capsys):
+    from moe_parallel.train.progress import Progress
+
+    progress = Progress(start=3, total=20, enabled=True, every=7, live=False)
+    for done in range(4, 21):
+        progress.update(done, loss=1.0, tok_s=10.0)
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["7/20", "14/20", "20/20"]
+    silent = Progress(start=0, total=20, enabled=False, live=False)
+    silent.update(20, loss=1.0, tok_s=10.0)
+    assert capsys.readouterr().out == ""
+
+
+def _refusal(capsys, *flags: str) -> str:
+    """argparse's error for ``flags`` (exit status 2), before any process group or model."""
+    with pytest.raises(SystemExit) as exc:
+        train._parse(list(flags))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hidden", "30", "--heads", "4"], "--hidden 30 is not divisible by --heads 4"),
+    (["--hf-model", "/missing/dir"], "--hf-model /missing/dir: no such directory"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--seq-len", "10", "--tp", "4"], "--seq-len 10 must be divisible by --tp 4"),
+])
+def test_bad_flags_are_refused_naming_the_flag(capsys, flags, message):
+    assert message in _refusal(capsys, *flags)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--top-k", "9"], ("--top-k", "--experts")),
+    (["--overlap-chunks", "2", "--max-rows-factor", "1.5"],
+     ("--overlap-chunks", "--max-rows-factor")),
+    (["--capacity-factor", "0.5", "--dynamic-capacity"], ("--capacity-factor",)),
+])
+def test_layer_config_errors_name_the_flags(capsys, flags, named):
+    """MoEConfig's rules, with each field the flags set named by its flag."""
+    err = _refusal(capsys, *flags)
+    assert all(f in err for f in named), err
+    assert not re.search(r"\b(top_k|num_experts|overlap_chunks|max_rows_factor|capacity_factor)\b",
+                         err), err
+
+
+def test_hf_model_without_config_json_is_refused(capsys, tmp_path):
+    err = _refusal(capsys, "--hf-model", str(tmp_path))
+    assert f"--hf-model {tmp_path}: the directory has no config.json" in err
+
+
+@pytest.mark.parametrize("flags, world, message", [
+    (["--experts", "6", "--ep", "4"], 8, "--experts 6 is not divisible by --ep 4"),
+    (["--ffn", "10", "--ep", "2", "--etp", "4"], 8, "--ffn 10 is not divisible by --etp 4"),
+    (["--tp", "3", "--seq-len", "66"], 4, "--tp 3 does not divide the world size 4"),
+    (["--ep", "4", "--etp", "2"], 4, "--ep 4 x --etp 2 = 8 does not divide the world size 4"),
+    (["--dp", "4", "--tp", "2"], 4, "--dp 4 does not match world 4 / tp 2 = 2"),
+])
+def test_layouts_the_world_cannot_hold_are_refused(flags, world, message):
+    args = train._parse(flags)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.check_world(args, world)

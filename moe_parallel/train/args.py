@@ -1,0 +1,294 @@
+"""The main job's command line: one function per argument group, and the checks every flag
+value passes before any process group or model is built.
+
+``_parse(argv)`` parses and applies ``check_flags`` (the rules on the flags alone);
+``check_world(args, world)`` applies the rules that need the world size, which
+``launch_world_size()`` reads from the launcher's environment. Each check raises ``ValueError``
+naming the flag(s); ``_parse`` and ``exit_on_error`` turn it into argparse's usage error (exit
+status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable
+from typing import Optional
+
+import torch.distributed as dist
+
+from ..config import DISPATCHERS, DROP_POLICIES, EXPERT_IMPLS
+from ..distributed import detect_launch_env
+from ..ops import GROUPED_GEMM_BACKENDS
+from .model import CONFIG_FLAGS, build_config
+
+DESCRIPTION = ("The main job: train a small decoder-only MoE transformer language model on "
+               "generated data.")
+
+# dest -> smallest allowed value (None: the flag may be left unset)
+_AT_LEAST = {"steps": 1, "batch_size": 1, "seq_len": 1, "vocab": 1, "hidden": 1, "ffn": 1,
+             "layers": 1, "heads": 1, "experts": 1, "top_k": 1, "tp": 1, "ep": 1, "etp": 1,
+             "dp": 1, "ranks_per_node": 1, "overlap_chunks": 1, "block_size": 1,
+             "log_every": 1, "progress_every": 0, "save_every": 0, "keep_checkpoints": 1,
+             "lr": 0.0, "clip": 0.0}
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("model").add_argument
+    add("--vocab", type=int, default=64, help="vocabulary size of the Markov source")
+    add("--hidden", type=int, default=64, help="model width H")
+    add("--ffn", type=int, default=128, help="expert FFN hidden size F")
+    add("--layers", type=int, default=2, help="transformer blocks, each with an MoE FFN")
+    add("--heads", type=int, default=4, help="attention heads")
+    add("--experts", type=int, default=8, help="routed experts per MoE layer")
+    add("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
+        help="parameter and activation dtype (the router computes in float32)")
+    add("--hf-model", default=None, metavar="PATH",
+        help="train a transformers MoE model from a local save_pretrained directory (its MoE "
+             "blocks converted, each rank reading its own experts; the size flags then come "
+             "from its config, the data from its vocabulary)")
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("parallel layout").add_argument
+    add("--tp", type=int, default=1, help="tensor (sequence) parallel size")
+    add("--ep", type=int, default=1, help="expert parallel size")
+    add("--etp", type=int, default=1, help="expert tensor parallel size")
+    add("--dp", type=int, default=None,
+        help="data parallel size (derived: world / tp; given only to check it)")
+    add("--ranks-per-node", type=int, default=None,
+        help="ranks per node for the hierarchical all-to-all (default: the launcher's "
+             "LOCAL_WORLD_SIZE)")
+    add("--device", default="auto",
+        help="'auto' (this rank's GPU when CUDA is available, else cpu), cpu, cuda")
+    add("--timeout-s", type=float, default=300.0,
+        help="collective timeout in seconds: a lost rank ends the job with an error")
+
+
+def _routing_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("routing").add_argument
+    add("--top-k", type=int, default=2, help="experts per token")
+    add("--top-p", type=float, default=None,
+        help="dynamic-k routing: each token takes experts until their probability reaches P, "
+             "at most --top-k")
+    add("--dynamic-loss-coeff", type=float, default=0.0,
+        help="weight of the router-entropy loss of dynamic routing")
+    add("--aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss weight")
+    add("--z-loss-coeff", type=float, default=1e-3, help="router z-loss weight")
+    add("--score-function", choices=("softmax", "sigmoid"), default="softmax",
+        help="router scores (DeepSeek-V3 uses sigmoid with --expert-bias)")
+    add("--expert-bias", action="store_true",
+        help="aux-loss-free balancing: a selection bias updated after every step from the "
+             "counts of all ranks (update_expert_biases)")
+    add("--bias-update-rate", type=float, default=1e-3,
+        help="expert-bias step: b += rate * sign(mean load - load)")
+
+
+def _capacity_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("capacity").add_argument
+    add("--capacity-factor", type=float, default=0.0,
+        help="expert capacity factor; 0 for dropless")
+    add("--drop-policy", choices=DROP_POLICIES,
+        default="probs", help="which assignments an expert over capacity keeps")
+    add("--dynamic-capacity", action="store_true",
+        help="the capacity factor follows the drop rate measured over the ranks (starts at "
+             "--capacity-factor)")
+    add("--target-drop-rate", type=float, default=0.01, help="dynamic capacity: drop target")
+    add("--capacity-factor-min", type=float, default=1.0, help="dynamic capacity: lower bound")
+    add("--capacity-factor-max", type=float, default=4.0, help="dynamic capacity: upper bound")
+    add("--capacity-update-rate", type=float, default=0.1,
+        help="dynamic capacity: relative change per step")
+    add("--max-rows-factor", type=float, default=None,
+        help="dropless: ceiling on rows per rank, times the balanced load (None: no ceiling)")
+    add("--row-overflow", choices=("error", "capacity"), default="error",
+        help="over the row ceiling: raise, or drop the excess for that step")
+
+
+def _dispatch_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("dispatch, overlap and experts").add_argument
+    add("--dispatcher", choices=DISPATCHERS,
+        default="alltoall", help="token dispatcher of the expert-parallel layers "
+        "(alltoall_hierarchical: inside each node, then across nodes)")
+    add("--overlap-chunks", type=int, default=1,
+        help="pipeline each layer's routed tokens in this many chunks, so one chunk's expert "
+             "GEMMs overlap the next chunk's all-to-all")
+    add("--expert-impl", choices=EXPERT_IMPLS, default="grouped",
+        help="expert computation: grouped GEMMs or block-sparse products")
+    add("--grouped-gemm-backend", choices=GROUPED_GEMM_BACKENDS, default="auto",
+        help="grouped GEMM implementation (all but auto/loop need CUDA)")
+    add("--block-size", type=int, default=None,
+        help="block-sparse block size (None: 128 on CUDA, 32 on CPU)")
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("training").add_argument
+    add("--steps", type=int, default=150, help="optimizer steps (>= 1)")
+    add("--batch-size", type=int, default=16, help="sequences per data-parallel rank")
+    add("--seq-len", type=int, default=64, help="tokens per sequence")
+    add("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, cosine)")
+    add("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold")
+    add("--seed", type=int, default=0, help="model and data seed (the same on every rank)")
+    add("--deepspeed", default=None, metavar="CONFIG.json",
+        help="train under the DeepSpeed engine with this config (ZeRO stage 0, 1 or 2; tp=1; "
+             "see integrations.deepspeed); launch with launch/deepspeed.sh")
+    add("--local_rank", "--local-rank", type=int, default=None,
+        help="passed by the deepspeed launcher; accepted and ignored (the local rank comes "
+             "from LOCAL_RANK in the environment)")
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("checkpoint").add_argument
+    add("--save-dir", default=None,
+        help="checkpoint root: DIR/step_<N> (moe_parallel.checkpoint, loadable at any layout) "
+             "and DIR/latest; written every --save-every steps and at the end")
+    add("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    add("--keep-checkpoints", type=int, default=2, help="checkpoints kept in --save-dir")
+    add("--async-save", action="store_true",
+        help="write checkpoints in the background (DCP async_save) while training goes on")
+    add("--resume", nargs="?", const="latest", default=None, metavar="STEP",
+        help="continue from --save-dir's latest checkpoint (or that of step STEP), at this "
+             "run's layout; without one, start from step 0")
+
+
+def _logging_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("logging").add_argument
+    add("--log-every", type=int, default=25,
+        help="steps between log lines (loss, tokens/s, load per expert, drops)")
+    add("--progress-every", type=int, default=0,
+        help="when stdout is not a terminal: steps between plain progress lines, which "
+             "replace the live bar (0: about 16 lines per run)")
+
+
+_GROUPS: tuple[Callable[[argparse.ArgumentParser], None], ...] = (
+    _training_flags, _model_flags, _routing_flags, _capacity_flags, _dispatch_flags,
+    _layout_flags, _checkpoint_flags, _logging_flags)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The main job's argument parser: every group of ``_GROUPS``, defaults shown in --help."""
+    p = argparse.ArgumentParser(prog="moe_parallel.train", description=DESCRIPTION,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for group in _GROUPS:
+        group(p)
+    return p
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and apply ``check_flags``; a violated rule
+    ends the program with argparse's usage error naming the flag (exit status 2)."""
+    p = _parser()
+    args = p.parse_args(argv)
+    exit_on_error(check_flags, args, parser=p)
+    return args
+
+
+def exit_on_error(check: Callable[..., None], *check_args,
+                  parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Run ``check(*check_args)``; its ``ValueError`` becomes ``parser.error`` (usage, exit 2)."""
+    try:
+        check(*check_args)
+    except ValueError as exc:
+        (parser or _parser()).error(str(exc))
+
+
+def flag(dest: str) -> str:
+    """The option string of ``dest``: ``top_k`` -> ``--top-k``."""
+    return "--local_rank" if dest == "local_rank" else "--" + dest.replace("_", "-")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The rules on the flags alone (``ValueError`` naming the flag): sizes and counts at least
+    ``_AT_LEAST``, the combinations of the checkpoint and DeepSpeed flags, the model's
+    divisibility (``--hidden % --heads``, ``--seq-len % --tp``), ``--hf-model`` a directory
+    with a config.json, and every ``MoEConfig`` rule with its fields named by their flags."""
+    for dest, least in _AT_LEAST.items():
+        value = getattr(args, dest)
+        if value is not None and value < least:
+            raise ValueError(f"{flag(dest)} must be >= {least}, got {value}")
+    if args.timeout_s <= 0:
+        raise ValueError(f"--timeout-s must be > 0, got {args.timeout_s}")
+    _check_checkpoint_flags(args)
+    if args.seq_len % args.tp:
+        raise ValueError(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp}")
+    if args.hf_model is not None:
+        _check_hf_model(args.hf_model)
+    elif args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    try:
+        build_config(args)
+    except ValueError as exc:
+        raise ValueError(config_error(str(exc))) from exc
+
+
+def _check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """``--save-dir`` for the checkpoint flags, ``--resume``'s value, none with --deepspeed."""
+    if args.save_dir is None and (args.resume is not None or args.save_every or args.async_save):
+        raise ValueError("--resume, --save-every and --async-save need --save-dir")
+    if args.resume not in (None, "latest") and not args.resume.isdigit():
+        raise ValueError(f"--resume takes a step number or nothing (the latest), got "
+                         f"{args.resume!r}")
+    if args.deepspeed is not None and args.save_dir is not None:
+        raise ValueError("--save-dir (and --resume) are not supported with --deepspeed yet (the "
+                         "ZeRO optimizer state is partitioned by DeepSpeed)")
+    if args.deepspeed is not None and args.tp > 1:
+        raise ValueError(f"--deepspeed needs --tp 1 (DeepSpeed reduces dense gradients over the "
+                         f"whole world), got --tp {args.tp}")
+
+
+def _check_hf_model(path: str) -> None:
+    """``--hf-model`` names a save_pretrained directory: it exists and holds config.json."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--hf-model {path}: no such directory (a local save_pretrained "
+                         "directory is needed)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--hf-model {path}: the directory has no config.json (not a "
+                         "save_pretrained directory)")
+
+
+def config_error(message: str) -> str:
+    """``message`` (a ``MoEConfig`` error) with every field that a flag sets named by its flag:
+    ``top_k must be <= num_experts`` -> ``--top-k must be <= --experts``."""
+    fields = sorted(CONFIG_FLAGS, key=len, reverse=True)
+    return re.sub(r"\b(" + "|".join(fields) + r")\b",
+                  lambda m: flag(CONFIG_FLAGS[m.group(1)]), message)
+
+
+def launch_world_size() -> Optional[int]:
+    """The world size: the initialised default group's, else the launcher's environment's
+    (``detect_launch_env``; 1 without a launcher); ``None`` where that environment is invalid
+    (``init_distributed`` then reports it)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return detect_launch_env(os.environ).world_size
+    except ValueError:
+        return None
+
+
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """The rules that need the world size (``ValueError`` naming the flags): parallel sizes need
+    as many processes, --tp and --ep x --etp divide the world, --dp is world / tp, --ranks-per-node
+    divides the world; for the built-in model --experts % --ep and --ffn % --etp."""
+    if world == 1:
+        asked = {flag(n): getattr(args, n) for n in ("tp", "ep", "etp") if getattr(args, n) > 1}
+        if asked:
+            raise ValueError(
+                f"{', '.join(f'{k} {v}' for k, v in asked.items())} need(s) that many processes "
+                "but this is a single process; launch with torchrun --nproc-per-node N (or "
+                "mpirun / srun), or drop the flag")
+    if world % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide the world size {world}")
+    if world % (args.ep * args.etp):
+        raise ValueError(f"--ep {args.ep} x --etp {args.etp} = {args.ep * args.etp} does not "
+                         f"divide the world size {world}")
+    if args.dp is not None and args.dp != world // args.tp:
+        raise ValueError(f"--dp {args.dp} does not match world {world} / tp {args.tp} = "
+                         f"{world // args.tp}")
+    if args.ranks_per_node is not None and world % args.ranks_per_node:
+        raise ValueError(f"--ranks-per-node {args.ranks_per_node} does not divide the world "
+                         f"size {world}")
+    if args.hf_model is None and args.experts % args.ep:
+        raise ValueError(f"--experts {args.experts} is not divisible by --ep {args.ep}")
+    if args.hf_model is None and args.ffn % args.etp:
+        raise ValueError(f"--ffn {args.ffn} is not divisible by --etp {args.etp}")

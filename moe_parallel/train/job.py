@@ -1,0 +1,228 @@
+"""The main job as named stages: parse and validate the flags, set up the process group and
+the parallel layout, build the model, data and optimizer, resume, run the step loop (progress,
+log lines, checkpoints), and report the loss curve and throughput."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..cpu_memory import reuse_freed_memory
+from ..distributed import ParallelState, init_distributed
+from .args import _parse, check_world, exit_on_error, launch_world_size
+from .data import MarkovSource, local_batch
+from .model import build_model
+from .progress import Progress, global_stats, new_routing_log, record_routing, step_line
+from .step import deepspeed_engine, engine_train_step, lr_lambda, train_step
+
+
+@dataclass
+class Job:
+    """Everything the step loop uses: the flags, the layout, and what was built for them
+    (``opt`` is ``None`` under the DeepSpeed ``engine``, whose ZeRO state is partitioned)."""
+
+    args: argparse.Namespace
+    ps: ParallelState
+    device: torch.device
+    model: nn.Module
+    source: MarkovSource
+    opt: Optional[torch.optim.Optimizer]
+    sched: Any
+    engine: Any = None
+
+    @property
+    def lead(self) -> bool:
+        """Whether this rank prints (rank 0)."""
+        return self.ps.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all data-parallel ranks."""
+        return self.args.batch_size * self.ps.dp * self.args.seq_len
+
+
+def setup_parallel(args: argparse.Namespace) -> tuple[ParallelState, int]:
+    """Check the layout against the launcher's world size, initialise the process group (any
+    supported launcher) and build the ``ParallelState``; returns it and the local rank."""
+    world = launch_world_size()
+    if world is not None:  # before any process group exists
+        exit_on_error(check_world, args, world)
+    _, world, local_rank = init_distributed(timeout=timedelta(seconds=args.timeout_s))
+    exit_on_error(check_world, args, world)
+    ps = ParallelState.build(tp=args.tp, ep=args.ep, etp=args.etp,
+                             ranks_per_node=args.ranks_per_node) if (
+        world > 1 or args.deepspeed) else ParallelState.single()
+    return ps, local_rank
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    """``--device`` (``auto``: this rank's GPU when CUDA is available, else cpu); on cpu freed
+    memory is kept for reuse (``cpu_memory``: no page faults on each step's large tensors)."""
+    if args.device == "auto":
+        args.device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        reuse_freed_memory()
+    return device
+
+
+def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> Job:
+    """The model on its device, the data source (``--seed + 1``; an HF model's vocabulary) and
+    the optimizer and schedule: AdamW with ``lr_lambda``, or the DeepSpeed engine's."""
+    device = resolve_device(args)
+    model = build_model(args, ps).to(device)
+    if args.hf_model:
+        args.vocab = model.hf.config.vocab_size
+    source = MarkovSource(args.vocab, args.seed + 1)
+    if args.deepspeed:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeedEngine requires it
+        engine, sched = deepspeed_engine(args, model, ps)
+        return Job(args, ps, device, model, source, None, sched, engine)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    return Job(args, ps, device, model, source, opt, sched)
+
+
+def announce(job: Job) -> None:
+    """Rank 0's header: device, layout, model, capacity, DeepSpeed stage, the loss floor."""
+    args, ps = job.args, job.ps
+    if not job.lead:
+        return
+    what = (f"{job.model.hf.config.model_type} from {args.hf_model}" if args.hf_model else
+            f"{args.layers} layers, H={args.hidden}, E={args.experts}, top-{args.top_k}")
+    zero = (f"DeepSpeed ZeRO-{job.engine.zero_optimization_stage()}; " if job.engine else "")
+    print(f"moe_parallel demo on {job.device}: {ps.world_size} process(es) tp={ps.tp} "
+          f"ep={ps.ep} etp={ps.etp} dp={ps.dp} edp={ps.edp}; {what}, "
+          f"capacity_factor={args.capacity_factor or None}; {zero}"
+          f"loss floor (source entropy) ~{job.source.entropy:.3f}, "
+          f"uniform {math.log(args.vocab):.3f}", flush=True)
+
+
+def resume(job: Job, history: list[float]) -> int:
+    """Load ``--resume``'s checkpoint (model, AdamW state, schedule, data position, losses so
+    far, appended to ``history``) into this run's layout; returns the step to continue from (0
+    without ``--resume`` or without a checkpoint)."""
+    args, ps = job.args, job.ps
+    if not args.resume:
+        return 0
+    step = checkpoint.latest_step(args.save_dir) if args.resume == "latest" else int(args.resume)
+    if step is None:
+        if job.lead:
+            print(f"--resume: no checkpoint in {args.save_dir} yet, starting at step 0",
+                  flush=True)
+        return 0
+    extra = checkpoint.load(checkpoint.step_dir(args.save_dir, step), job.model, job.opt, ps)
+    job.sched.load_state_dict(extra["scheduler"])
+    job.source.generator.set_state(extra["data"])
+    history.extend(extra["history"])
+    if job.lead:
+        print(f"resumed from {checkpoint.step_dir(args.save_dir, step)} at step {extra['step']}",
+              flush=True)
+    return extra["step"]
+
+
+def run_step(job: Job) -> tuple[float, float]:
+    """One optimizer step on this rank's slice of the next global batch; returns the lm loss
+    averaged over the data-parallel ranks and the step's tokens/s."""
+    args, ps = job.args, job.ps
+    batch = local_batch(job.source.batch(args.batch_size * ps.dp, args.seq_len), ps)
+    batch = batch.to(job.device)
+    t0 = time.perf_counter()
+    if job.engine is not None:  # the engine steps its scheduler itself
+        lm_loss, _ = engine_train_step(job.engine, batch, ps)
+    else:
+        lm_loss, _ = train_step(job.model, job.opt, batch, ps, args.clip)
+        job.sched.step()
+    if ps.dp > 1:
+        torch.distributed.all_reduce(lm_loss, group=ps.group("dp"))
+        lm_loss /= ps.dp
+    return lm_loss.item(), job.tokens_per_step / (time.perf_counter() - t0)
+
+
+def log_step(job: Job, step: int, loss: float, tok_s: float, routing_log: dict,
+             progress: Progress) -> None:
+    """The log line of ``step`` (global load and drops: a collective on every rank)."""
+    load, drop = global_stats(job.model, job.ps, job.device)
+    factor = routing_log["capacity_factor"][-1][0]
+    dynamic = job.model.moe_layers()[0].config.dynamic_capacity
+    progress.write(step_line(step, loss, tok_s, load, drop,
+                             routing_log["experts_per_token"][-1],
+                             factor if dynamic else None))
+
+
+def save_if_due(job: Job, done: int, history: list[float],
+                pending: Optional[checkpoint.PendingSave]) -> Optional[checkpoint.PendingSave]:
+    """After ``done`` steps: with ``--save-dir``, every ``--save-every`` steps and at the end,
+    wait for the previous save and write step ``done`` (model, optimizer, schedule, losses, data
+    position); returns the save still pending (``--async-save``), else ``pending``."""
+    args = job.args
+    if not args.save_dir or not (done == args.steps or
+                                 (args.save_every and done % args.save_every == 0)):
+        return pending
+    if pending is not None:
+        pending.wait()
+    extra = {"step": done, "scheduler": job.sched.state_dict(), "history": history,
+             "data": job.source.generator.get_state()}
+    return checkpoint.save_step(args.save_dir, done, job.model, job.opt, job.ps, extra,
+                                args.keep_checkpoints, args.async_save)
+
+
+def train_loop(job: Job, start: int, history: list[float]) -> dict[str, list]:
+    """Steps ``start .. --steps - 1``: each step's loss appended to ``history``, its routing
+    figures to the returned log, progress and (every ``--log-every`` steps and at the last) a
+    log line on rank 0, checkpoints when due."""
+    args = job.args
+    routing_log = new_routing_log()
+    progress = Progress(start, args.steps, job.lead, args.progress_every)
+    pending: Optional[checkpoint.PendingSave] = None
+    for step in range(start, args.steps):
+        loss, tok_s = run_step(job)
+        history.append(loss)
+        record_routing(routing_log, job.model)
+        progress.update(step + 1, loss, tok_s)
+        if step % args.log_every == 0 or step == args.steps - 1:
+            log_step(job, step, loss, tok_s, routing_log, progress)
+        pending = save_if_due(job, step + 1, history, pending)
+    progress.close()
+    if pending is not None:
+        pending.wait()
+    return routing_log
+
+
+def report(job: Job, start: int, history: list[float], elapsed: float) -> dict:
+    """Rank 0's summary line: the mean loss of the first and of the last (up to) 5 steps against
+    the source's entropy, and the tokens/s over the steps run; returns those figures."""
+    n = min(5, len(history))
+    first, last = sum(history[:n]) / n, sum(history[-n:]) / n
+    tokens_per_s = (job.args.steps - start) * job.tokens_per_step / max(elapsed, 1e-9)
+    if job.lead:
+        print(f"loss {first:.3f} -> {last:.3f} (floor ~{job.source.entropy:.3f}) in "
+              f"{job.args.steps} steps, {tokens_per_s:,.0f} tok/s overall", flush=True)
+    return {"first_loss": first, "last_loss": last, "tokens_per_s": tokens_per_s}
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Parse and validate ``argv``, initialise the process group (any supported launcher),
+    train, print the loss curve and throughput on rank 0; returns ``{first_loss, last_loss,
+    history, model}`` (``history``: every step's loss, those before a resume included),
+    ``tokens_per_s`` and, per step run, this rank's ``experts_per_token``, ``drop_rate`` and
+    ``capacity_factor``."""
+    args = _parse(argv)
+    ps, local_rank = setup_parallel(args)
+    job = build_job(args, ps, local_rank)
+    announce(job)
+    history: list[float] = []
+    start = resume(job, history)
+    t_start = time.perf_counter()
+    routing_log = train_loop(job, start, history)
+    summary = report(job, start, history, time.perf_counter() - t_start)
+    return {**summary, "history": history, "model": job.model, **routing_log}

@@ -1,0 +1,171 @@
+"""The main job's models: the built-in decoder-only MoE transformer and a converted Hugging Face
+causal LM behind the same interface (``forward(tokens [B, S]) -> logits``, ``moe_layers()``),
+and the ``MoEConfig`` every layer gets from the command-line flags (``CONFIG_FLAGS``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MoEConfig
+from ..distributed import ParallelState
+from ..distributed import collectives as comm
+from ..layer import MoELayer, set_aux_loss_scale
+
+# MoEConfig field -> the dest of the flag that sets it (``build_config``)
+CONFIG_FLAGS: dict[str, str] = {
+    "hidden_size": "hidden", "ffn_hidden_size": "ffn", "num_experts": "experts",
+    "params_dtype": "dtype", "token_dispatcher_type": "dispatcher",
+    **{name: name for name in (
+        "top_k", "capacity_factor", "aux_loss_coeff", "z_loss_coeff", "score_function",
+        "expert_bias", "bias_update_rate", "expert_impl", "block_size", "grouped_gemm_backend",
+        "max_rows_factor", "row_overflow", "overlap_chunks", "top_p", "dynamic_loss_coeff",
+        "drop_policy", "dynamic_capacity", "target_drop_rate", "capacity_factor_min",
+        "capacity_factor_max", "capacity_update_rate")},
+}
+
+# the fields that apply to a converted model's layers too (``_runtime_fields``)
+_RUNTIME_FIELDS = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "expert_bias",
+                   "bias_update_rate", "token_dispatcher_type", "expert_impl", "block_size",
+                   "grouped_gemm_backend", "max_rows_factor", "row_overflow", "overlap_chunks",
+                   "drop_policy", "dynamic_capacity", "target_drop_rate", "capacity_factor_min",
+                   "capacity_factor_max", "capacity_update_rate")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention, then an MoE FFN."""
+
+    def __init__(self, config: MoEConfig, heads: int) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(H, dtype=config.params_dtype)
+        self.qkv = nn.Linear(H, 3 * H, bias=False, dtype=config.params_dtype)
+        self.proj = nn.Linear(H, H, bias=False, dtype=config.params_dtype)
+        self.ln2 = nn.LayerNorm(H, dtype=config.params_dtype)
+        self.moe = MoELayer(config)
+        self.tp_group = None
+
+    def _moe(self, x: Tensor) -> Tensor:
+        """MoE on ``x [S, B, H]``; with TP, on this TP rank's slice of S, gathered back."""
+        tp = comm.group_size(self.tp_group)
+        if tp == 1:
+            return self.moe(x)
+        chunk = x.shape[0] // tp
+        mine = x[comm.group_rank(self.tp_group) * chunk:][:chunk]
+        return comm.all_gather(self.moe(mine), self.tp_group, sizes=[chunk] * tp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x + attn(ln1(x))``, then ``+ moe(ln2(·))``; ``[B, S, H]`` in and out."""
+        B, S, H = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.heads, H // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.proj(a.transpose(1, 2).reshape(B, S, H))
+        # MoELayer takes sequence-major [S, B, H].
+        return x + self._moe(self.ln2(x).transpose(0, 1)).transpose(0, 1)
+
+
+class MoETransformerLM(nn.Module):
+    """Decoder-only language model: token + position embeddings, ``layers`` pre-norm blocks
+    (causal self-attention, then an ``MoELayer`` as the FFN), final norm, vocabulary head."""
+
+    def __init__(self, config: MoEConfig, vocab: int, layers: int, heads: int, max_len: int):
+        super().__init__()
+        H = config.hidden_size
+        self.embed = nn.Embedding(vocab, H, dtype=config.params_dtype)
+        self.pos = nn.Embedding(max_len, H, dtype=config.params_dtype)
+        self.blocks = nn.ModuleList(Block(config, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(H, dtype=config.params_dtype)
+        self.head = nn.Linear(H, vocab, bias=False, dtype=config.params_dtype)
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layer of every block, in order."""
+        return [b.moe for b in self.blocks]
+
+    def parallelize(self, ps: ParallelState) -> MoETransformerLM:
+        """Shard every MoE layer's experts over EP/ETP (from the full weights this model holds)
+        and tag the replicated parameters for gradient sync over TP as well (see the package
+        doc)."""
+        if ps.world_size == 1:
+            return self
+        if ps.cp > 1 or ps.pp > 1:
+            raise ValueError(f"the demo model supports tp, ep, etp and dp; got {ps}")
+        for block in self.blocks:
+            block.moe = MoELayer.shard_from(block.moe, ps)
+            block.tp_group = ps.group("tp")
+        _mark_sequence_parallel(self, ps)
+        return self
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, S, vocab]`` for ``tokens`` ``[B, S]``."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.pos(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class HFCausalLM(nn.Module):
+    """A converted transformers causal LM (``integrations.hf.load_pretrained``) with the built-in
+    model's interface: ``forward(tokens [B, S]) -> logits``, ``moe_layers()``."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+
+    def moe_layers(self) -> list[MoELayer]:
+        """Every converted block's ``MoELayer``, in order."""
+        return [m for m in self.hf.modules() if isinstance(m, MoELayer)]
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, S, vocab]``."""
+        return self.hf(tokens, use_cache=False).logits
+
+
+def _mark_sequence_parallel(model: nn.Module, ps: ParallelState) -> None:
+    """Tag the replicated (``sync_group`` "dp") parameters ``sequence_parallel`` when tp > 1:
+    their gradients are summed over TP as well (``distributed.sync_gradients``)."""
+    for p in model.parameters():
+        if getattr(p, "sync_group", "dp") == "dp":
+            p.sequence_parallel = ps.tp > 1
+
+
+def build_config(args: argparse.Namespace) -> MoEConfig:
+    """The ``MoEConfig`` of every layer from the command-line flags (``CONFIG_FLAGS``;
+    ``--capacity-factor 0`` is dropless, ``None``)."""
+    fields = {field: getattr(args, dest) for field, dest in CONFIG_FLAGS.items()}
+    fields["capacity_factor"] = args.capacity_factor or None
+    fields["params_dtype"] = getattr(torch, args.dtype)
+    return MoEConfig(**fields)
+
+
+def _runtime_fields(config: MoEConfig) -> dict:
+    """The flags that apply to a converted model's layers too (the model fields come from its
+    config); ``--expert-bias`` only where the family has none (DeepSeek-V3 keeps its own)."""
+    fields = {f: getattr(config, f) for f in _RUNTIME_FIELDS}
+    if not fields["expert_bias"]:
+        del fields["expert_bias"]
+    return fields
+
+
+def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
+    """The full model from ``args.seed`` (identical on every rank), then sharded for ``ps``; with
+    ``--hf-model`` the converted transformers model, each rank reading its own experts."""
+    torch.manual_seed(args.seed)
+    if args.hf_model:
+        from ..integrations import hf
+
+        model = HFCausalLM(hf.load_pretrained(
+            args.hf_model, parallel_state=ps, dtype=getattr(torch, args.dtype),
+            **_runtime_fields(build_config(args))))
+        _mark_sequence_parallel(model, ps)  # the dense part is replicated over TP
+    else:
+        model = MoETransformerLM(build_config(args), args.vocab, args.layers, args.heads,
+                                 args.seq_len).parallelize(ps)
+    set_aux_loss_scale(model, 1.0 / ps.tp)  # each TP rank's share, as its lm loss / tp
+    return model
