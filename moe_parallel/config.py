@@ -1,19 +1,23 @@
 """MoEConfig: every knob of an MoE layer, validated in one place at construction.
 
 Field names follow Megatron-Core's ``moe_*`` arguments where one exists, without the prefix.
-Every invalid value raises ``ValueError`` naming the field and the allowed values.
+Each field's docstring gives its meaning, unit, default and its Megatron-Core
+(``TransformerConfig``), DeepSpeed (``deepspeed.moe.layer.MoE``) and Hugging Face (model config)
+counterparts; ``integrations/megatron/config.py`` and ``integrations/hf/families.py`` implement
+those maps. Every invalid value raises ``ValueError`` naming the field and the allowed values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
 import torch
 
-from .ops import GROUPED_GEMM_BACKENDS
+from .ops import FLOAT_DTYPES, GROUPED_GEMM_BACKENDS
 
 Activation = Literal["swiglu", "clamped_swiglu", "gelu", "relu"]
 RouterType = Literal["topk", "expert_choice"]
@@ -34,202 +38,332 @@ DISPATCHERS: tuple[str, ...] = get_args(DispatcherType)
 EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
 _ROUTER_DTYPES = (None, torch.float32, torch.float64)
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_BOOL_FIELDS = (
-    "softmax_before_topk",
-    "noisy_gating",
-    "expert_bias",
-    "pad_to_capacity",
-    "shared_expert_gate",
-    "check_finite",
-    "router_bias",
-    "expert_proj_bias",
-    "scale_expert_input",
-    "shared_expert_overlap",
-    "dynamic_capacity",
-)
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Configuration of one MoE layer.
+    """Configuration of one MoE layer; each field's docstring says what it sets.
 
-    Routing (token choice, ``router_type="topk"``):
-      logits = x W_r (+ b_r with ``router_bias``: a learned bias that enters selection and
-      weights, GPT-OSS), in ``router_dtype`` (x and W_r cast to it; Megatron's
-      ``moe_router_dtype``; None: float32, float64 when ``params_dtype`` is float64); in
-      training with ``noisy_gating`` logits += N(0,1)·softplus(x W_noise). The scores and
-      everything after them are computed in ``router_score_dtype`` from the logits (None: the
-      router dtype; Hugging Face's Mixtral/Qwen/OLMoE/Llama-4 blocks use float32 scores from
-      model-dtype logits). ``jitter_noise = ε > 0`` multiplies, in training, the layer's input
-      by U(1 - ε, 1 + ε) before routing and experts (Mixtral's ``router_jitter_noise``).
-      ``score_function="softmax"``: with ``softmax_before_topk`` probs = topk(softmax(logits)),
-      renormalised to sum 1 when ``norm_topk_prob``; else probs = softmax(topk(logits)).
-      ``score_function="sigmoid"``: scores = sigmoid(logits), probs = topk(scores), renormalised
-      when ``norm_topk_prob``. ``norm_topk_prob=None`` (the default) renormalises when
-      ``top_k > 1``; with ``top_k=1`` a renormalised (or post-softmax) weight is always 1 and the
-      router would learn nothing from the main loss, so that combination is refused and the
-      top-1 weight is the score itself (Switch: p = softmax(logits)[top-1]). Selection may add
-      a per-expert bias (``expert_bias``) that never enters the weights;
-      ``num_groups``/``group_topk`` restrict selection to the ``group_topk`` best groups,
-      a group scored (``group_score``) by the sum of its ``top_k // group_topk`` best
-      selection scores (``"sum_topk"``, Megatron-Core), of its 2 best (``"sum_top2"``,
-      DeepSeek-V3) or by its best (``"max"``, DeepSeek-V2 ``group_limited_greedy``). probs are
-      finally multiplied by ``routed_scaling_factor``. With ``scale_expert_input`` (Llama-4)
-      the weight multiplies each expert's input instead of its output:
-      y = Σ_j expert_j(probs_j · x).
+    Token-choice routing (``router_type="topk"``), in four stages:
+      logits = x W_r (+ b_r with ``router_bias``) in the router dtype (``router_dtype``), plus
+      N(0,1)·softplus(x W_noise) in training with ``noisy_gating``; scores in
+      ``router_score_dtype``: softmax(logits) (``softmax_before_topk``), the logits themselves
+      (softmax, not ``softmax_before_topk``) or sigmoid(logits); selection: the ``top_k``
+      experts of highest score + b (b: ``expert_bias``, selection only), among the
+      ``group_topk`` best of ``num_groups`` groups when set (``group_score``); weights:
+      probs = scores[selected], renormalised to sum 1 when ``renormalize_topk``
+      (``norm_topk_prob``), or softmax(logits[selected]) without ``softmax_before_topk``;
+      probs *= ``routed_scaling_factor``. The layer output is y = Σ_j probs_j · expert_j(x), or
+      y = Σ_j expert_j(probs_j · x) with ``scale_expert_input``.
     Dynamic-k routing (``top_p``, Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic
       Routing in MoE Models"): with P = softmax(logits) sorted descending, token t takes the
       experts in that order until their cumulative probability reaches p, at most ``top_k``:
       k_t = min(top_k, min{j : Σ_{i<=j} P_(i) >= p}); slot j is kept iff Σ_{i<j} P_(i) < p.
       The weights are the probabilities themselves (the paper), renormalised over the k_t
-      selected ones with ``norm_topk_prob=True``. Needs softmax scores taken before the
-      selection; not with expert bias or group-limited routing. ``dynamic_loss_coeff``
-      adds the paper's dynamic (entropy) loss ``coeff·mean_t(-Σ_e P_te log P_te)``, which
-      pushes the router towards confident, fewer-expert choices; with top-p the Switch loss
-      normalises by the assignments taken: f_i = count_i / Σ_e count_e.
-    Routing (expert choice): scores = softmax(logits) over experts; expert e takes its
-      top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor)) (capacity_factor None means 1.0).
-      The aux losses, ``min_capacity``, ``routed_scaling_factor``, noisy gating, expert bias and
-      ``pad_to_capacity`` do not apply to it and must keep their defaults.
-    Capacity (token choice): C = max(ceil(T·top_k/E·capacity_factor), min_capacity) per expert;
-      ``capacity_factor=None`` is dropless. In eval mode (``module.eval()``) the factor is
-      ``eval_capacity_factor`` when set (DeepSpeed's knob; e.g. 2.0 to drop less at eval), for
-      expert choice too. Which assignments an expert over capacity keeps (``drop_policy``):
-      ``"probs"`` its highest combine weights, ``"position"`` its earliest tokens,
-      ``"k_major"`` (GShard) every token's first choice before any second choice, tokens in
-      order within a choice rank, ``"batch_priority"`` (V-MoE's Batch Prioritized Routing) the
-      same choice-rank order with the tokens sorted by their top combine weight, descending.
-      With ``dynamic_capacity`` the training factor follows the drops measured over the
-      ranks (``update_capacity_factors`` after each step; ``routing.capacity``): raised by
-      ``capacity_update_rate`` when the drop rate exceeds ``target_drop_rate``, lowered when
-      it is below half of it and more than that share of the slots idled, within
-      [``capacity_factor_min``, ``capacity_factor_max``]; it starts at ``capacity_factor``.
-    Losses: Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence aux loss
-      ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
-      ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``.
-    Experts: ``activation`` ``"swiglu"`` silu(gate)·up; ``"clamped_swiglu"`` (GPT-OSS)
-      (min(up, L) clamped to [-L, L] + 1)·g·sigmoid(α·g) with g = min(gate, L),
-      ``α = swiglu_alpha``, ``L = swiglu_limit``; ``"gelu"``; ``"relu"``. ``expert_proj_bias``
-      adds a learned bias to both expert projections (GPT-OSS; not with
-      expert-tensor parallelism).
-    Expert computation (``expert_impl``), the same result either way: ``"grouped"`` (default:
-      grouped GEMM on the unpadded, ragged groups) or ``"block_sparse"`` (MegaBlocks-style:
-      each local expert's rows padded to a multiple of ``block_size``, first GEMM as a sampled
-      dense-dense block product, second as a dense-sparse one; at most
-      ``E_local·(block_size-1)`` padding rows). The block-sparse kernels run one GEMM per
-      expert panel plus copies between panel and block layout, so they do the grouped GEMM's
-      work and more; measured on CPU (``python -m benchmarks layer``) the grouped layer step is
-      1.04-1.29x faster, hence the default.
-      ``block_size=None`` picks 128 on CUDA and 32 on CPU, halved until it divides the local
-      ffn size (``ffn_hidden_size / etp``); an explicit value must divide it.
-      ``grouped_gemm_backend`` (``expert_impl="grouped"``) picks the grouped GEMM
-      implementation, same formula: ``"auto"`` (default: for bfloat16 on sm_90+ with at least
-      16 groups ``"torch"``, its wgrad ``"cutlass"`` where the Hopper kernels run; else
-      ``"loop"``) or ``"loop"`` on any device; ``"streams"``,
-      ``"cublas"``, ``"torch"`` (bfloat16) or ``"cutlass"`` (bfloat16) on CUDA only
-      (``ops.grouped_gemm``).
+      selected ones with ``norm_topk_prob=True``.
+    Expert-choice routing (``router_type="expert_choice"``): scores = softmax(logits) over
+      experts; expert e takes its top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor))
+      (capacity_factor None means 1.0).
+    Capacity (token choice): C = max(ceil(T·top_k/E·capacity_factor), min_capacity)
+      assignments per expert; ``capacity_factor=None`` is dropless. In eval mode the factor is
+      ``eval_capacity_factor`` when set, for expert choice too. ``drop_policy`` picks which
+      assignments an expert over capacity keeps.
+    Dynamic capacity (``dynamic_capacity``): the training factor starts at ``capacity_factor``
+      and follows the drops measured over the ranks (``update_capacity_factors`` after each
+      step; ``routing.capacity``): raised by ``capacity_update_rate`` when the drop rate exceeds
+      ``target_drop_rate``, lowered when it is below half of it and more than that share of the
+      slots idled, within [``capacity_factor_min``, ``capacity_factor_max``].
+    Losses (f_i: the share of the assignments routed to expert i, P_i: the mean router
+      probability of expert i): Switch aux loss ``aux_loss_coeff·E·Σ_i f_i P_i``; per-sequence
+      aux loss ``seq_aux_loss_coeff`` (same formula per sequence, averaged); z-loss
+      ``z_loss_coeff·mean_t(logsumexp(logits_t)^2)``; dynamic (entropy) loss
+      ``dynamic_loss_coeff·mean_t(-Σ_e P_te log P_te)``. With top-p the Switch loss normalises
+      by the assignments taken: f_i = count_i / Σ_e count_e.
     Bounded memory in dropless mode: the rows a rank's experts receive per forward may be
       capped by ``max_rows_per_rank`` and/or ``max_rows_factor`` (times the balanced load,
-      ``top_k·Σ tokens / ep`` over the rank's ETP×EP group). Over the cap, ``row_overflow=
-      "error"`` raises ``RuntimeError`` on every rank of the group (naming the load and the
-      knob); ``"capacity"`` drops the excess for that forward, as capacity mode would, and
-      reports it in ``RoutingStats.overflow``.
-    Dispatch across processes (``token_dispatcher_type``): ``"alltoall"`` sends each token copy
-      to the EP rank of its expert; ``"alltoall_hierarchical"`` does the same in two stages,
-      inside each node then one message per node pair across nodes (nodes: ``ParallelState``'s
-      ``ranks_per_node``; same results bitwise); ``"allgather"`` gathers the ETP×EP group's
-      tokens on every rank (for TP-heavy layouts or large top_k).
-    Overlap of communication with compute (results unchanged): ``shared_expert_overlap``
-      computes the shared experts while the dispatch exchange is in flight (an asynchronous
-      collective: gloo's worker threads on CPU, NCCL's stream on GPU; on GPU the shared
-      experts run on a side CUDA stream); ``overlap_chunks = n``
-      (Tutel's overlap degree) splits this rank's routed tokens into ``n`` consecutive chunks,
-      dispatched separately, so chunk ``i``'s expert GEMMs run while chunk ``i + 1``'s
-      dispatch and chunk ``i - 1``'s combine are in flight (not with ``pad_to_capacity`` or a
-      row ceiling; the backward runs the chunks' exchanges one after another).
-    Non-finite input: with ``check_finite`` (default) a NaN/Inf in the router logits raises
-      ``FloatingPointError`` (on every rank of an expert-parallel layer's ETP×EP group together:
-      one small all-gather per forward shares the verdict); without it NaN propagates.
+      ``top_k·Σ tokens / ep`` over the rank's ETP×EP group); ``row_overflow`` says what
+      happens over the cap.
     """
 
     hidden_size: int
+    """Model width H: the size of each token's input and output vector. Megatron
+    ``hidden_size``; DeepSpeed ``hidden_size``; HF ``hidden_size``."""
     ffn_hidden_size: int
+    """Hidden width F of each routed expert's FFN. Megatron ``moe_ffn_hidden_size``
+    (``ffn_hidden_size`` when None); HF ``moe_intermediate_size`` (Qwen, OLMoE, DeepSeek),
+    else ``intermediate_size``."""
     num_experts: int
+    """Routed experts E. Megatron ``num_moe_experts``; DeepSpeed ``num_experts``; HF
+    ``num_local_experts`` (Mixtral, GPT-OSS, Llama-4), ``num_experts`` (Qwen, OLMoE),
+    ``n_routed_experts`` (DeepSeek)."""
     top_k: int = 2
+    """Experts per token k (token choice; with ``top_p``, the most a token may take; expert
+    choice: the mean, each expert taking T·top_k/E·cf tokens); 1 <= top_k <= num_experts.
+    Default 2.
+    Megatron ``moe_router_topk``; DeepSpeed ``k``; HF ``num_experts_per_tok``."""
     activation: Activation = "swiglu"
+    """Expert activation: ``"swiglu"`` silu(gate)·up; ``"clamped_swiglu"`` (GPT-OSS)
+    (min(up, L) clamped to [-L, L] + 1)·g·sigmoid(α·g) with g = min(gate, L),
+    α = ``swiglu_alpha``, L = ``swiglu_limit``; ``"gelu"``; ``"relu"``. Default ``"swiglu"``.
+    Megatron ``gated_linear_unit`` + ``activation_func`` (GLU + silu: swiglu; F.gelu; F.relu);
+    HF ``hidden_act="silu"`` (SwiGLU), GPT-OSS's experts (clamped_swiglu)."""
 
     router_type: RouterType = "topk"
+    """``"topk"``: each token chooses its experts (token choice); ``"expert_choice"``: each
+    expert chooses its tokens (no aux losses, ``min_capacity``, ``routed_scaling_factor``,
+    noisy gating, expert bias, router bias, ``scale_expert_input`` or ``pad_to_capacity``).
+    Default ``"topk"``. No Megatron, DeepSpeed or HF counterpart for expert choice."""
     score_function: ScoreFunction = "softmax"
+    """Router scores from the logits: ``"softmax"`` over the experts or ``"sigmoid"`` per
+    expert. Default ``"softmax"``. Megatron ``moe_router_score_function``; HF: sigmoid for
+    DeepSeek-V3 and Llama-4, softmax otherwise."""
     softmax_before_topk: bool = True
+    """Softmax scores: True selects the top-k of softmax(logits) (weights: those
+    probabilities); False selects the top-k logits and takes the softmax over them (weights
+    sum to 1; refused with ``top_k=1``, where every weight would be 1 and the router would get
+    no gradient from the main loss). Softmax only. Default True. Megatron
+    ``moe_router_pre_softmax`` (softmax scores; True also sets ``norm_topk_prob=False``);
+    HF GPT-OSS: False."""
     norm_topk_prob: Optional[bool] = None
+    """Divide the selected weights by their sum (sigmoid: by sum + 1e-20). None (default):
+    when ``top_k > 1`` and ``top_p`` is None (``renormalize_topk``). True is refused with
+    ``top_k=1`` (every weight would be 1: the router would get no gradient from the main loss;
+    None or False keep the Switch weight p = softmax(logits)[top-1]). With ``top_p`` only True
+    renormalises, and then a token that keeps one expert gets the weight 1 and sends the
+    router no gradient from the main loss (construction warns). Megatron: False with
+    ``moe_router_pre_softmax=True``, else None; HF ``norm_topk_prob`` (Qwen, OLMoE,
+    DeepSeek-V3; Mixtral: True; DeepSeek-V2 and Llama-4: False)."""
     noisy_gating: bool = False
+    """In training, logits += N(0,1)·softplus(x W_noise) with a learned W_noise [E, H]
+    (Shazeer et al. 2017). Softmax only; token choice only. Default False. No Megatron,
+    DeepSpeed or HF counterpart."""
     expert_bias: bool = False
+    """A per-expert bias b [E] added to the scores for selection only (never to the weights),
+    updated by ``update_expert_bias`` (aux-loss-free balancing, DeepSeek-V3). Token choice
+    only. Default False. Megatron ``moe_router_enable_expert_bias`` (sigmoid only); HF
+    DeepSeek-V3's ``e_score_correction_bias``."""
     bias_update_rate: float = 1e-3
+    """Step u of the expert-bias update b_i += u·sign(mean(c) - c_i), c_i the tokens routed to
+    expert i; >= 0. Default 1e-3. Megatron ``moe_router_bias_update_rate``."""
     routed_scaling_factor: float = 1.0
+    """Multiplies every combine weight; finite, > 0 (1.0 with expert choice and with
+    ``top_p``). Default 1.0. Megatron ``moe_router_topk_scaling_factor`` (None: 1.0); HF
+    ``routed_scaling_factor`` (DeepSeek-V2/V3)."""
     num_groups: Optional[int] = None
+    """Expert groups G for group-limited selection (set with ``group_topk``; divides
+    ``num_experts``); None: no groups. Token choice only; not with ``top_p``. Megatron
+    ``moe_router_num_groups``; HF ``n_group`` (DeepSeek-V3, DeepSeek-V2's
+    ``group_limited_greedy``)."""
     group_topk: Optional[int] = None
+    """Groups M <= ``num_groups`` a token may select from: the M best groups by
+    ``group_score``. Megatron ``moe_router_group_topk``; HF ``topk_group``."""
     group_score: GroupScore = "sum_topk"
+    """A group's score from its experts' selection scores (scores + b): ``"sum_topk"`` the
+    sum of its ``top_k // group_topk`` best (Megatron-Core; ``top_k`` divisible by
+    ``group_topk``), ``"sum_top2"`` the sum of its 2 best (DeepSeek-V3; at least 2 experts per
+    group), ``"max"`` its best (DeepSeek-V2 ``group_limited_greedy``). Needs ``num_groups``
+    unless ``"sum_topk"`` (the default)."""
     router_bias: bool = False
+    """A learned router bias b_r [E]: logits = x W_r + b_r, entering selection and weights.
+    Token choice only. Default False. HF GPT-OSS's router bias (Megatron: refused with
+    ``add_bias_linear``)."""
     router_dtype: Optional[torch.dtype] = None
+    """Dtype of the logits: x and W_r are cast to it; None, torch.float32 or torch.float64.
+    None (default): float32, float64 when ``params_dtype`` is float64. Megatron
+    ``moe_router_dtype`` (``"fp32"``, ``"fp64"``); HF DeepSeek-V2/V3: float32."""
     router_score_dtype: Optional[torch.dtype] = None
+    """Dtype of the scores and of everything after them, cast from the logits; None,
+    torch.float32 or torch.float64. None (default): the router dtype. HF Mixtral, Qwen,
+    OLMoE and Llama-4: float32 scores from model-dtype logits."""
     jitter_noise: float = 0.0
+    """ε in [0, 1): in training, the layer's input (to router and experts) is multiplied by
+    U(1 - ε, 1 + ε). Default 0.0 (off). HF Mixtral ``router_jitter_noise``."""
     scale_expert_input: bool = False
+    """The weight multiplies each expert's input instead of its output:
+    y = Σ_j expert_j(probs_j · x). Token choice only; not with ``top_p``. Default False.
+    Megatron ``moe_apply_probs_on_input``; HF Llama-4."""
 
     aux_loss_coeff: float = 0.0
+    """Coefficient of the Switch load-balancing loss ``coeff·E·Σ_i f_i P_i``; >= 0, 0 with
+    expert choice. Default 0.0 (off). Megatron ``moe_aux_loss_coeff`` with
+    ``moe_router_load_balancing_type="aux_loss"`` (computed by ``MegatronLosses``); HF
+    ``router_aux_loss_coef`` (computed by HF from the recorded logits)."""
     seq_aux_loss_coeff: float = 0.0
+    """Coefficient of the per-sequence load-balancing loss (the Switch formula per sequence,
+    averaged); >= 0, 0 with expert choice. Default 0.0. Megatron ``moe_aux_loss_coeff`` with
+    ``moe_router_load_balancing_type="seq_aux_loss"`` (computed by ``MegatronLosses``)."""
     z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss ``coeff·mean_t(logsumexp(logits_t)^2)``; >= 0.
+    Default 0.0. Megatron ``moe_z_loss_coeff`` (computed by ``MegatronLosses``)."""
 
     top_p: Optional[float] = None
+    """Dynamic-k routing threshold p in (0, 1]: each token takes its best experts until their
+    softmax probability reaches p, at most ``top_k`` (class docstring). None (default): plain
+    top-k. Needs ``router_type="topk"``, ``score_function="softmax"`` and
+    ``softmax_before_topk=True``; refused with ``expert_bias``, ``num_groups``,
+    ``scale_expert_input`` and ``routed_scaling_factor != 1.0``. No Megatron, DeepSpeed or HF
+    counterpart (Megatron's own balancing losses are refused with it)."""
     dynamic_loss_coeff: float = 0.0
+    """Coefficient of the dynamic (entropy) loss ``coeff·mean_t(-Σ_e P_te log P_te)`` (Huang
+    et al. 2024), which pushes the router towards confident, fewer-expert choices; >= 0, > 0
+    needs softmax scores. Default 0.0."""
 
     capacity_factor: Optional[float] = None
+    """Capacity factor cf of the capacity formula (class docstring); finite, > 0. None
+    (default): dropless. Megatron ``moe_expert_capacity_factor`` (None: dropless); DeepSpeed
+    ``capacity_factor`` (``drop_tokens=False``: None)."""
     eval_capacity_factor: Optional[float] = None
+    """The capacity factor of eval-mode forwards (``module.eval()``), e.g. 2.0 to drop less at
+    eval; finite, > 0; needs ``capacity_factor`` with token choice. None (default): the
+    training factor. DeepSpeed ``eval_capacity_factor``."""
     dynamic_capacity: bool = False
+    """The training capacity factor follows the measured drop rate (class docstring); needs
+    token choice and ``capacity_factor`` (its starting value) within
+    [``capacity_factor_min``, ``capacity_factor_max``]. Default False."""
     target_drop_rate: float = 0.01
+    """Dynamic capacity: the drop rate (dropped / routed assignments) to stay under; in
+    (0, 1). Default 0.01."""
     capacity_factor_min: float = 1.0
+    """Dynamic capacity: the lowest factor; 0 < min <= ``capacity_factor_max``. Default 1.0."""
     capacity_factor_max: float = 4.0
+    """Dynamic capacity: the highest factor; finite. Default 4.0."""
     capacity_update_rate: float = 0.1
+    """Dynamic capacity: the relative step r (factor·(1 ± r)); in (0, 1). Default 0.1."""
     min_capacity: int = 0
+    """Lower bound on the capacity C, in assignments per expert; >= 0, 0 with expert choice.
+    Default 0. DeepSpeed ``min_capacity`` (its default is 4)."""
     drop_policy: DropPolicy = "probs"
+    """Which assignments an expert over capacity keeps: ``"probs"`` its highest combine
+    weights, ``"position"`` its earliest tokens, ``"k_major"`` (GShard) every token's first
+    choice before any second choice, tokens in order within a choice rank,
+    ``"batch_priority"`` (V-MoE's Batch Prioritized Routing) the same choice-rank order with
+    the tokens sorted by their top combine weight, descending (the last two: token choice
+    only). Default ``"probs"``. Megatron ``moe_token_drop_policy`` (``"probs"``,
+    ``"position"``)."""
     pad_to_capacity: bool = False
+    """Pad every expert's input to exactly C rows (static shapes); needs ``capacity_factor``;
+    token choice only. Default False. Megatron ``moe_pad_expert_input_to_capacity``."""
 
     swiglu_alpha: float = 1.702
+    """α of ``"clamped_swiglu"``; finite, > 0. Default 1.702. HF GPT-OSS ``swiglu_alpha``."""
     swiglu_limit: float = 7.0
+    """L of ``"clamped_swiglu"``; finite, > 0. Default 7.0. HF GPT-OSS ``swiglu_limit``."""
     expert_proj_bias: bool = False
+    """A learned bias on both expert projections (GPT-OSS; not with expert-tensor
+    parallelism). Default False. HF GPT-OSS's expert biases."""
 
     num_shared_experts: int = 0
+    """Shared experts every token passes through, merged into one FFN of width
+    ``shared_ffn_size``; >= 0. Default 0. Megatron: 1 when
+    ``moe_shared_expert_intermediate_size`` is set; HF ``n_shared_experts`` (DeepSeek),
+    1 (Qwen2-MoE, Llama-4)."""
     shared_expert_ffn_hidden_size: Optional[int] = None
+    """Width of the merged shared FFN; needs ``num_shared_experts >= 1``. None (default):
+    ``num_shared_experts · ffn_hidden_size``. Megatron ``moe_shared_expert_intermediate_size``;
+    HF ``shared_expert_intermediate_size`` (Qwen2-MoE)."""
     shared_expert_gate: bool = False
+    """The shared output is multiplied by sigmoid(x · gate_weight) (a learned [1, H] gate);
+    needs shared experts. Default False. Megatron ``moe_shared_expert_gate``; HF Qwen2-MoE's
+    ``shared_expert_gate``."""
 
     params_dtype: torch.dtype = torch.float32
+    """Dtype of the expert parameters: float32, float64, bfloat16 or float16 (the router's are
+    float32, float64 for float64 models). Default float32. Megatron ``params_dtype``; HF: the
+    model's dtype."""
     init_std: float = 0.02
+    """Standard deviation of the N(0, init_std) initialisation of router and expert weights;
+    finite, > 0. Default 0.02. Megatron ``init_method_std``."""
     check_finite: bool = True
+    """A NaN/Inf in the router logits raises ``FloatingPointError`` (on every rank of an
+    expert-parallel layer's ETP×EP group together: one small all-gather per forward shares the
+    verdict); False lets NaN propagate. Default True."""
     token_dispatcher_type: DispatcherType = "alltoall"
+    """How tokens cross processes: ``"alltoall"`` sends each token copy to the EP rank of its
+    expert; ``"alltoall_hierarchical"`` does the same in two stages, inside each node then one
+    message per node pair across nodes (nodes: ``ParallelState``'s ``ranks_per_node``; same
+    results bitwise); ``"allgather"`` gathers the ETP×EP group's tokens on every rank (for
+    TP-heavy layouts or large top_k). Default ``"alltoall"``. Megatron
+    ``moe_token_dispatcher_type`` (``"alltoall"``, ``"allgather"``)."""
     shared_expert_overlap: bool = False
+    """Compute the shared experts while the dispatch exchange is in flight (an asynchronous
+    collective: gloo's worker threads on CPU, NCCL's stream on GPU, where the shared experts
+    run on a side CUDA stream); same results; needs shared experts. Default False. Megatron
+    ``moe_shared_expert_overlap``."""
     overlap_chunks: int = 1
+    """n >= 1: split this rank's routed tokens into n consecutive chunks dispatched separately,
+    so chunk i's expert GEMMs run while chunk i + 1's dispatch and chunk i - 1's combine are in
+    flight (the backward runs the chunks' exchanges one after another); same results; n > 1 is
+    refused with ``pad_to_capacity`` or a row ceiling. Default 1. Tutel's overlap degree."""
 
     expert_impl: ExpertImpl = "grouped"
+    """Expert computation, the same result either way: ``"grouped"`` (grouped GEMM on the
+    unpadded, ragged groups) or ``"block_sparse"`` (MegaBlocks-style: each local expert's rows
+    padded to a multiple of ``block_size``, first GEMM as a sampled dense-dense block product,
+    second as a dense-sparse one; at most E_local·(block_size-1) padding rows). The
+    block-sparse kernels run one GEMM per expert panel plus copies between panel and block
+    layout, so they do the grouped GEMM's work and more; measured on CPU
+    (``python -m benchmarks layer``) the grouped layer step is 1.04-1.29x faster, hence the
+    default ``"grouped"``."""
     grouped_gemm_backend: str = "auto"
+    """Grouped GEMM implementation (``expert_impl="grouped"``), same formula, one of
+    ``ops.GROUPED_GEMM_BACKENDS``: ``"auto"`` (default: for bfloat16 on sm_90+ with at least
+    16 groups ``"torch"``, its wgrad ``"cutlass"`` where the Hopper kernels run; else
+    ``"loop"``) or ``"loop"`` on any device; ``"streams"``, ``"cublas"``, ``"torch"``
+    (bfloat16) or ``"cutlass"`` (bfloat16) on CUDA only (``ops.grouped_gemm``)."""
     block_size: Optional[int] = None
+    """Block-sparse block size, in rows; an explicit value must divide the local ffn size
+    (``ffn_hidden_size / etp``). None (default): 128 on CUDA, 32 on CPU, halved until it
+    divides the local ffn size."""
     max_rows_per_rank: Optional[int] = None
+    """Dropless row ceiling: the most rows a rank's experts receive per forward; > 0. None
+    (default): no ceiling. Dropless token choice only."""
     max_rows_factor: Optional[float] = None
+    """Dropless row ceiling as a multiple (finite, >= 1) of the balanced load
+    ``top_k·Σ tokens / ep``. None (default): no ceiling. Dropless token choice only."""
     row_overflow: RowOverflow = "error"
+    """Over the row ceiling: ``"error"`` (default) raises ``RuntimeError`` on every rank of the
+    group (naming the load and the knob); ``"capacity"`` drops the excess for that forward, as
+    capacity mode would, and reports it in ``RoutingStats.overflow``."""
 
     def __post_init__(self) -> None:
-        _positive_int("hidden_size", self.hidden_size)
-        _positive_int("ffn_hidden_size", self.ffn_hidden_size)
-        _positive_int("num_experts", self.num_experts)
-        _positive_int("top_k", self.top_k)
+        self._check_sizes()
+        self._check_choices()
+        self._check_router_weights()
+        self._check_capacity()
+        self._check_router_noise()
+        self._check_group_limited()
+        self._check_losses()
+        self._check_expert_choice()
+        self._check_numerics()
+        self._check_shared_experts()
+        self._check_dropless()
+        self._check_overlap()
+        self._check_top_p()
+        self._check_dynamic_capacity()
+
+    def _check_sizes(self) -> None:
+        """hidden_size, ffn_hidden_size, num_experts, top_k: positive ints, top_k <= E."""
+        check_positive_int("hidden_size", self.hidden_size)
+        check_positive_int("ffn_hidden_size", self.ffn_hidden_size)
+        check_positive_int("num_experts", self.num_experts)
+        check_positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k must be <= num_experts ({self.num_experts}), got top_k={self.top_k}"
             )
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("router_type", self.router_type, ROUTER_TYPES)
-        _choice("score_function", self.score_function, SCORE_FUNCTIONS)
-        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("token_dispatcher_type", self.token_dispatcher_type, DISPATCHERS)
+
+    def _check_choices(self) -> None:
+        """Every field with a fixed set of values holds one of them (the Literal types, the
+        bool flags, ``norm_topk_prob``, the dtypes)."""
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("router_type", self.router_type, ROUTER_TYPES)
+        check_choice("score_function", self.score_function, SCORE_FUNCTIONS)
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("token_dispatcher_type", self.token_dispatcher_type, DISPATCHERS)
+        check_choice("group_score", self.group_score, GROUP_SCORES)
+        check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        check_choice("grouped_gemm_backend", self.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
+        check_choice("row_overflow", self.row_overflow, ROW_OVERFLOWS)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -238,6 +372,13 @@ class MoEConfig:
                 f"norm_topk_prob must be a bool or None (renormalise when top_k > 1), got "
                 f"{self.norm_topk_prob!r}"
             )
+        for name in ("router_dtype", "router_score_dtype"):
+            check_choice(name, getattr(self, name), _ROUTER_DTYPES)
+        check_choice("params_dtype", self.params_dtype, FLOAT_DTYPES)
+
+    def _check_router_weights(self) -> None:
+        """The combine weights: no top-1 combination whose weight is always 1 (the router would
+        get no gradient from the main loss), softmax-only options, a positive scaling."""
         if self.router_type == "topk" and self.top_k == 1:
             if self.norm_topk_prob:
                 raise ValueError(
@@ -251,204 +392,130 @@ class MoEConfig:
                     "logit: every combine weight is 1 and the router gets no gradient from the "
                     "main loss; set softmax_before_topk=True"
                 )
-        if self.capacity_factor is not None and not (
-            _is_real(self.capacity_factor)
-            and math.isfinite(self.capacity_factor)
-            and self.capacity_factor > 0
-        ):
-            raise ValueError(
-                "capacity_factor must be a number > 0, or None for dropless; "
-                f"got {self.capacity_factor!r}"
-            )
+        if self.score_function == "sigmoid" and not self.softmax_before_topk:
+            raise ValueError("softmax_before_topk=False applies only to score_function='softmax'")
+        check_positive_float("routed_scaling_factor", self.routed_scaling_factor)
+
+    def _check_capacity(self) -> None:
+        """capacity_factor, eval_capacity_factor, min_capacity, pad_to_capacity, drop_policy."""
+        if self.capacity_factor is not None:
+            check_positive_float("capacity_factor", self.capacity_factor, "None for dropless")
         if self.eval_capacity_factor is not None:
-            if not (_is_real(self.eval_capacity_factor)
-                    and math.isfinite(self.eval_capacity_factor)
-                    and self.eval_capacity_factor > 0):
-                raise ValueError(
-                    "eval_capacity_factor must be a number > 0, or None for capacity_factor; "
-                    f"got {self.eval_capacity_factor!r}"
-                )
+            check_positive_float("eval_capacity_factor", self.eval_capacity_factor,
+                            "None for capacity_factor")
             if self.router_type == "topk" and self.capacity_factor is None:
                 raise ValueError(
                     "eval_capacity_factor needs capacity_factor to be set: a dropless layer "
                     "(capacity_factor=None) has no capacity to change in eval"
                 )
-        _nonneg_int("min_capacity", self.min_capacity)
+        check_nonneg_int("min_capacity", self.min_capacity)
         if self.pad_to_capacity and self.capacity_factor is None:
             raise ValueError("pad_to_capacity=True needs capacity_factor to be set (it is None)")
-        if self.score_function == "sigmoid" and not self.softmax_before_topk:
-            raise ValueError("softmax_before_topk=False applies only to score_function='softmax'")
+        if self.drop_policy in ("k_major", "batch_priority") and self.router_type != "topk":
+            raise ValueError(f"drop_policy={self.drop_policy!r} applies only to "
+                             "router_type='topk'")
+
+    def _check_router_noise(self) -> None:
+        """noisy_gating (softmax only), jitter_noise in [0, 1), the expert-bias step >= 0."""
         if self.noisy_gating and self.score_function != "softmax":
             raise ValueError("noisy_gating requires score_function='softmax'")
-        _nonneg_float("bias_update_rate", self.bias_update_rate)
-        if not (
-            _is_real(self.routed_scaling_factor)
-            and math.isfinite(self.routed_scaling_factor)
-            and self.routed_scaling_factor > 0
-        ):
-            raise ValueError(
-                f"routed_scaling_factor must be a finite number > 0, "
-                f"got {self.routed_scaling_factor!r}"
-            )
+        if not (_is_real(self.jitter_noise) and 0 <= self.jitter_noise < 1):
+            raise ValueError(f"jitter_noise must be a number in [0, 1), got {self.jitter_noise!r}")
+        check_nonneg_float("bias_update_rate", self.bias_update_rate)
+
+    def _check_group_limited(self) -> None:
+        """num_groups / group_topk / group_score: set together, sizes that divide, token choice."""
         if (self.num_groups is None) != (self.group_topk is None):
             raise ValueError(
                 "num_groups and group_topk must be set together "
                 f"(got num_groups={self.num_groups}, group_topk={self.group_topk})"
             )
-        if self.num_groups is not None:
-            _positive_int("num_groups", self.num_groups)
-            _positive_int("group_topk", self.group_topk)
-            if self.num_experts % self.num_groups:
+        if self.num_groups is None:
+            if self.group_score != "sum_topk":
+                raise ValueError(f"group_score={self.group_score!r} needs num_groups/group_topk")
+            return
+        G, M = self.num_groups, self.group_topk
+        check_positive_int("num_groups", G)
+        check_positive_int("group_topk", M)
+        per_group = self.num_experts // G
+        if self.num_experts % G:
+            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by "
+                             f"num_groups ({G})")
+        if M > G:
+            raise ValueError(f"group_topk ({M}) must be <= num_groups ({G})")
+        if self.group_score == "sum_topk" and self.top_k % M:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be divisible by group_topk ({M}) with "
+                "group_score='sum_topk' (each group scored by its top_k // group_topk best); "
+                "group_score='sum_top2' or 'max' take any top_k"
+            )
+        if self.group_score == "sum_top2" and per_group < 2:
+            raise ValueError(
+                f"group_score='sum_top2' needs at least 2 experts per group, got {per_group}")
+        if self.top_k > M * per_group:
+            raise ValueError(f"top_k ({self.top_k}) exceeds the experts in group_topk ({M}) "
+                             f"groups of {per_group}")
+        if self.router_type != "topk":
+            raise ValueError("num_groups/group_topk apply only to router_type='topk'")
+
+    def _check_losses(self) -> None:
+        """The loss coefficients are finite and >= 0; the entropy loss needs softmax scores."""
+        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff",
+                     "dynamic_loss_coeff"):
+            check_nonneg_float(name, getattr(self, name))
+        if self.dynamic_loss_coeff > 0 and self.score_function != "softmax":
+            raise ValueError("dynamic_loss_coeff > 0 needs score_function='softmax' (the entropy "
+                             "of the router's distribution)")
+
+    def _check_expert_choice(self) -> None:
+        """Expert choice: softmax scores, and none of the token-choice-only options."""
+        if self.router_type != "expert_choice":
+            return
+        for name in ("noisy_gating", "expert_bias", "pad_to_capacity", "router_bias",
+                     "scale_expert_input"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported with router_type='expert_choice'")
+        for name in ("aux_loss_coeff", "seq_aux_loss_coeff"):
+            if getattr(self, name) > 0:
                 raise ValueError(
-                    f"num_experts ({self.num_experts}) must be divisible by "
-                    f"num_groups ({self.num_groups})"
+                    f"{name} must be 0 with router_type='expert_choice' (every expert "
+                    f"takes the same number of tokens), got {getattr(self, name)}"
                 )
-            if self.group_topk > self.num_groups:
-                raise ValueError(
-                    f"group_topk ({self.group_topk}) must be <= num_groups ({self.num_groups})"
-                )
-            _choice("group_score", self.group_score, GROUP_SCORES)
-            if self.group_score == "sum_topk" and self.top_k % self.group_topk:
-                raise ValueError(
-                    f"top_k ({self.top_k}) must be divisible by group_topk ({self.group_topk}) "
-                    "with group_score='sum_topk' (each group scored by its top_k // group_topk "
-                    "best); group_score='sum_top2' or 'max' take any top_k"
-                )
-            if self.group_score == "sum_top2" and self.num_experts // self.num_groups < 2:
-                raise ValueError(
-                    f"group_score='sum_top2' needs at least 2 experts per group, got "
-                    f"{self.num_experts // self.num_groups}"
-                )
-            if self.top_k > self.group_topk * (self.num_experts // self.num_groups):
-                raise ValueError(
-                    f"top_k ({self.top_k}) exceeds the experts in group_topk "
-                    f"({self.group_topk}) groups of {self.num_experts // self.num_groups}"
-                )
-            if self.router_type != "topk":
-                raise ValueError("num_groups/group_topk apply only to router_type='topk'")
-        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
-            _nonneg_float(name, getattr(self, name))
-        if self.router_type == "expert_choice":
-            for name in ("noisy_gating", "expert_bias", "pad_to_capacity"):
-                if getattr(self, name):
-                    raise ValueError(f"{name} is not supported with router_type='expert_choice'")
-            for name in ("aux_loss_coeff", "seq_aux_loss_coeff"):
-                if getattr(self, name) > 0:
-                    raise ValueError(
-                        f"{name} must be 0 with router_type='expert_choice' (every expert "
-                        f"takes the same number of tokens), got {getattr(self, name)}"
-                    )
-            if self.min_capacity:
-                raise ValueError(
-                    "min_capacity applies only to router_type='topk' (expert choice uses "
-                    f"C = min(T, ceil(T*top_k/E*capacity_factor))), got {self.min_capacity}"
-                )
-            if self.routed_scaling_factor != 1.0:
-                raise ValueError(
-                    "routed_scaling_factor must be 1.0 with router_type='expert_choice', "
-                    f"got {self.routed_scaling_factor}"
-                )
-            if self.score_function != "softmax":
-                raise ValueError("router_type='expert_choice' requires score_function='softmax'")
-        self._check_hf_semantics()
-        _nonneg_int("num_shared_experts", self.num_shared_experts)
+        if self.min_capacity:
+            raise ValueError(
+                "min_capacity applies only to router_type='topk' (expert choice uses "
+                f"C = min(T, ceil(T*top_k/E*capacity_factor))), got {self.min_capacity}"
+            )
+        if self.routed_scaling_factor != 1.0:
+            raise ValueError(
+                "routed_scaling_factor must be 1.0 with router_type='expert_choice', "
+                f"got {self.routed_scaling_factor}"
+            )
+        if self.score_function != "softmax":
+            raise ValueError("router_type='expert_choice' requires score_function='softmax'")
+
+    def _check_numerics(self) -> None:
+        """The constants that must be finite and > 0: the clamped-SwiGLU α and L, init_std."""
+        for name in ("swiglu_alpha", "swiglu_limit", "init_std"):
+            check_positive_float(name, getattr(self, name))
+
+    def _check_shared_experts(self) -> None:
+        """num_shared_experts >= 0; the shared width and gate need a shared expert."""
+        check_nonneg_int("num_shared_experts", self.num_shared_experts)
         if self.shared_expert_ffn_hidden_size is not None:
-            _positive_int("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size)
+            check_positive_int("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size)
             if self.num_shared_experts == 0:
                 raise ValueError("shared_expert_ffn_hidden_size needs num_shared_experts >= 1")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
-        self._check_dropless()
-        self._check_overlap()
-        self._check_dynamic_routing()
-        if self.params_dtype not in _DTYPES:
-            raise ValueError(f"params_dtype must be one of {_DTYPES}, got {self.params_dtype}")
-        if not (_is_real(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0):
-            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
-
-    def _check_dynamic_routing(self) -> None:
-        _nonneg_float("dynamic_loss_coeff", self.dynamic_loss_coeff)
-        if self.dynamic_loss_coeff > 0 and self.score_function != "softmax":
-            raise ValueError("dynamic_loss_coeff > 0 needs score_function='softmax' (the entropy "
-                             "of the router's distribution)")
-        if self.top_p is not None:
-            if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
-                raise ValueError(f"top_p must be a number in (0, 1], or None for top-k; got "
-                                 f"{self.top_p!r}")
-            if (self.router_type != "topk" or self.score_function != "softmax"
-                    or not self.softmax_before_topk):
-                raise ValueError(
-                    "top_p needs router_type='topk', score_function='softmax' and "
-                    "softmax_before_topk=True (it accumulates the softmax probabilities), got "
-                    f"{self.router_type!r}, {self.score_function!r}, {self.softmax_before_topk}")
-            for name in ("expert_bias", "num_groups", "scale_expert_input"):
-                if getattr(self, name) not in (None, False):
-                    raise ValueError(f"top_p cannot be combined with {name}")
-            if self.routed_scaling_factor != 1.0:
-                raise ValueError("top_p needs routed_scaling_factor=1.0")
-        if self.drop_policy in ("k_major", "batch_priority") and self.router_type != "topk":
-            raise ValueError(f"drop_policy={self.drop_policy!r} applies only to "
-                             "router_type='topk'")
-        if not self.dynamic_capacity:
-            return
-        if self.router_type != "topk" or self.capacity_factor is None:
-            raise ValueError("dynamic_capacity=True needs router_type='topk' and a "
-                             "capacity_factor (its starting value)")
-        if not (_is_real(self.target_drop_rate) and 0 < self.target_drop_rate < 1):
-            raise ValueError(f"target_drop_rate must be in (0, 1), got {self.target_drop_rate!r}")
-        if not (_is_real(self.capacity_update_rate) and 0 < self.capacity_update_rate < 1):
-            raise ValueError("capacity_update_rate must be in (0, 1), got "
-                             f"{self.capacity_update_rate!r}")
-        lo, hi = self.capacity_factor_min, self.capacity_factor_max
-        if not (_is_real(lo) and _is_real(hi) and 0 < lo <= hi and math.isfinite(hi)):
-            raise ValueError(f"capacity_factor_min/capacity_factor_max must satisfy 0 < min <= "
-                             f"max < inf, got {lo!r}, {hi!r}")
-        if not lo <= self.capacity_factor <= hi:
-            raise ValueError(f"capacity_factor {self.capacity_factor} must lie in "
-                             f"[capacity_factor_min, capacity_factor_max] = [{lo}, {hi}]")
-
-    def _check_overlap(self) -> None:
-        if self.shared_expert_overlap and self.num_shared_experts == 0:
-            raise ValueError("shared_expert_overlap=True needs num_shared_experts >= 1")
-        _positive_int("overlap_chunks", self.overlap_chunks)
-        if self.overlap_chunks > 1:
-            for name in ("pad_to_capacity", "max_rows_per_rank", "max_rows_factor"):
-                if getattr(self, name) not in (None, False):
-                    raise ValueError(
-                        f"overlap_chunks={self.overlap_chunks} cannot be combined with {name} "
-                        f"(the chunks' rows are dispatched separately: a per-forward static size "
-                        f"or row ceiling would apply per chunk); use overlap_chunks=1"
-                    )
-
-    def _check_hf_semantics(self) -> None:
-        """The routing and expert variants of the Hugging Face model families."""
-        if self.group_score != "sum_topk":
-            _choice("group_score", self.group_score, GROUP_SCORES)
-            if self.num_groups is None:
-                raise ValueError(f"group_score={self.group_score!r} needs num_groups/group_topk")
-        for name in ("router_dtype", "router_score_dtype"):
-            if getattr(self, name) not in _ROUTER_DTYPES:
-                raise ValueError(f"{name} must be one of (None, torch.float32, torch.float64), "
-                                 f"got {getattr(self, name)!r}")
-        if not (_is_real(self.jitter_noise) and 0 <= self.jitter_noise < 1):
-            raise ValueError(f"jitter_noise must be a number in [0, 1), got {self.jitter_noise!r}")
-        for name in ("swiglu_alpha", "swiglu_limit"):
-            v = getattr(self, name)
-            if not (_is_real(v) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if self.router_type == "expert_choice":
-            for name in ("router_bias", "scale_expert_input"):
-                if getattr(self, name):
-                    raise ValueError(f"{name} is not supported with router_type='expert_choice'")
 
     def _check_dropless(self) -> None:
-        _choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
-        _choice("grouped_gemm_backend", self.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
-        _choice("row_overflow", self.row_overflow, ROW_OVERFLOWS)
+        """block_size > 0; the row ceiling (max_rows_per_rank > 0, max_rows_factor >= 1) only
+        on dropless token choice."""
         if self.block_size is not None:
-            _positive_int("block_size", self.block_size)
+            check_positive_int("block_size", self.block_size)
         if self.max_rows_per_rank is not None:
-            _positive_int("max_rows_per_rank", self.max_rows_per_rank)
+            check_positive_int("max_rows_per_rank", self.max_rows_per_rank)
         if self.max_rows_factor is not None and not (
             _is_real(self.max_rows_factor)
             and math.isfinite(self.max_rows_factor)
@@ -465,6 +532,67 @@ class MoEConfig:
                 f"router_type={self.router_type!r}, capacity_factor={self.capacity_factor!r}"
             )
 
+    def _check_overlap(self) -> None:
+        """shared_expert_overlap needs shared experts; overlap_chunks > 1 excludes static
+        sizes and row ceilings (they would apply per chunk)."""
+        if self.shared_expert_overlap and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_overlap=True needs num_shared_experts >= 1")
+        check_positive_int("overlap_chunks", self.overlap_chunks)
+        if self.overlap_chunks > 1:
+            for name in ("pad_to_capacity", "max_rows_per_rank", "max_rows_factor"):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(
+                        f"overlap_chunks={self.overlap_chunks} cannot be combined with {name} "
+                        f"(the chunks' rows are dispatched separately: a per-forward static size "
+                        f"or row ceiling would apply per chunk); use overlap_chunks=1"
+                    )
+
+    def _check_top_p(self) -> None:
+        """top_p in (0, 1], on softmax-before-top-k token choice, without the options that
+        change selection or weights (expert bias, groups, input scaling, weight scaling)."""
+        if self.top_p is None:
+            return
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], or None for top-k; got "
+                             f"{self.top_p!r}")
+        if (self.router_type != "topk" or self.score_function != "softmax"
+                or not self.softmax_before_topk):
+            raise ValueError(
+                "top_p needs router_type='topk', score_function='softmax' and "
+                "softmax_before_topk=True (it accumulates the softmax probabilities), got "
+                f"{self.router_type!r}, {self.score_function!r}, {self.softmax_before_topk}")
+        for name in ("expert_bias", "num_groups", "scale_expert_input"):
+            if getattr(self, name) not in (None, False):
+                raise ValueError(f"top_p cannot be combined with {name}")
+        if self.routed_scaling_factor != 1.0:
+            raise ValueError("top_p needs routed_scaling_factor=1.0")
+        if self.norm_topk_prob:
+            warnings.warn(
+                "top_p with norm_topk_prob=True: a token that keeps one expert gets the combine "
+                "weight 1 and sends the router no gradient from the main loss (top_k=1 with "
+                "norm_topk_prob=True is refused for this reason); leave norm_topk_prob None to "
+                "weight by the probabilities themselves", UserWarning, stacklevel=3)
+
+    def _check_dynamic_capacity(self) -> None:
+        """dynamic_capacity: token choice with a starting capacity_factor inside
+        [capacity_factor_min, capacity_factor_max]; the schedule's rates in (0, 1)."""
+        if not self.dynamic_capacity:
+            return
+        if self.router_type != "topk" or self.capacity_factor is None:
+            raise ValueError("dynamic_capacity=True needs router_type='topk' and a "
+                             "capacity_factor (its starting value)")
+        for name in ("target_drop_rate", "capacity_update_rate"):
+            value = getattr(self, name)
+            if not (_is_real(value) and 0 < value < 1):
+                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+        lo, hi = self.capacity_factor_min, self.capacity_factor_max
+        if not (_is_real(lo) and _is_real(hi) and 0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"capacity_factor_min/capacity_factor_max must satisfy 0 < min <= "
+                             f"max < inf, got {lo!r}, {hi!r}")
+        if not lo <= self.capacity_factor <= hi:
+            raise ValueError(f"capacity_factor {self.capacity_factor} must lie in "
+                             f"[capacity_factor_min, capacity_factor_max] = [{lo}, {hi}]")
+
     def capacity_factor_in(self, training: bool) -> Optional[float]:
         """The capacity factor of a training (``capacity_factor``) or an eval forward
         (``eval_capacity_factor``, when set)."""
@@ -475,7 +603,8 @@ class MoEConfig:
     @property
     def renormalize_topk(self) -> bool:
         """Whether the top-k weights are divided by their sum: ``norm_topk_prob``, or, when it
-        is None, ``top_k > 1`` (Mixtral/Qwen renormalise top-2; Switch keeps the top-1 score)."""
+        is None, ``top_k > 1`` without ``top_p`` (Mixtral/Qwen renormalise top-2; Switch keeps
+        the top-1 score; top-p keeps the probabilities)."""
         if self.norm_topk_prob is None:
             return self.top_k > 1 and self.top_p is None
         return self.norm_topk_prob
@@ -509,25 +638,44 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _is_real(value) -> bool:
+# The bool fields, read from their annotations.
+_BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(MoEConfig) if f.type == "bool")
+
+
+# ---- value checks (shared with routing/) -------------------------------------------------------
+
+
+def _is_real(value: object) -> bool:
+    """An int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _nonneg_float(name: str, value) -> None:
+def check_positive_float(name: str, value: object, none_means: Optional[str] = None) -> None:
+    """``value`` is a finite real > 0 (``none_means``: what None would mean, for the error)."""
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        alternative = f", or {none_means};" if none_means else ","
+        raise ValueError(f"{name} must be a finite number > 0{alternative} got {value!r}")
+
+
+def check_nonneg_float(name: str, value: object) -> None:
+    """``value`` is a finite real >= 0."""
     if not (_is_real(value) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def _positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value: object) -> None:
+    """``value`` is an int (not a bool) > 0."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _nonneg_int(name: str, value) -> None:
+def check_nonneg_int(name: str, value: object) -> None:
+    """``value`` is an int (not a bool) >= 0."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
-def _choice(name: str, value, allowed) -> None:
+def check_choice(name: str, value: object, allowed: tuple) -> None:
+    """``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -60,6 +60,23 @@ def test_top_p_takes_experts_until_the_probability_reaches_p():
     assert router(x)[0].keep.all()
 
 
+def test_top_p_with_norm_topk_prob_gives_a_one_expert_token_weight_one():
+    # MoEConfig.norm_topk_prob: a token that keeps one expert gets the weight 1, whose gradient
+    # to the router is 0; a token that keeps two still trains the router through its weights
+    probs = [[0.9, 0.05, 0.03, 0.02], [0.5, 0.3, 0.15, 0.05]]
+    with pytest.warns(UserWarning, match="norm_topk_prob=True: a token that keeps one expert"):
+        MoEConfig(**BASE, top_k=3, top_p=0.7, norm_topk_prob=True)
+    router, x = _router_with_probs(probs, top_k=3, top_p=0.7, norm_topk_prob=True)
+    routing, _ = router(x)
+    assert routing.probs[0].tolist() == [1.0, 0.0, 0.0]
+    cot = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)
+    (routing.probs[0] * cot).sum().backward(retain_graph=True)
+    assert torch.allclose(router.weight.grad, torch.zeros_like(router.weight), atol=1e-12)
+    router.weight.grad = None
+    (routing.probs[1] * cot).sum().backward()
+    assert router.weight.grad.abs().max() > 1e-3
+
+
 def test_top_p_stats_report_experts_per_token():
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(**BASE, top_k=4, top_p=0.5))

@@ -19,19 +19,21 @@ Dynamic capacity (``next_capacity_factor``): a factor that follows the measured 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..config import DROP_POLICIES
+from ..config import (
+    DROP_POLICIES,
+    check_choice,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = ["DROP_POLICIES", "apply_capacity", "expert_capacity", "next_capacity_factor"]
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def expert_capacity(
@@ -46,19 +48,13 @@ def expert_capacity(
     ``T = num_tokens``, ``k = top_k``, ``E = num_experts``; the product is evaluated in that
     order (``T * k / E * capacity_factor``) in double precision before the ceiling.
     """
-    _check_int("num_tokens", num_tokens, 0)
-    _check_int("num_experts", num_experts, 1)
-    _check_int("top_k", top_k, 1)
-    _check_int("min_capacity", min_capacity, 0)
+    check_nonneg_int("num_tokens", num_tokens)
+    check_positive_int("num_experts", num_experts)
+    check_positive_int("top_k", top_k)
+    check_nonneg_int("min_capacity", min_capacity)
     if top_k > num_experts:
         raise ValueError(f"top_k ({top_k}) must be <= num_experts ({num_experts})")
-    if (
-        isinstance(capacity_factor, bool)
-        or not isinstance(capacity_factor, (int, float))
-        or not math.isfinite(capacity_factor)
-        or capacity_factor <= 0
-    ):
-        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+    check_positive_float("capacity_factor", capacity_factor)
     return max(math.ceil(num_tokens * top_k / num_experts * capacity_factor), min_capacity)
 
 
@@ -89,6 +85,20 @@ def apply_capacity(
     Expert ids outside ``[0, num_experts)`` raise ``ValueError``; this value check runs on CPU
     tensors only (on an accelerator it would force a device synchronisation).
     """
+    _check_capacity_args(expert_idx, probs, num_experts, capacity, drop_policy, keep)
+    # Flattened row-major, so flat order == (token, slot) order. Excluded assignments get the
+    # sentinel expert id E: they sort after every real expert and are never kept.
+    experts_N = expert_idx.reshape(-1).to(torch.int64)
+    if keep is not None:
+        experts_N = experts_N.masked_fill(~keep.reshape(-1), num_experts)
+    first_N = _POLICY_ORDER[drop_policy](probs.detach())
+    kept_N = _keep_first_per_expert(experts_N, first_N, num_experts, capacity)
+    return kept_N.view(expert_idx.shape)
+
+
+def _check_capacity_args(expert_idx: Tensor, probs: Tensor, num_experts: int, capacity: int,
+                         drop_policy: str, keep: Optional[Tensor]) -> None:
+    """``apply_capacity``'s argument contract (shapes, dtypes, ranges)."""
     if not isinstance(expert_idx, Tensor) or expert_idx.dim() != 2:
         raise ValueError(
             f"expert_idx must be a 2-D [T, k] tensor, got "
@@ -105,10 +115,9 @@ def apply_capacity(
             f"probs must be a tensor of expert_idx's shape {tuple(expert_idx.shape)}, got "
             f"{tuple(probs.shape) if isinstance(probs, Tensor) else type(probs)}"
         )
-    _check_int("num_experts", num_experts, 1)
-    _check_int("capacity", capacity, 0)
-    if drop_policy not in DROP_POLICIES:
-        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    check_positive_int("num_experts", num_experts)
+    check_nonneg_int("capacity", capacity)
+    check_choice("drop_policy", drop_policy, DROP_POLICIES)
     if keep is not None and (
         not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != expert_idx.shape
     ):
@@ -122,30 +131,61 @@ def apply_capacity(
                 f"expert_idx values must lie in [0, num_experts={num_experts}), got [{lo}, {hi}]"
             )
 
-    shape = expert_idx.shape
-    n = expert_idx.numel()
-    device = expert_idx.device
-    # Flattened row-major, so flat order == (token, slot) order. Excluded assignments get the
-    # sentinel expert id E: they sort after every real expert and are never kept.
-    experts = expert_idx.reshape(-1).to(torch.int64)
-    if keep is not None:
-        experts = experts.masked_fill(~keep.reshape(-1), num_experts)
-    T, k = shape
-    if drop_policy == "probs":
-        first = torch.sort(probs.detach().reshape(-1), descending=True, stable=True).indices
-    elif drop_policy == "position":
-        first = None  # row-major flat order is already (t, j)
-    else:  # choice rank major: flat index t·k + j visited for j = 0.., tokens in priority order
-        tokens = torch.arange(T, device=device)
-        if drop_policy == "batch_priority":
-            top = probs.detach().amax(dim=1) if k else probs.new_zeros(T)
-            tokens = torch.sort(top, descending=True, stable=True).indices
-        first = (tokens.view(1, T) * k + torch.arange(k, device=device).view(k, 1)).reshape(-1)
-    if first is None:
-        order = torch.sort(experts, stable=True).indices
+
+# ---- the drop policies: each gives the flat assignment indices t·k + j in its key's order ----
+
+
+def _probs_order(probs_TK: Tensor) -> Tensor:
+    """``"probs"``: combine weight descending, ties to the earlier (t, j)."""
+    return torch.sort(probs_TK.reshape(-1), descending=True, stable=True).indices
+
+
+def _position_order(probs_TK: Tensor) -> None:
+    """``"position"``: the row-major flat order is already (t, j); None means that order."""
+    return None
+
+
+def _choice_rank_order(tokens_T: Tensor, k: int) -> Tensor:
+    """Choice rank major: flat index t·k + j visited for j = 0.., ``tokens_T`` in each rank."""
+    T = tokens_T.shape[0]
+    ranks = torch.arange(k, device=tokens_T.device).view(k, 1)
+    return (tokens_T.view(1, T) * k + ranks).reshape(-1)
+
+
+def _k_major_order(probs_TK: Tensor) -> Tensor:
+    """``"k_major"`` (GShard): (j, t) ascending."""
+    T, k = probs_TK.shape
+    return _choice_rank_order(torch.arange(T, device=probs_TK.device), k)
+
+
+def _batch_priority_order(probs_TK: Tensor) -> Tensor:
+    """``"batch_priority"`` (V-MoE): (j, -max_j' probs[t, j'], t) ascending."""
+    T, k = probs_TK.shape
+    top_T = probs_TK.amax(dim=1) if k else probs_TK.new_zeros(T)
+    return _choice_rank_order(torch.sort(top_T, descending=True, stable=True).indices, k)
+
+
+_POLICY_ORDER: dict[str, Callable[[Tensor], Optional[Tensor]]] = {
+    "probs": _probs_order,
+    "position": _position_order,
+    "k_major": _k_major_order,
+    "batch_priority": _batch_priority_order,
+}
+
+
+def _keep_first_per_expert(experts_N: Tensor, first_N: Optional[Tensor], num_experts: int,
+                           capacity: int) -> Tensor:
+    """``[N]`` bool: assignment i is among the first ``capacity`` of its expert in the order
+    ``first_N`` (None: flat order); the sentinel expert ``num_experts`` is never kept.
+
+    A stable sort by expert puts each expert's candidates in a contiguous run, in ``first_N``
+    order; rank = position - start of the run."""
+    n, device = experts_N.numel(), experts_N.device
+    if first_N is None:
+        order = torch.sort(experts_N, stable=True).indices
     else:
-        order = first[torch.sort(experts[first], stable=True).indices]
-    sorted_experts = experts[order]
+        order = first_N[torch.sort(experts_N[first_N], stable=True).indices]
+    sorted_experts = experts_N[order]
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts))
     run_start = torch.cumsum(counts, 0) - counts
@@ -153,7 +193,7 @@ def apply_capacity(
     keep_sorted = (rank < capacity) & (sorted_experts < num_experts)
     out = torch.empty(n, dtype=torch.bool, device=device)
     out[order] = keep_sorted
-    return out.view(shape)
+    return out
 
 
 def next_capacity_factor(factor: float, dropped: int, routed: int, idle_slots: int, slots: int,

@@ -1,10 +1,13 @@
-"""Routing losses: load balancing (Switch, per sequence) and the router z-loss.
+"""Routing losses: load balancing (Switch, per sequence), the router z-loss and the dynamic
+(entropy) loss, and ``attach_to_graph``, which hands a loss its gradient in the backward.
 
-Each is returned coefficient-scaled (the router keys them ``"aux"``, ``"seq_aux"``, ``"z"``):
+Each is returned coefficient-scaled (the router keys them ``"aux"``, ``"seq_aux"``, ``"z"``,
+``"dynamic"``):
 
 * Switch: ``coeff · E · Σ_i f_i P_i``, ``f_i = count_i / (T·k)``, ``P_i = mean_t ŝ_{t,i}``;
 * per sequence (DeepSeek-V3): ``coeff · mean_b Σ_i (E·count_{b,i} / (k·T_b)) · mean_{t∈b} ŝ_{t,i}``;
 * z-loss: ``coeff · mean_t logsumexp(logits_t)^2``;
+* dynamic (Huang et al. 2024): ``coeff · mean_t(-Σ_e P_te log P_te)``, ``P = softmax(logits)``;
 
 where ``ŝ`` is the full distribution over experts (``softmax(logits)``, or
 ``sigmoid(logits) / Σ_e sigmoid(logits)``) and ``count`` the selections before capacity drops.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..config import SCORE_FUNCTIONS, check_choice
 
 __all__ = [
     "attach_to_graph",
@@ -33,12 +38,11 @@ def full_scores(logits: Tensor, score_function: str) -> Tensor:
     ``softmax(logits)`` for ``"softmax"``; ``sigmoid(logits) / Σ_e sigmoid(logits)`` for
     ``"sigmoid"``.
     """
-    if score_function == "softmax":
-        return torch.softmax(logits, dim=-1)
+    check_choice("score_function", score_function, SCORE_FUNCTIONS)
     if score_function == "sigmoid":
         s = torch.sigmoid(logits)
         return s / s.sum(dim=-1, keepdim=True)
-    raise ValueError(f"score_function must be 'softmax' or 'sigmoid', got {score_function!r}")
+    return torch.softmax(logits, dim=-1)
 
 
 def _masked(values: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | int]:
