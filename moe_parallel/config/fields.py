@@ -1,48 +1,30 @@
-"""MoEConfig: every knob of an MoE layer, validated in one place at construction.
-
-Field names follow Megatron-Core's ``moe_*`` arguments where one exists, without the prefix.
-Each field's docstring gives its meaning, unit, default and its Megatron-Core
-(``TransformerConfig``), DeepSpeed (``deepspeed.moe.layer.MoE``) and Hugging Face (model config)
-counterparts; ``integrations/megatron/config.py`` and ``integrations/hf/families.py`` implement
-those maps. Every invalid value raises ``ValueError`` naming the field and the allowed values.
+"""The fields of ``MoEConfig``, each documented under it (meaning, unit, default, and the
+Megatron-Core / DeepSpeed / Hugging Face option it corresponds to), and the values derived
+from them. ``MoEConfig`` (``config/__init__.py``) adds the validation (``config/validation.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Optional
 
 import torch
 
-from .ops import FLOAT_DTYPES, GROUPED_GEMM_BACKENDS
-
-Activation = Literal["swiglu", "clamped_swiglu", "gelu", "relu"]
-RouterType = Literal["topk", "expert_choice"]
-ScoreFunction = Literal["softmax", "sigmoid"]
-GroupScore = Literal["sum_topk", "sum_top2", "max"]
-DropPolicy = Literal["probs", "position", "k_major", "batch_priority"]
-DispatcherType = Literal["alltoall", "alltoall_hierarchical", "allgather"]
-ExpertImpl = Literal["block_sparse", "grouped"]
-RowOverflow = Literal["error", "capacity"]
-
-# The allowed values of each choice field: one definition, the Literal above.
-ACTIVATIONS: tuple[str, ...] = get_args(Activation)
-ROUTER_TYPES: tuple[str, ...] = get_args(RouterType)
-SCORE_FUNCTIONS: tuple[str, ...] = get_args(ScoreFunction)
-GROUP_SCORES: tuple[str, ...] = get_args(GroupScore)
-DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
-DISPATCHERS: tuple[str, ...] = get_args(DispatcherType)
-EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
-ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
-_ROUTER_DTYPES = (None, torch.float32, torch.float64)
+from .choices import (
+    Activation,
+    DispatcherType,
+    DropPolicy,
+    ExpertImpl,
+    GroupScore,
+    RouterType,
+    RowOverflow,
+    ScoreFunction,
+)
 
 
 @dataclass(frozen=True)
-class MoEConfig:
-    """Configuration of one MoE layer; each field's docstring says what it sets.
+class MoEConfigFields:
+    """The fields of ``MoEConfig`` (one MoE layer); each field's docstring says what it sets.
 
     Token-choice routing (``router_type="topk"``), in four stages:
       logits = x W_r (+ b_r with ``router_bias``) in the router dtype (``router_dtype``), plus
@@ -325,273 +307,6 @@ class MoEConfig:
     group (naming the load and the knob); ``"capacity"`` drops the excess for that forward, as
     capacity mode would, and reports it in ``RoutingStats.overflow``."""
 
-    def __post_init__(self) -> None:
-        self._check_sizes()
-        self._check_choices()
-        self._check_router_weights()
-        self._check_capacity()
-        self._check_router_noise()
-        self._check_group_limited()
-        self._check_losses()
-        self._check_expert_choice()
-        self._check_numerics()
-        self._check_shared_experts()
-        self._check_dropless()
-        self._check_overlap()
-        self._check_top_p()
-        self._check_dynamic_capacity()
-
-    def _check_sizes(self) -> None:
-        """hidden_size, ffn_hidden_size, num_experts, top_k: positive ints, top_k <= E."""
-        check_positive_int("hidden_size", self.hidden_size)
-        check_positive_int("ffn_hidden_size", self.ffn_hidden_size)
-        check_positive_int("num_experts", self.num_experts)
-        check_positive_int("top_k", self.top_k)
-        if self.top_k > self.num_experts:
-            raise ValueError(
-                f"top_k must be <= num_experts ({self.num_experts}), got top_k={self.top_k}"
-            )
-
-    def _check_choices(self) -> None:
-        """Every field with a fixed set of values holds one of them (the Literal types, the
-        bool flags, ``norm_topk_prob``, the dtypes)."""
-        check_choice("activation", self.activation, ACTIVATIONS)
-        check_choice("router_type", self.router_type, ROUTER_TYPES)
-        check_choice("score_function", self.score_function, SCORE_FUNCTIONS)
-        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        check_choice("token_dispatcher_type", self.token_dispatcher_type, DISPATCHERS)
-        check_choice("group_score", self.group_score, GROUP_SCORES)
-        check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
-        check_choice("grouped_gemm_backend", self.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
-        check_choice("row_overflow", self.row_overflow, ROW_OVERFLOWS)
-        for name in _BOOL_FIELDS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
-            raise ValueError(
-                f"norm_topk_prob must be a bool or None (renormalise when top_k > 1), got "
-                f"{self.norm_topk_prob!r}"
-            )
-        for name in ("router_dtype", "router_score_dtype"):
-            check_choice(name, getattr(self, name), _ROUTER_DTYPES)
-        check_choice("params_dtype", self.params_dtype, FLOAT_DTYPES)
-
-    def _check_router_weights(self) -> None:
-        """The combine weights: no top-1 combination whose weight is always 1 (the router would
-        get no gradient from the main loss), softmax-only options, a positive scaling."""
-        if self.router_type == "topk" and self.top_k == 1:
-            if self.norm_topk_prob:
-                raise ValueError(
-                    "norm_topk_prob=True with top_k=1 makes every combine weight 1, so the router "
-                    "gets no gradient from the main loss; set norm_topk_prob=False (Switch: "
-                    "p = softmax(logits)[top-1]) or leave it None"
-                )
-            if self.score_function == "softmax" and not self.softmax_before_topk:
-                raise ValueError(
-                    "softmax_before_topk=False with top_k=1 is a softmax over the one selected "
-                    "logit: every combine weight is 1 and the router gets no gradient from the "
-                    "main loss; set softmax_before_topk=True"
-                )
-        if self.score_function == "sigmoid" and not self.softmax_before_topk:
-            raise ValueError("softmax_before_topk=False applies only to score_function='softmax'")
-        check_positive_float("routed_scaling_factor", self.routed_scaling_factor)
-
-    def _check_capacity(self) -> None:
-        """capacity_factor, eval_capacity_factor, min_capacity, pad_to_capacity, drop_policy."""
-        if self.capacity_factor is not None:
-            check_positive_float("capacity_factor", self.capacity_factor, "None for dropless")
-        if self.eval_capacity_factor is not None:
-            check_positive_float("eval_capacity_factor", self.eval_capacity_factor,
-                            "None for capacity_factor")
-            if self.router_type == "topk" and self.capacity_factor is None:
-                raise ValueError(
-                    "eval_capacity_factor needs capacity_factor to be set: a dropless layer "
-                    "(capacity_factor=None) has no capacity to change in eval"
-                )
-        check_nonneg_int("min_capacity", self.min_capacity)
-        if self.pad_to_capacity and self.capacity_factor is None:
-            raise ValueError("pad_to_capacity=True needs capacity_factor to be set (it is None)")
-        if self.drop_policy in ("k_major", "batch_priority") and self.router_type != "topk":
-            raise ValueError(f"drop_policy={self.drop_policy!r} applies only to "
-                             "router_type='topk'")
-
-    def _check_router_noise(self) -> None:
-        """noisy_gating (softmax only), jitter_noise in [0, 1), the expert-bias step >= 0."""
-        if self.noisy_gating and self.score_function != "softmax":
-            raise ValueError("noisy_gating requires score_function='softmax'")
-        if not (_is_real(self.jitter_noise) and 0 <= self.jitter_noise < 1):
-            raise ValueError(f"jitter_noise must be a number in [0, 1), got {self.jitter_noise!r}")
-        check_nonneg_float("bias_update_rate", self.bias_update_rate)
-
-    def _check_group_limited(self) -> None:
-        """num_groups / group_topk / group_score: set together, sizes that divide, token choice."""
-        if (self.num_groups is None) != (self.group_topk is None):
-            raise ValueError(
-                "num_groups and group_topk must be set together "
-                f"(got num_groups={self.num_groups}, group_topk={self.group_topk})"
-            )
-        if self.num_groups is None:
-            if self.group_score != "sum_topk":
-                raise ValueError(f"group_score={self.group_score!r} needs num_groups/group_topk")
-            return
-        G, M = self.num_groups, self.group_topk
-        check_positive_int("num_groups", G)
-        check_positive_int("group_topk", M)
-        per_group = self.num_experts // G
-        if self.num_experts % G:
-            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by "
-                             f"num_groups ({G})")
-        if M > G:
-            raise ValueError(f"group_topk ({M}) must be <= num_groups ({G})")
-        if self.group_score == "sum_topk" and self.top_k % M:
-            raise ValueError(
-                f"top_k ({self.top_k}) must be divisible by group_topk ({M}) with "
-                "group_score='sum_topk' (each group scored by its top_k // group_topk best); "
-                "group_score='sum_top2' or 'max' take any top_k"
-            )
-        if self.group_score == "sum_top2" and per_group < 2:
-            raise ValueError(
-                f"group_score='sum_top2' needs at least 2 experts per group, got {per_group}")
-        if self.top_k > M * per_group:
-            raise ValueError(f"top_k ({self.top_k}) exceeds the experts in group_topk ({M}) "
-                             f"groups of {per_group}")
-        if self.router_type != "topk":
-            raise ValueError("num_groups/group_topk apply only to router_type='topk'")
-
-    def _check_losses(self) -> None:
-        """The loss coefficients are finite and >= 0; the entropy loss needs softmax scores."""
-        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff",
-                     "dynamic_loss_coeff"):
-            check_nonneg_float(name, getattr(self, name))
-        if self.dynamic_loss_coeff > 0 and self.score_function != "softmax":
-            raise ValueError("dynamic_loss_coeff > 0 needs score_function='softmax' (the entropy "
-                             "of the router's distribution)")
-
-    def _check_expert_choice(self) -> None:
-        """Expert choice: softmax scores, and none of the token-choice-only options."""
-        if self.router_type != "expert_choice":
-            return
-        for name in ("noisy_gating", "expert_bias", "pad_to_capacity", "router_bias",
-                     "scale_expert_input"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported with router_type='expert_choice'")
-        for name in ("aux_loss_coeff", "seq_aux_loss_coeff"):
-            if getattr(self, name) > 0:
-                raise ValueError(
-                    f"{name} must be 0 with router_type='expert_choice' (every expert "
-                    f"takes the same number of tokens), got {getattr(self, name)}"
-                )
-        if self.min_capacity:
-            raise ValueError(
-                "min_capacity applies only to router_type='topk' (expert choice uses "
-                f"C = min(T, ceil(T*top_k/E*capacity_factor))), got {self.min_capacity}"
-            )
-        if self.routed_scaling_factor != 1.0:
-            raise ValueError(
-                "routed_scaling_factor must be 1.0 with router_type='expert_choice', "
-                f"got {self.routed_scaling_factor}"
-            )
-        if self.score_function != "softmax":
-            raise ValueError("router_type='expert_choice' requires score_function='softmax'")
-
-    def _check_numerics(self) -> None:
-        """The constants that must be finite and > 0: the clamped-SwiGLU α and L, init_std."""
-        for name in ("swiglu_alpha", "swiglu_limit", "init_std"):
-            check_positive_float(name, getattr(self, name))
-
-    def _check_shared_experts(self) -> None:
-        """num_shared_experts >= 0; the shared width and gate need a shared expert."""
-        check_nonneg_int("num_shared_experts", self.num_shared_experts)
-        if self.shared_expert_ffn_hidden_size is not None:
-            check_positive_int("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size)
-            if self.num_shared_experts == 0:
-                raise ValueError("shared_expert_ffn_hidden_size needs num_shared_experts >= 1")
-        if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")
-
-    def _check_dropless(self) -> None:
-        """block_size > 0; the row ceiling (max_rows_per_rank > 0, max_rows_factor >= 1) only
-        on dropless token choice."""
-        if self.block_size is not None:
-            check_positive_int("block_size", self.block_size)
-        if self.max_rows_per_rank is not None:
-            check_positive_int("max_rows_per_rank", self.max_rows_per_rank)
-        if self.max_rows_factor is not None and not (
-            _is_real(self.max_rows_factor)
-            and math.isfinite(self.max_rows_factor)
-            and self.max_rows_factor >= 1
-        ):
-            raise ValueError(
-                "max_rows_factor must be a finite number >= 1 (a multiple of the balanced "
-                f"load), or None; got {self.max_rows_factor!r}"
-            )
-        if self.row_cap_enabled and not self.dropless:
-            raise ValueError(
-                "max_rows_per_rank/max_rows_factor apply only to dropless token choice "
-                "(router_type='topk', capacity_factor=None), got "
-                f"router_type={self.router_type!r}, capacity_factor={self.capacity_factor!r}"
-            )
-
-    def _check_overlap(self) -> None:
-        """shared_expert_overlap needs shared experts; overlap_chunks > 1 excludes static
-        sizes and row ceilings (they would apply per chunk)."""
-        if self.shared_expert_overlap and self.num_shared_experts == 0:
-            raise ValueError("shared_expert_overlap=True needs num_shared_experts >= 1")
-        check_positive_int("overlap_chunks", self.overlap_chunks)
-        if self.overlap_chunks > 1:
-            for name in ("pad_to_capacity", "max_rows_per_rank", "max_rows_factor"):
-                if getattr(self, name) not in (None, False):
-                    raise ValueError(
-                        f"overlap_chunks={self.overlap_chunks} cannot be combined with {name} "
-                        f"(the chunks' rows are dispatched separately: a per-forward static size "
-                        f"or row ceiling would apply per chunk); use overlap_chunks=1"
-                    )
-
-    def _check_top_p(self) -> None:
-        """top_p in (0, 1], on softmax-before-top-k token choice, without the options that
-        change selection or weights (expert bias, groups, input scaling, weight scaling)."""
-        if self.top_p is None:
-            return
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1], or None for top-k; got "
-                             f"{self.top_p!r}")
-        if (self.router_type != "topk" or self.score_function != "softmax"
-                or not self.softmax_before_topk):
-            raise ValueError(
-                "top_p needs router_type='topk', score_function='softmax' and "
-                "softmax_before_topk=True (it accumulates the softmax probabilities), got "
-                f"{self.router_type!r}, {self.score_function!r}, {self.softmax_before_topk}")
-        for name in ("expert_bias", "num_groups", "scale_expert_input"):
-            if getattr(self, name) not in (None, False):
-                raise ValueError(f"top_p cannot be combined with {name}")
-        if self.routed_scaling_factor != 1.0:
-            raise ValueError("top_p needs routed_scaling_factor=1.0")
-        if self.norm_topk_prob:
-            warnings.warn(
-                "top_p with norm_topk_prob=True: a token that keeps one expert gets the combine "
-                "weight 1 and sends the router no gradient from the main loss (top_k=1 with "
-                "norm_topk_prob=True is refused for this reason); leave norm_topk_prob None to "
-                "weight by the probabilities themselves", UserWarning, stacklevel=3)
-
-    def _check_dynamic_capacity(self) -> None:
-        """dynamic_capacity: token choice with a starting capacity_factor inside
-        [capacity_factor_min, capacity_factor_max]; the schedule's rates in (0, 1)."""
-        if not self.dynamic_capacity:
-            return
-        if self.router_type != "topk" or self.capacity_factor is None:
-            raise ValueError("dynamic_capacity=True needs router_type='topk' and a "
-                             "capacity_factor (its starting value)")
-        for name in ("target_drop_rate", "capacity_update_rate"):
-            value = getattr(self, name)
-            if not (_is_real(value) and 0 < value < 1):
-                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-        lo, hi = self.capacity_factor_min, self.capacity_factor_max
-        if not (_is_real(lo) and _is_real(hi) and 0 < lo <= hi and math.isfinite(hi)):
-            raise ValueError(f"capacity_factor_min/capacity_factor_max must satisfy 0 < min <= "
-                             f"max < inf, got {lo!r}, {hi!r}")
-        if not lo <= self.capacity_factor <= hi:
-            raise ValueError(f"capacity_factor {self.capacity_factor} must lie in "
-                             f"[capacity_factor_min, capacity_factor_max] = [{lo}, {hi}]")
 
     def capacity_factor_in(self, training: bool) -> Optional[float]:
         """The capacity factor of a training (``capacity_factor``) or an eval forward
@@ -632,50 +347,3 @@ class MoEConfig:
     def gated(self) -> bool:
         """True when the first expert GEMM produces two halves (gate | up: the SwiGLUs)."""
         return self.activation in ("swiglu", "clamped_swiglu")
-
-    def replace(self, **changes) -> MoEConfig:
-        """A copy with ``changes`` applied and validated."""
-        return dataclasses.replace(self, **changes)
-
-
-# The bool fields, read from their annotations.
-_BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(MoEConfig) if f.type == "bool")
-
-
-# ---- value checks (shared with routing/) -------------------------------------------------------
-
-
-def _is_real(value: object) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_positive_float(name: str, value: object, none_means: Optional[str] = None) -> None:
-    """``value`` is a finite real > 0 (``none_means``: what None would mean, for the error)."""
-    if not (_is_real(value) and math.isfinite(value) and value > 0):
-        alternative = f", or {none_means};" if none_means else ","
-        raise ValueError(f"{name} must be a finite number > 0{alternative} got {value!r}")
-
-
-def check_nonneg_float(name: str, value: object) -> None:
-    """``value`` is a finite real >= 0."""
-    if not (_is_real(value) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_positive_int(name: str, value: object) -> None:
-    """``value`` is an int (not a bool) > 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_nonneg_int(name: str, value: object) -> None:
-    """``value`` is an int (not a bool) >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-
-
-def check_choice(name: str, value: object, allowed: tuple) -> None:
-    """``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,28 @@
+"""The allowed values of every choice field of ``MoEConfig``: each a ``Literal`` type, and its
+runtime tuple read from it (``typing.get_args``), so the two never disagree."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+Activation = Literal["swiglu", "clamped_swiglu", "gelu", "relu"]
+RouterType = Literal["topk", "expert_choice"]
+ScoreFunction = Literal["softmax", "sigmoid"]
+GroupScore = Literal["sum_topk", "sum_top2", "max"]
+DropPolicy = Literal["probs", "position", "k_major", "batch_priority"]
+DispatcherType = Literal["alltoall", "alltoall_hierarchical", "allgather"]
+ExpertImpl = Literal["block_sparse", "grouped"]
+RowOverflow = Literal["error", "capacity"]
+
+# The allowed values of each choice field: one definition, the Literal above.
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+ROUTER_TYPES: tuple[str, ...] = get_args(RouterType)
+SCORE_FUNCTIONS: tuple[str, ...] = get_args(ScoreFunction)
+GROUP_SCORES: tuple[str, ...] = get_args(GroupScore)
+DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
+DISPATCHERS: tuple[str, ...] = get_args(DispatcherType)
+EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
+ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
+_ROUTER_DTYPES = (None, torch.float32, torch.float64)
