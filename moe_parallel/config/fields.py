@@ -10,16 +10,7 @@ from typing import Optional
 
 import torch
 
-from .choices import (
-    Activation,
-    DispatcherType,
-    DropPolicy,
-    ExpertImpl,
-    GroupScore,
-    RouterType,
-    RowOverflow,
-    ScoreFunction,
-)
+from . import choices
 
 
 @dataclass(frozen=True)
@@ -83,19 +74,19 @@ class MoEConfigFields:
     choice: the mean, each expert taking T·top_k/E·cf tokens); 1 <= top_k <= num_experts.
     Default 2.
     Megatron ``moe_router_topk``; DeepSpeed ``k``; HF ``num_experts_per_tok``."""
-    activation: Activation = "swiglu"
+    activation: choices.Activation = "swiglu"
     """Expert activation: ``"swiglu"`` silu(gate)·up; ``"clamped_swiglu"`` (GPT-OSS)
     (min(up, L) clamped to [-L, L] + 1)·g·sigmoid(α·g) with g = min(gate, L),
     α = ``swiglu_alpha``, L = ``swiglu_limit``; ``"gelu"``; ``"relu"``. Default ``"swiglu"``.
     Megatron ``gated_linear_unit`` + ``activation_func`` (GLU + silu: swiglu; F.gelu; F.relu);
     HF ``hidden_act="silu"`` (SwiGLU), GPT-OSS's experts (clamped_swiglu)."""
 
-    router_type: RouterType = "topk"
+    router_type: choices.RouterType = "topk"
     """``"topk"``: each token chooses its experts (token choice); ``"expert_choice"``: each
     expert chooses its tokens (no aux losses, ``min_capacity``, ``routed_scaling_factor``,
     noisy gating, expert bias, router bias, ``scale_expert_input`` or ``pad_to_capacity``).
     Default ``"topk"``. No Megatron, DeepSpeed or HF counterpart for expert choice."""
-    score_function: ScoreFunction = "softmax"
+    score_function: choices.ScoreFunction = "softmax"
     """Router scores from the logits: ``"softmax"`` over the experts or ``"sigmoid"`` per
     expert. Default ``"softmax"``. Megatron ``moe_router_score_function``; HF: sigmoid for
     DeepSeek-V3 and Llama-4, softmax otherwise."""
@@ -139,7 +130,7 @@ class MoEConfigFields:
     group_topk: Optional[int] = None
     """Groups M <= ``num_groups`` a token may select from: the M best groups by
     ``group_score``. Megatron ``moe_router_group_topk``; HF ``topk_group``."""
-    group_score: GroupScore = "sum_topk"
+    group_score: choices.GroupScore = "sum_topk"
     """A group's score from its experts' selection scores (scores + b): ``"sum_topk"`` the
     sum of its ``top_k // group_topk`` best (Megatron-Core; ``top_k`` divisible by
     ``group_topk``), ``"sum_top2"`` the sum of its 2 best (DeepSeek-V3; at least 2 experts per
@@ -214,7 +205,7 @@ class MoEConfigFields:
     min_capacity: int = 0
     """Lower bound on the capacity C, in assignments per expert; >= 0, 0 with expert choice.
     Default 0. DeepSpeed ``min_capacity`` (its default is 4)."""
-    drop_policy: DropPolicy = "probs"
+    drop_policy: choices.DropPolicy = "probs"
     """Which assignments an expert over capacity keeps: ``"probs"`` its highest combine
     weights, ``"position"`` its earliest tokens, ``"k_major"`` (GShard) every token's first
     choice before any second choice, tokens in order within a choice rank,
@@ -259,7 +250,7 @@ class MoEConfigFields:
     """A NaN/Inf in the router logits raises ``FloatingPointError`` (on every rank of an
     expert-parallel layer's ETP×EP group together: one small all-gather per forward shares the
     verdict); False lets NaN propagate. Default True."""
-    token_dispatcher_type: DispatcherType = "alltoall"
+    token_dispatcher_type: choices.DispatcherType = "alltoall"
     """How tokens cross processes: ``"alltoall"`` sends each token copy to the EP rank of its
     expert; ``"alltoall_hierarchical"`` does the same in two stages, inside each node then one
     message per node pair across nodes (nodes: ``ParallelState``'s ``ranks_per_node``; same
@@ -277,7 +268,7 @@ class MoEConfigFields:
     flight (the backward runs the chunks' exchanges one after another); same results; n > 1 is
     refused with ``pad_to_capacity`` or a row ceiling. Default 1. Tutel's overlap degree."""
 
-    expert_impl: ExpertImpl = "grouped"
+    expert_impl: choices.ExpertImpl = "grouped"
     """Expert computation, the same result either way: ``"grouped"`` (grouped GEMM on the
     unpadded, ragged groups) or ``"block_sparse"`` (MegaBlocks-style: each local expert's rows
     padded to a multiple of ``block_size``, first GEMM as a sampled dense-dense block product,
@@ -302,7 +293,7 @@ class MoEConfigFields:
     max_rows_factor: Optional[float] = None
     """Dropless row ceiling as a multiple (finite, >= 1) of the balanced load
     ``top_k·Σ tokens / ep``. None (default): no ceiling. Dropless token choice only."""
-    row_overflow: RowOverflow = "error"
+    row_overflow: choices.RowOverflow = "error"
     """Over the row ceiling: ``"error"`` (default) raises ``RuntimeError`` on every rank of the
     group (naming the load and the knob); ``"capacity"`` drops the excess for that forward, as
     capacity mode would, and reports it in ``RoutingStats.overflow``."""

@@ -11,17 +11,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from ..ops import FLOAT_DTYPES, GROUPED_GEMM_BACKENDS
-from .choices import (
-    _ROUTER_DTYPES,
-    ACTIVATIONS,
-    DISPATCHERS,
-    DROP_POLICIES,
-    EXPERT_IMPLS,
-    GROUP_SCORES,
-    ROUTER_TYPES,
-    ROW_OVERFLOWS,
-    SCORE_FUNCTIONS,
-)
+from . import choices
 from .values import (
     _is_real,
     check_choice,
@@ -61,15 +51,15 @@ def _check_sizes(cfg: MoEConfig) -> None:
 def _check_choices(cfg: MoEConfig) -> None:
     """Every field with a fixed set of values holds one of them (the Literal types, the
     bool flags, ``norm_topk_prob``, the dtypes)."""
-    check_choice("activation", cfg.activation, ACTIVATIONS)
-    check_choice("router_type", cfg.router_type, ROUTER_TYPES)
-    check_choice("score_function", cfg.score_function, SCORE_FUNCTIONS)
-    check_choice("drop_policy", cfg.drop_policy, DROP_POLICIES)
-    check_choice("token_dispatcher_type", cfg.token_dispatcher_type, DISPATCHERS)
-    check_choice("group_score", cfg.group_score, GROUP_SCORES)
-    check_choice("expert_impl", cfg.expert_impl, EXPERT_IMPLS)
+    check_choice("activation", cfg.activation, choices.ACTIVATIONS)
+    check_choice("router_type", cfg.router_type, choices.ROUTER_TYPES)
+    check_choice("score_function", cfg.score_function, choices.SCORE_FUNCTIONS)
+    check_choice("drop_policy", cfg.drop_policy, choices.DROP_POLICIES)
+    check_choice("token_dispatcher_type", cfg.token_dispatcher_type, choices.DISPATCHERS)
+    check_choice("group_score", cfg.group_score, choices.GROUP_SCORES)
+    check_choice("expert_impl", cfg.expert_impl, choices.EXPERT_IMPLS)
     check_choice("grouped_gemm_backend", cfg.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
-    check_choice("row_overflow", cfg.row_overflow, ROW_OVERFLOWS)
+    check_choice("row_overflow", cfg.row_overflow, choices.ROW_OVERFLOWS)
     for name in _bool_fields(cfg):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
@@ -79,7 +69,7 @@ def _check_choices(cfg: MoEConfig) -> None:
             f"{cfg.norm_topk_prob!r}"
         )
     for name in ("router_dtype", "router_score_dtype"):
-        check_choice(name, getattr(cfg, name), _ROUTER_DTYPES)
+        check_choice(name, getattr(cfg, name), choices._ROUTER_DTYPES)
     check_choice("params_dtype", cfg.params_dtype, FLOAT_DTYPES)
 
 
