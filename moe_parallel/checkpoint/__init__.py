@@ -3,7 +3,9 @@
 * ``layout.py``: where each rank's routed-expert shard sits in the global expert tensors (DCP
   chunk metadata, SwiGLU's gate | up halves as two chunks);
 * ``manifest.py``: the model and layout a checkpoint was written by, and the completeness marker;
-* ``api.py``: ``save`` / ``load`` (synchronous or asynchronous, atomic commit, named errors);
+* ``api.py``: ``save`` / ``load`` (synchronous or asynchronous, atomic commit, named errors) and
+  the checkpoint's state-dict format; their stages in ``saving.py`` and ``loading.py``, the
+  state dict's entries in ``state.py``, the ranks' common verdict in ``agreement.py``;
 * ``series.py``: a run's checkpoints ``root/step_<N>`` with a ``root/latest`` pointer;
 * ``convert.py``: ``consolidate`` a checkpoint into one single-process state dict (torch.save or
   safetensors) and ``shard`` one back; ``python -m moe_parallel.checkpoint`` runs both.

@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from . import manifest as mf
-from .api import resolve, single_process_quiet
+from .loading import resolve
+from .state import single_process_quiet
 
 META_KEY = "moe_parallel"
 

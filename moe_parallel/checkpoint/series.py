@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..distributed import ParallelState
-from .api import PendingSave, save
+from .saving import PendingSave, save
 
 _STEP = re.compile(r"step_(\d+)$")
 

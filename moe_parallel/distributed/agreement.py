@@ -15,7 +15,6 @@ import dataclasses
 import zlib
 
 import torch
-import torch.distributed as dist
 
 from ..config import MoEConfig
 from . import collectives
@@ -45,8 +44,7 @@ def check_agreement(config: MoEConfig, ps: ParallelState, device: torch.device) 
     table = collectives.all_gather(codes.view(1, -1), group, [1] * w)  # [w, fields]
     if bool((table == table[:1]).all()):
         return
-    everyone: list[dict[str, str]] = [{} for _ in range(w)]
-    dist.all_gather_object(everyone, mine, group=group)
+    everyone: list[dict[str, str]] = collectives.all_gather_object(mine, group)
     ranks = ps.ranks["tp_ep"]
     differ = [name for name in mine if len({values[name] for values in everyone}) > 1]
     detail = "; ".join(

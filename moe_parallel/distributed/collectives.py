@@ -14,6 +14,7 @@ Over a group of ``w`` ranks (``r`` = this rank's index in it), for tensors split
   contributes to its gradient).
 * ``reduce_scatter(x, sizes, group)``: ``Σ_i x_i[block r]`` where every rank's ``x`` is split
   into blocks of ``sizes`` rows (``sizes`` identical on all ranks). Backward: ``all_gather``.
+* ``all_gather_object(obj, group)``: every rank's picklable ``obj``, in rank order (no autograd).
 
 ``all_to_all`` and ``all_to_all_chunked`` take ``async_op=True``: they then return
 ``(result, Pending)`` with the exchange still in flight (gloo's worker threads, NCCL's stream);
@@ -37,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Pending", "all_gather", "all_gather_sizes", "all_to_all", "all_to_all_chunked",
-           "group_rank", "group_size", "reduce_scatter"]
+__all__ = ["Pending", "all_gather", "all_gather_object", "all_gather_sizes", "all_to_all",
+           "all_to_all_chunked", "group_rank", "group_size", "reduce_scatter"]
 
 Group = Optional[dist.ProcessGroup]
 
@@ -196,6 +197,17 @@ def all_gather_sizes(n: int, group: Group, device: torch.device | str = "cpu") -
     out = torch.empty(world, dtype=torch.int64, device=device)
     _all_gather_single(out, mine, group=group)
     return out.tolist()
+
+
+def all_gather_object(obj: object, group: Group) -> list:
+    """Every rank's picklable ``obj``, in group rank order (``[obj]`` for a one-rank group);
+    not differentiable (``dist.all_gather_object``)."""
+    world = group_size(group)
+    if world == 1:
+        return [obj]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
 
 
 def _all_gather_raw(x: Tensor, sizes: list[int], group) -> Tensor:

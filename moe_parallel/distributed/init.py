@@ -186,6 +186,70 @@ def _check(env: LaunchEnv, names: tuple[str, str, str]) -> LaunchEnv:
     return env
 
 
+def _torchrun_env(env: Mapping[str, str]) -> LaunchEnv:
+    """torchrun or a plain environment: RANK / WORLD_SIZE / LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT required when WORLD_SIZE > 1, LOCAL_RANK below LOCAL_WORLD_SIZE when set."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    for name in names:
+        if name not in env:
+            raise ValueError(f"{name} is not set (RANK/WORLD_SIZE/LOCAL_RANK go together)")
+    rank, world, local = (_int(env, n) for n in names)
+    addr, port = env.get("MASTER_ADDR") or None, _port(env)
+    if world > 1 and (addr is None or port is None):
+        missing = "MASTER_ADDR" if addr is None else "MASTER_PORT"
+        raise ValueError(f"{missing} is not set (needed with WORLD_SIZE={world})")
+    if "LOCAL_WORLD_SIZE" in env and local >= _int(env, "LOCAL_WORLD_SIZE"):
+        raise ValueError(
+            f"LOCAL_RANK={local} is outside LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']}"
+        )
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+    return _check(LaunchEnv(rank, world, local, addr, port, launcher), names)
+
+
+def _openmpi_env(env: Mapping[str, str]) -> LaunchEnv:
+    """Open MPI: OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK (all three required)."""
+    names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+    for name in names:
+        if name not in env:
+            raise ValueError(f"{name} is not set (Open MPI sets all three)")
+    rank, world, local = (_int(env, n) for n in names)
+    return _check(LaunchEnv(rank, world, local, env.get("MASTER_ADDR") or None, _port(env),
+                            "openmpi"), names)
+
+
+def _mpich_env(env: Mapping[str, str]) -> LaunchEnv:
+    """MPICH (PMI): PMI_RANK and PMI_SIZE, the local rank from MPI_LOCALRANKID or
+    PMI_LOCAL_RANK."""
+    for name in ("PMI_RANK", "PMI_SIZE"):
+        if name not in env:
+            raise ValueError(f"{name} is not set (PMI_RANK and PMI_SIZE go together)")
+    local_names = ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+    local = _first_int(env, local_names, "the MPICH local rank")
+    local_name = next(n for n in local_names if n in env)
+    return _check(LaunchEnv(_int(env, "PMI_RANK"), _int(env, "PMI_SIZE"), local,
+                            env.get("MASTER_ADDR") or None, _port(env), "mpich"),
+                  ("PMI_RANK", "PMI_SIZE", local_name))
+
+
+def _slurm_env(env: Mapping[str, str],
+               expand_nodelist: Callable[[str], list[str]]) -> LaunchEnv:
+    """SLURM (srun): SLURM_PROCID / SLURM_NTASKS (or SLURM_NPROCS) / SLURM_LOCALID; with more
+    than one task the master address and port of ``_slurm_master_addr`` and
+    ``_slurm_master_port``."""
+    size_names = ("SLURM_NTASKS", "SLURM_NPROCS")
+    world = _first_int(env, size_names, "the SLURM task count")
+    size_name = next(n for n in size_names if n in env)
+    if "SLURM_LOCALID" not in env:
+        raise ValueError("SLURM_LOCALID is not set (srun sets it with SLURM_PROCID)")
+    rank, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
+    addr = _slurm_master_addr(env, expand_nodelist) if world > 1 else None
+    if world > 1 and addr is None:
+        raise ValueError("no SLURM master address: set MASTER_ADDR or SLURM_JOB_NODELIST")
+    port = _slurm_master_port(env) if world > 1 else _port(env)
+    return _check(LaunchEnv(rank, world, local, addr, port, "slurm"),
+                  ("SLURM_PROCID", size_name, "SLURM_LOCALID"))
+
+
 def detect_launch_env(environ: Optional[Mapping[str, str]] = None, *,
                       expand_nodelist: Callable[[str], list[str]] = parse_nodelist
                       ) -> LaunchEnv:
@@ -197,58 +261,14 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None, *,
     the variable. See the module docstring for the variables and their precedence.
     """
     env = os.environ if environ is None else environ
-
     if "RANK" in env or "WORLD_SIZE" in env:
-        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-        for name in names:
-            if name not in env:
-                raise ValueError(f"{name} is not set (RANK/WORLD_SIZE/LOCAL_RANK go together)")
-        rank, world, local = (_int(env, n) for n in names)
-        addr, port = env.get("MASTER_ADDR") or None, _port(env)
-        if world > 1 and (addr is None or port is None):
-            missing = "MASTER_ADDR" if addr is None else "MASTER_PORT"
-            raise ValueError(f"{missing} is not set (needed with WORLD_SIZE={world})")
-        if "LOCAL_WORLD_SIZE" in env and local >= _int(env, "LOCAL_WORLD_SIZE"):
-            raise ValueError(
-                f"LOCAL_RANK={local} is outside LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']}"
-            )
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
-        return _check(LaunchEnv(rank, world, local, addr, port, launcher), names)
-
+        return _torchrun_env(env)
     if "OMPI_COMM_WORLD_RANK" in env or "OMPI_COMM_WORLD_SIZE" in env:
-        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
-        for name in names:
-            if name not in env:
-                raise ValueError(f"{name} is not set (Open MPI sets all three)")
-        rank, world, local = (_int(env, n) for n in names)
-        return _check(LaunchEnv(rank, world, local, env.get("MASTER_ADDR") or None, _port(env),
-                                "openmpi"), names)
-
+        return _openmpi_env(env)
     if "PMI_RANK" in env or "PMI_SIZE" in env:
-        for name in ("PMI_RANK", "PMI_SIZE"):
-            if name not in env:
-                raise ValueError(f"{name} is not set (PMI_RANK and PMI_SIZE go together)")
-        local_names = ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")
-        local = _first_int(env, local_names, "the MPICH local rank")
-        local_name = next(n for n in local_names if n in env)
-        return _check(LaunchEnv(_int(env, "PMI_RANK"), _int(env, "PMI_SIZE"), local,
-                                env.get("MASTER_ADDR") or None, _port(env), "mpich"),
-                      ("PMI_RANK", "PMI_SIZE", local_name))
-
+        return _mpich_env(env)
     if "SLURM_PROCID" in env:
-        size_names = ("SLURM_NTASKS", "SLURM_NPROCS")
-        world = _first_int(env, size_names, "the SLURM task count")
-        size_name = next(n for n in size_names if n in env)
-        if "SLURM_LOCALID" not in env:
-            raise ValueError("SLURM_LOCALID is not set (srun sets it with SLURM_PROCID)")
-        rank, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
-        addr = _slurm_master_addr(env, expand_nodelist) if world > 1 else None
-        if world > 1 and addr is None:
-            raise ValueError("no SLURM master address: set MASTER_ADDR or SLURM_JOB_NODELIST")
-        port = _slurm_master_port(env) if world > 1 else _port(env)
-        return _check(LaunchEnv(rank, world, local, addr, port, "slurm"),
-                      ("SLURM_PROCID", size_name, "SLURM_LOCALID"))
-
+        return _slurm_env(env, expand_nodelist)
     return LaunchEnv(0, 1, 0, None, None, "single")
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from . import collectives
 from .init import job_timeout
 
 GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep")
@@ -112,12 +113,75 @@ def grid_groups(world: int, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1,
     }
 
 
+def _world_and_rank(world_size: Optional[int], rank: Optional[int]) -> tuple[int, int]:
+    """``world_size`` and ``rank``, each defaulting to the initialised torch.distributed's
+    (``RuntimeError`` when it is not); ``ValueError`` when the rank is outside the world."""
+    if world_size is None or rank is None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "ParallelState.build needs torch.distributed initialised "
+                "(see moe_parallel.init_distributed) or explicit world_size and rank"
+            )
+        world_size = dist.get_world_size() if world_size is None else world_size
+        rank = dist.get_rank() if rank is None else rank
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return world_size, rank
+
+
+def _check_ranks_per_node(ranks_per_node: Optional[int], world_size: int) -> int:
+    """``ranks_per_node`` (default ``LOCAL_WORLD_SIZE``, else the whole world); ``ValueError``
+    unless it is a positive int dividing ``world_size``."""
+    if ranks_per_node is None:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
+            or ranks_per_node < 1 or world_size % ranks_per_node):
+        raise ValueError(f"ranks_per_node must be a positive int dividing world_size "
+                         f"{world_size} (default LOCAL_WORLD_SIZE), got {ranks_per_node!r}")
+    return ranks_per_node
+
+
+Groups = dict[str, Optional[dist.ProcessGroup]]
+
+
+def _create_grid_groups(all_groups: dict[str, list[list[int]]], rank: int, create: bool,
+                        timeout: Optional[timedelta]) -> tuple[dict[str, list[int]], Groups]:
+    """This rank's members and group of every ``GROUP_NAMES`` axis; with ``create`` every group
+    of ``all_groups`` is created (``dist.new_group``, the same order on every rank), else the
+    groups are ``None``."""
+    ranks, groups = {}, {}
+    for name in GROUP_NAMES:
+        for members in all_groups[name]:
+            pg = dist.new_group(members, timeout=timeout) if create else None
+            if rank in members:
+                ranks[name], groups[name] = members, pg
+    return ranks, groups
+
+
+def _create_node_groups(ep_groups: list[list[int]], g: int, rank: int, create: bool,
+                        timeout: Optional[timedelta], ranks: dict[str, list[int]],
+                        groups: Groups) -> None:
+    """Add this rank's ``ep_node`` and ``ep_rail`` members and groups (``node_groups``) to
+    ``ranks`` and ``groups``: a group equal to an EP group is the ``ep`` group, a one-rank
+    group (or any without ``create``) is ``None``, the others are created on every rank."""
+    for name, lists in node_groups(ep_groups, g).items():
+        for members in lists:
+            # the same decision on every rank, as new_group needs
+            if members in ep_groups:  # one node, or one EP rank per node
+                pg = groups["ep"] if rank in members else None
+            elif len(members) == 1 or not create:
+                pg = None
+            else:
+                pg = dist.new_group(members, timeout=timeout)
+            if rank in members:
+                ranks[name], groups[name] = members, pg
+
+
 def _warn_if_nodes_span_hosts(world: int, ranks_per_node: int) -> None:
     """Warn when a node of ``ranks_per_node`` consecutive ranks holds ranks of several hosts
     (e.g. mpirun's round-robin placement): the hierarchical all-to-all stays correct but its
     "intra-node" stage then crosses hosts. A collective over the world (one all-gather)."""
-    hosts: list = [None] * world
-    dist.all_gather_object(hosts, socket.gethostname())
+    hosts = collectives.all_gather_object(socket.gethostname(), dist.group.WORLD)
     mixed = [m for m in range(world // ranks_per_node)
              if len(set(hosts[m * ranks_per_node:(m + 1) * ranks_per_node])) > 1]
     if mixed:
@@ -185,46 +249,17 @@ class ParallelState:
         ``ep_rail`` groups (else they are the ``ep`` group itself or ``None``: one stage of the
         hierarchical exchange is then empty).
         """
-        if world_size is None or rank is None:
-            if not dist.is_initialized():
-                raise RuntimeError(
-                    "ParallelState.build needs torch.distributed initialised "
-                    "(see moe_parallel.init_distributed) or explicit world_size and rank"
-                )
-            world_size = dist.get_world_size() if world_size is None else world_size
-            rank = dist.get_rank() if rank is None else rank
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        world_size, rank = _world_and_rank(world_size, rank)
         dp, edp = _check_sizes(world_size, tp, cp, ep, etp, pp)
-        if ranks_per_node is None:
-            ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        if (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
-                or ranks_per_node < 1 or world_size % ranks_per_node):
-            raise ValueError(f"ranks_per_node must be a positive int dividing world_size "
-                             f"{world_size} (default LOCAL_WORLD_SIZE), got {ranks_per_node!r}")
+        ranks_per_node = _check_ranks_per_node(ranks_per_node, world_size)
         timeout = timeout if timeout is not None else job_timeout()
         all_groups = grid_groups(world_size, tp, cp, ep, etp, pp)
         g = ep_node_layout(all_groups["ep"], ranks_per_node)
-        ranks, groups = {}, {}
-        for name in GROUP_NAMES:
-            for members in all_groups[name]:
-                pg = dist.new_group(members, timeout=timeout) if create_groups else None
-                if rank in members:
-                    ranks[name], groups[name] = members, pg
+        ranks, groups = _create_grid_groups(all_groups, rank, create_groups, timeout)
         if g is not None and 1 < g < ep and create_groups:
             _warn_if_nodes_span_hosts(world_size, ranks_per_node)
         if g is not None:
-            for name, lists in node_groups(all_groups["ep"], g).items():
-                for members in lists:
-                    # the same decision on every rank, as new_group needs
-                    if members in all_groups["ep"]:  # one node, or one EP rank per node
-                        pg = groups["ep"] if rank in members else None
-                    elif len(members) == 1 or not create_groups:
-                        pg = None
-                    else:
-                        pg = dist.new_group(members, timeout=timeout)
-                    if rank in members:
-                        ranks[name], groups[name] = members, pg
+            _create_node_groups(all_groups["ep"], g, rank, create_groups, timeout, ranks, groups)
         return cls(world_size, rank, tp, cp, ep, etp, pp, dp, edp, ranks, groups,
                    ranks_per_node, g)
 

@@ -138,21 +138,13 @@ def _losses(config: Any) -> MegatronLosses:
     )
 
 
-def moe_config_from_megatron(config: Any, **overrides: Any) -> tuple[MoEConfig, MegatronLosses]:
-    """The ``MoEConfig`` of a Megatron-Core ``TransformerConfig`` (map in the module docstring)
-    with the layer's own losses off, and the Megatron losses to compute around it.
-
-    ``overrides`` are ``MoEConfig`` fields with no Megatron counterpart (e.g.
-    ``expert_impl="block_sparse"``, ``check_finite``). Raises ``ValueError`` naming the first
-    ``TransformerConfig`` field that cannot be honoured.
-    """
+def _check_fields(config: Any) -> None:
+    """``ValueError`` (``_refuse``) for the first field of ``config`` this layer cannot honour:
+    an untranslated ``moe_*`` field off its default, biases, fp8/fp4, a clamped or offset GLU,
+    an unknown router dtype or dispatcher, the expert bias with softmax routing, or top-1
+    routing with the softmax after the top-k."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if not isinstance(config, TransformerConfig):
-        raise TypeError(f"config must be a megatron.core TransformerConfig, got "
-                        f"{type(config).__name__}")
-    if not config.num_moe_experts:
-        raise _refuse("num_moe_experts", config.num_moe_experts, "an MoE layer needs experts")
     for f in dataclasses.fields(TransformerConfig):
         name = f.name
         if (name.startswith("moe_") and name not in TRANSLATED and name not in PERFORMANCE_ONLY
@@ -177,17 +169,26 @@ def moe_config_from_megatron(config: Any, **overrides: Any) -> tuple[MoEConfig, 
     if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
         raise _refuse("moe_token_dispatcher_type", config.moe_token_dispatcher_type,
                       "allowed: 'alltoall', 'allgather'")
+    _check_routing(config)
 
+
+def _check_routing(config: Any) -> None:
+    """The router settings Megatron accepts that this layer cannot reproduce."""
     sigmoid = config.moe_router_score_function == "sigmoid"
-    pre = bool(config.moe_router_pre_softmax)
     if config.moe_router_enable_expert_bias and not sigmoid:
         raise _refuse("moe_router_enable_expert_bias", True, "Megatron's softmax routing "
                       "ignores the expert bias; use moe_router_score_function='sigmoid'")
-    top_k = config.moe_router_topk
-    if not sigmoid and not pre and top_k == 1:
+    if not sigmoid and not config.moe_router_pre_softmax and config.moe_router_topk == 1:
         raise _refuse("moe_router_pre_softmax", False, "with moe_router_topk=1 the softmax over "
                       "the one selected logit is 1 for every token and the router learns "
                       "nothing from the main loss; set moe_router_pre_softmax=True")
+
+
+def _moe_fields(config: Any) -> dict[str, Any]:
+    """The ``MoEConfig`` fields of ``config`` (map in the module docstring)."""
+    sigmoid = config.moe_router_score_function == "sigmoid"
+    pre = bool(config.moe_router_pre_softmax)
+    top_k = config.moe_router_topk
     shared = config.moe_shared_expert_intermediate_size
     kw = dict(
         hidden_size=config.hidden_size,
@@ -219,6 +220,26 @@ def moe_config_from_megatron(config: Any, **overrides: Any) -> tuple[MoEConfig, 
     )
     if sigmoid and top_k == 1:
         kw["norm_topk_prob"] = False
+    return kw
+
+
+def moe_config_from_megatron(config: Any, **overrides: Any) -> tuple[MoEConfig, MegatronLosses]:
+    """The ``MoEConfig`` of a Megatron-Core ``TransformerConfig`` (map in the module docstring)
+    with the layer's own losses off, and the Megatron losses to compute around it.
+
+    ``overrides`` are ``MoEConfig`` fields with no Megatron counterpart (e.g.
+    ``expert_impl="block_sparse"``, ``check_finite``). Raises ``ValueError`` naming the first
+    ``TransformerConfig`` field that cannot be honoured.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f"config must be a megatron.core TransformerConfig, got "
+                        f"{type(config).__name__}")
+    if not config.num_moe_experts:
+        raise _refuse("num_moe_experts", config.num_moe_experts, "an MoE layer needs experts")
+    _check_fields(config)
+    kw = _moe_fields(config)
     clash = set(overrides) & (set(kw) | {"aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff"})
     if clash:
         raise ValueError(f"overrides {sorted(clash)} come from the TransformerConfig; set them "

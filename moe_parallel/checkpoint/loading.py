@@ -1,0 +1,171 @@
+"""``load`` / ``resolve``: read a checkpoint written at any layout into a model at this layout.
+
+Stages, each on every rank in this order: find the checkpoint (rank 0 resolves it and reads its
+manifest, one broadcast), check it against this model (its MoE layers and optimizer, then the
+keys and global shapes of DCP's metadata: one all-gather each, ``agreement.agree``), read (DCP),
+apply (optimizer state or hyperparameters, RNG states when the layout is the one that saved).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+from ..distributed import ParallelState
+from ..layer import MoELayer
+from ..routing.capacity_schedule import FACTOR, dynamic_capacity_mismatch
+from . import manifest as mf
+from .agreement import CheckpointError, agree, broadcast, check_ps, world
+from .state import model_state, optim_state, set_rng_state, single_process_quiet
+
+__all__ = ["load", "resolve"]
+
+
+def resolve(directory: str | os.PathLike) -> str:
+    """The complete checkpoint at ``directory`` (``<dir>.old`` when a save died while swapping
+    it in); ``FileNotFoundError`` when there is none, ``CheckpointError`` when it is partial."""
+    directory = os.fspath(directory)
+    for candidate in (directory, directory + ".old"):
+        if mf.read(candidate) is not None:
+            return candidate
+    if not os.path.exists(directory):
+        raise FileNotFoundError(f"no checkpoint at {directory}")
+    raise CheckpointError(
+        f"{directory} is not a complete checkpoint (no {mf.NAME} or no .metadata: its save did "
+        "not finish); nothing was loaded"
+    )
+
+
+def _find(directory: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """The resolved path and manifest of rank 0's ``resolve(directory)``, on every rank (one
+    broadcast); its ``FileNotFoundError`` or ``CheckpointError`` raised on every rank."""
+    found: tuple = ("ok", None, None)
+    if world()[0] == 0:
+        try:
+            path = resolve(directory)
+            found = ("ok", path, mf.read(path))
+        except (FileNotFoundError, CheckpointError) as e:
+            found = (type(e).__name__, str(e), None)
+    kind, path, saved = broadcast(found)
+    if kind == "FileNotFoundError":
+        raise FileNotFoundError(path)
+    if kind != "ok":
+        raise CheckpointError(path)
+    return path, saved
+
+
+def _manifest_problems(saved: dict[str, Any], layers: dict[str, MoELayer],
+                       optimizer: Optional[torch.optim.Optimizer]) -> list[str]:
+    """Differences between the manifest ``saved`` and this model's MoE layers
+    (``manifest.model_mismatches``) and ``optimizer`` (state saved, number of groups)."""
+    current = {n: mf.describe_layer(m.config) for n, m in layers.items()}
+    problems = mf.model_mismatches(saved["moe_layers"], current)
+    if optimizer is not None:
+        if saved["optimizer"] is None:
+            problems.append("the checkpoint holds no optimizer state (load with "
+                            "optimizer=None)")
+        elif saved["optimizer_groups"] != len(optimizer.param_groups):
+            problems.append(f"the checkpoint's optimizer has {saved['optimizer_groups']} "
+                            f"parameter groups, this one {len(optimizer.param_groups)}")
+    return problems
+
+
+def _state_option(key: str, saved: bool) -> Optional[str]:
+    """The layer option behind a key only one side holds (None: no option decides it)."""
+    layer, _, name = key.rpartition(".")
+    return f"{layer}: {dynamic_capacity_mismatch(saved)}" if name == FACTOR else None
+
+
+def _shape_problems(state: dict[str, Any], metadata) -> list[str]:
+    """Keys of this model/optimizer missing from the checkpoint, model keys of the checkpoint
+    this model lacks, and global shapes that differ."""
+    saved = metadata.state_dict_metadata
+    problems = []
+    flat = {f"model.{k}": v for k, v in state["model"].items()}
+    for key, entries in state.get("optim", {}).get("state", {}).items():
+        flat.update({f"optim.state.{key}.{n}": v for n, v in entries.items()})
+    for key, value in flat.items():
+        if key not in saved:
+            problems.append(_state_option(key, False) or f"{key} is not in the checkpoint")
+        elif isinstance(value, Tensor):
+            shape = tuple(getattr(value, "global_shape", value.shape))
+            have = tuple(getattr(saved[key], "size", ()))
+            if have != shape:
+                problems.append(f"{key} has global shape {list(have)} in the checkpoint, "
+                                f"{list(shape)} in this model")
+    for key in saved:
+        if key.startswith("model.") and key not in flat:
+            problems.append(_state_option(key, True)
+                            or f"{key} is in the checkpoint but not in this model")
+    return problems
+
+
+def _checked_state(path: str, saved: dict[str, Any], model: nn.Module,
+                   optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+    """The state dict to read from the checkpoint at ``path`` into ``model`` and ``optimizer``
+    (without ``extra`` and RNG entries), after every rank agrees that it matches: the manifest,
+    then the model's keys and global shapes, then (with optimizer state) the optimizer's.
+    ``CheckpointError`` on every rank otherwise."""
+    msd, by_key, layers = model_state(model, world()[1] > 1)
+    state: dict[str, Any] = {"model": msd}
+    what = f"checkpoint {path} does not match this model"
+    agree(_manifest_problems(saved, layers, optimizer), what)
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    agree(_shape_problems(state, metadata), what)
+    if optimizer is not None and saved["optimizer"] == "state":
+        state["optim"] = optim_state(model, optimizer, by_key)
+        agree(_shape_problems(state, metadata), what)
+    elif optimizer is not None:
+        state["optim_hyperparameters"] = b""
+    return state
+
+
+def _apply_optimizer(state: dict[str, Any], model: nn.Module,
+                     optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Put the optimizer state read into ``optimizer``; for an optimizer saved before its first
+    step, clear its state and restore its groups' hyperparameters."""
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    elif "optim_hyperparameters" in state:  # saved before its first step: no state
+        optimizer.state.clear()
+        for group, saved_group in zip(optimizer.param_groups,
+                                      pickle.loads(state["optim_hyperparameters"])):
+            group.update(saved_group)
+
+
+def load(directory: str | os.PathLike, model: nn.Module,
+         optimizer: Optional[torch.optim.Optimizer] = None, ps: Optional[ParallelState] = None
+         ) -> dict[str, Any]:
+    """Load a checkpoint written by ``save`` at any layout into ``model`` (and ``optimizer``)
+    at this layout; returns the saved ``extra``. RNG states are restored when the layout is the
+    one that saved (each rank its own), and left alone otherwise (a warning says so).
+
+    Collective over the world. Before any tensor is read, every rank checks that the checkpoint
+    is complete, describes the same MoE layers (``manifest.MODEL_FIELDS``), holds optimizer
+    state when ``optimizer`` is given, and has every key of this model with its global shape;
+    otherwise every rank raises ``CheckpointError`` (or ``FileNotFoundError``) naming them.
+    """
+    ps = check_ps(ps)
+    rank, size = world()
+    path, saved = _find(directory)
+    state = _checked_state(path, saved, model, optimizer)
+    same_layout = saved["rng"] and saved["layout"] == mf.describe_layout(ps)
+    state["extra"] = b""
+    if same_layout:
+        state["rng"] = {f"rank{rank}": b""}
+    with single_process_quiet():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=size == 1)
+    _apply_optimizer(state, model, optimizer)
+    if same_layout:
+        set_rng_state(state["rng"][f"rank{rank}"])
+    elif rank == 0 and saved["rng"]:
+        warnings.warn(f"checkpoint {path} was saved at layout {saved['layout']}, this is "
+                      f"{mf.describe_layout(ps)}: RNG states not restored", stacklevel=2)
+    return pickle.loads(state["extra"])
