@@ -17,7 +17,6 @@ Eval and ``no_grad`` forwards leave the training state alone.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Optional
@@ -27,39 +26,27 @@ from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatch import (
-    InFlight,
+    PipelineResult,
     RowBudget,
+    TokenDispatcher,
     build_dispatcher,
+    run_pipeline,
     start_beside,
-    start_combine,
-    start_dispatch,
 )
+from .dispatch.in_flight import done
 from .distributed import collectives
 from .distributed.agreement import check_agreement
 from .distributed.ddp import find_ddp_managing_experts
 from .distributed.fsdp import find_fsdp_managing_experts
-from .experts import GroupedExperts, SharedExpert
+from .experts import GroupedExperts, RoutedExperts, SharedExpert, build_experts
 from .metrics import RoutingStats
-from .routing import Routing, apply_capacity, build_router, expert_capacity, next_capacity_factor
+from .routing import Routing, apply_capacity, build_router
+from .routing.capacity_schedule import CapacityScheduled
 from .routing.losses import attach_to_graph
-from .routing.router import count_assignments
+from .routing.router import TopKRouter, count_assignments
 
 if TYPE_CHECKING:
     from .distributed import ParallelState
-
-
-@dataclass
-class _Routed:
-    """What ``MoELayer._routed`` returns: the combined routed output, the side computation's
-    result, and what ``RoutingStats`` needs."""
-
-    y: Tensor
-    side: Optional[Tensor]
-    tokens_per_expert: Tensor  # [E] kept assignments of this rank's tokens per expert
-    row_map: Tensor            # [T, k] -1 where dropped
-    num_rows: int              # rows the local experts received
-    padded_rows: Optional[int]
-    overflow: bool
 
 
 @dataclass(frozen=True)
@@ -78,12 +65,13 @@ class MoEAux:
         return sum(self.losses.values()) if self.losses else None
 
 
-class MoELayer(nn.Module):
+class MoELayer(CapacityScheduled):
     """One Mixture-of-Experts FFN layer over this process's tokens.
 
-    ``dispatcher`` defaults to ``LocalDispatcher`` (every expert on this process); any object
-    with the same ``dispatch``/``combine`` contract (``moe_parallel.dispatch``) can replace it, in
-    which case ``experts`` must hold that dispatcher's local experts.
+    ``dispatcher`` defaults to ``LocalDispatcher`` (every expert on this process); any
+    ``TokenDispatcher`` (``moe_parallel.dispatch.base``) can replace it, in which case
+    ``experts`` (a ``RoutedExperts``, by default ``experts.build_experts`` of the config) must
+    hold that dispatcher's local experts.
 
     With ``parallel_state`` (a ``ParallelState``) the defaults become the dispatcher named by
     ``config.token_dispatcher_type`` (all-to-all over EP then all-gather over ETP, or all-gather
@@ -93,13 +81,15 @@ class MoELayer(nn.Module):
     (``"edp"`` for the routed experts, ``"dp"`` for the dense router and shared experts); with
     TP > 1 the dense ones also carry ``sequence_parallel`` (each TP rank brings distinct tokens,
     so their gradients are summed over TP too). ``distributed.sync_gradients`` reads these tags.
+    The capacity factor and its dynamic schedule (``capacity``, ``current_capacity_factor``,
+    ``update_capacity_factor``) come from ``routing.capacity_schedule.CapacityScheduled``.
     """
 
     def __init__(
         self,
         config: MoEConfig,
-        dispatcher=None,
-        experts: nn.Module | None = None,
+        dispatcher: Optional[TokenDispatcher] = None,
+        experts: Optional[RoutedExperts] = None,
         device: torch.device | str | None = None,
         parallel_state: Optional[ParallelState] = None,
     ) -> None:
@@ -112,11 +102,14 @@ class MoELayer(nn.Module):
             ps.check_expert_groups()
         if experts is None:
             local = config.num_experts // ps.ep if ps is not None else config.num_experts
-            experts = GroupedExperts(
+            experts = build_experts(
                 config, local, config.ffn_hidden_size // (ps.etp if ps is not None else 1),
                 device=device, first_expert=ps.ep_rank * local if ps is not None else 0,
                 etp_rank=ps.etp_rank if ps is not None else 0,
             )
+        elif not isinstance(experts, RoutedExperts):
+            raise TypeError(f"experts must be a moe_parallel.experts.RoutedExperts, got "
+                            f"{type(experts).__name__}")
         self.experts = experts
         self.shared_expert = (
             SharedExpert(config, device=device) if config.num_shared_experts else None
@@ -125,13 +118,11 @@ class MoELayer(nn.Module):
         if dispatcher is None:
             dispatcher = build_dispatcher(config.num_experts, ps, config.token_dispatcher_type,
                                           budget)
-        elif budget is not None:
-            if not hasattr(dispatcher, "row_budget"):
-                raise ValueError(
-                    f"max_rows_per_rank/max_rows_factor need a dispatcher with a row_budget; "
-                    f"{type(dispatcher).__name__} has none"
-                )
-            dispatcher.row_budget = dispatcher.row_budget or budget
+        elif not isinstance(dispatcher, TokenDispatcher):
+            raise TypeError(f"dispatcher must be a moe_parallel.dispatch.TokenDispatcher, got "
+                            f"{type(dispatcher).__name__}")
+        elif budget is not None and dispatcher.row_budget is None:
+            dispatcher.set_row_budget(budget)
         self.dispatcher = dispatcher
         self._tag_parameters()
         self.last_losses: dict[str, Tensor] = {}
@@ -140,15 +131,7 @@ class MoELayer(nn.Module):
         self._group = ps.group("tp_ep") if ps is not None and ps.ep * ps.etp > 1 else None
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
         self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
-        if config.dynamic_capacity:
-            # the training capacity factor (saved with the model: a persistent float64 buffer),
-            # and this rank's [dropped, routed, slots] since the last update_capacity_factor
-            # (float64 on the CPU whatever the module's device and dtype: read every forward)
-            self.register_buffer("capacity_factor_now",
-                                 torch.tensor(float(config.capacity_factor), dtype=torch.float64))
-            self.register_buffer("capacity_counts",
-                                 torch.zeros(3, dtype=torch.int64, device=device),
-                                 persistent=False)
+        self._init_capacity_schedule(device)  # dynamic_capacity: the factor and its counts
 
     @classmethod
     def shard_from(cls, full: MoELayer, parallel_state: ParallelState) -> MoELayer:
@@ -158,12 +141,12 @@ class MoELayer(nn.Module):
         Every rank building the same ``full`` layer (same seed) and calling this gives a model
         whose distributed forward/backward equals ``full``'s on the union of the ranks' tokens.
         """
-        ps = parallel_state
-        device = full.experts.w1.device
-        fe = full.experts
-        layer = cls(full.config, device=device, parallel_state=ps, experts=GroupedExperts.from_full(
-            full.config, fe.w1, fe.w2, ps.ep_rank, ps.ep, ps.etp_rank, ps.etp,
-            getattr(fe, "b1", None), getattr(fe, "b2", None)))
+        ps, fe = parallel_state, full.experts
+        if not isinstance(fe, GroupedExperts):
+            raise TypeError(f"shard_from slices GroupedExperts, got {type(fe).__name__}")
+        layer = cls(full.config, device=fe.w1.device, parallel_state=ps,
+                    experts=GroupedExperts.from_full(full.config, fe.w1, fe.w2, ps.ep_rank, ps.ep,
+                                                     ps.etp_rank, ps.etp, fe.b1, fe.b2))
         own = dict(layer.named_parameters()) | dict(layer.named_buffers())
         with torch.no_grad():
             for name, t in list(full.named_parameters()) + list(full.named_buffers()):
@@ -186,47 +169,6 @@ class MoELayer(nn.Module):
         """Sum of the last forward's losses (None when no loss is enabled)."""
         return sum(self.last_losses.values()) if self.last_losses else None
 
-    def _apply(self, fn, recurse=True):
-        factor = self._buffers.get("capacity_factor_now")
-        super()._apply(fn, recurse)
-        if factor is not None:  # stays a float64 CPU scalar (never rounded, read without sync)
-            self._buffers["capacity_factor_now"] = factor
-        return self
-
-    def current_capacity_factor(self, training: bool) -> float | None:
-        """The factor of a training (or eval) forward: ``eval_capacity_factor`` in eval when
-        set, else the dynamic factor (``dynamic_capacity``) or ``capacity_factor``."""
-        cfg = self.config
-        if not training and cfg.eval_capacity_factor is not None:
-            return cfg.eval_capacity_factor
-        return float(self.capacity_factor_now) if cfg.dynamic_capacity else cfg.capacity_factor
-
-    @torch.no_grad()
-    def update_capacity_factor(self, counts: Optional[Tensor] = None) -> float:
-        """One step of the dynamic capacity schedule (``routing.capacity.next_capacity_factor``)
-        from ``counts`` = ``[dropped, routed, slots]`` (summed over the ranks; None: this rank's
-        ``capacity_counts``); resets the counts and returns the new factor."""
-        cfg = self.config
-        if not cfg.dynamic_capacity:
-            raise RuntimeError("update_capacity_factor needs a config with dynamic_capacity=True")
-        c = self.capacity_counts if counts is None else counts
-        dropped, routed, slots = (int(v) for v in c.tolist())
-        factor = next_capacity_factor(
-            float(self.capacity_factor_now), dropped, routed, slots - (routed - dropped), slots,
-            cfg.target_drop_rate, cfg.capacity_update_rate, cfg.capacity_factor_min,
-            cfg.capacity_factor_max)
-        self.capacity_factor_now.fill_(factor)
-        self.capacity_counts.zero_()
-        return factor
-
-    def capacity(self, num_tokens: int) -> int | None:
-        """Per-expert capacity for ``num_tokens`` tokens in token-choice mode (None = dropless)."""
-        cfg = self.config
-        factor = self.current_capacity_factor(self.training)
-        if cfg.router_type != "topk" or factor is None:
-            return None
-        return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
-
     def route(self, x: Tensor, num_seqs: int = 1, check: bool = True,
               valid: Optional[Tensor] = None) -> tuple[Routing, dict[str, Tensor], int]:
         """Router plus capacity: the routing to dispatch, the losses, and the pad length
@@ -247,8 +189,8 @@ class MoELayer(nn.Module):
 
     def _count_routed(self, routed_per_expert: Tensor, capacity_counts: Optional[Tensor] = None
                       ) -> None:
-        counts = getattr(self.router, "local_tokens_per_expert", None)
-        if counts is not None:
+        if isinstance(self.router, TopKRouter):  # the counts behind the expert-bias update
+            counts = self.router.local_tokens_per_expert
             counts += routed_per_expert.to(counts.dtype)
         if capacity_counts is not None:
             self.capacity_counts += capacity_counts
@@ -295,62 +237,115 @@ class MoELayer(nn.Module):
             )
         return result
 
-    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int,
-                side: Optional[Callable[[], InFlight[Tensor]]] = None) -> _Routed:
-        """The routed experts' combined output ``[T, H]`` and what the statistics need; ``side``
-        (the shared experts, ``start_beside``) starts while the first dispatch exchange is in
-        flight and finishes after the last combine (on CUDA it runs on a side stream, beside
-        the exchanges and the routed experts' kernels).
+    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int) -> PipelineResult:
+        """The routed experts' combined output ``[T, H]`` (``dispatch.run_pipeline``, in
+        ``overlap_chunks`` chunks), the shared experts' output as its ``side`` (None without
+        them), and what the statistics need. The shared experts start while the first dispatch
+        exchange is in flight and finish after the last combine, with or without
+        ``shared_expert_overlap``: the autograd graph, hence every gradient, is the same; the
+        option only puts them on a side CUDA stream (``start_beside``), beside the exchanges and
+        the routed experts' kernels.
         With ``scale_expert_input`` (Llama-4) the output is
         ``Σ_j expert_{idx[t, j]}(probs[t, j] · x[t])``: each of a token's ``k`` assignments goes
         out as its own row ``probs[t, j]·x[t]`` with combine weight 1, and the ``k`` outputs are
-        summed. With ``overlap_chunks = n`` the rows are dispatched in ``n`` consecutive chunks
-        (empty ones included, so every rank runs the same collectives), pipelined:
-        ``start(0); side; for i: start(i+1), finish(i), experts(i), combine_start(i)``; then
-        every combine finishes. Each row's result is the same as unchunked."""
-        scaled = self.config.scale_expert_input
-        rows, route = tokens, routing
-        if scaled:
-            T, k = routing.expert_idx.shape
-            rows = (tokens.unsqueeze(1) * routing.probs.unsqueeze(-1).to(tokens.dtype))
-            rows = rows.reshape(T * k, tokens.shape[1])
-            route = replace(
-                routing, expert_idx=routing.expert_idx.reshape(T * k, 1),
-                probs=torch.ones(T * k, 1, dtype=routing.probs.dtype, device=rows.device),
-                keep=None if routing.keep is None else routing.keep.reshape(T * k, 1))
-        n = self.config.overlap_chunks
-        bounds = [rows.shape[0] * i // n for i in range(n + 1)]
-        pieces = [(rows[a:b], replace(route, expert_idx=route.expert_idx[a:b],
-                                      probs=route.probs[a:b],
-                                      keep=None if route.keep is None else route.keep[a:b]))
-                  for a, b in zip(bounds, bounds[1:])] if n > 1 else [(rows, route)]
-        dispatcher, padded = self.dispatcher, None
-        started = [start_dispatch(dispatcher, *pieces[0], pad_to)]
-        side_started = side() if side is not None else None
-        combines, handles, num_rows = [], [], 0
-        for i in range(n):
-            if i + 1 < n:
-                started.append(start_dispatch(dispatcher, *pieces[i + 1], pad_to))
-            expert_in, group_sizes, handle = started[i].finish()
-            out = self.experts(expert_in, group_sizes)
-            combines.append(start_combine(dispatcher, out, handle))
-            handles.append(handle)
-            num_rows += expert_in.shape[0]
-            chunk_padded = getattr(self.experts, "last_padded_rows", None)
-            if chunk_padded is not None:
-                padded = (padded or 0) + chunk_padded
-        ys = [c.finish() for c in combines]
-        side_out = side_started.finish() if side_started is not None else None
-        y = ys[0] if n == 1 else torch.cat(ys)
-        row_map = (handles[0].row_map if n == 1
-                   else torch.cat([h.row_map for h in handles]))
-        tokens_per_expert = handles[0].tokens_per_expert
-        for h in handles[1:]:
-            tokens_per_expert = tokens_per_expert + h.tokens_per_expert
-        if scaled:
-            y, row_map = y.view(T, k, y.shape[-1]).sum(dim=1), row_map.reshape(T, k)
-        overflow = any(getattr(h, "overflow", False) for h in handles)
-        return _Routed(y, side_out, tokens_per_expert, row_map, num_rows, padded, overflow)
+        summed."""
+        cfg, side = self.config, None
+        if self.shared_expert is not None:
+            shared = self.shared_expert
+            side = (partial(start_beside, shared, tokens) if cfg.shared_expert_overlap
+                    else lambda: done(shared(tokens)))
+        if not cfg.scale_expert_input:
+            return run_pipeline(self.dispatcher, self.experts, tokens, routing, pad_to,
+                                cfg.overlap_chunks, side)
+        T, k = routing.expert_idx.shape
+        rows = (tokens.unsqueeze(1) * routing.probs.unsqueeze(-1).to(tokens.dtype))
+        route = replace(
+            routing, expert_idx=routing.expert_idx.reshape(T * k, 1),
+            probs=torch.ones(T * k, 1, dtype=routing.probs.dtype, device=rows.device),
+            keep=None if routing.keep is None else routing.keep.reshape(T * k, 1))
+        out = run_pipeline(self.dispatcher, self.experts, rows.reshape(T * k, tokens.shape[1]),
+                           route, pad_to, cfg.overlap_chunks, side)
+        return replace(out, y=out.y.view(T, k, out.y.shape[-1]).sum(dim=1),
+                       row_map=out.row_map.reshape(T, k))
+
+    def _input_tokens(self, x: Tensor, padding_mask: Optional[Tensor]
+                      ) -> tuple[Tensor, Optional[Tensor]]:
+        """``x`` checked (shape ``[T, H]`` or ``[S, B, H]``, ``params_dtype``) as tokens ``[T, H]``,
+        and the non-padding tokens ``valid`` ``[T]`` bool (None without ``padding_mask``)."""
+        cfg = self.config
+        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"x must be [T, hidden_size] or [S, B, hidden_size] with hidden_size="
+                f"{cfg.hidden_size}, got shape {tuple(x.shape)}"
+            )
+        if x.dtype != cfg.params_dtype:
+            raise ValueError(
+                f"x dtype {x.dtype} does not match config.params_dtype {cfg.params_dtype}"
+            )
+        tokens = x.reshape(-1, cfg.hidden_size)
+        if padding_mask is None:
+            return tokens, None
+        if (not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool
+                or padding_mask.shape != x.shape[:-1]):
+            raise ValueError(
+                f"padding_mask must be a bool tensor of shape {tuple(x.shape[:-1])} (x's shape "
+                f"without hidden_size; True = padding), got "
+                f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)} "
+                f"{tuple(getattr(padding_mask, 'shape', ()))}"
+            )
+        return tokens, ~padding_mask.reshape(-1).to(tokens.device)
+
+    def _prepare(self, tokens: Tensor) -> Tensor:
+        """The tokens the router and the experts see. At the first forward the ranks' configs are
+        compared (a collective: a clear error, not a hang) and the DDP/FSDP hosts checked.
+        Expert-parallel with autograd on, the tokens require grad (the exchange's backward is a
+        collective every rank joins); Mixtral's ``jitter_noise`` multiplies them in training
+        by ``U(1 - eps, 1 + eps)``."""
+        cfg = self.config
+        if not self._agreed:
+            self._check_host(self.parallel_state)
+            check_agreement(cfg, self.parallel_state, tokens.device)
+            self._agreed = True
+        if self._group is not None and torch.is_grad_enabled() and not tokens.requires_grad:
+            tokens = tokens.detach().requires_grad_()
+        if self.training and cfg.jitter_noise > 0:
+            eps = cfg.jitter_noise
+            tokens = tokens * torch.empty_like(tokens).uniform_(1.0 - eps, 1.0 + eps)
+        return tokens
+
+    def _attach_training_state(self, y: Tensor, num_tokens: int, routing: Routing,
+                               losses: dict[str, Tensor], routed: PipelineResult,
+                               valid: Optional[Tensor]) -> Tensor:
+        """``y`` with the losses on its graph (their gradient: ``aux_loss_scale``) and the routed
+        counts (non-padding tokens; with ``dynamic_capacity`` also ``[dropped, routed, slots]``)
+        added when the backward passes: once per step, recomputed or not."""
+        cfg = self.config
+        total = sum(losses.values()) if losses else None
+        counted = (routing.routed_per_expert if valid is None
+                   else count_assignments(routing.expert_idx, cfg.num_experts, valid))
+        cap_counts = None
+        if cfg.dynamic_capacity:  # [dropped, routed, slots] of this forward
+            routed_n = routing.routed_per_expert.sum()
+            kept_n = routed.tokens_per_expert.sum()
+            slots = cfg.num_experts * (self.capacity(num_tokens) or 0)
+            cap_counts = torch.stack([routed_n - kept_n, routed_n,
+                                      torch.full_like(routed_n, slots)]).to(torch.int64)
+        return attach_to_graph(y, total, self.aux_loss_scale,
+                               partial(self._count_routed, counted, cap_counts))
+
+    @staticmethod
+    def _statistics(routing: Routing, routed: PipelineResult) -> RoutingStats:
+        """The forward's ``RoutingStats``; warns when a row budget made it drop assignments."""
+        if routed.overflow:
+            warnings.warn(
+                "dropless MoE: the rows per rank exceeded max_rows_per_rank/max_rows_factor; "
+                "this forward fell back to capacity and dropped assignments "
+                "(see RoutingStats.overflow and drop_rate)", RuntimeWarning, stacklevel=3,
+            )
+        return RoutingStats.from_counts(
+            routing.routed_per_expert, routed.tokens_per_expert, routed.row_map,
+            routed.num_rows, routed.padded_rows, routed.overflow, routing.experts_per_token,
+        )
 
     def forward(self, x: Tensor, return_aux: bool = False,
                 padding_mask: Optional[Tensor] = None) -> Tensor | tuple[Tensor, MoEAux]:
@@ -367,88 +362,18 @@ class MoELayer(nn.Module):
         With a ``parallel_state`` this is a collective over the layer's EP/ETP groups: every
         rank of them calls it (and its backward) in the same order, possibly with zero tokens.
         """
-        cfg = self.config
-        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
-            raise ValueError(
-                f"x must be [T, hidden_size] or [S, B, hidden_size] with hidden_size="
-                f"{cfg.hidden_size}, got shape {tuple(x.shape)}"
-            )
-        if x.dtype != cfg.params_dtype:
-            raise ValueError(
-                f"x dtype {x.dtype} does not match config.params_dtype {cfg.params_dtype}"
-            )
-        shape = x.shape
-        num_seqs = shape[1] if x.dim() == 3 else 1
-        tokens = x.reshape(-1, cfg.hidden_size)
-        valid = None
-        if padding_mask is not None:
-            if (not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool
-                    or padding_mask.shape != shape[:-1]):
-                raise ValueError(
-                    f"padding_mask must be a bool tensor of shape {tuple(shape[:-1])} (x's shape "
-                    f"without hidden_size; True = padding), got "
-                    f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)} "
-                    f"{tuple(getattr(padding_mask, 'shape', ()))}"
-                )
-            valid = ~padding_mask.reshape(-1).to(tokens.device)
-        ps = self.parallel_state
-        training_step = self.training and torch.is_grad_enabled()
-        if not self._agreed:
-            self._check_host(ps)
-            check_agreement(cfg, ps, tokens.device)  # collective: a clear error, not a hang
-            self._agreed = True
-        if self._group is not None and torch.is_grad_enabled() and not tokens.requires_grad:
-            # The backward of the dispatch exchange is a collective: a rank whose input needs no
-            # gradient would skip it while its peers wait in it. Every rank takes part.
-            tokens = tokens.detach().requires_grad_()
-
-        if self.training and cfg.jitter_noise > 0:  # Mixtral: the input to router and experts
-            eps = cfg.jitter_noise
-            tokens = tokens * torch.empty_like(tokens).uniform_(1.0 - eps, 1.0 + eps)
-
+        tokens, valid = self._input_tokens(x, padding_mask)
+        tokens = self._prepare(tokens)
+        num_seqs = x.shape[1] if x.dim() == 3 else 1
         routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid)
-        shared = None
-        if self.shared_expert is not None:
-            if cfg.shared_expert_overlap:  # computed while the dispatch exchange is in flight
-                shared = partial(start_beside, self.shared_expert, tokens)
-            else:
-                shared_out = self.shared_expert(tokens)
-        routed = self._routed(tokens, routing, pad_to, shared)
-        y = routed.y
-        if self.shared_expert is not None:
-            y = y + (routed.side if shared is not None else shared_out)
-        if training_step:
-            # The losses ride on the output's graph (their gradient: aux_loss_scale), and the
-            # routed counts are added when the backward passes: once per step, recomputed or not.
-            total = sum(losses.values()) if losses else None
-            counted = (routing.routed_per_expert if valid is None
-                       else count_assignments(routing.expert_idx, cfg.num_experts, valid))
-            cap_counts = None
-            if cfg.dynamic_capacity:  # [dropped, routed, slots] of this forward
-                routed_n = routing.routed_per_expert.sum()
-                kept_n = routed.tokens_per_expert.sum()
-                slots = cfg.num_experts * (self.capacity(tokens.shape[0]) or 0)
-                cap_counts = torch.stack([routed_n - kept_n, routed_n,
-                                          torch.full_like(routed_n, slots)]).to(torch.int64)
-            y = attach_to_graph(y, total, self.aux_loss_scale,
-                                partial(self._count_routed, counted, cap_counts))
+        routed = self._routed(tokens, routing, pad_to)
+        y = routed.y if routed.side is None else routed.y + routed.side
+        if self.training and torch.is_grad_enabled():  # eval / no_grad: training state untouched
+            y = self._attach_training_state(y, tokens.shape[0], routing, losses, routed, valid)
             losses = {k: v.detach() for k, v in losses.items()}
-
-        overflow = routed.overflow
-        if overflow:
-            warnings.warn(
-                "dropless MoE: the rows per rank exceeded max_rows_per_rank/max_rows_factor; "
-                "this forward fell back to capacity and dropped assignments "
-                "(see RoutingStats.overflow and drop_rate)", RuntimeWarning, stacklevel=2,
-            )
-        stats = RoutingStats.from_counts(
-            routing.routed_per_expert, routed.tokens_per_expert, routed.row_map,
-            routed.num_rows, routed.padded_rows, overflow, routing.experts_per_token,
-        )
-        if training_step:  # eval / no_grad: training state untouched
             self.last_losses = losses
-        self.last_stats = stats
-        y = y.reshape(shape)
+        self.last_stats = stats = self._statistics(routing, routed)
+        y = y.reshape(x.shape)
         return (y, MoEAux(losses, stats, routing)) if return_aux else y
 
 

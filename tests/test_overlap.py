@@ -5,11 +5,12 @@
 * ``shared_expert_overlap`` and ``overlap_chunks = n`` (2, 3, and 7 > some ranks' tokens, so
   chunks are empty): the layer against the same layer (same weights) without overlap, on one
   process and on 4 ranks (ep4; ep2 etp2; tp2 ep2 with the hierarchical all-to-all on 2 nodes × 2
-  ranks), float64, dropless and capacity, grouped and block-sparse experts, expert choice, Llama-4
-  scaled input. ``shared_expert_overlap`` alone: everything bitwise. With chunks, the
-  same to 1e-13 relative (output, input gradient, every parameter gradient): a GEMM's rows
-  round differently with the row count (BLAS blocking: ``a[:6] @ w`` differs from
-  ``(a @ w)[:6]`` by about 1e-16), and a chunked wgrad sums the same terms in another order.
+  ranks), float64, dropless and capacity, grouped and block-sparse experts, gated and ungated
+  shared experts, expert choice, Llama-4 scaled input. ``shared_expert_overlap`` alone:
+  everything bitwise. With chunks, the same to 1e-13 relative (output, input gradient, every
+  parameter gradient): a GEMM's rows round differently with the row count (BLAS blocking:
+  ``a[:6] @ w`` differs from ``(a @ w)[:6]`` by about 1e-16), and a chunked wgrad sums the same
+  terms in another order.
   The kept and dropped counts are equal.
 """
 
@@ -31,6 +32,7 @@ BASE = dict(hidden_size=8, ffn_hidden_size=8, num_experts=8, params_dtype=torch.
             init_std=0.3)
 CASES = {
     "dropless_shared": dict(top_k=2, num_shared_experts=1),
+    "gated_shared": dict(top_k=2, num_shared_experts=1, shared_expert_gate=True),
     "capacity": dict(top_k=2, capacity_factor=1.0),
     "block_sparse": dict(top_k=2, expert_impl="block_sparse", num_shared_experts=1),
     "expert_choice": dict(router_type="expert_choice", top_k=2),

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import ops
 from ..distributed import collectives as comm
 from ..routing.router import Routing
-from .expert_grid import enforce_budget, set_expert_grid
+from .base import DispatchHandle, TokenDispatcher
 from .row_budget import RowBudget
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class AllGatherHandle:
+class AllGatherHandle(DispatchHandle):
     """What ``AllGatherDispatcher.combine`` needs from its ``dispatch``.
 
     The gathered token space is ``cat([tokens of tp_ep rank 0], ..., [tokens of rank w-1])``
@@ -78,7 +78,7 @@ class AllGatherHandle:
         return rows.view_as(self.gathered_idx)[self.offset: self.offset + T]
 
 
-class AllGatherDispatcher:
+class AllGatherDispatcher(TokenDispatcher):
     """Expert-parallel dispatch by all-gather over the ETP×EP (``tp_ep``) group, as Megatron's
     ``MoEAllGatherTokenDispatcher``: suited to TP-heavy layouts and large ``k``, where most
     gathered tokens have work on every rank.
@@ -111,9 +111,8 @@ class AllGatherDispatcher:
         self, num_experts: int, parallel_state: ParallelState,
         row_budget: Optional[RowBudget] = None,
     ) -> None:
-        ps = parallel_state
-        set_expert_grid(self, num_experts, ps, row_budget)
-        self.first_expert = ps.ep_rank * self.num_local_experts
+        super().__init__(num_experts, parallel_state, row_budget)
+        self.first_expert = parallel_state.ep_rank * self.num_local_experts
         self.group = self.tp_ep_group
 
     def dispatch(
@@ -123,7 +122,7 @@ class AllGatherDispatcher:
         ``tp_ep`` group (steps 1-2 of the class docstring). A collective over that group."""
         E, E_local, group = self.num_experts, self.num_local_experts, self.group
         w = comm.group_size(group)
-        routing, overflow, _ = enforce_budget(self, routing)
+        routing, overflow, _ = self.enforce_row_budget(routing)
         idx = routing.expert_idx
         keep = torch.ones_like(idx, dtype=torch.bool) if routing.keep is None else routing.keep
         tokens_per_expert = torch.bincount(idx[keep], minlength=E)

@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import ops
 from ..distributed import collectives as comm
 from ..routing.router import Routing
-from .expert_grid import enforce_budget, gather_counts, set_expert_grid
+from .base import DispatchHandle, TokenDispatcher, gather_counts
 from .in_flight import InFlight
 from .row_budget import RowBudget
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class AllToAllHandle:
+class AllToAllHandle(DispatchHandle):
     """What ``AllToAllDispatcher.combine`` needs from its ``dispatch``."""
 
     row_map: Tensor            # [T, k] row of (t, j) in this rank's send buffer, -1 = dropped
@@ -55,7 +55,7 @@ def _expert_major_order(etp: int, ep: int, num_local: int) -> Optional[Tensor]:
     return torch.arange(etp * ep * num_local).view(etp * ep, num_local).t().reshape(-1)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(TokenDispatcher):
     """Expert-parallel dispatch over the EP (and ETP) groups of a ``ParallelState``.
 
     Global expert ``e`` lives on EP rank ``e // E_local`` (``E_local = E / ep``) as its local
@@ -86,8 +86,8 @@ class AllToAllDispatcher:
         self, num_experts: int, parallel_state: ParallelState,
         row_budget: Optional[RowBudget] = None,
     ) -> None:
+        super().__init__(num_experts, parallel_state, row_budget)
         ps = parallel_state
-        set_expert_grid(self, num_experts, ps, row_budget)
         self.ep_rank = ps.ep_rank
         self.ep_group = ps.group("ep") if ps.ep > 1 else None
         self.etp_group = ps.group("etp") if ps.etp > 1 else None
@@ -165,7 +165,7 @@ class AllToAllDispatcher:
         """``dispatch`` with its EP row exchange left in flight (``in_flight.py``): steps 1-2
         run now; ``finish()`` waits and runs 3-4, returning ``dispatch``'s result."""
         E, ep, E_local = self.num_experts, self.ep, self.num_local_experts
-        routing, overflow, gathered = enforce_budget(self, routing)
+        routing, overflow, gathered = self.enforce_row_budget(routing)
         chunked = self._chunked(x)
         idx = self._send_order(routing.expert_idx, chunked)
         permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to)

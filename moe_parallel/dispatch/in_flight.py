@@ -5,8 +5,9 @@
     expert_in, group_sizes, handle = started.finish()         # waits, then the local steps
 
 and likewise ``combine_start(expert_out, handle).finish() -> y``. ``dispatch`` is
-``dispatch_start(...).finish()``. ``start_dispatch`` / ``start_combine`` take any dispatcher:
-one without the ``*_start`` methods runs synchronously at the start (nothing overlaps).
+``dispatch_start(...).finish()``. ``TokenDispatcher`` (``base.py``) declares both ``*_start``
+methods; its default runs the work synchronously at the start (nothing overlaps), and
+``base.start_dispatch`` / ``base.start_combine`` call them.
 ``start_beside(fn, x)`` starts compute that runs beside the exchanges: on CUDA on a side stream.
 """
 
@@ -17,8 +18,6 @@ from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
-
-from ..routing.router import Routing
 
 T = TypeVar("T")
 
@@ -39,22 +38,6 @@ class InFlight(Generic[T]):
 def done(value: T) -> InFlight[T]:
     """Work that finished at its start."""
     return InFlight(lambda: value)
-
-
-def start_dispatch(dispatcher, x: Tensor, routing: Routing, pad_to: int = 0) -> InFlight:
-    """``dispatcher.dispatch_start(...)``, or its ``dispatch(...)`` run now."""
-    start = getattr(dispatcher, "dispatch_start", None)
-    if start is not None:
-        return start(x, routing, pad_to)
-    return done(dispatcher.dispatch(x, routing, pad_to))
-
-
-def start_combine(dispatcher, expert_out: Tensor, handle) -> InFlight[Tensor]:
-    """``dispatcher.combine_start(...)``, or its ``combine(...)`` run now."""
-    start = getattr(dispatcher, "combine_start", None)
-    if start is not None:
-        return start(expert_out, handle)
-    return done(dispatcher.combine(expert_out, handle))
 
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}

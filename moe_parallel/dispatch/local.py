@@ -14,11 +14,12 @@ from torch import Tensor
 
 from .. import ops
 from ..routing.router import Routing
+from .base import DispatchHandle, TokenDispatcher
 from .row_budget import RowBudget
 
 
 @dataclass
-class LocalHandle:
+class LocalHandle(DispatchHandle):
     """What ``LocalDispatcher.combine`` needs from its ``dispatch``."""
 
     row_map: Tensor            # [T, k] row of (t, j) in expert_in, -1 when dropped
@@ -27,27 +28,23 @@ class LocalHandle:
     overflow: bool = False
 
 
-class LocalDispatcher:
+class LocalDispatcher(TokenDispatcher):
     """All experts live on this process: dispatch is a permutation, combine its weighted inverse.
 
     ``pad_to > 0`` lays every expert's rows out as exactly ``pad_to`` rows (zero padding after
-    the real ones), giving static shapes for capacity mode.
+    the real ones), giving static shapes for capacity mode. Its grid is one rank (no
+    ``parallel_state``).
     """
 
     def __init__(self, num_experts: int, row_budget: Optional[RowBudget] = None) -> None:
-        self.num_experts = num_experts
-        self.row_budget = row_budget
+        super().__init__(num_experts, None, row_budget)
 
     def dispatch(
         self, x: Tensor, routing: Routing, pad_to: int = 0
     ) -> tuple[Tensor, Tensor, LocalHandle]:
         """``(expert_in [N, H], group_sizes [E] CPU int64, handle)``: the kept assignments of ``x``
         sorted by expert (``pad_to > 0``: every expert padded to ``pad_to`` rows)."""
-        overflow = False
-        if self.row_budget is not None:
-            routing, overflow, _ = self.row_budget.enforce(
-                routing, self.num_experts, 1, lambda c: c.view(1, -1).to("cpu")
-            )
+        routing, overflow, _ = self.enforce_row_budget(routing)
         # One host round trip checks the ids and brings the group sizes (dropless) along.
         host_counts = ops.expert_counts(
             routing.expert_idx, self.num_experts, routing.keep, pad_to

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import MoEConfig
 from .activation import activate, fc1_width
+from .base import ExpertsOutput, RoutedExperts
 from .block_sparse import block_sparse_ffn, expert_rows, resolve_block_size
 
 
@@ -69,12 +70,13 @@ def shard_expert_weights(
     return w1_s, w2[e][:, f, :].clone(memory_format=torch.contiguous_format)
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(RoutedExperts):
     """``num_local_experts`` expert FFNs of hidden size ``ffn_size`` as two stacked weights.
 
     With ``expert_impl="block_sparse"``, ``block_size`` is resolved for the weights' device
-    (``block_sparse.resolve_block_size``) and ``last_padded_rows`` holds the padded row count
-    of the last forward (``None`` for ``"grouped"``).
+    (``block_sparse.resolve_block_size``) and ``forward`` reports its padded row count in
+    ``ExpertsOutput.padded_rows`` (``None`` for ``"grouped"``, which pads nothing).
+    ``b1``/``b2`` are None without ``expert_proj_bias``.
     """
 
     def __init__(
@@ -115,7 +117,6 @@ class GroupedExperts(nn.Module):
             resolve_block_size(config.block_size, self.ffn_size, self.w1.device)
             if config.expert_impl == "block_sparse" else None
         )
-        self.last_padded_rows: int | None = None
         self.reset_parameters()
 
     @classmethod
@@ -166,13 +167,13 @@ class GroupedExperts(nn.Module):
                 self.w1[i].copy_(w1[0] * cfg.init_std)
                 self.w2[i].copy_(w2[0] * cfg.init_std)
 
-    def forward(self, x: Tensor, group_sizes: Tensor) -> Tensor:
-        """``x`` [N, H] grouped by local expert; ``group_sizes`` [E_local] CPU int64, sum N."""
+    def forward(self, x: Tensor, group_sizes: Tensor) -> ExpertsOutput:
+        """``ExpertsOutput(y [N, H], padded_rows)`` for ``x`` [N, H] grouped by local expert;
+        ``group_sizes`` [E_local] CPU int64, sum N."""
         if self.block_size is not None:
-            y, self.last_padded_rows = block_sparse_ffn(
+            return ExpertsOutput(*block_sparse_ffn(
                 x, self.w1, self.w2, group_sizes, self.block_size, self.config, self.b1, self.b2
-            )
-            return y
+            ))
         backend = self.config.grouped_gemm_backend
         h = ops.grouped_gemm(x, self.w1, group_sizes, backend=backend)
         if self.b1 is not None:
@@ -181,4 +182,4 @@ class GroupedExperts(nn.Module):
         y = ops.grouped_gemm(a, self.w2, group_sizes, backend=backend)
         if self.b2 is not None:
             y = y + expert_rows(self.b2, group_sizes)
-        return y
+        return ExpertsOutput(y, None)
