@@ -15,7 +15,7 @@ BENCHMARKS = {
     "dropless": ("benchmarks.dropless_bench", "block-sparse vs grouped vs capacity modes"),
     "dispatch": ("benchmarks.dispatch_bench", "dispatch+combine vs raw all-to-all; DeepSpeed"),
     "scaling": ("benchmarks.scaling_bench", "weak/strong scaling and the GPU cost model"),
-    "cluster": ("benchmarks.cluster_bench", "all-to-all, dispatch and layer over EP sizes; "
+    "cluster": ("benchmarks.cluster.main", "all-to-all, dispatch and layer over EP sizes; "
                 "fitted cost model (any launcher)"),
     "routing": ("benchmarks.routing_bench", "top-2 vs top-p and the drop policies, demo model"),
     "grouped_gemm": ("benchmarks.grouped_gemm_bench", "grouped GEMM backends (CUDA)"),

@@ -30,25 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.harness import cuda_event_ms  # noqa: E402
 from moe_parallel import ops  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def time_ms(fn, iters: int, warmup: int) -> list[float]:
-    """Per-call times in ms, each bracketed by CUDA events on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def unpermute_index_add(y, row_map, probs):
@@ -63,7 +48,8 @@ def unpermute_index_add(y, row_map, probs):
     return out.index_add_(0, tokens, vals).to(y.dtype)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``python benchmarks/cuda_ops_bench.py --help``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -74,6 +60,88 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch versions")
     ap.add_argument("--out", help="write the results as JSON to this path")
+    return ap
+
+
+def make_inputs(T: int, H: int, k: int, E: int, dtype: torch.dtype) -> dict:
+    """The ops' inputs on CUDA (seed 0): tokens, top-k routing of random logits, the permuted
+    rows' map, and the chunk order of an 8-rank expert-parallel regroup."""
+    M = torch.ops.moe_parallel
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
+    logits = torch.randn(T, E, device=dev, generator=g)
+    top, expert_idx = logits.topk(k, dim=1)
+    probs = torch.softmax(top, dim=1)  # float32 router weights
+    permuted, row_map, tpe = M.permute(x, expert_idx, E, None, 0)
+    N = permuted.shape[0]
+    # sort_chunks as in expert-parallel dispatch: 8 ranks x E/8 local experts, regrouped
+    # (rank, expert) -> (expert, rank).
+    ranks = 8 if E % 8 == 0 else 1
+    return {"x": x, "expert_idx": expert_idx, "probs": probs, "row_map": row_map, "N": N,
+            "y": torch.randn(N, H, device=dev, dtype=dtype, generator=g),
+            "grad_out": torch.randn(T, H, device=dev, dtype=dtype, generator=g),
+            "split_sizes": tpe.cpu(),
+            "order": torch.arange(E).view(ranks, E // ranks).t().reshape(-1)}
+
+
+def byte_model(T: int, H: int, k: int, N: int, e: int) -> dict[str, int]:
+    """Bytes each op logically reads + writes (the module docstring's table)."""
+    idx_bytes = T * k
+    return {
+        "permute": 2 * N * H * e + idx_bytes * 16,
+        "unpermute": (N + T) * H * e + idx_bytes * 12,
+        "unpermute_backward": (T + 2 * N) * H * e + idx_bytes * 16,
+        "sort_chunks": 2 * N * H * e,
+    }
+
+
+def make_cases(inp: dict, T: int, E: int, with_torch: bool) -> list[tuple]:
+    """``(op, impl, fn)`` of every timed call: the moe_parallel ops, then (``with_torch``)
+    their plain-PyTorch twins and an index_add_ unpermute."""
+    M = torch.ops.moe_parallel
+    x, expert_idx, probs, row_map = inp["x"], inp["expert_idx"], inp["probs"], inp["row_map"]
+    y, grad_out, N = inp["y"], inp["grad_out"], inp["N"]
+    split_sizes, order = inp["split_sizes"], inp["order"]
+    cases = [
+        ("permute", "moe_parallel", lambda: M.permute(x, expert_idx, E, None, 0)),
+        ("unpermute", "moe_parallel", lambda: M.unpermute(y, row_map, probs, T)),
+        ("unpermute_backward", "moe_parallel",
+         lambda: M.unpermute_backward(grad_out, y, row_map, probs, N)),
+        ("sort_chunks", "moe_parallel", lambda: M.sort_chunks(y, split_sizes, order)),
+    ]
+    if with_torch:
+        cases += [
+            ("permute", "torch twin", lambda: ops.permute_torch(x, expert_idx, E)),
+            ("unpermute", "torch twin", lambda: ops.unpermute_torch(y, row_map, probs)),
+            ("unpermute", "torch index_add", lambda: unpermute_index_add(y, row_map, probs)),
+            ("unpermute_backward", "torch twin",
+             lambda: ops.unpermute_backward_torch(grad_out, y, row_map, probs, N)),
+            ("sort_chunks", "torch twin", lambda: ops.sort_chunks_torch(y, split_sizes, order)),
+        ]
+    return cases
+
+
+def time_cases(cases: list[tuple], model: dict, copy_gbps: float, iters: int,
+               warmup: int) -> list[dict]:
+    """Median, p10 and p90 ms of every case (``cuda_event_ms``) and its achieved bandwidth,
+    also as a fraction of the copy's."""
+    results = []
+    for op, impl, fn in cases:
+        times = cuda_event_ms(fn, iters, warmup)
+        med = statistics.median(times)
+        gbps = model[op] / med / 1e6
+        q = statistics.quantiles(times, n=10)
+        results.append(dict(op=op, impl=impl, median_ms=med, p10_ms=q[0], p90_ms=q[-1],
+                            bytes=model[op], gbps=gbps, fraction_of_copy=gbps / copy_gbps))
+        torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every op and its twins, print the table, write ``--out``; 1 without CUDA or the
+    extension."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.iters < 20:
         ap.error("--iters must be >= 20")
@@ -86,82 +154,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-
-    M = torch.ops.moe_parallel
     dev = torch.device("cuda")
     dtype = DTYPES[args.dtype]
     T, H, k, E = args.tokens, args.hidden, args.topk, args.experts
     e = torch.tensor([], dtype=dtype).element_size()
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    x = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
-    logits = torch.randn(T, E, device=dev, generator=g)
-    top, expert_idx = logits.topk(k, dim=1)
-    probs = torch.softmax(top, dim=1)  # float32 router weights
-    permuted, row_map, tpe = M.permute(x, expert_idx, E, None, 0)
-    N = permuted.shape[0]
-    y = torch.randn(N, H, device=dev, dtype=dtype, generator=g)
-    grad_out = torch.randn(T, H, device=dev, dtype=dtype, generator=g)
-    # sort_chunks as in expert-parallel dispatch: 8 ranks x E/8 local experts, regrouped
-    # (rank, expert) -> (expert, rank).
-    ranks = 8 if E % 8 == 0 else 1
-    split_sizes = tpe.cpu()
-    order = torch.arange(E).view(ranks, E // ranks).t().reshape(-1)
-
-    idx_bytes = T * k
-    model = {
-        "permute": 2 * N * H * e + idx_bytes * 16,
-        "unpermute": (N + T) * H * e + idx_bytes * 12,
-        "unpermute_backward": (T + 2 * N) * H * e + idx_bytes * 16,
-        "sort_chunks": 2 * N * H * e,
-    }
-    cases = [
-        ("permute", "moe_parallel", lambda: M.permute(x, expert_idx, E, None, 0)),
-        ("unpermute", "moe_parallel", lambda: M.unpermute(y, row_map, probs, T)),
-        (
-            "unpermute_backward",
-            "moe_parallel",
-            lambda: M.unpermute_backward(grad_out, y, row_map, probs, N),
-        ),
-        ("sort_chunks", "moe_parallel", lambda: M.sort_chunks(y, split_sizes, order)),
-    ]
-    if not args.no_torch:
-        cases += [
-            ("permute", "torch twin", lambda: ops.permute_torch(x, expert_idx, E)),
-            ("unpermute", "torch twin", lambda: ops.unpermute_torch(y, row_map, probs)),
-            ("unpermute", "torch index_add", lambda: unpermute_index_add(y, row_map, probs)),
-            (
-                "unpermute_backward",
-                "torch twin",
-                lambda: ops.unpermute_backward_torch(grad_out, y, row_map, probs, N),
-            ),
-            ("sort_chunks", "torch twin", lambda: ops.sort_chunks_torch(y, split_sizes, order)),
-        ]
-
-    copy_times = time_ms(lambda: y.clone(), args.iters, args.warmup)
+    inp = make_inputs(T, H, k, E, dtype)
+    N, y = inp["N"], inp["y"]
+    model = byte_model(T, H, k, N, e)
+    copy_times = cuda_event_ms(lambda: y.clone(), args.iters, args.warmup)
     copy_ms = statistics.median(copy_times)
     copy_gbps = 2 * N * H * e / copy_ms / 1e6
-
-    results = []
-    for op, impl, fn in cases:
-        times = time_ms(fn, args.iters, args.warmup)
-        med = statistics.median(times)
-        gbps = model[op] / med / 1e6
-        q = statistics.quantiles(times, n=10)
-        results.append(
-            dict(
-                op=op,
-                impl=impl,
-                median_ms=med,
-                p10_ms=q[0],
-                p90_ms=q[-1],
-                bytes=model[op],
-                gbps=gbps,
-                fraction_of_copy=gbps / copy_gbps,
-            )
-        )
-        torch.cuda.empty_cache()
-
+    results = time_cases(make_cases(inp, T, E, not args.no_torch), model, copy_gbps,
+                         args.iters, args.warmup)
     name = torch.cuda.get_device_name(dev)
     print(f"device: {name}   torch {torch.__version__}")
     print(f"T={T} H={H} k={k} E={E} dtype={args.dtype} N={N} iters={args.iters} (median)")

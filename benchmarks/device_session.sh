@@ -34,12 +34,12 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   mkdir -p "$OUT/so" && cp moe_parallel/_C*.so "$OUT/so/"
 fi
 if [ -z "${SKIP_TESTS:-}" ]; then
-  $PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/test_cuda_ops.py \
-    tests/test_cuda_grouped_gemm.py \
+  $PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/ops/test_cuda_ops.py \
+    tests/ops/test_cuda_grouped_gemm.py \
     2>&1 | tee "$OUT/cuda_tests.log" | tail -15
   if [ -z "${SKIP_MEMCHECK:-}" ]; then
     MOE_PARALLEL_UNDER_SANITIZER=1 timeout ${MEMCHECK_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
-      tests/test_cuda_ops.py tests/test_cuda_grouped_gemm.py \
+      tests/ops/test_cuda_ops.py tests/ops/test_cuda_grouped_gemm.py \
       -k "${MEMCHECK_K:-(bfloat16 or hopper) and not large and not bad_input}" > "$OUT/memcheck.log" 2>&1
     echo "memcheck rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
   fi

@@ -1,20 +1,18 @@
 """Expert-parallel dispatch overhead against raw all-to-all, and the MoE layer against DeepSpeed's.
 
 Every measurement runs on ``w`` gloo CPU processes (``torch.set_num_threads(1)`` each), spawned
-fresh per world size. A time is the slowest rank's: per round every rank runs ``iters`` calls
-after a barrier and the round's time is ``max_ranks(elapsed) / iters``; the reported value is
-the median over ``repeats`` rounds, the variants of one table interleaved round by round.
+fresh per world size (``benchmarks.harness.run_gloo_job``). A time is the slowest rank's: per
+round every rank runs ``iters`` calls after a barrier and the round's time is
+``max_ranks(elapsed) / iters``; the reported value is the median over ``repeats`` rounds (with
+min, max and quartiles), the variants of one table interleaved round by round
+(``benchmarks.harness.time_rounds``).
 
 Part 1, dispatch overhead (``w`` = 2, 4, 8; ``ep = w``; experts are the identity, so only the
 token movement is timed). Per rank ``T`` tokens of width ``H`` routed top-``k`` over ``E``
 experts by the layer's router (computed once, outside the timed region):
-  * ours, forward:  ``dispatch(x, routing, pad_to)`` then ``combine(expert_in, handle)``, with
-    autograd recording (``x`` and ``probs`` require grad); forward+backward adds
-    ``y.backward(grad_y)``.
-  * raw: the ``torch.distributed.all_to_all_single`` calls that move the same bytes with the same
-    uneven splits, outputs allocated per call: counts (``E`` int64, ``E_local`` per peer), rows
-    there (``send_splits``) and back (``recv_splits``); forward+backward adds the two row
-    exchanges of the backward (``grad`` of combine's and of dispatch's all-to-all).
+  * ours and raw: ``benchmarks.exchange`` (``dispatch`` then ``combine`` with autograd
+    recording, against the ``all_to_all_single`` calls moving the same rows with the same
+    uneven splits; forward, and forward+backward).
   * ``ratio = ours / raw`` (the project's target is ``ratio <= 1.3``).
   * bytes moved per forward, all ranks: ``Σ_r Σ_{j≠r} send_r[j] · H · elem · 2`` (rows leaving
     their rank, there and back; forward+backward moves twice that) plus the counts exchange.
@@ -32,13 +30,10 @@ Capacity C = ceil(T·k/E·1.25) in both; which assignments are dropped differs (
 by position, first choices first; ours by ``drop_policy``, default "probs").
 Forward+backward step time (``layer(x).sum().backward()``, gradients reset to None) of
 DeepSpeed, ours in capacity mode (padded to capacity as DeepSpeed is, and unpadded) and ours
-dropless. DeepSpeed runs with ``DS_ACCELERATOR=cpu`` and
-``TORCH_EXTENSIONS_DIR`` (default ``build/torch_extensions``; its first use JIT-builds the
-``deepspeed_shm_comm`` op, done once in the parent before the ranks start), each rank calling
-``deepspeed.init_distributed(dist_backend="gloo")`` over the initialised torch.distributed and
-``MoE.set_deepspeed_parallelism()`` (creates its ``ep_size_<w>`` expert and expert-data groups).
-Without DeepSpeed the table says why and holds ours only. Default layer size H=512, F=1024
-(not H=1024, F=2048: that step takes about 4 s on 4 ranks sharing 2 cores).
+dropless. DeepSpeed runs on its CPU accelerator over the same gloo group
+(``benchmarks.deepspeed_moe`` says how). Without DeepSpeed the table says why and holds ours
+only. Default layer size H=512, F=1024 (not H=1024, F=2048: that step takes about 4 s on 4
+ranks sharing 2 cores).
 
     python -m benchmarks.dispatch_bench                       # tables + JSON in benchmarks/results/
     python -m benchmarks.dispatch_bench --worlds 2 4 --parts dispatch --profile-iters 0
@@ -48,176 +43,49 @@ Without DeepSpeed the table says why and holds ours only. Default layer size H=5
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import os
 import statistics
 import sys
-import tempfile
-import time
-import traceback
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.local_ranks import free_port, run_ranks
+from benchmarks.deepspeed_moe import deepspeed_layer, prepare_deepspeed
+from benchmarks.exchange import dispatch_combine_fns, raw_alltoall_fns
+from benchmarks.harness import Stopwatch, run_gloo_job, summarize_rounds
+from benchmarks.op_profile import profile_calls
 from benchmarks.record import save_result
 
 TARGET_RATIO = 1.3
 DISPATCH_MODES = ("dropless", "capacity")
 CAPACITY_FACTOR = 1.25
 MIN_CAPACITY = 4
-_REPO = Path(__file__).resolve().parent.parent
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ---- process launching ------------------------------------------------------------------------
-
-
-def _rank_entry(rank: int, world: int, port: int, job: dict, outdir: str) -> None:
-    """One rank: gloo init, run ``job``, write ``rank<r>.json`` ({"ok": result} or {"error":
-    traceback}) and leave with ``os._exit`` (DeepSpeed's CPU comm op aborts at teardown)."""
-    os.dup2(2, 1)  # the ranks' prints (DeepSpeed's included) go to stderr, not into the tables
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=job["timeout_s"]))
-        out = {"ok": _JOBS[job["kind"]](job)}
-    except BaseException:  # noqa: BLE001  (reported to the parent, whatever it is)
-        out, code = {"error": f"rank {rank}: {traceback.format_exc()}"}, 1
-    path = Path(outdir) / f"rank{rank}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(out))
-    path.with_suffix(".tmp").rename(path)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def launch(world: int, job: dict, timeout_s: float) -> list[dict]:
-    """Run ``job`` on ``world`` fresh gloo processes; every rank's result, in rank order.
-
-    Raises ``RuntimeError`` with the failing ranks' tracebacks when a rank raises or dies, and
-    when the ranks are still running after ``timeout_s`` (the rest are then killed).
-    """
-    import importlib
-
-    entry = importlib.import_module("benchmarks.dispatch_bench")._rank_entry
-    job = dict(job, timeout_s=int(timeout_s))
-    with tempfile.TemporaryDirectory(prefix="dispatch_bench_") as tmp:
-        codes, _ = run_ranks(entry, (world, free_port(), job, tmp), world, timeout_s,
-                             grace_s=5.0)
-        outs = []
-        for r in range(world):
-            f = Path(tmp) / f"rank{r}.json"
-            outs.append(json.loads(f.read_text()) if f.exists()
-                        else {"error": f"rank {r}: no result (exit code {codes[r]}; "
-                                       f"killed after the deadline or another rank's failure)"})
-    errors = [o["error"] for o in outs if "error" in o]
-    if errors:
-        raise RuntimeError(f"{job['kind']} on {world} ranks failed:\n" + "\n".join(errors))
-    return [o["ok"] for o in outs]
-
-
-# ---- timing helpers (inside the ranks) --------------------------------------------------------
-
-
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def _time_interleaved(fns: dict, iters: int, repeats: int, warmup: int = 2) -> dict[str, dict]:
-    """Per name: median over ``repeats`` rounds of ``max_ranks(elapsed of iters calls) / iters``
-    in seconds (and every round's value); the functions run in turn within each round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    rounds: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            rounds[name].append(_max_over_ranks((time.perf_counter() - t0) / iters))
-    return {name: {"seconds": statistics.median(v), "rounds": v} for name, v in rounds.items()}
-
-
-def _op_family(name: str) -> str:
-    """The family a profiler event's self time is summed into (``by_family_self_ms``)."""
-    low = name.lower()
-    for family, keys in (("all_to_all", ("alltoall", "all_to_all")),
-                         ("all_gather", ("allgather", "all_gather")),
-                         ("sort_chunks", ("sort_chunks",)),
-                         ("permute/unpermute", ("permute",)),
-                         ("gemm", ("grouped_gemm", "bsr_", "aten::mm", "addmm", "matmul",
-                                   "linear", "bmm")),
-                         ("other collectives", ("gloo", "c10d", "allreduce"))):
-        if any(k in low for k in keys):
-            return family
-    return "other"
-
-
-def _profile(fn, iters: int, top: int) -> dict:
-    """``torch.profiler`` over ``iters`` calls of ``fn`` (CPU), per call: wall ms, the ``top``
-    ops by self CPU time, and self time summed by ``_op_family`` plus ``untracked`` (wall minus
-    all self time: Python, and the wait inside a bare ``dist.all_to_all_single``).
-
-    Reading the names: a custom op called with autograd recording shows as ``moe_parallel::<op>``
-    (the wrapper) around ``GeneratedBackwardFor_moe_parallel_<op>_default`` (its forward kernel);
-    ``..._defaultBackward`` is its backward node, whose op calls (no autograd there) show as
-    ``moe_parallel::<op>`` with the kernel time as self time. Collective waits count as self
-    time of ``_AllToAll`` / ``_AllGather`` (the autograd functions of ``comm``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        wall = (time.perf_counter() - t0) / iters
-    events = [e for e in prof.key_averages()
-              if e.self_cpu_time_total > 0 and "barrier" not in e.key.lower()]
-    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    families: dict[str, float] = {}
-    for e in events:
-        f = _op_family(e.key)
-        families[f] = families.get(f, 0.0) + e.self_cpu_time_total / 1e3 / iters
-    families["untracked"] = max(0.0, wall * 1e3 - sum(families.values()))
-    return {
-        "wall_ms_per_call": wall * 1e3,
-        "by_family_self_ms": families,
-        "top_ops": [{"op": e.key, "calls": e.count / iters,
-                     "self_ms": e.self_cpu_time_total / 1e3 / iters,
-                     "total_ms": e.cpu_time_total / 1e3 / iters} for e in events[:top]],
-    }
+    """Per name, :func:`benchmarks.harness.summarize` of ``repeats`` rounds of the slowest
+    rank's ``elapsed of iters calls / iters`` seconds, the functions in turn in each round."""
+    return summarize_rounds(fns, repeats, iters=iters, warmup=warmup, across_ranks=True)
 
 
 # ---- part 1: dispatch overhead ----------------------------------------------------------------
 
 
-def _dispatch_mode(job: dict, ps, mode: str) -> dict:
-    """Rank side of part 1 for one mode: ours vs raw all-to-all (see the module docstring)."""
+def _mode_inputs(job: dict, ps, mode: str) -> dict:
+    """This rank's layer (for its router and dispatcher), tokens, routing and the splits of its
+    all-to-all in one dispatch ``mode`` (the router runs once, outside the timed region)."""
     from moe_parallel import MoEConfig, MoELayer
     from moe_parallel.dispatch import AllToAllDispatcher
 
-    world, rank = dist.get_world_size(), dist.get_rank()
     H, E, k, T = job["hidden"], job["experts"], job["top_k"], job["tokens"]
     dtype = getattr(torch, job["dtype"])
-    group = ps.group("ep")
-    E_local = E // world
     extra = (dict(capacity_factor=CAPACITY_FACTOR, pad_to_capacity=True)
              if mode == "capacity" else {})
     # the experts are not run here (identity); a tiny F keeps their weights small
@@ -227,7 +95,7 @@ def _dispatch_mode(job: dict, ps, mode: str) -> dict:
     layer = MoELayer(cfg, parallel_state=ps)
     disp = layer.dispatcher
     assert isinstance(disp, AllToAllDispatcher), type(disp)
-    g = torch.Generator().manual_seed(1000 + rank)
+    g = torch.Generator().manual_seed(1000 + dist.get_rank())
     x = torch.randn(T, H, generator=g, dtype=dtype)
     with torch.no_grad():
         routing, _, pad_to = layer.route(x)
@@ -235,66 +103,55 @@ def _dispatch_mode(job: dict, ps, mode: str) -> dict:
     probs = routing.probs.detach().requires_grad_(True)
     routing = replace(routing, probs=probs)
     grad_y = torch.randn(T, H, generator=g, dtype=dtype)
-
     _, _, handle = disp.dispatch(x, routing, pad_to)
     send, recv = list(handle.send_splits), list(handle.recv_splits)
-    send_rows = torch.randn(sum(send), H, generator=g, dtype=dtype)
-    send_counts = torch.zeros(E, dtype=torch.int64)
+    return {"disp": disp, "x": x, "probs": probs, "routing": routing, "pad_to": pad_to,
+            "grad_y": grad_y, "send": send, "recv": recv,
+            "send_rows": torch.randn(sum(send), H, generator=g, dtype=dtype),
+            "send_counts": torch.zeros(E, dtype=torch.int64)}
 
-    def ours_fwd():
-        expert_in, _, h = disp.dispatch(x, routing, pad_to)
-        return disp.combine(expert_in, h)
 
-    def ours_fwd_bwd():
-        x.grad = probs.grad = None
-        ours_fwd().backward(grad_y)
-
-    def raw_rows(inp, out_splits, in_splits):
-        out = inp.new_empty((sum(out_splits), H))
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
-        return out
-
-    def raw_fwd():
-        counts = torch.empty(E, dtype=torch.int64)
-        dist.all_to_all_single(counts, send_counts, group=group)  # E_local counts per peer
-        there = raw_rows(send_rows, recv, send)
-        return raw_rows(there, send, recv)
-
-    def raw_fwd_bwd():
-        back = raw_fwd()
-        grad_there = raw_rows(back, recv, send)  # backward of combine's all-to-all
-        raw_rows(grad_there, send, recv)         # backward of dispatch's all-to-all
-
-    times = _time_interleaved(
-        {"ours_fwd": ours_fwd, "raw_fwd": raw_fwd, "ours_fwd_bwd": ours_fwd_bwd,
-         "raw_fwd_bwd": raw_fwd_bwd}, job["iters"], job["repeats"])
-
-    # splits of every rank, for the byte count
+def _byte_counts(send: list[int], hidden: int, experts: int, dtype: torch.dtype) -> dict:
+    """Rows and bytes every rank sends (all ranks' splits gathered; module docstring)."""
+    world = dist.get_world_size()
     all_send = [torch.zeros(world, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(all_send, torch.tensor(send, dtype=torch.int64))
     elem = torch.empty((), dtype=dtype).element_size()
     off_rank_rows = sum(int(s.sum() - s[r]) for r, s in enumerate(all_send))
     total_rows = sum(int(s.sum()) for s in all_send)
-    res = {
-        "world": world, "mode": mode, "pad_to": pad_to,
+    return {
         "rows_sent_per_rank": [int(s.sum()) for s in all_send],
         "send_splits_rank0": [int(v) for v in all_send[0]],
-        "bytes_fwd_off_rank": 2 * off_rank_rows * H * elem,
-        "bytes_fwd_incl_self": 2 * total_rows * H * elem,
-        "bytes_counts_ours": world * (world - 1) * E * 8,   # all-gather of E counts
-        "bytes_counts_raw": world * (world - 1) * E_local * 8,
-        "times": times,
+        "bytes_fwd_off_rank": 2 * off_rank_rows * hidden * elem,
+        "bytes_fwd_incl_self": 2 * total_rows * hidden * elem,
+        "bytes_counts_ours": world * (world - 1) * experts * 8,   # all-gather of E counts
+        "bytes_counts_raw": world * (world - 1) * (experts // world) * 8,
     }
+
+
+def _dispatch_mode(job: dict, ps, mode: str) -> dict:
+    """Rank side of part 1 for one mode: ours vs raw all-to-all (see the module docstring)."""
+    m = _mode_inputs(job, ps, mode)
+    ours_fwd, ours_fwd_bwd = dispatch_combine_fns(m["disp"], m["x"], m["probs"], m["routing"],
+                                                  m["grad_y"], m["pad_to"])
+    raw_fwd, raw_fwd_bwd = raw_alltoall_fns(m["send_rows"], m["send_counts"], m["send"],
+                                            m["recv"], ps.group("ep"))
+    times = _time_interleaved(
+        {"ours_fwd": ours_fwd, "raw_fwd": raw_fwd, "ours_fwd_bwd": ours_fwd_bwd,
+         "raw_fwd_bwd": raw_fwd_bwd}, job["iters"], job["repeats"])
+    res = {"world": dist.get_world_size(), "mode": mode, "pad_to": m["pad_to"],
+           **_byte_counts(m["send"], job["hidden"], job["experts"], getattr(torch, job["dtype"])),
+           "times": times}
     for what in ("fwd", "fwd_bwd"):
         res[f"ratio_{what}"] = times[f"ours_{what}"]["seconds"] / times[f"raw_{what}"]["seconds"]
     if job["profile_iters"] > 0:
-        res["profile_ours_fwd_bwd_rank0"] = _profile(ours_fwd_bwd, job["profile_iters"],
-                                                     job["profile_top"])
-        res["profile_raw_fwd_bwd_rank0"] = _profile(raw_fwd_bwd, job["profile_iters"], 6)
+        res["profile_ours_fwd_bwd_rank0"] = profile_calls(ours_fwd_bwd, job["profile_iters"],
+                                                          job["profile_top"])
+        res["profile_raw_fwd_bwd_rank0"] = profile_calls(raw_fwd_bwd, job["profile_iters"], 6)
     return res
 
 
-def _dispatch_job(job: dict) -> dict:
+def dispatch_job(job: dict) -> dict:
     """Rank side of part 1: every mode on this world size (rank 0 returns the results)."""
     from moe_parallel import ParallelState
 
@@ -306,52 +163,7 @@ def _dispatch_job(job: dict) -> dict:
 # ---- part 2: the layer against DeepSpeed ------------------------------------------------------
 
 
-def _deepspeed_env() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REPO / "build" / "torch_extensions"))
-
-
-def prepare_deepspeed() -> dict:
-    """Import DeepSpeed for CPU and JIT-build its shm comm op once (before the ranks, which
-    would otherwise all build it at once). ``{"available": bool, "version", "seconds",
-    "error"}``; never raises."""
-    _deepspeed_env()
-    t0 = time.perf_counter()
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-        from deepspeed.moe.layer import MoE  # noqa: F401
-
-        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-            builder.load(verbose=False)
-        return {"available": True, "version": deepspeed.__version__,
-                "accelerator": get_accelerator().device_name(),
-                "seconds": time.perf_counter() - t0,
-                "env": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")}}
-    except Exception as exc:  # noqa: BLE001  (any failure: report ours only)
-        return {"available": False, "seconds": time.perf_counter() - t0,
-                "error": f"{type(exc).__name__}: {exc}"}
-
-
-def _deepspeed_layer(job: dict, world: int):
-    import deepspeed
-    from deepspeed.moe.layer import MoE
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo")  # wraps the initialised torch.distributed
-    H, F = job["hidden"], job["ffn"]
-    expert = torch.nn.Sequential(torch.nn.Linear(H, F, bias=False), torch.nn.GELU(),
-                                 torch.nn.Linear(F, H, bias=False))
-    layer = MoE(H, expert, num_experts=job["experts"], ep_size=world, k=job["top_k"],
-                capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
-                min_capacity=MIN_CAPACITY, drop_tokens=True, top2_2nd_expert_sampling=False)
-    layer.set_deepspeed_parallelism()  # creates the ep_size_<w> expert / expert-data groups
-    return layer.to(getattr(torch, job["dtype"])).train()
-
-
-def _layer_job(job: dict) -> dict:
+def layer_job(job: dict) -> dict:
     """Rank side of part 2: forward+backward step time of every variant."""
     from moe_parallel import MoEConfig, MoELayer, ParallelState
 
@@ -373,7 +185,7 @@ def _layer_job(job: dict) -> dict:
     if job["deepspeed"]:
         try:
             torch.manual_seed(0)
-            layers["deepspeed"] = _deepspeed_layer(job, world)
+            layers["deepspeed"] = deepspeed_layer(job, world, CAPACITY_FACTOR, MIN_CAPACITY)
         except Exception as exc:  # noqa: BLE001  (report ours only)
             ds_error = f"rank {rank}: {type(exc).__name__}: {exc}"
     for name, extra in ours.items():
@@ -392,7 +204,7 @@ def _layer_job(job: dict) -> dict:
 
     steps = {name: make_step(name, layer) for name, layer in layers.items()}
     times = _time_interleaved(steps, job["iters"], job["repeats"], warmup=1)
-    profiles = ({name: _profile(step, job["profile_iters"], job["profile_top"])
+    profiles = ({name: profile_calls(step, job["profile_iters"], job["profile_top"])
                  for name, step in steps.items()} if job["profile_iters"] > 0 else {})
     rows = {}
     for name, layer in layers.items():
@@ -407,9 +219,6 @@ def _layer_job(job: dict) -> dict:
     dist.all_gather_object(gathered, rows)
     return {"times": times, "rows_per_rank": {n: [g[n] for g in gathered] for n in rows},
             "profiles_rank0": profiles, "deepspeed_error": ds_error} if rank == 0 else {}
-
-
-_JOBS = {"dispatch": _dispatch_job, "layer": _layer_job}
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -495,9 +304,14 @@ def _print_layer(res: dict, cfg: str) -> None:
                   f"{op['total_ms']:9.2f}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the parts asked for, print their tables and write the JSON
-    ``{"date", "command", "machine", "results": {"dispatch": [...], "layer": {...}}}``."""
+def _launch(kind: str, world: int, job: dict, timeout_s: float) -> list:
+    """Every rank's result of ``<kind>_job(job)`` on ``world`` fresh gloo ranks."""
+    return run_gloo_job(f"benchmarks.dispatch_bench:{kind}_job", world, dict(job, kind=kind),
+                        timeout_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``python -m benchmarks dispatch --help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=("dispatch", "layer"),
                    default=["dispatch", "layer"])
@@ -526,63 +340,76 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per launch")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p
 
+
+def run_dispatch(args: argparse.Namespace, common: dict) -> dict:
+    """Part 1 on every world size: its tables, and ``{"config", "target_ratio", "rows"}``."""
+    job = dict(common, kind="dispatch", tokens=args.tokens, hidden=args.hidden,
+               modes=args.modes, iters=args.iters, repeats=args.repeats,
+               profile_iters=args.profile_iters, profile_top=args.profile_top)
+    rows = []
+    for world in args.worlds:
+        _log(f"dispatch: {world} ranks ...")
+        with Stopwatch() as sw:
+            rank0 = _launch("dispatch", world, job, args.timeout)[0]
+        rows += [rank0[m] for m in args.modes]
+        _log(f"dispatch: {world} ranks done in {sw.seconds:.0f} s")
+    cfg = (f"T={args.tokens}/rank H={args.hidden} E={args.experts} k={args.top_k} "
+           f"{args.dtype}, gloo, 1 thread/rank on {os.cpu_count()} cores")
+    _print_dispatch(rows, cfg)
+    _print_profiles(rows)
+    return {"config": job, "target_ratio": TARGET_RATIO, "rows": rows}
+
+
+def run_layer(args: argparse.Namespace, common: dict) -> dict:
+    """Part 2 (DeepSpeed when it is there, else ours only): its table, and rank 0's result."""
+    ds = {"available": False, "error": "--no-deepspeed"} if args.no_deepspeed else None
+    if ds is None:
+        _log("layer: preparing DeepSpeed (first use JIT-builds its CPU comm op) ...")
+        ds = prepare_deepspeed()
+    note = None
+    if not ds["available"]:
+        note = f"DeepSpeed not available ({ds['error']}): ours only"
+        _log(note)
+    job = dict(common, kind="layer", tokens=args.layer_tokens, hidden=args.layer_hidden,
+               ffn=args.layer_ffn, iters=args.layer_iters, repeats=args.layer_repeats,
+               expert_impl=args.expert_impl, deepspeed=ds["available"],
+               profile_iters=args.layer_profile_iters, profile_top=args.profile_top)
+    _log(f"layer: {args.layer_world} ranks ...")
+    try:
+        res = _launch("layer", args.layer_world, job, args.timeout)[0]
+    except RuntimeError as exc:
+        if not job["deepspeed"]:
+            raise
+        # a rank died or hung inside DeepSpeed: measure ours alone rather than nothing
+        res = {"deepspeed_error": str(exc).splitlines()[-1]}
+        _log(f"layer: the run with DeepSpeed failed ({exc}); again without it ...")
+        job = dict(job, deepspeed=False)
+        res = dict(_launch("layer", args.layer_world, job, args.timeout)[0],
+                   deepspeed_error=res["deepspeed_error"])
+    if res["deepspeed_error"]:
+        note = f"DeepSpeed failed in the ranks ({res['deepspeed_error']}): ours only"
+        _log(note)
+    res.update(config=job, world=args.layer_world, deepspeed=ds, deepspeed_note=note)
+    cfg = (f"{args.layer_world} ranks (ep={args.layer_world}), T={args.layer_tokens}/rank "
+           f"H={args.layer_hidden} F={args.layer_ffn} E={args.experts} k={args.top_k} "
+           f"gelu {args.dtype}, capacity factor {CAPACITY_FACTOR}"
+           + (f", DeepSpeed {ds['version']}" if ds["available"] else ""))
+    _print_layer(res, cfg)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the parts asked for, print their tables and write the JSON
+    ``{"date", "command", "machine", "results": {"dispatch": [...], "layer": {...}}}``."""
+    args = build_parser().parse_args(argv)
     results: dict = {}
     common = dict(experts=args.experts, top_k=args.top_k, dtype=args.dtype)
     if "dispatch" in args.parts:
-        job = dict(common, kind="dispatch", tokens=args.tokens, hidden=args.hidden,
-                   modes=args.modes, iters=args.iters, repeats=args.repeats,
-                   profile_iters=args.profile_iters, profile_top=args.profile_top)
-        rows = []
-        for world in args.worlds:
-            _log(f"dispatch: {world} ranks ...")
-            t0 = time.perf_counter()
-            rank0 = launch(world, job, args.timeout)[0]
-            rows += [rank0[m] for m in args.modes]
-            _log(f"dispatch: {world} ranks done in {time.perf_counter() - t0:.0f} s")
-        results["dispatch"] = {"config": job, "target_ratio": TARGET_RATIO, "rows": rows}
-        cfg = (f"T={args.tokens}/rank H={args.hidden} E={args.experts} k={args.top_k} "
-               f"{args.dtype}, gloo, 1 thread/rank on {os.cpu_count()} cores")
-        _print_dispatch(rows, cfg)
-        _print_profiles(rows)
-
+        results["dispatch"] = run_dispatch(args, common)
     if "layer" in args.parts:
-        ds = {"available": False, "error": "--no-deepspeed"} if args.no_deepspeed else None
-        if ds is None:
-            _log("layer: preparing DeepSpeed (first use JIT-builds its CPU comm op) ...")
-            ds = prepare_deepspeed()
-        note = None
-        if not ds["available"]:
-            note = f"DeepSpeed not available ({ds['error']}): ours only"
-            _log(note)
-        job = dict(common, kind="layer", tokens=args.layer_tokens, hidden=args.layer_hidden,
-                   ffn=args.layer_ffn, iters=args.layer_iters, repeats=args.layer_repeats,
-                   expert_impl=args.expert_impl, deepspeed=ds["available"],
-                   profile_iters=args.layer_profile_iters, profile_top=args.profile_top)
-        _log(f"layer: {args.layer_world} ranks ...")
-        try:
-            res = launch(args.layer_world, job, args.timeout)[0]
-        except RuntimeError as exc:
-            if not job["deepspeed"]:
-                raise
-            # a rank died or hung inside DeepSpeed: measure ours alone rather than nothing
-            res = {"deepspeed_error": str(exc).splitlines()[-1]}
-            _log(f"layer: the run with DeepSpeed failed ({exc}); again without it ...")
-            job = dict(job, deepspeed=False)
-            res = dict(launch(args.layer_world, job, args.timeout)[0],
-                       deepspeed_error=res["deepspeed_error"])
-        if res["deepspeed_error"]:
-            note = f"DeepSpeed failed in the ranks ({res['deepspeed_error']}): ours only"
-            _log(note)
-        res.update(config=job, world=args.layer_world, deepspeed=ds, deepspeed_note=note)
-        results["layer"] = res
-        cfg = (f"{args.layer_world} ranks (ep={args.layer_world}), T={args.layer_tokens}/rank "
-               f"H={args.layer_hidden} F={args.layer_ffn} E={args.experts} k={args.top_k} "
-               f"gelu {args.dtype}, capacity factor {CAPACITY_FACTOR}"
-               + (f", DeepSpeed {ds['version']}" if ds["available"] else ""))
-        _print_layer(res, cfg)
-
+        results["layer"] = run_layer(args, common)
     return save_result("dispatch", argv, {"results": results}, args.out, "dispatch")[0]
 
 

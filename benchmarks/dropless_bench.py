@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.harness import median_seconds
 from benchmarks.plotting import pyplot
 from benchmarks.record import save_result
-from benchmarks.timing import median_seconds
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 MODES = {

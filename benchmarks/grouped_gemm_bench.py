@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.cuda_ops_bench import time_ms as cuda_event_times  # noqa: E402
+from benchmarks.harness import cuda_event_ms  # noqa: E402
 from moe_parallel import ops  # noqa: E402
 
 CONFIGS = {
@@ -70,8 +70,8 @@ def warm_up_clocks(seconds: float = 2.0) -> None:
 
 
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median of ``cuda_ops_bench.time_ms``'s per-call CUDA-event times."""
-    return statistics.median(cuda_event_times(fn, iters, warmup))
+    """Median of ``benchmarks.harness.cuda_event_ms``'s per-call CUDA-event times."""
+    return statistics.median(cuda_event_ms(fn, iters, warmup))
 
 
 def step(fn, x: torch.Tensor, w: torch.Tensor, go: torch.Tensor) -> None:

@@ -11,15 +11,20 @@ Contenders, timed side by side in one process (round-robin, median per contender
     renormalise, loop over experts with ``torch.where`` + ``index_add_``);
   * ``megablocks`` (CUDA, bfloat16; not run unless named): MegaBlocks' dropless
     ``megablocks.layers.dmoe.dMoE`` with ``mlp_impl="grouped"``, holding the same weights
-    (:func:`megablocks_arguments`, :func:`megablocks_state`). Needs megablocks 0.10.0,
+    (``benchmarks.megablocks_contender``). Needs megablocks 0.10.0,
     grouped_gemm 0.3.0 and stanford-stk 0.7.1: ``make megablocks-carry``, then
     ``bash benchmarks/megablocks_install.sh`` and ``PYTHONPATH=build/megablocks/site``.
 A step clears the gradients first (``grad = None``, as ``zero_grad()`` does in training), so
 no contender pays for accumulating into old gradients, and back-propagates a fixed random
 upstream gradient of the output's shape (a dense tensor, as the next layer hands back; a
 ``.sum()`` loss would hand back a stride-0 expanded one that every contender copies first).
-MoE efficiency = t(dense) / t(contender); tokens/s = T / t. Peak memory is the growth of peak
-RSS (CPU) or max allocated memory (CUDA) during the first forward+backward of a fresh process.
+MoE efficiency = t(dense) / t(contender); tokens/s = T / t. Memory, exact counts
+(``benchmarks.memory``), after one warm-up step with the gradients reset to None:
+  * ``saved MiB``: bytes autograd keeps for the backward of one forward, each distinct storage
+    once, the contender's parameters excluded (reported apart as ``saved_param_mib``);
+  * ``peak MiB``: the peak of live tensor bytes during one forward+backward above those live
+    before it (parameters and inputs excluded; the gradients it makes included): the profiler's
+    allocation and free events on CPU, ``torch.cuda.max_memory_allocated()`` on CUDA.
 ``--profile [contender ...]`` (default ``grouped``) adds a torch.profiler view of one step of
 each: the kernels (or CPU ops) that take the most time and, on CUDA, the share of the step's
 wall time the GPU was busy, the largest idle gaps between kernels and the synchronizing calls;
@@ -34,21 +39,21 @@ H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--expert
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import importlib.util
-import multiprocessing
-import resource
 import sys
 import warnings
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.harness import device_sync, median_seconds
+from benchmarks.megablocks_contender import MEGABLOCKS_INSTALL, megablocks_dmoe
+from benchmarks.memory import peak_live_bytes, saved_tensor_bytes
 from benchmarks.record import save_result
-from benchmarks.timing import median_seconds
 
 PRESETS = {
     "a": dict(experts=8, top_k=2, hidden=1024, ffn=2048, tokens=4096),
@@ -58,11 +63,7 @@ CONTENDERS = ("dense", "block_sparse", "grouped", "reference", "hf_loop")
 BACKEND_CONTENDERS = tuple(f"grouped_{b}" for b in ("streams", "cublas", "torch", "cutlass"))
 EXTRA_CONTENDERS = ("megablocks",)  # third-party, not run unless named
 ALL_CONTENDERS = CONTENDERS + BACKEND_CONTENDERS + EXTRA_CONTENDERS
-MEGABLOCKS_INSTALL = (
-    "the 'megablocks' contender needs megablocks==0.10.0, grouped_gemm==0.3.0 and "
-    "stanford-stk==0.7.1 (not on this interpreter's path): run `make megablocks-carry` on a "
-    "machine with PyPI (sdists into build/megablocks), then `bash benchmarks/megablocks_install.sh`"
-    " and run with PYTHONPATH=build/megablocks/site")
+
 
 
 class HFMixtralLoop(nn.Module):
@@ -102,89 +103,17 @@ class HFMixtralLoop(nn.Module):
         return out
 
 
-def megablocks_arguments(case: dict) -> dict:
-    """Keyword arguments of ``megablocks.layers.arguments.Arguments`` (0.10.0) for the layer
-    ``MoELayer`` runs on ``case``: dropless top-k MoE with SwiGLU experts, no biases.
-
-    * ``hidden_size``/``ffn_hidden_size``/``moe_num_experts``/``moe_top_k`` = H/F/E/k: its
-      ``ffn_hidden_size`` is the intermediate size of one expert, as ours (``SparseGLU`` holds
-      ``w1``, ``v1``, ``w2`` as ``[E·F, H]``, viewed ``[E, F, H]`` per expert);
-    * ``mlp_type="glu"`` + ``activation_fn=F.silu``: its ``GroupedGLU`` computes
-      ``(act(x w1ᵀ) * (x v1ᵀ)) w2``, SwiGLU with ``w1`` the gate and ``v1`` the up projection
-      (its default activation is tanh-GELU, hence the explicit ``F.silu``);
-    * ``mlp_impl="grouped"``: grouped_gemm's ``gmm`` (bfloat16 only; its default build runs one
-      cuBLAS GEMM per expert, ``GROUPED_GEMM_CUTLASS=1`` a CUTLASS grouped kernel); ``"sparse"``
-      (stk block-sparse Triton kernels) refuses triton >= 3.2. ``memory_optimized_mlp=False``:
-      the plain autograd path (its GLU variant recomputes the activation in backward);
-    * router: ``softmax`` over experts then top-k, renormalised with
-      ``moe_normalize_expert_weights=1`` (L1, = our ``norm_topk_prob``); its router weight and
-      logits are in the parameter dtype (bfloat16) where ours are float32, so near-tied
-      choices may differ; no jitter, ``moe_loss_weight=0`` (no load-balancing loss, as our
-      ``aux_loss_coeff=0``; with a weight it would also append to a global list every training
-      step), ``moe_zloss_weight=0``;
-    * ``bias=False`` (our experts have none; with a bias dMoE returns ``(y, bias)``);
-    * ``bf16=True, fp16=False`` (``fp16`` defaults to True there): bfloat16 parameters, the
-      only dtype grouped_gemm takes; ``moe_expert_model_parallelism=False``: one process, all
-      experts local; ``device`` explicit (its default asks ``torch.cuda.current_device()``);
-    * ``init_method``: normal(0, 0.02), as ``MoEConfig.init_std``; the weights are overwritten
-      with our layer's anyway (:func:`megablocks_state`).
-    """
-    if case["dtype"] != "bfloat16":
-        raise ValueError(f"the 'megablocks' contender runs bfloat16 only (grouped_gemm), got "
-                         f"--dtype {case['dtype']}")
-    if case["ffn"] * case["experts"] < 128:  # dMoE takes log2(F·E // 128) in its constructor
-        raise ValueError("MegaBlocks' dMoE needs ffn·experts >= 128")
-    return dict(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
-                moe_num_experts=case["experts"], moe_top_k=case["top_k"],
-                mlp_type="glu", mlp_impl="grouped", activation_fn=F.silu,
-                memory_optimized_mlp=False, moe_normalize_expert_weights=1,
-                moe_loss_weight=0.0, moe_zloss_weight=0.0, moe_jitter_eps=None,
-                bias=False, return_bias=False, bf16=True, fp16=False,
-                moe_expert_model_parallelism=False, device=torch.device(case["device"]),
-                init_method=partial(nn.init.normal_, mean=0.0, std=0.02))
+class Contender(NamedTuple):
+    """A built contender: ``step()`` (forward+backward), ``forward()`` (its output), the
+    ``leaves`` a step resets the gradient of, and its ``params`` (the leaves but the input)."""
+    step: Callable[[], None]
+    forward: Callable[[], Tensor]
+    leaves: list[Tensor]
+    params: list[Tensor]
 
 
-def megablocks_state(layer: nn.Module) -> dict[str, Tensor]:
-    """``layer``'s weights under the parameter names and layouts of MegaBlocks' ``dMoE``:
-    ``router.layer.weight`` ``[E, H]``; ``experts.mlp.w1`` (gate) and ``experts.mlp.v1`` (up),
-    ``[E·F, H]``, from our ``w1`` ``[E, H, 2F]`` (gate columns first); ``experts.mlp.w2``
-    ``[E·F, H]`` from our ``w2`` ``[E, F, H]``."""
-    w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
-    e, h, f2 = w1.shape
-    f = f2 // 2
-    return {"router.layer.weight": layer.router.weight.detach(),
-            "experts.mlp.w1": w1[:, :, :f].transpose(1, 2).reshape(e * f, h),
-            "experts.mlp.v1": w1[:, :, f:].transpose(1, 2).reshape(e * f, h),
-            "experts.mlp.w2": w2.reshape(e * f, h)}
-
-
-def megablocks_dmoe(case: dict, layer: nn.Module) -> nn.Module:
-    """MegaBlocks' ``dMoE`` for ``case`` holding ``layer``'s weights; a ``RuntimeError`` naming
-    what to install when megablocks does not import."""
-    try:
-        with warnings.catch_warnings():  # its import-time FutureWarnings (torch.jit.script)
-            warnings.simplefilter("ignore")
-            import grouped_gemm  # noqa: F401  (megablocks only warns when it is missing)
-            from megablocks.layers.arguments import Arguments
-            from megablocks.layers.dmoe import dMoE
-    except ImportError as e:
-        raise RuntimeError(f"{MEGABLOCKS_INSTALL}: {e}") from e
-    if case["device"] != "cuda":
-        raise ValueError("the 'megablocks' contender runs on CUDA only (--device cuda)")
-    module = dMoE(Arguments(**megablocks_arguments(case)))
-    params = dict(module.named_parameters())
-    state = megablocks_state(layer)
-    if set(params) != set(state):
-        raise RuntimeError(f"megablocks dMoE parameters {sorted(params)}, expected "
-                           f"{sorted(state)}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].dtype))
-    return module
-
-
-def build(case: dict, contender: str):
-    """The forward+backward step of ``contender`` on ``case`` (and the module it runs)."""
+def build(case: dict, contender: str) -> Contender:
+    """``contender`` on ``case``: its forward+backward step, forward, leaves and parameters."""
     from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
 
     device, dtype = case["device"], getattr(torch, case["dtype"])
@@ -196,7 +125,7 @@ def build(case: dict, contender: str):
                     expert_impl=impl, grouped_gemm_backend=backend, check_finite=False)
     torch.manual_seed(0)
     layer = MoELayer(cfg, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = device_sync(device)
     if contender == "dense":
         rows = case["tokens"] * case["top_k"]
         x = torch.randn(rows, case["hidden"], device=device, dtype=dtype, requires_grad=True)
@@ -239,21 +168,21 @@ def build(case: dict, contender: str):
         y.backward(upstream[0])
         sync()
 
-    return step
+    return Contender(step, run, leaves, leaves[1:])
 
 
-def measure_memory(case: dict, contender: str) -> float:
-    """MiB of peak-memory growth during the first step of ``contender`` in this process."""
-    torch.set_num_threads(case["threads"])
-    step = build(case, contender)
-    if case["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+def measure_memory(case: dict, contender: str) -> dict[str, float]:
+    """MiB saved for backward by one forward (``saved_mib``; parameters apart:
+    ``saved_param_mib``) and the peak of live tensors during one step (``peak_live_mib``), after
+    one warm-up step, the gradients reset to None (module docstring)."""
+    c = build(case, contender)
+    c.step()
+    for t in c.leaves:
+        t.grad = None
+    saved = saved_tensor_bytes(c.forward, c.params)
+    peak = peak_live_bytes(c.step, case["device"])
+    return {"saved_mib": saved["activations"] / 2**20, "saved_param_mib": saved["params"] / 2**20,
+            "peak_live_mib": peak / 2**20}
 
 
 def sync_sites(step) -> list[str]:
@@ -291,7 +220,7 @@ def profile_step(case: dict, contender: str = "grouped", top: int = 15,
     ``trace``: a path for the step's Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = build(case, contender)
+    step = build(case, contender).step
     step()
     cuda = case["device"] == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -324,10 +253,11 @@ def profile_step(case: dict, contender: str = "grouped", top: int = 15,
 
 def time_contenders(case: dict, contenders: list[str], repeats: int) -> dict[str, float]:
     """Median seconds per step, all contenders side by side (one warm-up, then rounds)."""
-    return median_seconds({c: build(case, c) for c in contenders}, repeats, progress=True)
+    return median_seconds({c: build(case, c).step for c in contenders}, repeats, progress=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``python -m benchmarks layer --help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(PRESETS), default="a")
     for name in ("tokens", "hidden", "ffn", "experts", "top-k"):
@@ -343,10 +273,38 @@ def main(argv: list[str] | None = None) -> dict:
                         "grouped)")
     p.add_argument("--trace", help="with --profile: write each profiled step's Chrome trace "
                                    "to TRACE_<contender>.json")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory counts")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p
 
+
+def print_table(args: argparse.Namespace, case: dict, rows: list[dict]) -> None:
+    """The contenders' table: time, efficiency, tokens/s, speedup vs grouped, memory."""
+    ours = next((r["seconds"] for r in rows if r["contender"] == "grouped"), None)
+    print(f"\nconfig {args.config}: T={case['tokens']} H={case['hidden']} F={case['ffn']} "
+          f"E={case['experts']} k={case['top_k']} {args.dtype} on {args.device}, "
+          f"{args.threads} threads, forward+backward")
+    head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
+            f"{'grouped speedup':>17}{'saved MiB':>11}{'peak MiB':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        speed = f"{r['seconds'] / ours:.3f}x" if ours else "-"
+        mem = {k: f"{r[k]:.1f}" if r[k] is not None else "-"
+               for k in ("saved_mib", "peak_live_mib")}
+        print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
+              f"{r['tokens_per_s']:11,.0f}{speed:>17}{mem['saved_mib']:>11}"
+              f"{mem['peak_live_mib']:>10}")
+    print("saved MiB: tensors saved for backward by one forward, parameters excluded; "
+          "peak MiB: live tensors during forward+backward above those live before it")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Count memory (unless ``--no-memory``), time the contenders side by side, print the
+    table (and profiles) and write the JSON ``{"date", "command", "machine", "case",
+    "results"}``."""
+    p = build_parser()
+    args = p.parse_args(argv)
     case = dict(PRESETS[args.config])
     for name in ("tokens", "hidden", "ffn", "experts", "top_k"):
         if getattr(args, name) is not None:
@@ -361,35 +319,19 @@ def main(argv: list[str] | None = None) -> dict:
         if args.dtype != "bfloat16" or args.device != "cuda":
             p.error("the 'megablocks' contender runs on --device cuda --dtype bfloat16 only")
 
+    torch.set_num_threads(args.threads)
     memory = {}
     if not args.no_memory:
-        ctx = multiprocessing.get_context("spawn")
-        for c in contenders:  # a fresh process each: independent peaks
-            with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                memory[c] = pool.submit(measure_memory, case, c).result()
-            print(f"memory {c}: {memory[c]:.0f} MiB", file=sys.stderr, flush=True)
-    torch.set_num_threads(args.threads)
+        for c in contenders:
+            memory[c] = measure_memory(case, c)
+            print(f"memory {c}: " + ", ".join(f"{k} {v:.1f}" for k, v in memory[c].items()),
+                  file=sys.stderr, flush=True)
     seconds = time_contenders(case, contenders, args.repeats)
-
-    rows = []
-    for c in contenders:
-        rows.append({"contender": c, "seconds": seconds[c],
-                     "moe_efficiency": seconds["dense"] / seconds[c],
-                     "tokens_per_s": case["tokens"] / seconds[c],
-                     "peak_mem_mib": memory.get(c)})
-    ours = seconds.get("grouped")  # MoEConfig's default expert_impl
-    print(f"\nconfig {args.config}: T={case['tokens']} H={case['hidden']} F={case['ffn']} "
-          f"E={case['experts']} k={case['top_k']} {args.dtype} on {args.device}, "
-          f"{args.threads} threads, forward+backward")
-    head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
-            f"{'grouped speedup':>17}{'peak MiB':>10}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        speed = f"{r['seconds'] / ours:.3f}x" if ours else "-"
-        mem = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
-        print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
-              f"{r['tokens_per_s']:11,.0f}{speed:>17}{mem:>10}")
+    none = {"saved_mib": None, "saved_param_mib": None, "peak_live_mib": None}
+    rows = [{"contender": c, "seconds": seconds[c], "moe_efficiency": seconds["dense"] / seconds[c],
+             "tokens_per_s": case["tokens"] / seconds[c], **memory.get(c, none)}
+            for c in contenders]
+    print_table(args, case, rows)
     if args.profile is not None:
         for c in args.profile or ["grouped"]:
             trace = f"{args.trace}_{c}.json" if args.trace else None

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import median_seconds
 from benchmarks.record import save_result
-from benchmarks.timing import median_seconds
 from moe_parallel import ops
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def pyplot():
@@ -18,3 +19,14 @@ def pyplot():
               file=sys.stderr)
         return None
     return plt
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig`` laid out tight and written to ``path`` (its folder made) at ``dpi``, then
+    closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

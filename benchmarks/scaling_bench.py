@@ -17,440 +17,48 @@ median over the timed steps after the warm-up steps.
 oversubscribed: their numbers show the overheads of expert parallelism on CPU (all-to-all over
 gloo, process contention), not the speedup a GPU cluster would see.
 
-Part B, cost model (pure functions below), per GPU and per MoE layer, forward + backward, for
-T tokens per GPU, hidden H, expert ffn F, E experts, top-k k, b bytes per element, EP size ep,
-G GPUs per node; routing assumed balanced (every GPU sends and receives T·k rows):
-  * all-to-all volume per direction:      V = T·k·H·b bytes (each of 4 all-to-alls: dispatch
-    and combine, forward and backward);
-  * EP ranks packed onto nodes (ep ≤ G: one node; ep > G: ep/G full nodes), traffic spread
-    evenly over the ep ranks of the group:
-        self share   f_self = 1/ep                    (stays on the GPU, no link)
-        NVLink share f_nv   = (min(ep, G) - 1)/ep
-        IB share     f_ib   = (ep - min(ep, G))/ep
-  * one all-to-all:  t_a2a = latency + max(V·f_nv / BW_nv, V·f_ib / BW_ib)
-    (NVLink and InfiniBand carry their parts at the same time; BW per GPU per direction,
-    full duplex, GB/s = 1e9 B/s); communication per layer  t_comm = 4·t_a2a;
-  * expert GEMM FLOPs, forward: 2·T·k·H·(3F) for SwiGLU (gate and up ``H×2F``: 2·H·2F, down
-    ``F×H``: 2·F·H per row), 2·T·k·H·(2F) for GELU/ReLU; backward = 2 × forward (dgrad + wgrad);
-    t_gemm = (forward + backward FLOPs) / grouped-GEMM throughput;
-  * overlap fraction o ∈ [0, 1] of the shorter of t_comm and t_gemm hidden behind the other:
-        t_step = t_gemm + t_comm - o·min(t_comm, t_gemm)    (default o = 0: no overlap);
-    communication share = exposed communication / t_step = (t_comm - o·min(...)) / t_step.
-Not modelled: router, permutation and activation kernels, load imbalance, the grouped-GEMM
-efficiency drop when experts get few rows, all-to-all message overheads beyond ``latency``,
-congestion of the IB fabric. The bandwidth and throughput defaults (NVLink 450 GB/s per GPU per
-direction, IB 50 GB/s per GPU = 400 Gb/s NDR, bf16 grouped GEMM 600 TFLOP/s) are assumptions
-typical of H100 clusters, not measurements; pass measured values with the CLI options. The
-default layer is DeepSeek-V3-like: T=4096, H=7168, F=2048, E=256, k=8, bf16 (``--cm-*``).
+Part B, cost model (``benchmarks.cost_model.layer``: its docstring gives the formulas), per GPU
+and per MoE layer, forward + backward, over EP sizes (``--ep-sizes``) for a DeepSeek-V3-like
+layer by default (``--cm-*``). The bandwidth and throughput defaults are assumptions typical of
+H100 clusters, not measurements; pass measured values with the CLI options.
 
 Part C, fitted to a cluster (``--fit RESULT.json``, a ``python -m benchmarks cluster`` result):
-its all-to-all fit (:func:`fit_alltoall`: ``t = call + latency·(ep - 1) + V_intra/B_intra +
-V_inter/B_inter``) replaces the defaults: ``gpus_per_node`` = its ranks per node, NVLink = its
-intra-node bandwidth, IB = its inter-node bandwidth (kept ASSUMED when it measured one node
-only), ``latency_us`` = its per-call and ``message_latency_us`` = its per-message latency (one
-all-to-all then costs ``latency + message_latency·(ep - 1) + max(...)``). An option given on
-the command line still wins; the table says which values are fitted, given or assumed. Also
-pure here: :func:`all_to_all_hierarchical_seconds` (DESIGN.md §10) and
-:func:`pipelined_step_seconds` (chunked overlap), which the cluster bench prints.
+its all-to-all fit (``benchmarks.cost_model.fit_alltoall``: ``t = call + latency·(ep - 1) +
+V_intra/B_intra + V_inter/B_inter``) replaces the defaults: ``gpus_per_node`` = its ranks per
+node, NVLink = its intra-node bandwidth, IB = its inter-node bandwidth (kept ASSUMED when it
+measured one node only), ``latency_us`` = its per-call and ``message_latency_us`` = its
+per-message latency (one all-to-all then costs ``latency + message_latency·(ep - 1) +
+max(...)``). An option given on the command line still wins; the table says which values are
+fitted, given or assumed.
 
     python -m benchmarks.scaling_bench              # tables, JSON + PNG in benchmarks/results/
     python -m benchmarks.scaling_bench --procs 1 2 --steps 3 --out /tmp/s.json
     python -m benchmarks.scaling_bench --skip-measure --gemm-tflops 498   # cost model only
     python -m benchmarks.scaling_bench --skip-measure --fit benchmarks/results/cluster_X.json
 """
-
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import math
 import os
 import statistics
 import sys
-import tempfile
-import time
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
-from benchmarks.local_ranks import free_port
-from benchmarks.plotting import pyplot
+from benchmarks.cost_model import (
+    ACTIVATION_MATRICES,
+    DEFAULT_ASSUMPTIONS,
+    DEFAULT_MODEL,
+    EP_SIZES,
+    cost_model_rows,
+    fitted_assumptions,
+    load_fit,
+)
+from benchmarks.harness import Stopwatch, run_gloo_job, summarize_rounds
+from benchmarks.plotting import pyplot, save_figure
 
 EXPERT_IMPL = "grouped"  # the measured layers' expert computation (MoEConfig's default)
-EP_SIZES = (8, 16, 32, 64, 128, 256)
-DEFAULT_ASSUMPTIONS = {
-    "gpus_per_node": 8,
-    "nvlink_gbps": 450.0,  # H100 NVLink 4: 900 GB/s bidirectional = 450 GB/s per direction
-    "ib_gbps": 50.0,  # one 400 Gb/s NDR NIC per GPU
-    "gemm_tflops": 600.0,  # bf16 grouped GEMM, forward+backward average
-    "overlap": 0.0,
-    "latency_us": 0.0,
-}
-# cost-model layer, DeepSeek-V3-like: 256 routed experts of ffn 2048, top-8, hidden 7168
-DEFAULT_MODEL = {"tokens": 4096, "hidden": 7168, "ffn": 2048, "experts": 256, "top_k": 8,
-                 "dtype_bytes": 2, "activation": "swiglu"}
-ACTIVATION_MATRICES = {"swiglu": 3, "gelu": 2, "relu": 2}
-
-
-# ---- cost model (pure) ------------------------------------------------------------------------
-def _positive_int(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
-
-
-def _positive_float(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
-
-
-def a2a_bytes(tokens: int, hidden: int, top_k: int, dtype_bytes: int) -> int:
-    """Bytes one GPU sends (and receives) in one all-to-all: ``T·k·H·b``."""
-    for name, v in (("tokens", tokens), ("hidden", hidden), ("top_k", top_k),
-                    ("dtype_bytes", dtype_bytes)):
-        _positive_int(name, v)
-    return tokens * top_k * hidden * dtype_bytes
-
-
-def link_fractions(ep: int, gpus_per_node: int = 8) -> tuple[float, float, float]:
-    """``(f_self, f_nv, f_ib)``: shares of one all-to-all's volume that stay on the GPU, cross
-    NVLink and cross InfiniBand, for an EP group packed onto full nodes:
-    ``1/ep``, ``(min(ep, G) - 1)/ep``, ``(ep - min(ep, G))/ep``. They sum to 1.
-    ``ep > G`` must be a multiple of G (full nodes)."""
-    _positive_int("ep", ep)
-    _positive_int("gpus_per_node", gpus_per_node)
-    if ep > gpus_per_node and ep % gpus_per_node:
-        raise ValueError(f"ep {ep} above gpus_per_node {gpus_per_node} must be a multiple of it "
-                         f"(EP ranks packed onto full nodes)")
-    intra = min(ep, gpus_per_node)
-    return 1 / ep, (intra - 1) / ep, (ep - intra) / ep
-
-
-def _nonneg_float(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
-
-
-def all_to_all_seconds(volume_bytes: float, ep: int, gpus_per_node: int = 8,
-                       nvlink_gbps: float = 450.0, ib_gbps: float = 50.0,
-                       latency_us: float = 0.0, message_latency_us: float = 0.0) -> float:
-    """One all-to-all: ``latency + message_latency·(ep - 1) + max(V·f_nv / BW_nv, V·f_ib /
-    BW_ib)`` seconds, the bandwidths in GB/s (1e9 B/s) per GPU per direction (``latency``: a
-    fixed cost per call; ``message_latency``: per peer message, as :func:`fit_alltoall`
-    fits it; both default 0)."""
-    if not volume_bytes >= 0:
-        raise ValueError(f"volume_bytes must be >= 0, got {volume_bytes!r}")
-    nv_bw = _positive_float("nvlink_gbps", nvlink_gbps) * 1e9
-    ib_bw = _positive_float("ib_gbps", ib_gbps) * 1e9
-    latency = _nonneg_float("latency_us", latency_us) * 1e-6
-    per_message = _nonneg_float("message_latency_us", message_latency_us) * 1e-6
-    _, f_nv, f_ib = link_fractions(ep, gpus_per_node)
-    return (latency + per_message * (ep - 1)
-            + max(volume_bytes * f_nv / nv_bw, volume_bytes * f_ib / ib_bw))
-
-
-def expert_gemm_flops(tokens: int, hidden: int, ffn: int, top_k: int,
-                      activation: str = "swiglu") -> tuple[int, int]:
-    """``(forward, backward)`` expert GEMM FLOPs of one GPU: forward ``2·T·k·H·m·F`` with
-    ``m = 3`` for SwiGLU (gate, up, down) and 2 for GELU/ReLU; backward ``2 × forward``."""
-    for name, v in (("tokens", tokens), ("hidden", hidden), ("ffn", ffn), ("top_k", top_k)):
-        _positive_int(name, v)
-    if activation not in ACTIVATION_MATRICES:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATION_MATRICES)}, "
-                         f"got {activation!r}")
-    fwd = 2 * tokens * top_k * hidden * ACTIVATION_MATRICES[activation] * ffn
-    return fwd, 2 * fwd
-
-
-def predict_layer(tokens: int, hidden: int, ffn: int, experts: int, top_k: int,
-                  dtype_bytes: int, ep: int, gpus_per_node: int = 8,
-                  nvlink_gbps: float = 450.0, ib_gbps: float = 50.0,
-                  gemm_tflops: float = 600.0, overlap: float = 0.0,
-                  latency_us: float = 0.0, activation: str = "swiglu",
-                  message_latency_us: float = 0.0) -> dict:
-    """Predicted forward + backward of one MoE layer on one GPU of an EP group of ``ep``
-    (formulas in the module docstring). Times in milliseconds; ``comm_share`` is the exposed
-    communication over the step time. Raises ValueError naming any invalid parameter, and when
-    ``experts`` is not divisible by ``ep``."""
-    _positive_int("experts", experts)
-    _positive_int("ep", ep)
-    if experts % ep:
-        raise ValueError(f"experts {experts} is not divisible by ep {ep}")
-    if isinstance(overlap, bool) or not 0 <= overlap <= 1:
-        raise ValueError(f"overlap must be in [0, 1], got {overlap!r}")
-    tflops = _positive_float("gemm_tflops", gemm_tflops)
-    volume = a2a_bytes(tokens, hidden, top_k, dtype_bytes)
-    f_self, f_nv, f_ib = link_fractions(ep, gpus_per_node)
-    t_a2a = all_to_all_seconds(volume, ep, gpus_per_node, nvlink_gbps, ib_gbps, latency_us,
-                               message_latency_us)
-    fwd, bwd = expert_gemm_flops(tokens, hidden, ffn, top_k, activation)
-    t_comm = 4 * t_a2a
-    t_gemm = (fwd + bwd) / (tflops * 1e12)
-    hidden_comm = overlap * min(t_comm, t_gemm)
-    t_step = t_gemm + t_comm - hidden_comm
-    return {
-        "ep": ep,
-        "nodes": math.ceil(ep / gpus_per_node),
-        "experts_per_gpu": experts // ep,
-        "rows_per_expert": tokens * top_k * ep / experts,
-        "a2a_bytes": volume,
-        "self_fraction": f_self,
-        "nvlink_fraction": f_nv,
-        "ib_fraction": f_ib,
-        "a2a_ms": t_a2a * 1e3,
-        "comm_ms": t_comm * 1e3,
-        "gemm_flops": fwd + bwd,
-        "gemm_ms": t_gemm * 1e3,
-        "step_ms": t_step * 1e3,
-        "comm_share": (t_comm - hidden_comm) / t_step,
-        "tokens_per_s_per_gpu": tokens / t_step,
-    }
-
-
-def cost_model_rows(ep_sizes: tuple[int, ...] | list[int] = EP_SIZES, **kwargs) -> list[dict]:
-    """``predict_layer(ep=ep, **kwargs)`` for every EP size."""
-    return [predict_layer(ep=ep, **kwargs) for ep in ep_sizes]
-
-
-# ---- fitted all-to-all model, hierarchical exchange, pipelined overlap (pure) ---------------
-FIT_MODEL = ("t = call + latency·messages + intra_bytes / intra_bw + inter_bytes / inter_bw "
-             "(least squares on the relative error)")
-FIT_TERMS = ("call", "message", "intra", "inter")
-
-
-def _volume(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-        raise ValueError(f"{name} must be a finite number of bytes >= 0, got {v!r}")
-    return float(v)
-
-
-def alltoall_volumes(volume_bytes: float, ep: int, ranks_per_node: int
-                     ) -> tuple[int, float, float]:
-    """``(messages, intra_bytes, inter_bytes)`` of one rank in a balanced flat all-to-all over
-    ``ep`` ranks packed onto nodes of ``G = ranks_per_node``, the rank's send buffer ``V =
-    volume_bytes`` (own chunk included, ``V/ep`` per destination, as nccl-tests counts it):
-    ``ep - 1`` messages, ``V·(min(ep, G) - 1)/ep`` bytes to ranks of its node and
-    ``V·(ep - min(ep, G))/ep`` to other nodes. ``ep > G`` must be a multiple of G."""
-    v = _volume("volume_bytes", volume_bytes)
-    _positive_int("ep", ep)
-    g = _positive_int("ranks_per_node", ranks_per_node)
-    if ep > g and ep % g:
-        raise ValueError(f"ep {ep} above ranks_per_node {g} must be a multiple of it "
-                         f"(EP ranks packed onto full nodes)")
-    intra = min(ep, g)
-    return ep - 1, v * (intra - 1) / ep, v * (ep - intra) / ep
-
-
-def fit_alltoall(points: list[dict], ranks_per_node: int) -> dict:
-    """Fit the flat all-to-all cost model, linear in its parameters,
-
-        t = call + latency·m + V_intra·β_intra + V_inter·β_inter,
-
-    to measured ``points`` (dicts with ``ep``, ``bytes`` = one rank's send buffer, ``seconds`` =
-    one all-to-all, slowest rank; optionally ``messages``, ``intra_bytes``, ``inter_bytes`` from
-    the real layout, else :func:`alltoall_volumes` with ``ranks_per_node``). ``m = ep - 1``
-    messages per rank; ``call`` is a fixed cost per call, ``latency`` one per peer message;
-    bandwidth ``= 1/β``. Least squares on the relative error (every row of the system divided
-    by its measured ``t``, solved by ``numpy.linalg.lstsq`` on unit-scaled columns), so short
-    and long transfers weigh alike. A term the points cannot determine is left out: ``inter``
-    (``inter_gbps`` None) when no point sends across nodes, ``intra`` when none sends within a
-    node, and ``call`` (``call_us`` None; ``latency_us`` then holds the whole fixed cost, per
-    message) when every point has the same message count.
-
-    Returns ``{"model", "ranks_per_node", "terms", "call_us", "latency_us", "intra_gbps",
-    "inter_gbps", "coefficients", "rel_rms", "max_rel_error", "points", "warnings"}``: ``rel_rms
-    = sqrt(mean(((pred - t)/t)²))``, ``max_rel_error = max |pred - t|/t`` over the points, each
-    point with its ``predicted_s`` and ``rel_error``; a fitted slope <= 0 gives a bandwidth of
-    None and a warning. ValueError naming the bad field of a bad point, a bad
-    ``ranks_per_node``, no points, or points that do not determine the terms.
-    """
-    import numpy as np
-
-    g = _positive_int("ranks_per_node", ranks_per_node)
-    rows = []
-    for i, p in enumerate(points):
-        if not isinstance(p, dict):
-            raise ValueError(f"points[{i}] must be a dict, got {type(p).__name__}")
-        ep = _positive_int(f"points[{i}].ep", p.get("ep"))
-        if ep < 2:
-            raise ValueError(f"points[{i}].ep must be >= 2 (an all-to-all between ranks), "
-                             f"got {ep}")
-        volume = _positive_float(f"points[{i}].bytes", p.get("bytes"))
-        seconds = _positive_float(f"points[{i}].seconds", p.get("seconds"))
-        explicit = [k for k in ("messages", "intra_bytes", "inter_bytes") if k in p]
-        if explicit and len(explicit) < 3:
-            raise ValueError(f"points[{i}] gives {explicit}: messages, intra_bytes and "
-                             f"inter_bytes go together")
-        if explicit:
-            m = _positive_int(f"points[{i}].messages", p["messages"])
-            vi = _volume(f"points[{i}].intra_bytes", p["intra_bytes"])
-            vx = _volume(f"points[{i}].inter_bytes", p["inter_bytes"])
-        else:
-            m, vi, vx = alltoall_volumes(volume, ep, g)
-        rows.append({"ep": ep, "bytes": volume, "seconds": seconds, "messages": m,
-                     "intra_bytes": vi, "inter_bytes": vx})
-    if not rows:
-        raise ValueError("points is empty: nothing to fit")
-    col = {"call": [1.0] * len(rows), "message": [float(r["messages"]) for r in rows],
-           "intra": [r["intra_bytes"] for r in rows], "inter": [r["inter_bytes"] for r in rows]}
-    terms = [t for t in FIT_TERMS
-             if (t == "call" and len(set(col["message"])) > 1) or t == "message"
-             or (t in ("intra", "inter") and any(v > 0 for v in col[t]))]
-    a = np.array([[col[t][j] for t in terms] for j in range(len(rows))], dtype=np.float64)
-    t_meas = np.array([r["seconds"] for r in rows], dtype=np.float64)
-    scale = np.abs(a).max(axis=0)
-    weighted = a / t_meas[:, None] / scale
-    coef, _, rank, _ = np.linalg.lstsq(weighted, np.ones(len(rows)), rcond=None)
-    if rank < len(terms):
-        raise ValueError(
-            f"points do not determine the terms {terms}: {len(rows)} point(s) of rank {rank}; "
-            f"measure more volumes per EP size (and two EP sizes for a per-call latency)")
-    coef = coef / scale
-    pred = a @ coef
-    rel = (pred - t_meas) / t_meas
-    c = dict(zip(terms, (float(v) for v in coef)))
-    warnings = []
-
-    def bandwidth(term: str) -> float | None:
-        if term not in c:
-            return None
-        if c[term] <= 0:
-            warnings.append(f"fitted {term} slope {c[term]:.3g} s/B <= 0: the points show no "
-                            f"{term}-node bandwidth cost; {term}_gbps left None")
-            return None
-        return 1.0 / c[term] / 1e9
-
-    intra_gbps, inter_gbps = bandwidth("intra"), bandwidth("inter")
-    for term in ("call", "message"):
-        if c.get(term, 0.0) < 0:
-            warnings.append(f"fitted {term} latency {c[term] * 1e6:.3g} us < 0")
-    for r, p_s, e in zip(rows, pred, rel):
-        r.update(predicted_s=float(p_s), rel_error=float(e))
-    return {
-        "model": FIT_MODEL,
-        "ranks_per_node": g,
-        "terms": terms,
-        "call_us": c["call"] * 1e6 if "call" in c else None,
-        "latency_us": c["message"] * 1e6,
-        "intra_gbps": intra_gbps,
-        "inter_gbps": inter_gbps,
-        "coefficients": {"call_s": c.get("call"), "message_s": c["message"],
-                         "intra_s_per_byte": c.get("intra"), "inter_s_per_byte": c.get("inter")},
-        "rel_rms": float(np.sqrt(np.mean(rel ** 2))),
-        "max_rel_error": float(np.max(np.abs(rel))),
-        "points": rows,
-        "warnings": warnings,
-    }
-
-
-def _transfer_seconds(volume: float, gbps: float | None, what: str) -> float:
-    """``volume / bandwidth`` over the ``what`` ("intra"/"inter") link; ``gbps`` must be given
-    when ``volume > 0``."""
-    if volume == 0:
-        return 0.0
-    if gbps is None:
-        raise ValueError(f"{what}_gbps is needed: this all-to-all sends {volume:g} B {what}-node")
-    return volume / (_positive_float(f"{what}_gbps", gbps) * 1e9)
-
-
-def _phase_seconds(messages: int, volume: float, gbps: float | None, what: str,
-                   latency_us: float, call_us: float) -> float:
-    """One all-to-all phase on one link: ``call + latency·messages + volume / bandwidth`` (0
-    with no messages)."""
-    if messages == 0:
-        return 0.0
-    return (call_us + latency_us * messages) * 1e-6 + _transfer_seconds(volume, gbps, what)
-
-
-def all_to_all_flat_seconds(volume_bytes: float, ep: int, ranks_per_node: int,
-                            latency_us: float, intra_gbps: float | None,
-                            inter_gbps: float | None = None, call_us: float = 0.0) -> float:
-    """One flat all-to-all in :func:`fit_alltoall`'s model: with ``V = volume_bytes`` (a rank's
-    send buffer), ``G = min(ep, ranks_per_node)``,
-
-        t = call + latency·(ep - 1) + V·(G - 1)/ep / B_intra + V·(ep - G)/ep / B_inter
-
-    seconds (the link times add: no overlap of NVLink and network is assumed, unlike
-    :func:`all_to_all_seconds`). ``inter_gbps`` may be None when ``ep <= ranks_per_node``."""
-    _nonneg_float("latency_us", latency_us)
-    _nonneg_float("call_us", call_us)
-    m, vi, vx = alltoall_volumes(volume_bytes, ep, ranks_per_node)
-    if m == 0:
-        return 0.0
-    return ((call_us + latency_us * m) * 1e-6 + _transfer_seconds(vi, intra_gbps, "intra")
-            + _transfer_seconds(vx, inter_gbps, "inter"))
-
-
-def all_to_all_hierarchical_seconds(volume_bytes: float, ep: int, ranks_per_node: int,
-                                    latency_us: float, intra_gbps: float | None,
-                                    inter_gbps: float | None = None,
-                                    call_us: float = 0.0) -> float:
-    """One hierarchical all-to-all (DESIGN.md §10) in :func:`fit_alltoall`'s model, over ``ep``
-    ranks on ``n = ep / G`` nodes of ``G = ranks_per_node`` ranks, ``V = volume_bytes`` per rank:
-
-      1. intra-node all-to-all of the whole volume over the G ranks of the node (rank ``g``
-         receives the rows bound for local rank ``g`` of every node):
-         ``call + latency·(G - 1) + V·(G - 1)/G / B_intra``;
-      2. ``n - 1`` inter-node messages to the same local rank of every other node, each G times
-         a flat message (``G·V/ep``): ``call + latency·(n - 1) + V·(n - 1)/n / B_inter``.
-
-    The inter-node volume equals the flat one (``V·(ep - G)/ep``); the exchange trades
-    ``ep - G - n + 1`` fewer messages for ``V·(G - 1)·(1/G - 1/ep)`` more intra-node bytes and
-    one more call. With ``ep <= G`` (one node) or ``G = 1`` it is the flat all-to-all."""
-    _nonneg_float("latency_us", latency_us)
-    _nonneg_float("call_us", call_us)
-    v = _volume("volume_bytes", volume_bytes)
-    alltoall_volumes(v, ep, ranks_per_node)  # validates ep against ranks_per_node
-    g = ranks_per_node
-    if ep <= g or g == 1:
-        return all_to_all_flat_seconds(v, ep, g, latency_us, intra_gbps, inter_gbps, call_us)
-    n = ep // g
-    return (_phase_seconds(g - 1, v * (g - 1) / g, intra_gbps, "intra", latency_us, call_us)
-            + _phase_seconds(n - 1, v * (n - 1) / n, inter_gbps, "inter", latency_us, call_us))
-
-
-def pipelined_step_seconds(comm_s: float, gemm_s: float, chunks: int = 1,
-                           chunk_overhead_s: float = 0.0) -> float:
-    """Communication and expert GEMMs pipelined over ``chunks`` equal chunks (chunk i's GEMMs
-    hide chunk i+1's exchange): a two-stage pipeline of ``n = chunks`` items, each stage taking
-    ``c/n`` and ``g/n``, lasts ``(c + g)/n + (n - 1)·max(c, g)/n``, i.e.
-
-        t = max(c, g) + min(c, g) / n,   c = comm_s + (n - 1)·chunk_overhead_s,  g = gemm_s
-
-    (every extra chunk adds one more exchange's fixed cost ``chunk_overhead_s`` to the
-    communication). ``n = 1``: ``c + g``, nothing hidden; ``n -> ∞``: ``max(c, g)``. Overlap
-    hidden ``= c + g - t``, exposed communication ``= t - g``; in ``predict_layer``'s terms the
-    overlap fraction is ``1 - 1/n`` (without chunk overhead)."""
-    c = _nonneg_float("comm_s", comm_s)
-    g = _nonneg_float("gemm_s", gemm_s)
-    n = _positive_int("chunks", chunks)
-    c += (n - 1) * _nonneg_float("chunk_overhead_s", chunk_overhead_s)
-    return max(c, g) + min(c, g) / n
-
-
-def load_fit(path: str | Path) -> dict:
-    """The ``fit`` of a cluster bench result JSON (``python -m benchmarks cluster``).
-    ValueError when the file has none or its fit failed."""
-    data = json.loads(Path(path).read_text())
-    fit = data.get("fit") if isinstance(data, dict) else None
-    if not isinstance(fit, dict):
-        raise ValueError(f"{path} holds no 'fit' (not a cluster bench result?)")
-    if fit.get("error"):
-        raise ValueError(f"{path}: its all-to-all fit failed: {fit['error']}")
-    return fit
-
-
-def fitted_assumptions(fit: dict) -> dict:
-    """The cost-model parameters a :func:`fit_alltoall` result gives: ``gpus_per_node`` (its
-    ranks per node), ``nvlink_gbps`` (intra-node bandwidth), ``ib_gbps`` (inter-node),
-    ``latency_us`` (per call) and ``message_latency_us`` (per peer message). Parameters the fit
-    left None or fitted <= 0 are absent (the caller keeps its default for them)."""
-    out = {"gpus_per_node": fit.get("ranks_per_node"), "nvlink_gbps": fit.get("intra_gbps"),
-           "ib_gbps": fit.get("inter_gbps"), "latency_us": fit.get("call_us"),
-           "message_latency_us": fit.get("latency_us")}
-    return {k: v for k, v in out.items() if v is not None and v > 0}
 
 
 # ---- measured scaling ---------------------------------------------------------------------
@@ -466,69 +74,39 @@ def core_bound(procs: int, cores: int, base_procs: int = 1) -> float:
     return min(procs, cores) / procs * base_procs / min(base_procs, cores)
 
 
-def _worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
-    """One rank: build the EP layer, time every case, rank 0 writes the per-step maxima."""
+def scaling_job(spec: dict) -> dict:
+    """One rank (:func:`benchmarks.harness.run_gloo_job`): build the EP layer, time every case
+    (a step: gradients reset to None, then ``layer(x).sum().backward()``), per case the
+    slowest rank's seconds of every timed step."""
     import torch
     import torch.distributed as dist
 
     from moe_parallel import MoEConfig, MoELayer, ParallelState
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=spec["timeout"]))
-    try:
-        ps = ParallelState.build(ep=world)
-        cfg = MoEConfig(hidden_size=spec["hidden"], ffn_hidden_size=spec["ffn"],
-                        num_experts=spec["experts"], top_k=spec["top_k"],
-                        expert_impl=spec["expert_impl"])
-        torch.manual_seed(0)
-        layer = MoELayer(cfg, parallel_state=ps)
-        out = {}
-        for mode, tokens in spec["cases"].items():
-            g = torch.Generator().manual_seed(1000 + rank)
-            x = torch.randn(tokens[rank], spec["hidden"], generator=g, requires_grad=True)
-            times = []
-            for i in range(spec["warmup"] + spec["steps"]):
-                layer.zero_grad(set_to_none=True)
-                x.grad = None
-                dist.barrier()
-                t0 = time.perf_counter()
-                layer(x).sum().backward()
-                if i >= spec["warmup"]:
-                    times.append(time.perf_counter() - t0)
-            t = torch.tensor(times, dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            out[mode] = t.tolist()
-            if rank == 0:
-                print(f"  N={world} {mode}: median {statistics.median(out[mode]) * 1e3:.1f} ms",
-                      file=sys.stderr, flush=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ps = ParallelState.build(ep=world)
+    cfg = MoEConfig(hidden_size=spec["hidden"], ffn_hidden_size=spec["ffn"],
+                    num_experts=spec["experts"], top_k=spec["top_k"],
+                    expert_impl=spec["expert_impl"])
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, parallel_state=ps)
+    out = {}
+    for mode, tokens in spec["cases"].items():
+        g = torch.Generator().manual_seed(1000 + rank)
+        x = torch.randn(tokens[rank], spec["hidden"], generator=g, requires_grad=True)
+
+        def step(x=x):
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x).sum().backward()
+
+        t = summarize_rounds({mode: step}, spec["steps"], warmup=spec["warmup"],
+                             across_ranks=True)[mode]
+        out[mode] = t["rounds"]
         if rank == 0:
-            Path(out_path).write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
-
-
-def run_world(world: int, spec: dict, timeout_s: float) -> dict[str, list[float]]:
-    """Spawn ``world`` ranks running :func:`_worker`; their per-step times (max over ranks)
-    per case. A run past ``timeout_s`` kills the ranks and raises RuntimeError."""
-    import torch.multiprocessing as mp
-
-    # the worker by its module name, also when this file runs as __main__
-    worker = importlib.import_module("benchmarks.scaling_bench")._worker
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "times.json")
-        ctx = mp.start_processes(worker, args=(world, free_port(), spec, out_path),
-                                 nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(f"{world} ranks still running after {timeout_s} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        return json.loads(Path(out_path).read_text())
+            print(f"  N={world} {mode}: median {t['seconds'] * 1e3:.1f} ms", file=sys.stderr,
+                  flush=True)
+    return out
 
 
 def measure(procs: list[int], tokens_per_proc: int, strong_tokens: int, hidden: int, ffn: int,
@@ -546,10 +124,10 @@ def measure(procs: list[int], tokens_per_proc: int, strong_tokens: int, hidden: 
         print(f"measuring N={n} ...", file=sys.stderr, flush=True)
         cases = {"weak": [tokens_per_proc] * n, "strong": split_tokens(strong_tokens, n)}
         spec = dict(hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, warmup=warmup,
-                    steps=steps, timeout=timeout_s, cases=cases, expert_impl=EXPERT_IMPL)
-        t0 = time.perf_counter()
-        times = run_world(n, spec, timeout_s)
-        print(f"  N={n} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                    steps=steps, cases=cases, expert_impl=EXPERT_IMPL)
+        with Stopwatch() as sw:
+            times = run_gloo_job("benchmarks.scaling_bench:scaling_job", n, spec, timeout_s)[0]
+        print(f"  N={n} done in {sw.seconds:.1f} s", file=sys.stderr, flush=True)
         for mode, toks in cases.items():
             step = statistics.median(times[mode])
             rows.append({"mode": mode, "procs": n, "ep": n, "experts_per_rank": experts // n,
@@ -668,14 +246,12 @@ def plot_cost_model(cm: dict, path: Path) -> bool:
                  f"({src.get('nvlink_gbps', 'assumed')}), IB {a['ib_gbps']:.4g} GB/s "
                  f"({src.get('ib_gbps', 'assumed')}), GEMM {a['gemm_tflops']:g} TFLOP/s, "
                  f"overlap {a['overlap']:g}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return True
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``python -m benchmarks scaling --help``)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling_bench",
                                 description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("measured scaling (this machine, gloo)")
@@ -720,21 +296,13 @@ def main(argv: list[str] | None = None) -> dict:
                         "node, bandwidths and latencies instead of the defaults")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="PNG (default: next to the JSON)")
-    args = p.parse_args(argv)
+    return p
 
-    measured = None
-    if not args.skip_measure:
-        measured = measure(args.procs, args.tokens_per_proc, args.strong_tokens, args.hidden,
-                           args.ffn, args.experts, args.top_k, args.warmup, args.steps,
-                           args.timeout)
 
-    model = {"tokens": args.cm_tokens, "hidden": args.cm_hidden, "ffn": args.cm_ffn,
-             "experts": args.cm_experts, "top_k": args.cm_top_k,
-             "dtype_bytes": args.cm_dtype_bytes, "activation": args.cm_activation}
-    try:
-        fitted = fitted_assumptions(load_fit(args.fit)) if args.fit is not None else {}
-    except (OSError, ValueError) as exc:
-        p.error(f"--fit {args.fit}: {exc}")
+def cluster_assumptions(args: argparse.Namespace, fitted: dict) -> tuple[dict, dict]:
+    """``(values, source)`` of every cost-model parameter: the option when given, else the
+    fit's value, else the default; ``source[k]`` says which ("given", "fitted", "assumed",
+    or "not modelled" for a message latency nobody gave)."""
     defaults = {**DEFAULT_ASSUMPTIONS, "message_latency_us": 0.0}
     cluster, source = {}, {}
     for k, default in defaults.items():
@@ -747,11 +315,24 @@ def main(argv: list[str] | None = None) -> dict:
             cluster[k], source[k] = default, "not modelled"
         else:
             cluster[k], source[k] = default, "assumed"
+    return cluster, source
+
+
+def cost_model_record(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
+    """``{"assumptions", "rows"}`` of the cost model for ``args`` (errors through ``p``)."""
+    model = {"tokens": args.cm_tokens, "hidden": args.cm_hidden, "ffn": args.cm_ffn,
+             "experts": args.cm_experts, "top_k": args.cm_top_k,
+             "dtype_bytes": args.cm_dtype_bytes, "activation": args.cm_activation}
+    try:
+        fitted = fitted_assumptions(load_fit(args.fit)) if args.fit is not None else {}
+    except (OSError, ValueError) as exc:
+        p.error(f"--fit {args.fit}: {exc}")
+    cluster, source = cluster_assumptions(args, fitted)
     try:
         rows = cost_model_rows(args.ep_sizes, **model, **cluster)
     except ValueError as exc:
         p.error(str(exc))
-    cost_model = {
+    return {
         "assumptions": {
             **cluster, "model": model,
             "assumed": sorted(k for k, v in source.items() if v == "assumed"),
@@ -760,11 +341,23 @@ def main(argv: list[str] | None = None) -> dict:
             "source": source,
             "note": ("bandwidths and GEMM throughput left at their defaults are assumptions "
                      "typical of H100 clusters, not measurements; balanced routing; EP ranks "
-                     "packed onto full nodes; formulas in benchmarks/scaling_bench.py"),
+                     "packed onto full nodes; formulas in benchmarks/cost_model/layer.py"),
         },
         "rows": rows,
     }
 
+
+def main(argv: list[str] | None = None) -> dict:
+    """Measure (unless ``--skip-measure``), evaluate the cost model, print both and write the
+    JSON ``{"date", "command", "machine", "measured", "cost_model"}`` and the PNG."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    measured = None
+    if not args.skip_measure:
+        measured = measure(args.procs, args.tokens_per_proc, args.strong_tokens, args.hidden,
+                           args.ffn, args.experts, args.top_k, args.warmup, args.steps,
+                           args.timeout)
+    cost_model = cost_model_record(args, p)
     if measured is not None:
         print_measured(measured)
     print_cost_model(cost_model)
