@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.distributed
+
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc mallopt only")
 
 SCRIPT = r"""

@@ -10,7 +10,7 @@ from benchmarks.layer_bench import sync_sites
 from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
 from moe_parallel.dispatch.in_flight import side_stream
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.cuda
 
 BASE = dict(hidden_size=64, ffn_hidden_size=48, num_experts=8, top_k=2, init_std=0.1)
 MODES = {

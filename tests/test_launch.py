@@ -15,9 +15,9 @@ import subprocess
 import textwrap
 
 import pytest
-from proc_utils import launcher_free_env, run_sessions
 
 from moe_parallel.distributed.init import parse_nodelist
+from tests.helpers.proc_utils import launcher_free_env, run_sessions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
@@ -95,6 +95,7 @@ def _script(name: str) -> str:
 
 
 # ---- static checks and dry runs -----------------------------------------------------------
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_parse_and_are_executable(name):
     assert os.access(_script(name), os.X_OK)
@@ -108,6 +109,7 @@ def _dry(name: str, *args: str, **env) -> str:
     return proc.stdout
 
 
+@pytest.mark.distributed
 def test_dry_runs_print_the_commands():
     py = os.path.join(ROOT, ".venv", "bin", "python")
     py = py if os.access(py, os.X_OK) else ""
@@ -135,6 +137,7 @@ def test_dry_runs_print_the_commands():
             "moe_parallel.train --deepspeed /ds.json --ep 2") in out  # CONFIG from the caller's cwd
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name, env, message", [
     ("torchrun_single_node.sh", {}, "usage"),
     ("deepspeed.sh", {}, "usage"),
@@ -163,6 +166,7 @@ def test_parse_nodelist():
 
 
 # ---- real launches ------------------------------------------------------------------------
+@pytest.mark.distributed
 def test_torchrun_c10d_two_nodes_on_localhost(entry_dir):
     port = _free_port()
     commands = [([_script("torchrun_multi_node.sh"), "2", "hello"],
@@ -190,6 +194,7 @@ def _mpi_skip_reason():
 MPI_SKIP = _mpi_skip_reason()
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(MPI_SKIP is not None, reason=str(MPI_SKIP))
 def test_mpirun_without_master_env_uses_mpi4py(entry_dir):
     [(rc, out)] = _run_all([([_script("mpirun.sh"), "4", "hi"],
@@ -213,6 +218,7 @@ exit $rc
 """
 
 
+@pytest.mark.distributed
 def test_slurm_sbatch_under_a_fake_srun(entry_dir, tmp_path):
     srun = tmp_path / "srun"
     srun.write_text(FAKE_SRUN)
@@ -231,6 +237,7 @@ DEEPSPEED_SKIP = (None if importlib.util.find_spec("deepspeed") is not None else
 DS_CONFIG = '{"zero_optimization": {"stage": 1}, "steps_per_print": 1000000}'
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(DEEPSPEED_SKIP is not None, reason=str(DEEPSPEED_SKIP))
 def test_deepspeed_launcher_trains_under_the_engine(tmp_path):
     """launch/deepspeed.sh: 2 ranks (ep2) of moe_parallel.train under the engine; the launcher's

@@ -121,8 +121,8 @@ def _env(**extra: str) -> dict[str, str]:
     """The test's environment with one thread per process, the venv first on PATH, and no
     PYTHONPATH entry pointing into the repository (snippets must use the installed package)."""
     env = dict(os.environ)
-    # DeepSpeed's JIT-built CPU op: built once per checkout, where tests/test_deepspeed.py and
-    # launch/deepspeed.sh build it too
+    # DeepSpeed's JIT-built CPU op: built once per checkout, where
+    # tests/integrations/test_deepspeed.py and launch/deepspeed.sh build it too
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
@@ -182,11 +182,12 @@ def test_readme_markers_and_blocks():
 def _no_idle_pools():
     """The snippets start their own processes: the suite's idle gloo pools would compete with
     them for the CPUs."""
-    from dist_harness import close_all
+    from tests.helpers.dist_harness import close_all
 
     close_all()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_readme_block(block: Block, tmp_path: Path):
     if block.skip is not None:

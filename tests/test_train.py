@@ -27,6 +27,7 @@ def test_every_flag_has_help_and_shows_its_default():
     assert "(default: 150)" in text and "(default: alltoall)" in text
 
 
+@pytest.mark.distributed
 def test_one_step_summary_is_that_step_s_loss():
     out = _run("--steps", "1", "--layers", "1", "--log-every", "1")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -40,6 +41,7 @@ def test_one_step_summary_is_that_step_s_loss():
     assert float(step.group(2)) >= 1.0  # imbalance max/mean load
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("flag", ["--ep", "--tp", "--etp"])
 def test_parallel_flags_on_one_process_are_refused(flag):
     out = _run("--steps", "1", flag, "2")
@@ -47,6 +49,7 @@ def test_parallel_flags_on_one_process_are_refused(flag):
     assert f"{flag} 2" in out.stderr and "single process" in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.distributed
 def test_zero_steps_is_refused():
     out = _run("--steps", "0")
     assert out.returncode == 2 and "--steps must be >= 1" in out.stderr
@@ -71,6 +74,7 @@ def test_dynamic_routing_flags_reach_every_layer():
     assert len({f for step in factors for f in step}) > 1 and out["tokens_per_s"] > 0
 
 
+@pytest.mark.distributed
 def test_progress_without_terminal_prints_plain_lines():
     """stdout and stderr captured (not terminals): no carriage-return bar frames, one plain
     line every ceil(20 / 16) = 2 steps, the last at step 20."""

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_harness import get_pool, own_groups, parallel_state
+
+from tests.helpers.dist_harness import get_pool, own_groups, parallel_state
+
+pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "--heads", "2",

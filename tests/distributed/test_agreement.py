@@ -1,0 +1,80 @@
+"""check_agreement on 4 gloo ranks: a rank whose layer was built with another config makes
+every rank raise a ValueError naming the field and each rank's value, at the first forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moe_parallel import MoEConfig, MoELayer
+from tests.helpers.dist_harness import get_pool, parallel_state
+
+pytestmark = pytest.mark.distributed
+
+BASE = dict(hidden_size=8, ffn_hidden_size=8, num_experts=8, top_k=2)
+ODD = {  # case -> (rank that differs, its config changes)
+    "top_k": (3, dict(top_k=1)),
+    "num_experts": (0, dict(num_experts=4)),
+    "capacity_factor": (2, dict(capacity_factor=1.25)),
+}
+
+
+def _forward(case: str) -> str:
+    ps = parallel_state(ep=4)
+    odd_rank, changes = ODD[case]
+    cfg = MoEConfig(**{**BASE, **(changes if dist.get_rank() == odd_rank else {})})
+    layer = MoELayer(cfg, parallel_state=ps)
+    try:
+        layer(torch.randn(5, 8))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _agreeing() -> str:
+    layer = MoELayer(MoEConfig(**BASE), parallel_state=parallel_state(ep=4))
+    y = layer(torch.randn(5, 8))
+    layer(torch.randn(3, 8))  # later forwards run without the check
+    return f"ok {tuple(y.shape)}"
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+def test_a_rank_built_differently_makes_every_rank_raise(case):
+    odd_rank, changes = ODD[case]
+    messages = get_pool(4).run(_forward, case, timeout=60)
+    (value,) = changes.values()
+    for rank, msg in enumerate(messages):
+        assert "built differently" in msg, (rank, msg)
+        assert f"{case}: " in msg and f"rank {odd_rank} {value!r}" in msg, (rank, msg)
+        assert f"rank {(odd_rank + 1) % 4} {BASE.get(case)!r}" in msg, (rank, msg)
+
+
+def test_agreeing_ranks_run():
+    assert get_pool(4).run(_agreeing, timeout=60) == ["ok (5, 8)"] * 4
+
+
+def _nan_on_rank1() -> str:
+    ps = parallel_state(ep=4)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(**BASE), parallel_state=ps)
+    x = torch.randn(5, 8)
+    if dist.get_rank() == 1:
+        x[2, 3] = float("nan")
+    try:
+        layer(x)
+        first = "no error"
+    except FloatingPointError as exc:
+        first = str(exc)
+    y = layer(torch.randn(4, 8))  # the group is still in step: the next forward runs everywhere
+    y.sum().backward()
+    return f"{first} | next {tuple(y.shape)}"
+
+
+def test_non_finite_input_on_one_rank_makes_the_whole_group_skip():
+    """check_finite's verdict is collective: the NaN on rank 1 makes every rank of the group
+    raise at the same forward (none enters the exchange alone), and the next forward works."""
+    messages = get_pool(4).run(_nan_on_rank1, timeout=60)
+    for rank, msg in enumerate(messages):
+        assert "non-finite router logits on rank(s) [1]" in msg, (rank, msg)
+        assert msg.endswith("| next (4, 8)"), (rank, msg)

@@ -1,0 +1,57 @@
+"""The FSDP2 recipe on 4 gloo ranks: ``fully_shard`` the dense submodules over the dense
+data-parallel mesh (DP×CP), leave each MoELayer to ``sync_gradients`` (router and shared
+experts over DP×CP, routed experts over EDP); training equals one process (float64). An FSDP
+unit over the experts is refused at the layer's first forward."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_parallel.distributed import sync_gradients
+from tests.helpers.dist_harness import get_pool, parallel_state
+from tests.helpers.training_parity import (
+    assert_parity,
+    first_forward_error,
+    nets,
+    train_against_one_process,
+)
+
+pytestmark = pytest.mark.distributed
+
+
+def _mesh(ps):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(ps.group("dp_cp"), "cpu")
+
+
+def _train(layout: dict) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    ps = parallel_state(**layout)
+    full, model = nets(ps, num_shared_experts=1)
+    for dense in (model.inp, model.out):  # the recipe: dense submodules only
+        fully_shard(dense, mesh=_mesh(ps))
+    # FSDP reduce-scatters inp/out (their mean over DP×CP) in the backward; the MoE layer:
+    return train_against_one_process(ps, full, model, model,
+                                     lambda: sync_gradients(model.moe, ps))
+
+
+def _fsdp_over_everything() -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    ps = parallel_state(ep=2)
+    return first_forward_error(ps, lambda net: fully_shard(net, mesh=_mesh(ps)))
+
+
+@pytest.mark.parametrize("layout", [dict(ep=2), dict(ep=4), dict(ep=2, etp=2)],
+                         ids=["ep2_edp2", "ep4", "ep2_etp2"])
+def test_fsdp2_dense_with_sync_gradients_for_moe_trains_as_one_process(layout):
+    # inp, router, experts, shared w1/w2, out
+    assert_parity(get_pool(4).run(_train, layout, timeout=120), num_params=9)
+
+
+def test_fsdp_over_expert_parameters_is_refused():
+    for rank, msg in enumerate(get_pool(4).run(_fsdp_over_everything, timeout=60)):
+        assert "FSDP unit (fully_shard) manages the expert parameters" in msg, (rank, msg)
+        assert "sync_gradients(layer, ps)" in msg

@@ -1,0 +1,1 @@
+"""What the tests share: worker pools, process helpers, reference data, tiny models."""
