@@ -58,6 +58,7 @@ from benchmarks.exchange import dispatch_combine_fns, raw_alltoall_fns
 from benchmarks.harness import Stopwatch, run_gloo_job, summarize_rounds
 from benchmarks.op_profile import profile_calls
 from benchmarks.record import save_result
+from moe_parallel.config import EXPERT_IMPLS
 
 TARGET_RATIO = 1.3
 DISPATCH_MODES = ("dropless", "capacity")
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-repeats", type=int, default=3)
     p.add_argument("--layer-profile-iters", type=int, default=0,
                    help="profiled steps per layer variant (0: none)")
-    p.add_argument("--expert-impl", choices=("block_sparse", "grouped"), default=None,
+    p.add_argument("--expert-impl", choices=EXPERT_IMPLS, default=None,
                    help="ours expert_impl (default: MoEConfig's)")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per launch")

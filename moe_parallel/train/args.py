@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from ..config import DISPATCHERS, DROP_POLICIES, EXPERT_IMPLS
+from ..config import DISPATCHERS, DROP_POLICIES, EXPERT_IMPLS, ROW_OVERFLOWS, SCORE_FUNCTIONS
 from ..distributed import detect_launch_env
 from ..ops import GROUPED_GEMM_BACKENDS
 from .model import CONFIG_FLAGS, build_config
@@ -76,7 +76,7 @@ def _routing_flags(p: argparse.ArgumentParser) -> None:
         help="weight of the router-entropy loss of dynamic routing")
     add("--aux-loss-coeff", type=float, default=1e-2, help="Switch load-balancing loss weight")
     add("--z-loss-coeff", type=float, default=1e-3, help="router z-loss weight")
-    add("--score-function", choices=("softmax", "sigmoid"), default="softmax",
+    add("--score-function", choices=SCORE_FUNCTIONS, default="softmax",
         help="router scores (DeepSeek-V3 uses sigmoid with --expert-bias)")
     add("--expert-bias", action="store_true",
         help="aux-loss-free balancing: a selection bias updated after every step from the "
@@ -101,7 +101,7 @@ def _capacity_flags(p: argparse.ArgumentParser) -> None:
         help="dynamic capacity: relative change per step")
     add("--max-rows-factor", type=float, default=None,
         help="dropless: ceiling on rows per rank, times the balanced load (None: no ceiling)")
-    add("--row-overflow", choices=("error", "capacity"), default="error",
+    add("--row-overflow", choices=ROW_OVERFLOWS, default="error",
         help="over the row ceiling: raise, or drop the excess for that step")
 
 
