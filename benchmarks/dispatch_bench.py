@@ -57,7 +57,7 @@ from benchmarks.deepspeed_moe import deepspeed_layer, prepare_deepspeed
 from benchmarks.exchange import dispatch_combine_fns, raw_alltoall_fns
 from benchmarks.harness import Stopwatch, run_gloo_job, summarize_rounds
 from benchmarks.op_profile import profile_calls
-from benchmarks.record import save_result
+from benchmarks.record import print_head, save_result
 from moe_parallel.config import EXPERT_IMPLS
 
 TARGET_RATIO = 1.3
@@ -230,8 +230,7 @@ def _print_dispatch(rows: list[dict], cfg: str) -> None:
           f"(counts + rows there and back); ms per call, slowest rank")
     head = (f"{'world':>5} {'mode':<9} {'rows/rank':>9} {'MB fwd':>8} {'ours fwd':>9} "
             f"{'raw fwd':>8} {'ratio':>6} {'ours f+b':>9} {'raw f+b':>8} {'ratio':>6}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
         t = r["times"]
         flag = lambda v: "*" if v > TARGET_RATIO else " "  # noqa: E731
@@ -257,8 +256,7 @@ def _print_profiles(rows: list[dict]) -> None:
           "self time by op family; raw = the bare all_to_all_single calls, all untracked)")
     head = (f"{'world':>5} {'mode':<9} {'raw':>7} {'ours':>7} "
             + " ".join(f"{f[:11]:>11}" for f in _FAMILIES))
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
         prof, raw = r["profile_ours_fwd_bwd_rank0"], r["profile_raw_fwd_bwd_rank0"]
         fam = dict(prof["by_family_self_ms"])  # gemm / other collectives (none here) -> other
@@ -279,8 +277,7 @@ def _print_profiles(rows: list[dict]) -> None:
 def _print_layer(res: dict, cfg: str) -> None:
     print(f"\nMoE layer forward+backward, {cfg}")
     head = f"{'variant':<22} {'ms/step':>9} {'vs deepspeed':>12} {'rows/rank':>10} {'dropped':>8}"
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     ds = res["times"].get("deepspeed", {}).get("seconds")
     for name, t in res["times"].items():
         rows = res["rows_per_rank"][name]

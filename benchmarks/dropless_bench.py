@@ -33,7 +33,7 @@ from torch import nn
 
 from benchmarks.harness import median_seconds
 from benchmarks.plotting import pyplot
-from benchmarks.record import save_result
+from benchmarks.record import print_head, save_result
 
 ROUTINGS = ("balanced", "zipf", "single_hot")
 MODES = {
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.dtype} on {args.device}, {args.threads} threads, forward+backward")
     head = (f"{'routing':<10} {'mode':<14} {'B':>4} {'ms':>8} {'vs grouped':>10} "
             f"{'peak MB':>8} {'rows':>7} {'padding':>8} {'dropped':>8}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     grouped = {r["routing"]: r["seconds"] for r in results
                if r["mode"] == "grouped" and not r.get("sweep")}
     for r in results:

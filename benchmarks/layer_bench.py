@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from benchmarks.harness import device_sync, median_seconds
 from benchmarks.megablocks_contender import MEGABLOCKS_INSTALL, megablocks_dmoe
 from benchmarks.memory import peak_live_bytes, saved_tensor_bytes
-from benchmarks.record import save_result
+from benchmarks.record import print_head, save_result
 
 PRESETS = {
     "a": dict(experts=8, top_k=2, hidden=1024, ffn=2048, tokens=4096),
@@ -286,8 +286,7 @@ def print_table(args: argparse.Namespace, case: dict, rows: list[dict]) -> None:
           f"{args.threads} threads, forward+backward")
     head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
             f"{'grouped speedup':>17}{'saved MiB':>11}{'peak MiB':>10}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
         speed = f"{r['seconds'] / ours:.3f}x" if ours else "-"
         mem = {k: f"{r[k]:.1f}" if r[k] is not None else "-"

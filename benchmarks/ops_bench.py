@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import median_seconds
-from benchmarks.record import save_result
+from benchmarks.record import print_head, save_result
 from moe_parallel import ops
 
 
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"ep={args.ep} {args.dtype} on {args.device}, {torch.get_num_threads()} threads")
     head = (f"{'op':<18}{'op ms':>9}{'twin ms':>9}{'vs twin':>9}{'baseline':>10}"
             f"{'base ms':>9}{'base/op':>9}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
         print(f"{r['op']:<18}{r['op_ms']:9.2f}{r['twin_ms']:9.2f}{r['speedup_vs_twin']:8.2f}x"
               f"{r['baseline']:>10}{r['baseline_ms']:9.2f}{r['baseline_ratio']:9.2f}")

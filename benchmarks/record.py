@@ -1,4 +1,5 @@
-"""Where a benchmark result goes: one JSON with date, command and machine in results/."""
+"""Where a benchmark result goes: one JSON with date, command and machine in results/, and the
+heads of the tables it prints."""
 
 from __future__ import annotations
 
@@ -26,3 +27,8 @@ def save_result(name: str, argv: list[str] | None, payload: dict, out: Path | No
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
     return record, path
+
+
+def print_head(head: str) -> None:
+    """Print a table's column heads and a rule of the same width under them."""
+    print(head + "\n" + "-" * len(head))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.record import save_result
+from benchmarks.record import print_head, save_result
 from moe_parallel.routing import DROP_POLICIES
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"steps; experts/token = mean over steps (before capacity)")
     head = (f"{'run':<24} {'loss':>7} {'tok/s':>8} {'experts/tok':>11} {'final':>6} "
             f"{'drop %':>7} {'cap. factor':>18}")
-    print(head + "\n" + "-" * len(head))
+    print_head(head)
     for name, r in runs.items():
         f = r["capacity_factor"]
         factor = "-" if f[0] is None else (f"{f[0]:.3f}" if len(set(f)) == 1

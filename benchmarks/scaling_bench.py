@@ -57,6 +57,7 @@ from benchmarks.cost_model import (
 )
 from benchmarks.harness import Stopwatch, run_gloo_job, summarize_rounds
 from benchmarks.plotting import pyplot, save_figure
+from benchmarks.record import print_head
 
 EXPERT_IMPL = "grouped"  # the measured layers' expert computation (MoEConfig's default)
 
@@ -170,8 +171,7 @@ def print_measured(measured: dict) -> None:
           f"{c['steps']}")
     head = (f"{'mode':<7} {'procs':>5} {'E/rank':>6} {'tok/proc':>8} {'global':>7} "
             f"{'step ms':>8} {'tokens/s':>9} {'effic.':>7} {'bound':>6}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in measured["rows"]:
         toks = r["tokens_per_proc"]
         per = str(toks[0]) if len(set(toks)) == 1 else f"~{r['global_tokens'] // r['procs']}"
@@ -205,8 +205,7 @@ def print_cost_model(cm: dict) -> None:
         print(f"FITTED from {a['fit_source']}: {', '.join(a['fitted'])}")
     head = (f"{'EP':>4} {'nodes':>5} {'E/GPU':>5} {'NVLink':>7} {'IB':>7} {'a2a ms':>7} "
             f"{'comm ms':>8} {'GEMM ms':>8} {'step ms':>8} {'comm %':>7}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in cm["rows"]:
         print(f"{r['ep']:>4} {r['nodes']:>5} {r['experts_per_gpu']:>5} "
               f"{r['nvlink_fraction']:7.1%} {r['ib_fraction']:7.1%} {r['a2a_ms']:7.2f} "

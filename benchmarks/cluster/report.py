@@ -13,9 +13,10 @@ import torch
 from benchmarks.cluster.plot import plot_report
 from benchmarks.cluster.units import ms as _ms
 from benchmarks.cluster.units import size as _size
+from benchmarks.cluster.units import span as _span
 from benchmarks.cluster.units import us as _us
 from benchmarks.cost_model import FIT_MODEL, fit_alltoall, pipelined_step_seconds, predictions
-from benchmarks.record import save_result
+from benchmarks.record import print_head, save_result
 
 
 def fit_sweep(sweep: list[dict], ranks_per_node: int) -> dict:
@@ -76,12 +77,12 @@ def _print_sweep(rec: dict) -> None:
           "conventions: S = one rank's send buffer, algbw = S/t, busbw = algbw*(n-1)/n")
     head = (f"{'ep':>4} {'S/rank':>9} {'intra B':>9} {'inter B':>9} {'calls':>5} "
             f"{'time us':>10} {'[min-max]':>19} {'IQR us':>8} {'algbw':>7} {'busbw':>7}")
-    print(head + "\n" + "-" * len(head))
+    print_head(head)
     for r in sweep:
         t = r["time"]
         print(f"{r['ep']:>4} {_size(r['bytes']):>9} {_size(r['intra_bytes']):>9} "
               f"{_size(r['inter_bytes']):>9} {r['iters']:>5} {_us(t['seconds']):>10} "
-              f"{'[' + _us(t['min']) + '-' + _us(t['max']) + ']':>19} {_us(t['iqr']):>8} "
+              f"{_span(t, _us):>19} {_us(t['iqr']):>8} "
               f"{r['algbw_gbps']:7.3f} {r['busbw_gbps']:7.3f}"
               + ("  <- dispatch volume" if r["dispatch_volume"] else ""))
     print("GB/s = 1e9 B/s; intra/inter B: bytes the rank sends within / across nodes; "
@@ -100,7 +101,7 @@ def _print_dispatch(rec: dict) -> None:
     head = (f"{'ep':>4} {'routing':<10} {'dispatcher':<22} {'S MiB':>7} {'fwd ms':>8} "
             f"{'raw':>8} {'ratio':>6} {'f+b ms':>8} {'[min-max]':>17} {'raw':>8} "
             f"{'ratio':>6} {'busbw':>7} {'raw bus':>7}")
-    print(head + "\n" + "-" * len(head))
+    print_head(head)
     for r in disp:
         raw = r["variants"]["raw"]
         for kind, v in r["variants"].items():
@@ -111,7 +112,7 @@ def _print_dispatch(rec: dict) -> None:
                   f"{r['bytes_per_rank'] / 2**20:7.2f} {_ms(v['fwd']['time']['seconds']):>8} "
                   f"{_ms(raw['fwd']['time']['seconds']):>8} {v['fwd']['ratio']:6.2f} "
                   f"{_ms(fb['seconds']):>8} "
-                  f"{'[' + _ms(fb['min']) + '-' + _ms(fb['max']) + ']':>17} "
+                  f"{_span(fb, _ms):>17} "
                   f"{_ms(raw['fwd_bwd']['time']['seconds']):>8} "
                   f"{v['fwd_bwd']['ratio']:6.2f} {v['fwd_bwd']['busbw_gbps']:7.3f} "
                   f"{raw['fwd_bwd']['busbw_gbps']:7.3f}")
@@ -131,12 +132,12 @@ def _print_layer(rec: dict) -> None:
           f"tokens/rank, strong: {lc['strong_tokens_per_group']} tokens per EP group")
     head = (f"{'mode':<7} {'ep':>4} {'tok/rank':>8} {'step ms':>9} {'[min-max]':>19} "
             f"{'tok/s/rank':>11} {'effic.':>7}")
-    print(head + "\n" + "-" * len(head))
+    print_head(head)
     for r in layer["rows"]:
         t = r["time"]
         print(f"{r['mode']:<7} {r['ep']:>4} {r['tokens_per_rank']:>8} "
               f"{_ms(t['seconds']):>9} "
-              f"{'[' + _ms(t['min']) + '-' + _ms(t['max']) + ']':>19} "
+              f"{_span(t, _ms):>19} "
               f"{r['tokens_per_s_per_rank']:11.0f} {r['efficiency']:7.3f}")
     print("efficiency: weak t1/t_ep, strong t1/(ep*t_ep); ep 1 = every expert local "
           "(no exchange)")
@@ -151,11 +152,11 @@ def _print_overlap(rec: dict) -> None:
           f" {oc['tokens_per_rank']} tokens/rank; ratio = step / step without overlap at "
           f"the same ep (< 1: the overlap pays)")
     head = f"{'ep':>4} {'variant':<24} {'step ms':>9} {'[min-max]':>19} {'ratio':>6}"
-    print(head + "\n" + "-" * len(head))
+    print_head(head)
     for r in over["rows"]:
         t = r["time"]
         print(f"{r['ep']:>4} {r['variant']:<24} {_ms(t['seconds']):>9} "
-              f"{'[' + _ms(t['min']) + '-' + _ms(t['max']) + ']':>19} {r['vs_none']:6.3f}")
+              f"{_span(t, _ms):>19} {r['vs_none']:6.3f}")
 
 
 def _print_train(rec: dict) -> None:

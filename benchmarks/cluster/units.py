@@ -21,3 +21,8 @@ def size(b: float) -> str:
         if b >= f:
             return f"{b / f:g}{unit}"
     return f"{b:g}B"
+
+
+def span(t: dict, unit=ms) -> str:
+    """``[min-max]`` of a timing summary (``t["min"]``, ``t["max"]`` in seconds) in ``unit``."""
+    return "[" + unit(t["min"]) + "-" + unit(t["max"]) + "]"

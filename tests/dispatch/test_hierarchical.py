@@ -23,6 +23,7 @@ from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.dispatch import HierarchicalAllToAllDispatcher
 from moe_parallel.distributed.parallel_state import ParallelState, ep_node_layout, node_groups
 from tests.helpers.dist_harness import get_pool, own_groups
+from tests.helpers.layer_runs import forward_backward
 
 TOKENS = [6, 0, 11, 3, 5, 9, 0, 2]
 BASE = dict(hidden_size=8, ffn_hidden_size=8, num_experts=16, params_dtype=torch.float64,
@@ -42,15 +43,6 @@ CASES = {
     "top_p_batch_priority": dict(top_k=4, top_p=0.6, capacity_factor=0.6,
                                  drop_policy="batch_priority"),
 }
-def _run(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor):
-    x = x.clone().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    y, aux = layer(x, return_aux=True)
-    y.backward(gy)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return y.detach(), x.grad, grads, aux.stats.tokens_per_expert, aux.stats.dropped
-
-
 def run_layout(layout: str) -> dict:
     with own_groups():
         return _run_layout(layout)
@@ -71,7 +63,8 @@ def _run_layout(layout: str) -> dict:
         g = torch.Generator().manual_seed(100 + rank)
         x = torch.randn(TOKENS[rank], 8, dtype=torch.float64, generator=g)
         gy = torch.randn(TOKENS[rank], 8, dtype=torch.float64, generator=g)
-        flat, hier = (_run(layers[k], x, gy) for k in ("alltoall", "alltoall_hierarchical"))
+        flat, hier = (forward_backward(layers[k], x, gy)
+                      for k in ("alltoall", "alltoall_hierarchical"))
         disp = layers["alltoall_hierarchical"].dispatcher
         same = [torch.equal(a, b) for a, b in zip(flat[:2], hier[:2])]
         same.append(flat[2].keys() == hier[2].keys()

@@ -26,6 +26,7 @@ from moe_parallel import MoEConfig, MoELayer
 from moe_parallel.distributed import collectives as comm
 from moe_parallel.distributed.parallel_state import ParallelState
 from tests.helpers.dist_harness import get_pool, own_groups
+from tests.helpers.layer_runs import forward_backward
 
 TOKENS = [6, 0, 11, 3]
 BASE = dict(hidden_size=8, ffn_hidden_size=8, num_experts=8, params_dtype=torch.float64,
@@ -47,15 +48,6 @@ OVERLAPS = {
 }
 LAYOUTS = {"ep4": (dict(ep=4), "alltoall", 4), "ep2_etp2": (dict(ep=2, etp=2), "alltoall", 4),
            "tp2_ep2_hier": (dict(tp=2, ep=2), "alltoall_hierarchical", 1)}
-
-
-def _run(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor):
-    x = x.clone().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    y, aux = layer(x, return_aux=True)
-    y.backward(gy)
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-    return y.detach(), x.grad, grads, aux.stats.tokens_per_expert, aux.stats.dropped
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,7 +78,8 @@ def _cases(ps, dispatcher: str, tokens: int, seed: int) -> dict:
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(tokens, 8, dtype=torch.float64, generator=g)
             gy = torch.randn(tokens, 8, dtype=torch.float64, generator=g)
-            out[(cname, oname)] = _compare(_run(layers[0], x, gy), _run(layers[1], x, gy),
+            out[(cname, oname)] = _compare(forward_backward(layers[0], x, gy),
+                                           forward_backward(layers[1], x, gy),
                                            exact="chunks" not in oname)
     return out
 
