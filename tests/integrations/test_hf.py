@@ -178,7 +178,7 @@ def _across_ranks(name: str, layout: dict, overrides: dict) -> dict[str, float]:
         if d == ps.dp_rank:
             mine = ours(ids).logits
             errors["logits"] = _rel(mine, logits.detach())
-            ((mine * cot).sum() / ps.tp).backward()  # each TP rank's share, as train.py
+            ((mine * cot).sum() / ps.tp).backward()  # each TP rank's share, as moe_parallel.train
     family = hf.family_of(ref)
     ref_params = dict(ref.named_parameters())
     dense = []
@@ -327,8 +327,9 @@ def _train_hf(path: str, flags: list[str]) -> list[float]:
 @pytest.mark.parametrize("layout", [["--ep", "2"], ["--tp", "2", "--ep", "2"]],
                          ids=["ep2_dp4", "tp2_ep2"])
 def test_main_job_trains_a_converted_model_as_one_process(layout, tmp_path):
-    """``train.py --hf-model DIR`` on 4 ranks gives the one-process loss curve (float64; Qwen2-MoE:
-    a float64 router, so no float32 reduction depends on how the tokens are split)."""
+    """``moe_parallel.train --hf-model DIR`` on 4 ranks gives the one-process loss curve
+    (float64; Qwen2-MoE: a float64 router, so no float32 reduction depends on how the tokens
+    are split)."""
     from moe_parallel import train
 
     build("qwen2_moe").save_pretrained(tmp_path)
