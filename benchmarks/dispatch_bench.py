@@ -19,7 +19,7 @@ experts by the layer's router (computed once, outside the timed region):
   Modes: ``dropless`` (``pad_to = 0``, uneven splits) and ``capacity`` (capacity factor 1.25,
   padded to capacity: every expert segment ``C`` rows, even splits). With ``--profile-iters``,
   ``torch.profiler`` records ours (and raw) forward+backward on every rank; rank 0's self CPU
-  time, summed by op family (``_op_family``) and listed by op, says where the time goes.
+  time, summed by op family (``op_profile.op_family``) and listed by op, says where the time goes.
 
 Part 2, the layer against ``deepspeed.moe.layer.MoE`` on ``--layer-world`` (4) processes,
 ``ep_size = w``: top-2 (``top2_2nd_expert_sampling=False``: plain top-2 as ours, no Gumbel noise
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -54,13 +53,13 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.deepspeed_moe import deepspeed_layer, prepare_deepspeed
+from benchmarks.dispatch_report import TARGET_RATIO, print_dispatch, print_layer, print_profiles
 from benchmarks.exchange import dispatch_combine_fns, raw_alltoall_fns
 from benchmarks.harness import Stopwatch, run_gloo_job, summarize_rounds
 from benchmarks.op_profile import profile_calls
-from benchmarks.record import print_head, save_result
+from benchmarks.record import save_result
 from moe_parallel.config import EXPERT_IMPLS
 
-TARGET_RATIO = 1.3
 DISPATCH_MODES = ("dropless", "capacity")
 CAPACITY_FACTOR = 1.25
 MIN_CAPACITY = 4
@@ -225,83 +224,6 @@ def layer_job(job: dict) -> dict:
 # ---- driver -----------------------------------------------------------------------------------
 
 
-def _print_dispatch(rows: list[dict], cfg: str) -> None:
-    print(f"\nDispatch overhead: {cfg}; ours = dispatch+combine, raw = all_to_all_single "
-          f"(counts + rows there and back); ms per call, slowest rank")
-    head = (f"{'world':>5} {'mode':<9} {'rows/rank':>9} {'MB fwd':>8} {'ours fwd':>9} "
-            f"{'raw fwd':>8} {'ratio':>6} {'ours f+b':>9} {'raw f+b':>8} {'ratio':>6}")
-    print_head(head)
-    for r in rows:
-        t = r["times"]
-        flag = lambda v: "*" if v > TARGET_RATIO else " "  # noqa: E731
-        print(f"{r['world']:>5} {r['mode']:<9} {statistics.mean(r['rows_sent_per_rank']):9.0f} "
-              f"{r['bytes_fwd_off_rank'] / 2**20:8.1f} {t['ours_fwd']['seconds'] * 1e3:9.2f} "
-              f"{t['raw_fwd']['seconds'] * 1e3:8.2f} {r['ratio_fwd']:5.2f}{flag(r['ratio_fwd'])} "
-              f"{t['ours_fwd_bwd']['seconds'] * 1e3:9.2f} "
-              f"{t['raw_fwd_bwd']['seconds'] * 1e3:8.2f} "
-              f"{r['ratio_fwd_bwd']:5.2f}{flag(r['ratio_fwd_bwd'])}")
-    print(f"MB fwd: row bytes leaving their rank, all ranks, there and back (f+b moves twice "
-          f"that); * ratio above the {TARGET_RATIO} target")
-
-
-_FAMILIES = ("all_to_all", "all_gather", "sort_chunks", "permute/unpermute", "other",
-             "untracked")
-
-
-def _print_profiles(rows: list[dict]) -> None:
-    rows = [r for r in rows if r.get("profile_ours_fwd_bwd_rank0")]
-    if not rows:
-        return
-    print("\nWhere ours forward+backward spends its time (torch.profiler, rank 0, ms per call, "
-          "self time by op family; raw = the bare all_to_all_single calls, all untracked)")
-    head = (f"{'world':>5} {'mode':<9} {'raw':>7} {'ours':>7} "
-            + " ".join(f"{f[:11]:>11}" for f in _FAMILIES))
-    print_head(head)
-    for r in rows:
-        prof, raw = r["profile_ours_fwd_bwd_rank0"], r["profile_raw_fwd_bwd_rank0"]
-        fam = dict(prof["by_family_self_ms"])  # gemm / other collectives (none here) -> other
-        fam["other"] = sum(v for k, v in fam.items() if k not in _FAMILIES[:-2] + ("untracked",))
-        print(f"{r['world']:>5} {r['mode']:<9} {raw['wall_ms_per_call']:7.1f} "
-              f"{prof['wall_ms_per_call']:7.1f} "
-              + " ".join(f"{fam.get(f, 0.0):11.1f}" for f in _FAMILIES))
-    for r in rows:
-        prof = r["profile_ours_fwd_bwd_rank0"]
-        print(f"\nTop ops, ours forward+backward, world {r['world']} {r['mode']}, rank 0 "
-              f"(ms per call)")
-        print(f"  {'op':<56} {'calls':>6} {'self ms':>8} {'total ms':>9}")
-        for op in prof["top_ops"]:
-            print(f"  {op['op'][:56]:<56} {op['calls']:6.1f} {op['self_ms']:8.2f} "
-                  f"{op['total_ms']:9.2f}")
-
-
-def _print_layer(res: dict, cfg: str) -> None:
-    print(f"\nMoE layer forward+backward, {cfg}")
-    head = f"{'variant':<22} {'ms/step':>9} {'vs deepspeed':>12} {'rows/rank':>10} {'dropped':>8}"
-    print_head(head)
-    ds = res["times"].get("deepspeed", {}).get("seconds")
-    for name, t in res["times"].items():
-        rows = res["rows_per_rank"][name]
-        drops = [r["drop_rate"] for r in rows if r["drop_rate"] is not None]
-        vs_ds = f"{t['seconds'] / ds:.3f}" if ds else "-"
-        print(f"{name:<22} {t['seconds'] * 1e3:9.1f} {vs_ds:>12} "
-              f"{statistics.mean(r['rows_computed'] for r in rows):10.0f} "
-              f"{(f'{statistics.mean(drops):.2%}' if drops else '-'):>8}")
-    ds = res.get("deepspeed") or {}
-    if ds.get("available") and not res.get("deepspeed_note"):
-        env = " ".join(f"{k}={v}" for k, v in ds["env"].items())
-        print(f"DeepSpeed {ds['version']} ({ds['accelerator']} accelerator): {env}, "
-              f"deepspeed.init_distributed(dist_backend='gloo'), MoE.set_deepspeed_parallelism()")
-    if res.get("deepspeed_note"):
-        print(res["deepspeed_note"])
-    for name, prof in (res.get("profiles_rank0") or {}).items():
-        fams = ", ".join(f"{k} {v:.1f}" for k, v in sorted(prof["by_family_self_ms"].items()))
-        print(f"\nProfile {name}, rank 0: {prof['wall_ms_per_call']:.1f} ms/step; "
-              f"self ms by family: {fams}")
-        for op in prof["top_ops"]:
-            print(f"  {op['op'][:56]:<56} {op['calls']:6.1f} {op['self_ms']:8.2f} "
-                  f"{op['total_ms']:9.2f}")
-
-
 def _launch(kind: str, world: int, job: dict, timeout_s: float) -> list:
     """Every rank's result of ``<kind>_job(job)`` on ``world`` fresh gloo ranks."""
     return run_gloo_job(f"benchmarks.dispatch_bench:{kind}_job", world, dict(job, kind=kind),
@@ -355,8 +277,8 @@ def run_dispatch(args: argparse.Namespace, common: dict) -> dict:
         _log(f"dispatch: {world} ranks done in {sw.seconds:.0f} s")
     cfg = (f"T={args.tokens}/rank H={args.hidden} E={args.experts} k={args.top_k} "
            f"{args.dtype}, gloo, 1 thread/rank on {os.cpu_count()} cores")
-    _print_dispatch(rows, cfg)
-    _print_profiles(rows)
+    print_dispatch(rows, cfg)
+    print_profiles(rows)
     return {"config": job, "target_ratio": TARGET_RATIO, "rows": rows}
 
 
@@ -394,7 +316,7 @@ def run_layer(args: argparse.Namespace, common: dict) -> dict:
            f"H={args.layer_hidden} F={args.layer_ffn} E={args.experts} k={args.top_k} "
            f"gelu {args.dtype}, capacity factor {CAPACITY_FACTOR}"
            + (f", DeepSpeed {ds['version']}" if ds["available"] else ""))
-    _print_layer(res, cfg)
+    print_layer(res, cfg)
     return res
 
 
