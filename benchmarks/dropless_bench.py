@@ -8,9 +8,10 @@ probabilities are kept, the expert choice is drawn from a fixed pattern):
 Modes: ``block_sparse`` and ``grouped`` (both dropless), ``capacity_1.0`` and
 ``capacity_1.25`` (capacity factor, padded to capacity as Switch/GShard do, grouped GEMM).
 Per case: median seconds per forward+backward (all cases timed side by side in one process,
-round-robin), peak memory of the first forward+backward above the idle layer (a fresh process
-per case; CPU: growth of peak RSS, CUDA: max allocated), rows computed, padding fraction (rows
-computed that are padding) and drop rate. A block-size sweep of the block-sparse mode backs the CPU
+round-robin), exact memory counts (``benchmarks.memory``: bytes saved for backward by one
+forward, parameters excluded, and the peak of live tensor bytes during the first
+forward+backward above those live before it), rows computed, padding fraction (rows computed
+that are padding) and drop rate. A block-size sweep of the block-sparse mode backs the CPU
 default of ``block_sparse.DEFAULT_BLOCK_SIZE``.
 
     python -m benchmarks.dropless_bench                     # table + JSON in benchmarks/results/
@@ -21,10 +22,7 @@ default of ``block_sparse.DEFAULT_BLOCK_SIZE``.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
-import resource
 import sys
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 
 from benchmarks.harness import median_seconds
+from benchmarks.memory import peak_live_bytes, saved_tensor_bytes
 from benchmarks.plotting import pyplot
 from benchmarks.record import print_head, save_result
 
@@ -69,7 +68,9 @@ class ImposedRouter(nn.Module):
         self.register_buffer("pattern", pattern)
         self.num_experts = num_experts
 
-    def forward(self, x: torch.Tensor, num_seqs: int = 1):
+    def forward(self, x: torch.Tensor, num_seqs: int = 1, count: bool = True,
+                check: bool = True, valid: torch.Tensor | None = None):
+        """The router's call contract (``TopKRouter.forward``); no losses, nothing counted."""
         from moe_parallel.routing.router import Routing
 
         logits = x.float() @ self.weight.float().t()
@@ -80,7 +81,8 @@ class ImposedRouter(nn.Module):
 
 
 def build_case(case: dict):
-    """The layer of one (routing, mode, block size) case and its forward+backward step."""
+    """The layer of one (routing, mode, block size) case, its forward+backward step and its
+    forward alone."""
     from moe_parallel import MoEConfig, MoELayer
 
     device, dtype = case["device"], getattr(torch, case["dtype"])
@@ -95,33 +97,31 @@ def build_case(case: dict):
                     requires_grad=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+    def forward():
+        return layer(x)
+
     def step():
-        layer(x).sum().backward()
+        forward().sum().backward()
         sync()
 
-    return layer, step
+    return layer, step, forward
 
 
 def measure_memory(case: dict) -> dict:
-    """Run in a fresh process: peak memory of its first forward+backward above the idle
-    layer (on CPU the growth of peak RSS, so the one-time buffers of BLAS and the thread pool,
-    alike for every mode, are included), and the routing statistics of the case."""
+    """Exact memory counts of the case's first forward+backward (``benchmarks.memory``): bytes
+    saved for backward by the forward (parameters excluded) and the peak of live tensor bytes
+    during the step above those live before it; and the routing statistics of the case."""
     torch.set_num_threads(case["threads"])
-    layer, step = build_case(case)
-    if case["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    layer, step, forward = build_case(case)
+    saved = saved_tensor_bytes(forward, layer.parameters())
+    layer.zero_grad(set_to_none=True)
+    peak = peak_live_bytes(step, case["device"])
     s = layer.last_stats
     computed = s.padded_rows if s.padded_rows is not None else s.expert_rows
     return {
         "block_size": layer.experts.block_size,
-        "peak_mem_mb": peak / 2**20,
+        "saved_mib": saved["activations"] / 2**20,
+        "peak_live_mib": peak / 2**20,
         "rows_routed": s.num_routed,
         "rows_computed": computed,
         "padding_fraction": 1.0 - s.num_processed / computed if computed else 0.0,
@@ -198,12 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     cases = [dict(common, routing=r, mode=m) for r in ROUTINGS for m in MODES]
     cases += [dict(common, routing=r, mode="block_sparse", block_size=b, sweep=True)
               for b in args.block_sizes for r in ("balanced", "zipf")]
-    ctx = multiprocessing.get_context("spawn")
     results = []
     for i, case in enumerate(cases, 1):
-        # a fresh process per case: its own peak memory, no allocator carry-over
-        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            results.append({**case, **pool.submit(measure_memory, case).result()})
+        results.append({**case, **measure_memory(case)})
         print(f"memory [{i}/{len(cases)}] {case['routing']} {case['mode']}", file=sys.stderr,
               flush=True)
     torch.set_num_threads(args.threads)
@@ -213,14 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nT={args.tokens} H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k} "
           f"{args.dtype} on {args.device}, {args.threads} threads, forward+backward")
     head = (f"{'routing':<10} {'mode':<14} {'B':>4} {'ms':>8} {'vs grouped':>10} "
-            f"{'peak MB':>8} {'rows':>7} {'padding':>8} {'dropped':>8}")
+            f"{'saved MiB':>9} {'peak MiB':>8} {'rows':>7} {'padding':>8} {'dropped':>8}")
     print_head(head)
     grouped = {r["routing"]: r["seconds"] for r in results
                if r["mode"] == "grouped" and not r.get("sweep")}
     for r in results:
         print(f"{r['routing']:<10} {r['mode'] + ('*' if r.get('sweep') else ''):<14} "
               f"{r['block_size'] or '-':>4} {r['seconds'] * 1e3:8.1f} "
-              f"{r['seconds'] / grouped[r['routing']]:10.3f} {r['peak_mem_mb']:8.1f} "
+              f"{r['seconds'] / grouped[r['routing']]:10.3f} {r['saved_mib']:9.1f} "
+              f"{r['peak_live_mib']:8.1f} "
               f"{r['rows_computed']:7d} {r['padding_fraction']:8.2%} {r['drop_rate']:8.2%}")
     print("* block-size sweep")
     out, path = save_result("dropless", argv, {"results": results}, args.out,

@@ -65,6 +65,36 @@ def test_saved_tensor_bytes_counts_each_storage_once():
         "activations": (n * h + n * f) * 8, "params": h * f * 8}
 
 
+def test_peak_live_bytes_is_the_running_maximum():
+    """Live bytes: 8000, 12000, 4000, 20000 (peak), 0: the peak above the start is 20000."""
+    from benchmarks.memory import peak_live_bytes
+
+    def step():
+        a = torch.empty(1000, dtype=torch.float64)
+        b = torch.empty(500, dtype=torch.float64)
+        del a
+        c = torch.empty(2000, dtype=torch.float64)
+        del b, c
+
+    assert peak_live_bytes(step) == 20000
+
+
+def test_dropless_bench_tiny_counts_memory(tmp_path):
+    out = tmp_path / "dropless.json"
+    bench_main(["dropless", "--tokens", "64", "--hidden", "16", "--ffn", "32", "--experts", "4",
+                "--top-k", "2", "--repeats", "1", "--block-sizes", "16", "--out", str(out)])
+    rows = {(r["routing"], r["mode"], r.get("sweep", False)): r
+            for r in json.loads(out.read_text())["results"]}
+    assert len(rows) == 14  # 3 routings x 4 modes, and the block-size sweep on 2 routings
+    assert all(r["saved_mib"] > 0 and r["peak_live_mib"] > 0 and r["seconds"] > 0
+               for r in rows.values())
+    # capacity 1.25: C = ceil(64 * 2 / 4 * 1.25) = 40 rows for each of 4 experts, 128 of them real
+    cap = rows[("balanced", "capacity_1.25", False)]
+    assert cap["rows_computed"] == 160 and cap["rows_routed"] == 128
+    assert all(rows[(r, "grouped", False)]["drop_rate"] == 0 for r in ("zipf", "single_hot"))
+    assert rows[("single_hot", "capacity_1.0", False)]["drop_rate"] > 0
+
+
 def test_layer_bench_tiny_reports_memory(tmp_path):
     out = tmp_path / "layer.json"
     bench_main(["layer", "--tokens", "64", "--hidden", "16", "--ffn", "32", "--experts", "4",
