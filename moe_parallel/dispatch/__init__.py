@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Optional
 from ..config import DISPATCHERS
 from .all_gather import AllGatherDispatcher, AllGatherHandle
 from .all_to_all import MAX_CHUNKED_EXPERTS, AllToAllDispatcher, AllToAllHandle
-from .base import DispatchHandle, ExpertGrid, TokenDispatcher, start_combine, start_dispatch
+from .base import DispatchHandle, ExpertGrid, TokenDispatcher
 from .hierarchical import HierarchicalAllToAllDispatcher
 from .in_flight import InFlight, start_beside
 from .local import LocalDispatcher, LocalHandle
@@ -68,8 +68,6 @@ __all__ = [
     "kept_counts",
     "run_pipeline",
     "start_beside",
-    "start_combine",
-    "start_dispatch",
 ]
 
 # The expert-parallel dispatchers by ``token_dispatcher_type`` (one entry per ``DISPATCHERS``).

@@ -143,15 +143,3 @@ class TokenDispatcher(abc.ABC):
         group = self.grid.tp_ep_group
         return self.row_budget.enforce(routing, self.num_experts, self.ep,
                                        lambda c: gather_counts(c, group))
-
-
-def start_dispatch(dispatcher: TokenDispatcher, x: Tensor, routing: Routing,
-                   pad_to: int = 0) -> InFlight:
-    """``dispatcher.dispatch_start(x, routing, pad_to)``."""
-    return dispatcher.dispatch_start(x, routing, pad_to)
-
-
-def start_combine(dispatcher: TokenDispatcher, expert_out: Tensor,
-                  handle: DispatchHandle) -> InFlight[Tensor]:
-    """``dispatcher.combine_start(expert_out, handle)``."""
-    return dispatcher.combine_start(expert_out, handle)

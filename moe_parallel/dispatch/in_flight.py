@@ -6,8 +6,7 @@
 
 and likewise ``combine_start(expert_out, handle).finish() -> y``. ``dispatch`` is
 ``dispatch_start(...).finish()``. ``TokenDispatcher`` (``base.py``) declares both ``*_start``
-methods; its default runs the work synchronously at the start (nothing overlaps), and
-``base.start_dispatch`` / ``base.start_combine`` call them.
+methods; its default runs the work synchronously at the start (nothing overlaps).
 ``start_beside(fn, x)`` starts compute that runs beside the exchanges: on CUDA on a side stream.
 """
 
