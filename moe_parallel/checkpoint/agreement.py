@@ -7,21 +7,18 @@ The world is torch.distributed's default group (one process when it is not initi
 * ``agree(problems, what)``: ``CheckpointError("<what>: <problems>")`` on every rank when any
   rank has a problem (the distinct problems sorted, the first 12 and a count of the rest, and
   in a world of several ranks the ranks that found them);
-* ``check_same_everywhere(extra, stepped)``: ``CheckpointError("save refused: ...")`` on every
-  rank unless all ranks pass the same ``extra`` (compared by a SHA-256 of a canonical pickle)
-  and all or none of them have optimizer state;
+* ``check_same_everywhere(extra_digest, stepped, problems)``: ``CheckpointError("save refused:
+  ...")`` on every rank unless all ranks pass the same ``extra`` (compared by the SHA-256 of its
+  canonical JSON and tensors, ``payload.digest``), all or none of them have optimizer state and
+  no rank found a value that cannot be saved (``problems``);
 * ``check_ps(ps)``: the ``ParallelState`` of this world (``single()`` for one process).
 """
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from ..distributed import ParallelState, collectives
 
@@ -79,36 +76,20 @@ def agree(problems: list[str], what: str) -> None:
                               + (f" [on rank(s) {ranks}]" if size > 1 else ""))
 
 
-def _canonical(obj: Any) -> Any:
-    """A form of ``obj`` whose pickle is the same in every process for equal values (a
-    tensor's pickle carries a per-save id, a set's order follows the process's hash seed)."""
-    if isinstance(obj, Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        return ("tensor", str(obj.dtype), tuple(obj.shape), t.view(torch.uint8).numpy().tobytes())
-    if isinstance(obj, dict):
-        return ("dict", sorted(((repr(k), _canonical(v)) for k, v in obj.items()), key=repr))
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, [_canonical(v) for v in obj])
-    if isinstance(obj, (set, frozenset)):
-        return ("set", sorted(repr(_canonical(v)) for v in obj))
-    return obj
-
-
-def check_same_everywhere(extra: dict[str, Any], stepped: bool) -> None:
-    """``CheckpointError`` on every rank unless every rank has the same ``extra`` (written
-    once) and, for all or none of them, optimizer state."""
-    if world()[1] == 1:
-        return
-    gathered = gather((hashlib.sha256(pickle.dumps(_canonical(extra))).hexdigest(), stepped))
-    problems = []
-    if len({g[0] for g in gathered}) > 1:
-        problems.append("extra differs between ranks (it is written once: pass the same "
-                        "value on every rank)")
+def check_same_everywhere(extra_digest: str, stepped: bool, problems: list[str]) -> None:
+    """``CheckpointError`` on every rank unless every rank has the same ``extra`` (its
+    ``extra_digest``: it is written once), all or none have optimizer state, and no rank has
+    ``problems`` (values it cannot save, each naming its key path and type)."""
+    gathered = gather((extra_digest, stepped, problems))
+    found = sorted({p for g in gathered for p in g[2]})
+    if len({g[0] for g in gathered if not g[2]}) > 1:
+        found.append("extra differs between ranks (it is written once: pass the same "
+                     "value on every rank)")
     if len({g[1] for g in gathered}) > 1:
-        problems.append("some ranks' optimizers hold state and others' do not: "
-                        f"{[r for r, g in enumerate(gathered) if g[1]]} do")
-    if problems:
-        raise CheckpointError("save refused: " + "; ".join(problems))
+        found.append("some ranks' optimizers hold state and others' do not: "
+                     f"{[r for r, g in enumerate(gathered) if g[1]]} do")
+    if found:
+        raise CheckpointError("save refused: " + "; ".join(found))
 
 
 def check_ps(ps: Optional[ParallelState]) -> ParallelState:

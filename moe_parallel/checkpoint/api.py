@@ -7,10 +7,14 @@ and ``moe_parallel.json`` (``manifest.py``). Its state dict, flattened by DCP:
                                 routed experts as global tensors (``layout.py``), the rest whole
     optim.state.<fqn>.<name>    optimizer state by parameter name (``get_optimizer_state_dict``);
                                 tensors shaped like their parameter share its layout
-    optim.param_groups.*        hyperparameters (learning rate, betas, ...)
-    optim_hyperparameters       instead of ``optim.*`` for an optimizer that has not stepped
-    extra                       the caller's picklable ``extra`` (step, data position, scheduler)
-    rng.rank<r>                 each rank's RNG states (torch CPU and CUDA, Python, NumPy)
+    optim_hyperparameters(.*)   the optimizer's non-tensor values: its groups' settings
+                                (learning rate, betas, ...) and non-tensor state
+    extra(.*)                   the caller's ``extra`` (step, data position, scheduler)
+    rng.rank<r>(.*)             each rank's RNG states (torch CPU and CUDA, Python, NumPy)
+
+Each of the last three is a JSON document (uint8 tensor of its UTF-8 bytes) and its tensors
+(``<name>.<path>``), schema in ``payload.py``: nothing in a checkpoint is a pickle, and an entry
+that holds one (format 1) is refused on load (``upgrade`` converts it).
 
 Replicated tensors are written once (DCP deduplicates identical write items over ranks). A save
 writes to ``<dir>.tmp`` and, when every rank is done, renames it to ``<dir>`` (the previous

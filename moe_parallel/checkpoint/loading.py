@@ -9,12 +9,10 @@ apply (optimizer state or hyperparameters, RNG states when the layout is the one
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from typing import Any, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
@@ -22,8 +20,16 @@ from ..distributed import ParallelState
 from ..layer import MoELayer
 from ..routing.capacity_schedule import FACTOR, dynamic_capacity_mismatch
 from . import manifest as mf
+from . import payload, safe_dcp
 from .agreement import CheckpointError, agree, broadcast, check_ps, world
-from .state import model_state, optim_state, set_rng_state, single_process_quiet
+from .state import (
+    model_state,
+    optim_merge,
+    optim_split,
+    optim_state,
+    set_rng_state,
+    single_process_quiet,
+)
 
 __all__ = ["load", "resolve"]
 
@@ -107,36 +113,60 @@ def _shape_problems(state: dict[str, Any], metadata) -> list[str]:
     return problems
 
 
+_LEGACY = ["extra", "rng", "optim_hyperparameters", "optim.param_groups"]
+
+
+def _payload_problems(metadata, names: list[str]) -> list[str]:
+    """Entries that hold a pickle (never read: ``payload.py`` stores them as JSON and
+    tensors), and entries of ``names`` the checkpoint lacks."""
+    problems = [f"entry {key} holds pickled bytes, which are never loaded (a checkpoint "
+                "written before moe_parallel checkpoint format 2, or a crafted one); if you "
+                "trust its origin, convert it with `python -m moe_parallel.checkpoint upgrade "
+                "--trust-pickles DIR`" for key in payload.pickled(metadata, _LEGACY)]
+    return problems + [f"entry {name} is not in the checkpoint" for name in names
+                       if name not in metadata.state_dict_metadata]
+
+
 def _checked_state(path: str, saved: dict[str, Any], model: nn.Module,
-                   optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+                   optimizer: Optional[torch.optim.Optimizer], rng: Optional[str]
+                   ) -> tuple[dict[str, Any], list[list[str]]]:
     """The state dict to read from the checkpoint at ``path`` into ``model`` and ``optimizer``
-    (without ``extra`` and RNG entries), after every rank agrees that it matches: the manifest,
-    then the model's keys and global shapes, then (with optimizer state) the optimizer's.
+    (with the entries of ``extra``, the optimizer's non-tensor values and RNG states ``rng``
+    as empty tensors, ``payload.template``) and the optimizer groups' parameter names, after
+    every rank agrees that it matches: the manifest, then the payload entries, the model's
+    keys and global shapes, then (with optimizer state) the optimizer's keys and shapes.
     ``CheckpointError`` on every rank otherwise."""
     msd, by_key, layers = model_state(model, world()[1] > 1)
     state: dict[str, Any] = {"model": msd}
     what = f"checkpoint {path} does not match this model"
     agree(_manifest_problems(saved, layers, optimizer), what)
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = safe_dcp.SafeFileSystemReader(path).read_metadata()
+    names = ["extra"] + ([rng] if rng else [])
+    names += ["optim_hyperparameters"] if optimizer is not None else []
+    agree(_payload_problems(metadata, names), f"checkpoint {path} refused")
     agree(_shape_problems(state, metadata), what)
+    for name in names:
+        state.update(payload.template(metadata, name))
+    params: list[list[str]] = []
     if optimizer is not None and saved["optimizer"] == "state":
-        state["optim"] = optim_state(model, optimizer, by_key)
+        osd = optim_state(model, optimizer, by_key)
+        state["optim"], params = optim_split(osd)[0], [g["params"] for g in osd["param_groups"]]
         agree(_shape_problems(state, metadata), what)
-    elif optimizer is not None:
-        state["optim_hyperparameters"] = b""
-    return state
+    return state, params
 
 
-def _apply_optimizer(state: dict[str, Any], model: nn.Module,
+def _apply_optimizer(state: dict[str, Any], params: list[list[str]], model: nn.Module,
                      optimizer: Optional[torch.optim.Optimizer]) -> None:
     """Put the optimizer state read into ``optimizer``; for an optimizer saved before its first
     step, clear its state and restore its groups' hyperparameters."""
+    if optimizer is None:
+        return
+    values = payload.from_entries(state, "optim_hyperparameters")
     if "optim" in state:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    elif "optim_hyperparameters" in state:  # saved before its first step: no state
+        set_optimizer_state_dict(model, optimizer, optim_merge(state["optim"], params, values))
+    else:  # saved before its first step: no state
         optimizer.state.clear()
-        for group, saved_group in zip(optimizer.param_groups,
-                                      pickle.loads(state["optim_hyperparameters"])):
+        for group, saved_group in zip(optimizer.param_groups, values["groups"]):
             group.update(saved_group)
 
 
@@ -151,21 +181,21 @@ def load(directory: str | os.PathLike, model: nn.Module,
     is complete, describes the same MoE layers (``manifest.MODEL_FIELDS``), holds optimizer
     state when ``optimizer`` is given, and has every key of this model with its global shape;
     otherwise every rank raises ``CheckpointError`` (or ``FileNotFoundError``) naming them.
+    Nothing is unpickled: an entry that holds pickled bytes (a checkpoint written before format
+    2) is refused the same way, before any tensor is read.
     """
     ps = check_ps(ps)
     rank, size = world()
     path, saved = _find(directory)
-    state = _checked_state(path, saved, model, optimizer)
     same_layout = saved["rng"] and saved["layout"] == mf.describe_layout(ps)
-    state["extra"] = b""
-    if same_layout:
-        state["rng"] = {f"rank{rank}": b""}
+    rng = f"rng.rank{rank}" if same_layout else None
+    state, params = _checked_state(path, saved, model, optimizer, rng)
     with single_process_quiet():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=size == 1)
-    _apply_optimizer(state, model, optimizer)
-    if same_layout:
-        set_rng_state(state["rng"][f"rank{rank}"])
+        safe_dcp.load(state, path, no_dist=size == 1)
+    _apply_optimizer(state, params, model, optimizer)
+    if rng is not None:
+        set_rng_state(payload.from_entries(state, rng))
     elif rank == 0 and saved["rng"]:
         warnings.warn(f"checkpoint {path} was saved at layout {saved['layout']}, this is "
                       f"{mf.describe_layout(ps)}: RNG states not restored", stacklevel=2)
-    return pickle.loads(state["extra"])
+    return payload.from_entries(state, "extra")

@@ -3,11 +3,15 @@
 ``moe_parallel.json`` beside DCP's files, written last (after every rank's data and DCP's
 ``.metadata``), so its presence marks a complete checkpoint:
 
-    {"format": 1,
+    {"format": 2,
      "layout": {"world_size", "tp", "cp", "ep", "etp", "pp", "dp", "edp"} or null,
      "moe_layers": {layer name: {field: value for field in MODEL_FIELDS}},
      "optimizer": "state" | "hyperparameters" (it had not stepped: no state) | null,
      "optimizer_groups": number of parameter groups, "rng": bool}
+
+Format 2 stores ``extra``, RNG states and optimizer hyperparameters as JSON and tensors
+(``payload.py``); format 1 (read, so that ``load`` can name its pickled entries and point to
+``upgrade``) pickled them.
 
 ``MODEL_FIELDS`` are the ``MoEConfig`` fields that fix the shape or the meaning of a layer's
 state; a checkpoint loads only into layers that agree on all of them (the runtime choices:
@@ -22,7 +26,8 @@ from typing import Any, Optional
 
 from ..config import MoEConfig
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)
 NAME = "moe_parallel.json"
 MODEL_FIELDS = ("num_experts", "hidden_size", "ffn_hidden_size", "activation", "router_type",
                 "noisy_gating", "expert_bias", "router_bias", "expert_proj_bias",
@@ -74,7 +79,7 @@ def read(directory: str) -> Optional[dict[str, Any]]:
         return None
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE:
         raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}, this version "
-                         f"reads format {FORMAT}")
+                         f"reads formats {list(READABLE)}")
     return manifest

@@ -9,7 +9,6 @@ manifest, swaps ``<dir>.tmp`` in through ``<dir>.old`` and runs ``on_commit``; b
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,8 +22,16 @@ from torch import Tensor, nn
 from ..distributed import ParallelState, job_timeout
 from ..layer import MoELayer
 from . import manifest as mf
+from . import payload
 from .agreement import barrier, check_ps, check_same_everywhere, world
-from .state import hyperparameters, model_state, optim_state, rng_state, single_process_quiet
+from .state import (
+    hyperparameters,
+    model_state,
+    optim_split,
+    optim_state,
+    rng_state,
+    single_process_quiet,
+)
 
 __all__ = ["PendingSave", "save"]
 
@@ -100,22 +107,36 @@ def _manifest(ps: ParallelState, layers: dict[str, MoELayer],
             "rng": True}
 
 
+def _encoded(value: Any, name: str, problems: list[str]) -> dict[str, Tensor]:
+    """``payload.to_entries(value, name)``; what it refuses goes to ``problems``."""
+    try:
+        return payload.to_entries(value, name)
+    except TypeError as e:
+        problems.append(str(e))
+        return {}
+
+
 def _collect(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ps: ParallelState,
              extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The state dict this rank writes and the manifest. Collective: every rank checks that
-    all pass the same ``extra`` and that all or none hold optimizer state."""
+    all pass the same ``extra``, that all or none hold optimizer state, and that every
+    non-tensor value fits ``payload.py``'s schema (else ``CheckpointError`` on every rank)."""
     rank, size = world()
     msd, by_key, layers = model_state(model, size > 1)
-    state: dict[str, Any] = {"model": msd, "extra": pickle.dumps(extra),
-                             "rng": {f"rank{rank}": rng_state()}}
+    problems: list[str] = []
+    extra_entries = _encoded(extra, "extra", problems)
+    state: dict[str, Any] = {"model": msd, **extra_entries,
+                             **_encoded(rng_state(), f"rng.rank{rank}", problems)}
     # An optimizer that has not stepped is saved as its hyperparameters: creating its state
     # here would change the run (AdamW's step count starts at 1 instead of 0).
     stepped = optimizer is not None and bool(optimizer.state)
-    check_same_everywhere(extra, stepped)
     if stepped:
-        state["optim"] = optim_state(model, optimizer, by_key)
+        state["optim"], values = optim_split(optim_state(model, optimizer, by_key))
     elif optimizer is not None:
-        state["optim_hyperparameters"] = pickle.dumps(hyperparameters(optimizer))
+        values = {"groups": hyperparameters(optimizer), "state": {}}
+    if optimizer is not None:
+        state.update(_encoded(values, "optim_hyperparameters", problems))
+    check_same_everywhere(payload.digest(extra_entries), stepped, problems)
     return state, _manifest(ps, layers, optimizer, stepped)
 
 
@@ -151,8 +172,9 @@ def save(directory: str | os.PathLike, model: nn.Module,
     """Save ``model`` (and ``optimizer``, this rank's RNG states, ``extra``) to ``directory``.
 
     Collective over the world: every rank calls it with its own shard. ``extra`` must be
-    picklable and the same on every rank (it is written once). ``async_save=True`` copies the
-    state to CPU, writes it in a background thread (DCP's ``async_save``) and returns a
+    the same on every rank (it is written once) and fit ``payload.py``'s schema (None, bool,
+    int, finite float, str, list, tuple, dict with str keys, tensors). ``async_save=True``
+    copies the state to CPU, writes it in a background thread (DCP's ``async_save``) and returns a
     ``PendingSave`` whose ``wait()`` (on every rank) commits it; otherwise returns ``None``
     once the checkpoint is committed. ``on_commit`` runs on rank 0 right after the commit
     (before the other ranks leave it).

@@ -5,15 +5,18 @@
 * ``optim_state(model, optimizer, by_key)``: ``get_optimizer_state_dict`` with the tensors shaped
   like a routed-expert parameter annotated with that parameter's layout;
 * ``hyperparameters(optimizer)``: each parameter group's settings without its parameters;
-* ``rng_state()`` / ``set_rng_state(blob)``: this process's RNG states (torch CPU and CUDA,
-  Python, NumPy) as one pickle, and back;
+* ``optim_split(osd)`` / ``optim_merge(tensors, params, saved)``: the optimizer's non-tensor
+  values (its groups' settings, any state value that is not a tensor) apart from its tensors,
+  and back;
+* ``rng_state()`` (``rng_encode``) / ``set_rng_state(state)``: this process's RNG states (torch
+  CPU and CUDA, Python, NumPy) as tensors and plain values (``payload.py`` stores them), and
+  back;
 * ``single_process_quiet()``: DCP's warning about an uninitialised process group silenced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
 import random
 import warnings
 from collections.abc import Iterator
@@ -31,8 +34,8 @@ from torch.distributed.tensor import DTensor
 from ..layer import MoELayer
 from .layout import GlobalLayout, sharded_layouts
 
-__all__ = ["hyperparameters", "model_state", "optim_state", "rng_state", "set_rng_state",
-           "single_process_quiet"]
+__all__ = ["hyperparameters", "model_state", "optim_merge", "optim_split", "optim_state",
+           "rng_encode", "rng_state", "set_rng_state", "single_process_quiet"]
 
 
 @contextlib.contextmanager
@@ -98,20 +101,61 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
-def rng_state() -> bytes:
-    """This process's RNG states (torch CPU, CUDA when initialised, Python, NumPy), pickled."""
+def optim_split(osd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``get_optimizer_state_dict``'s ``osd`` as its tensors ``{"state": {key: {name: tensor}}}``
+    and its other values ``{"groups": [settings and params], "state": {key: {name: value}}}``
+    (DCP would pickle those)."""
+    tensors: dict[str, dict[str, Any]] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for key, entries in osd["state"].items():
+        for name, v in entries.items():
+            (tensors if isinstance(v, Tensor) else values).setdefault(key, {})[name] = v
+    return {"state": tensors}, {"groups": osd["param_groups"], "state": values}
+
+
+def optim_merge(tensors: dict[str, Any], params: list[list[str]],
+                saved: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict of ``tensors`` (``{"state": ...}``, read from a checkpoint),
+    the non-tensor values ``saved`` (``optim_split``) and this optimizer's ``params`` (each
+    group's parameter names), for ``set_optimizer_state_dict``."""
+    state = {k: dict(v) for k, v in tensors["state"].items()}
+    for key, values in saved["state"].items():
+        state.setdefault(key, {}).update(values)
+    groups = [{**group, "params": names} for group, names in zip(saved["groups"], params)]
+    return {"state": state, "param_groups": groups}
+
+
+def rng_encode(states: dict[str, Any]) -> dict[str, Any]:
+    """RNG states as saved: ``states`` holds ``torch`` (a tensor), ``python``
+    (``random.getstate()``), ``numpy`` (``np.random.get_state()``) and optionally ``cuda``
+    (tensors); the Python and NumPy state words become int64 tensors."""
+    version, words, gauss = states["python"]
+    algorithm, keys, pos, has_gauss, cached = states["numpy"]
+    out = {"torch": states["torch"],
+           "python": (version, torch.tensor(words, dtype=torch.int64), gauss),
+           "numpy": (algorithm, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos),
+                     int(has_gauss), float(cached))}
+    if "cuda" in states:
+        out["cuda"] = list(states["cuda"])
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA when initialised, Python, NumPy) as
+    ``rng_encode`` stores them, each generator's state word for word."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return pickle.dumps(state)
+    return rng_encode(state)
 
 
-def set_rng_state(blob: bytes) -> None:
-    """Restore the RNG states ``rng_state`` pickled (CUDA's when saved and available)."""
-    state = pickle.loads(blob)
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states ``rng_state`` returned (CUDA's when saved and available)."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words.tolist()), gauss))
+    algorithm, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -89,7 +89,7 @@ def _load_and_step(layout: dict, directory: str, consolidated: str) -> dict[str,
     extra = checkpoint.load(directory, model, opt, ps)
     assert extra["step"] == STEPS
 
-    full = torch.load(consolidated, weights_only=False)
+    full = checkpoint.read_consolidated(consolidated)
     exp_avg = {k: v["exp_avg"] for k, v in full["optim"]["state"].items()}
     named = dict(model.named_parameters())
     for name, t in model.state_dict().items():  # parameters and the expert-bias buffers
@@ -149,8 +149,8 @@ def saved(tmp_path_factory):
         if key not in _SAVED:
             directory = str(base / key)
             _in_world(dict(layout), _save, directory)
-            checkpoint.consolidate(directory, directory + ".pt")
-            _SAVED[key] = directory, directory + ".pt"
+            checkpoint.consolidate(directory, directory + ".state")
+            _SAVED[key] = directory, directory + ".state"
         return _SAVED[key]
 
     yield get
@@ -311,12 +311,15 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path):
 
 @pytest.mark.distributed
 def test_consolidate_and_shard_round_trip(saved, tmp_path):
-    """CLI: consolidate to safetensors and torch.save; shard the latter back; both describe the
-    same global tensors as the directory, and the sharded directory loads at ep4."""
+    """CLI: consolidate to safetensors (model) and safetensors + JSON (all state); shard the
+    latter back; both describe the same global tensors as the directory, and the sharded
+    directory loads at ep4."""
     import subprocess
     import sys
 
     from safetensors.torch import load_file
+
+    from moe_parallel import checkpoint
 
     directory, consolidated = saved(dict(ep=2, etp=2))
     out = str(tmp_path / "model.safetensors")
@@ -324,7 +327,7 @@ def test_consolidate_and_shard_round_trip(saved, tmp_path):
     subprocess.run(cmd + ["consolidate", directory, out], check=True, capture_output=True)
     subprocess.run(cmd + ["shard", consolidated, str(tmp_path / "resharded")], check=True,
                    capture_output=True)
-    full = torch.load(consolidated, weights_only=False)
+    full = checkpoint.read_consolidated(consolidated)
     tensors = load_file(out)
     assert tensors.keys() == full["model"].keys()
     assert all(torch.equal(tensors[k], full["model"][k]) for k in tensors)

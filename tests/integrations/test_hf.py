@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from moe_parallel.integrations import hf  # noqa: E402
 from tests.helpers.dist_harness import get_pool, parallel_state  # noqa: E402
 from tests.helpers.hf_models import build, configs  # noqa: E402
+from tests.helpers.payload import Payload  # noqa: E402
 
 FAMILIES = sorted(configs())
 TOL = 1e-12
@@ -309,6 +310,16 @@ def test_load_pretrained_refuses_a_directory_without_safetensors(tmp_path, monke
     monkeypatch.setattr(torch, "load", no_unpickling)
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors checkpoint"):
         hf.load_pretrained(tmp_path)
+
+
+def test_load_pretrained_never_runs_a_bin_payload(tmp_path):
+    """A ``pytorch_model.bin`` whose pickle would run code is refused unopened: the payload's
+    marker file never appears."""
+    build("mixtral").config.save_pretrained(tmp_path)
+    torch.save({"hook": Payload(tmp_path / "marker")}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors checkpoint"):
+        hf.load_pretrained(tmp_path)
+    assert not (tmp_path / "marker").exists()
 
 
 # ---- the main job on a converted model ---------------------------------------------------------
