@@ -36,8 +36,8 @@ from .dispatch import (
 from .dispatch.in_flight import done
 from .distributed import collectives
 from .distributed.agreement import check_agreement
-from .distributed.ddp import find_ddp_managing_experts
-from .distributed.fsdp import find_fsdp_managing_experts
+from .distributed.ddp import check_no_ddp_over_experts
+from .distributed.fsdp import check_no_fsdp_over_experts
 from .experts import GroupedExperts, RoutedExperts, SharedExpert, build_experts
 from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router
@@ -197,25 +197,13 @@ class MoELayer(CapacityScheduled):
 
     def _check_host(self, ps: ParallelState) -> None:
         """Refuse a DistributedDataParallel or FSDP2 unit that manages this layer's expert
-        parameters (they would overwrite or average the experts over the wrong group)."""
+        parameters (they would overwrite or average the experts over the wrong group). Local
+        and cheap (``check_no_ddp_over_experts``, ``check_no_fsdp_over_experts``): it runs at
+        every forward, so a wrapper is refused whenever it first runs the layer."""
         if self._group is None:
             return
-        if find_fsdp_managing_experts(self.experts) is not None:
-            raise ValueError(
-                "an FSDP unit (fully_shard) manages the expert parameters of an expert-parallel "
-                f"MoELayer (ep={ps.ep}, etp={ps.etp}): it would shard and average them over the "
-                "data-parallel mesh, while each EP rank holds different experts. fully_shard "
-                "the dense submodules only and call sync_gradients(layer, ps) for the MoE "
-                "layers (moe_parallel.distributed.fsdp)"
-            )
-        if find_ddp_managing_experts(self) is not None:
-            raise ValueError(
-                "a DistributedDataParallel manages the expert parameters of an expert-parallel "
-                f"MoELayer (ep={ps.ep}, etp={ps.etp}): it would overwrite every rank's experts "
-                "with rank 0's and average expert gradients over the whole group. Wrap the "
-                "model with moe_parallel.distributed.wrap_ddp(model, ps) and call "
-                "sync_gradients(model, ps, dense=False) after backward"
-            )
+        check_no_fsdp_over_experts(self.experts, ps)
+        check_no_ddp_over_experts(self, ps)
 
     def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor]):
         """``route``, with the finiteness verdict (``check_finite``) shared by the ETP×EP group:
@@ -296,14 +284,15 @@ class MoELayer(CapacityScheduled):
         return tokens, ~padding_mask.reshape(-1).to(tokens.device)
 
     def _prepare(self, tokens: Tensor) -> Tensor:
-        """The tokens the router and the experts see. At the first forward the ranks' configs are
-        compared (a collective: a clear error, not a hang) and the DDP/FSDP hosts checked.
+        """The tokens the router and the experts see. At every forward the DDP/FSDP hosts are
+        checked; at the first the ranks' configs are compared (a collective: a clear error, not
+        a hang).
         Expert-parallel with autograd on, the tokens require grad (the exchange's backward is a
         collective every rank joins); Mixtral's ``jitter_noise`` multiplies them in training
         by ``U(1 - eps, 1 + eps)``."""
         cfg = self.config
+        self._check_host(self.parallel_state)
         if not self._agreed:
-            self._check_host(self.parallel_state)
             check_agreement(cfg, self.parallel_state, tokens.device)
             self._agreed = True
         if self._group is not None and torch.is_grad_enabled() and not tokens.requires_grad:

@@ -12,6 +12,7 @@
 * ``fsdp.py``: the FSDP2 recipe (dense submodules sharded over DP×CP, MoE layers left to
   ``sync_gradients``) and the detection of an FSDP unit that manages expert parameters;
 * ``agreement.py``: ``check_agreement``, every rank of a layer's group built it the same way;
+* ``layout_agreement.py``: ``check_same_layout``, every rank builds the same process grid;
 * ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
 * ``capacity_schedule.py``: ``update_capacity_factors``, the dynamic capacity step of every layer.
 """

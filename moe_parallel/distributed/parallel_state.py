@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from . import collectives
 from .init import job_timeout
+from .layout_agreement import check_same_layout
 
 GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep")
 NODE_GROUP_NAMES = ("ep_node", "ep_rail")
@@ -129,11 +130,15 @@ def _world_and_rank(world_size: Optional[int], rank: Optional[int]) -> tuple[int
     return world_size, rank
 
 
-def _check_ranks_per_node(ranks_per_node: Optional[int], world_size: int) -> int:
-    """``ranks_per_node`` (default ``LOCAL_WORLD_SIZE``, else the whole world); ``ValueError``
-    unless it is a positive int dividing ``world_size``."""
+def _default_ranks_per_node(ranks_per_node: Optional[int], world_size: int) -> int:
+    """``ranks_per_node``, default ``LOCAL_WORLD_SIZE``, else the whole world (unchecked)."""
     if ranks_per_node is None:
-        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return ranks_per_node
+
+
+def _check_ranks_per_node(ranks_per_node: int, world_size: int) -> int:
+    """``ranks_per_node``; ``ValueError`` unless it is a positive int dividing ``world_size``."""
     if (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int)
             or ranks_per_node < 1 or world_size % ranks_per_node):
         raise ValueError(f"ranks_per_node must be a positive int dividing world_size "
@@ -237,7 +242,11 @@ class ParallelState:
         ``torch.distributed`` (else ``RuntimeError``). ``ValueError`` (naming the sizes) unless
         every size is >= 1 and the world is divisible by ``pp·cp·tp`` and by ``pp·ep·etp``.
         With ``create_groups`` (the default) every rank creates every group with
-        ``dist.new_group`` in the same order, so this is a collective: call it on all ranks;
+        ``dist.new_group`` in the same order, so this is a collective: call it on all ranks.
+        Before any group is created one all-gather over the default group compares every
+        rank's sizes (``layout_agreement.check_same_layout``): ranks passing different ones
+        all raise ``ValueError`` naming each rank's layout, instead of timing out in
+        ``new_group``;
         ``create_groups=False`` computes the rank lists only (no communication, groups ``None``).
         Expert-count rules are checked by ``check_experts`` (``MoELayer`` calls it).
         Every created group waits at most ``timeout`` in a collective (default: the timeout
@@ -250,6 +259,10 @@ class ParallelState:
         hierarchical exchange is then empty).
         """
         world_size, rank = _world_and_rank(world_size, rank)
+        ranks_per_node = _default_ranks_per_node(ranks_per_node, world_size)
+        if create_groups:  # every rank decides alike below, or none creates a group
+            check_same_layout(dict(world_size=world_size, tp=tp, cp=cp, ep=ep, etp=etp, pp=pp,
+                                   ranks_per_node=ranks_per_node))
         dp, edp = _check_sizes(world_size, tp, cp, ep, etp, pp)
         ranks_per_node = _check_ranks_per_node(ranks_per_node, world_size)
         timeout = timeout if timeout is not None else job_timeout()

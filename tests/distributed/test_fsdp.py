@@ -1,16 +1,20 @@
 """The FSDP2 recipe on 4 gloo ranks: ``fully_shard`` the dense submodules over the dense
 data-parallel mesh (DP×CP), leave each MoELayer to ``sync_gradients`` (router and shared
 experts over DP×CP, routed experts over EDP); training equals one process (float64). An FSDP
-unit over the experts is refused at the layer's first forward."""
+unit over the experts is refused at the first forward it runs, also after an unwrapped warm-up
+forward."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from moe_parallel.distributed import sync_gradients
 from tests.helpers.dist_harness import get_pool, parallel_state
 from tests.helpers.training_parity import (
     assert_parity,
+    data,
     first_forward_error,
     nets,
     train_against_one_process,
@@ -44,6 +48,19 @@ def _fsdp_over_everything() -> str:
     return first_forward_error(ps, lambda net: fully_shard(net, mesh=_mesh(ps)))
 
 
+def _fsdp_after_warm_up() -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    ps = parallel_state(ep=2)
+
+    def warm_up_then_shard(net):
+        with torch.no_grad():  # the layer runs (and passes its checks) before FSDP exists
+            net(data(0, dist.get_rank())[0])
+        return fully_shard(net, mesh=_mesh(ps))
+
+    return first_forward_error(ps, warm_up_then_shard)
+
+
 @pytest.mark.parametrize("layout", [dict(ep=2), dict(ep=4), dict(ep=2, etp=2)],
                          ids=["ep2_edp2", "ep4", "ep2_etp2"])
 def test_fsdp2_dense_with_sync_gradients_for_moe_trains_as_one_process(layout):
@@ -51,7 +68,9 @@ def test_fsdp2_dense_with_sync_gradients_for_moe_trains_as_one_process(layout):
     assert_parity(get_pool(4).run(_train, layout, timeout=120), num_params=9)
 
 
-def test_fsdp_over_expert_parameters_is_refused():
-    for rank, msg in enumerate(get_pool(4).run(_fsdp_over_everything, timeout=60)):
+@pytest.mark.parametrize("build", [_fsdp_over_everything, _fsdp_after_warm_up],
+                         ids=["first_forward", "after_warm_up"])
+def test_fsdp_over_expert_parameters_is_refused(build):
+    for rank, msg in enumerate(get_pool(4).run(build, timeout=60)):
         assert "FSDP unit (fully_shard) manages the expert parameters" in msg, (rank, msg)
         assert "sync_gradients(layer, ps)" in msg

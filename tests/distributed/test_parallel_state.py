@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from moe_parallel.distributed.parallel_state import GROUP_NAMES, ParallelState, grid_groups
 from moe_parallel.integrations.megatron import parallel_state_from_megatron
+from tests.helpers.dist_harness import get_pool, own_groups
 from tests.helpers.fake_mpu import GroupsAsMpu
 from tests.helpers.grid_reference import (
     CONFIGS,
@@ -145,6 +146,33 @@ def _state_worker(rank: int, world: int, port: int, start) -> None:
 def test_build_creates_groups_whose_all_reduce_matches_the_rank_lists():
     start = mp.get_context("spawn").Barrier(4)
     spawn_bounded(_state_worker, 4, (4, free_port(), start), timeout_s=120)
+
+
+# ---- ranks asking for different layouts ------------------------------------------------------
+POOL_TIMEOUT_S = 300  # the dist_harness pool's collective timeout
+
+
+def _build_with_ep_by_rank() -> tuple[str, float]:
+    """Ranks 0-1 ask ep=2, ranks 2-3 ep=4: the error and how long it took."""
+    import time
+
+    start = time.monotonic()
+    with own_groups():
+        try:
+            ParallelState.build(ep=2 if dist.get_rank() < 2 else 4, ranks_per_node=4)
+        except ValueError as exc:
+            return str(exc), time.monotonic() - start
+    return "no error", time.monotonic() - start
+
+
+@pytest.mark.distributed
+def test_ranks_building_different_layouts_all_raise_naming_each_layout_at_once():
+    for rank, (msg, seconds) in enumerate(get_pool(4).run(_build_with_ep_by_rank, timeout=60)):
+        assert "ranks built ParallelState with different layouts" in msg, (rank, msg)
+        assert "ranks [0, 1] world_size=4 tp=1 cp=1 ep=2 etp=1 pp=1 ranks_per_node=4" in msg
+        assert "ranks [2, 3] world_size=4 tp=1 cp=1 ep=4 etp=1 pp=1 ranks_per_node=4" in msg
+        assert "every rank must pass the same sizes" in msg
+        assert seconds < POOL_TIMEOUT_S / 10, (rank, seconds)
 
 
 
