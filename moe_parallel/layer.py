@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +34,7 @@ from .dispatch import (
     start_beside,
 )
 from .dispatch.in_flight import done
-from .distributed import collectives
-from .distributed.agreement import check_agreement
+from .distributed.agreement import check_agreement, share_forward_verdict
 from .distributed.ddp import check_no_ddp_over_experts
 from .distributed.fsdp import check_no_fsdp_over_experts
 from .experts import GroupedExperts, RoutedExperts, SharedExpert, build_experts
@@ -206,23 +205,14 @@ class MoELayer(CapacityScheduled):
         check_no_ddp_over_experts(self, ps)
 
     def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor]):
-        """``route``, with the finiteness verdict (``check_finite``) shared by the ETP×EP group:
-        when any rank's router logits are non-finite every rank raises ``FloatingPointError``
-        (naming those ranks), so no rank enters the exchange its peers skipped."""
-        ps, group = self.parallel_state, self._group
-        if group is None or not self.config.check_finite:
+        """``route``, with the verdict on every rank's forward shared by the ETP×EP group (one
+        all-gather of ``[input ok, logits finite]`` per forward: ``share_forward_verdict``)."""
+        if self._group is None:
             return self.route(tokens, num_seqs, valid=valid)
+        check = self.config.check_finite
         result = self.route(tokens, num_seqs, check=False, valid=valid)
-        ok = torch.isfinite(result[0].logits).all().to(torch.int64).view(1, 1)
-        w = collectives.group_size(group)
-        verdict = collectives.all_gather(ok, group, [1] * w).view(-1).tolist()  # one host read
-        if not all(verdict):
-            bad = [ps.ranks["tp_ep"][i] for i, flag in enumerate(verdict) if not flag]
-            raise FloatingPointError(
-                f"non-finite router logits on rank(s) {bad} of this layer's ETP×EP group "
-                f"{ps.ranks['tp_ep']}: every rank of the group skips this forward (NaN/Inf in the "
-                "input or the router weight; check_finite=False lets them propagate)"
-            )
+        finite = bool(torch.isfinite(result[0].logits).all()) if check else True
+        share_forward_verdict(self.parallel_state, None, finite, tokens.device)
         return result
 
     def _routed(self, tokens: Tensor, routing: Routing, pad_to: int) -> PipelineResult:
@@ -261,10 +251,11 @@ class MoELayer(CapacityScheduled):
         """``x`` checked (shape ``[T, H]`` or ``[S, B, H]``, ``params_dtype``) as tokens ``[T, H]``,
         and the non-padding tokens ``valid`` ``[T]`` bool (None without ``padding_mask``)."""
         cfg = self.config
-        if x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
+        if not isinstance(x, Tensor) or x.dim() not in (2, 3) or x.shape[-1] != cfg.hidden_size:
             raise ValueError(
                 f"x must be [T, hidden_size] or [S, B, hidden_size] with hidden_size="
-                f"{cfg.hidden_size}, got shape {tuple(x.shape)}"
+                f"{cfg.hidden_size}, got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
         if x.dtype != cfg.params_dtype:
             raise ValueError(
@@ -282,6 +273,18 @@ class MoELayer(CapacityScheduled):
                 f"{tuple(getattr(padding_mask, 'shape', ()))}"
             )
         return tokens, ~padding_mask.reshape(-1).to(tokens.device)
+
+    def _refuse_collectively(self, refused: ValueError) -> NoReturn:
+        """This rank's input was refused: take part in the collectives its peers run before
+        their verdict (the first forward's config agreement, then ``share_forward_verdict``),
+        which raises ``refused`` here and a ``ValueError`` naming this rank on its peers."""
+        self._check_host(self.parallel_state)
+        device = next(self.parameters()).device
+        if not self._agreed:
+            check_agreement(self.config, self.parallel_state, device)
+            self._agreed = True
+        share_forward_verdict(self.parallel_state, refused, True, device)
+        raise refused  # share_forward_verdict raised it already
 
     def _prepare(self, tokens: Tensor) -> Tensor:
         """The tokens the router and the experts see. At every forward the DDP/FSDP hosts are
@@ -351,7 +354,12 @@ class MoELayer(CapacityScheduled):
         With a ``parallel_state`` this is a collective over the layer's EP/ETP groups: every
         rank of them calls it (and its backward) in the same order, possibly with zero tokens.
         """
-        tokens, valid = self._input_tokens(x, padding_mask)
+        try:
+            tokens, valid = self._input_tokens(x, padding_mask)
+        except ValueError as refused:
+            if self._group is None:
+                raise
+            self._refuse_collectively(refused)
         tokens = self._prepare(tokens)
         num_seqs = x.shape[1] if x.dim() == 3 else 1
         routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid)

@@ -248,8 +248,9 @@ class MoEConfigFields:
     finite, > 0. Default 0.02. Megatron ``init_method_std``."""
     check_finite: bool = True
     """A NaN/Inf in the router logits raises ``FloatingPointError`` (on every rank of an
-    expert-parallel layer's ETP×EP group together: one small all-gather per forward shares the
-    verdict); False lets NaN propagate. Default True."""
+    expert-parallel layer's ETP×EP group together, through the verdict that group shares at
+    every forward, one small all-gather, which also carries the input checks); False lets NaN
+    propagate. Default True."""
     token_dispatcher_type: choices.DispatcherType = "alltoall"
     """How tokens cross processes: ``"alltoall"`` sends each token copy to the EP rank of its
     expert; ``"alltoall_hierarchical"`` does the same in two stages, inside each node then one

@@ -7,12 +7,17 @@ Any difference raises ``ValueError`` on every rank of the group (they all hold t
 table), naming each differing field with its value on each rank. On NCCL the table is a tensor
 on the current device and the error path gathers the values with ``all_gather_object``; the
 check is the same.
+
+``share_forward_verdict(ps, refused, finite)`` is the same idea for one forward: one all-gather
+of ``[input ok, logits finite]`` over the ``tp_ep`` group, so that every rank raises, or none
+does, and no rank enters an exchange its peers skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import Optional
 
 import torch
 
@@ -20,7 +25,7 @@ from ..config import MoEConfig
 from . import collectives
 from .parallel_state import ParallelState
 
-__all__ = ["check_agreement"]
+__all__ = ["check_agreement", "share_forward_verdict"]
 
 LAYOUT_FIELDS = ("world_size", "tp", "cp", "ep", "etp", "pp")
 
@@ -56,3 +61,30 @@ def check_agreement(config: MoEConfig, ps: ParallelState, device: torch.device) 
         f"the ranks of an MoE layer's ETP×EP group (ranks {ranks}) were built differently: "
         f"{detail}. Every rank must construct the layer with the same MoEConfig and layout"
     )
+
+
+def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError], finite: bool,
+                          device: torch.device) -> None:
+    """All-gather ``[input ok, logits finite]`` over ``ps``'s ``tp_ep`` group: a rank whose
+    input was ``refused`` raises that error, its peers ``ValueError`` naming it; when any
+    rank's router logits are not ``finite`` every rank raises ``FloatingPointError`` naming
+    those ranks. A collective every rank of the group joins at every forward."""
+    group = ps.group("tp_ep")
+    mine = torch.tensor([[refused is None, finite]], dtype=torch.int64, device=device)
+    w = collectives.group_size(group)
+    table = collectives.all_gather(mine, group, [1] * w).tolist()  # one host read
+    ranks = ps.ranks["tp_ep"]
+    if refused is not None:
+        raise refused
+    bad_input = [ranks[i] for i, (ok, _) in enumerate(table) if not ok]
+    if bad_input:
+        raise ValueError(
+            f"the input of rank(s) {bad_input} of this layer's ETP×EP group {ranks} was "
+            "refused (their error says why): every rank of the group skips this forward")
+    bad = [ranks[i] for i, (_, ok) in enumerate(table) if not ok]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite router logits on rank(s) {bad} of this layer's ETP×EP group {ranks}: "
+            "every rank of the group skips this forward (NaN/Inf in the input or the router "
+            "weight; check_finite=False lets them propagate)"
+        )

@@ -78,3 +78,38 @@ def test_non_finite_input_on_one_rank_makes_the_whole_group_skip():
     for rank, msg in enumerate(messages):
         assert "non-finite router logits on rank(s) [1]" in msg, (rank, msg)
         assert msg.endswith("| next (4, 8)"), (rank, msg)
+
+
+def _bad_input_on_rank2(check_finite: bool, first_forward: bool) -> str:
+    ps = parallel_state(ep=4)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(**BASE, check_finite=check_finite), parallel_state=ps)
+    if not first_forward:
+        layer(torch.randn(3, 8))  # the config agreement is behind it
+    bad = dist.get_rank() == 2
+    try:
+        layer(torch.randn(5, 7) if bad else torch.randn(5, 8))
+        first = "no error"
+    except ValueError as exc:
+        first = str(exc)
+    torch.manual_seed(1 + dist.get_rank())
+    x = torch.randn(4, 8)
+    y = layer(x)  # the group is still in step: the next forward runs everywhere
+    y.sum().backward()
+    return f"{first} | next {tuple(y.shape)}"
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+@pytest.mark.parametrize("first_forward", [True, False], ids=["first", "later"])
+def test_refused_input_on_one_rank_makes_the_whole_group_raise(check_finite, first_forward):
+    """The input checks' verdict is collective: rank 2's wrong hidden size makes it raise its
+    own error and every other rank of the group a ValueError naming rank 2, at the same forward
+    (at the first forward, after the config agreement every rank still joins); the next
+    forward runs on every rank."""
+    messages = get_pool(4).run(_bad_input_on_rank2, check_finite, first_forward, timeout=60)
+    for rank, msg in enumerate(messages):
+        if rank == 2:
+            assert msg.startswith("x must be [T, hidden_size]"), (rank, msg)
+        else:
+            assert "the input of rank(s) [2] of this layer's ETP×EP group" in msg, (rank, msg)
+        assert msg.endswith("| next (4, 8)"), (rank, msg)
