@@ -209,9 +209,8 @@ class MoELayer(CapacityScheduled):
         all-gather of ``[input ok, logits finite]`` per forward: ``share_forward_verdict``)."""
         if self._group is None:
             return self.route(tokens, num_seqs, valid=valid)
-        check = self.config.check_finite
         result = self.route(tokens, num_seqs, check=False, valid=valid)
-        finite = bool(torch.isfinite(result[0].logits).all()) if check else True
+        finite = torch.isfinite(result[0].logits).all() if self.config.check_finite else True
         share_forward_verdict(self.parallel_state, None, finite, tokens.device)
         return result
 

@@ -69,7 +69,7 @@ def _check_choices(cfg: MoEConfig) -> None:
             f"{cfg.norm_topk_prob!r}"
         )
     for name in ("router_dtype", "router_score_dtype"):
-        check_choice(name, getattr(cfg, name), choices._ROUTER_DTYPES)
+        check_choice(name, getattr(cfg, name), choices.ROUTER_DTYPES)
     check_choice("params_dtype", cfg.params_dtype, FLOAT_DTYPES)
 
 
@@ -100,7 +100,7 @@ def _check_capacity(cfg: MoEConfig) -> None:
         check_positive_float("capacity_factor", cfg.capacity_factor, "None for dropless")
     if cfg.eval_capacity_factor is not None:
         check_positive_float("eval_capacity_factor", cfg.eval_capacity_factor,
-                        "None for capacity_factor")
+                             "None for capacity_factor")
         if cfg.router_type == "topk" and cfg.capacity_factor is None:
             raise ValueError(
                 "eval_capacity_factor needs capacity_factor to be set: a dropless layer "

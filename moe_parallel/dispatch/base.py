@@ -94,19 +94,37 @@ class TokenDispatcher(abc.ABC):
     """
 
     grid: ExpertGrid
-    num_experts: int          # the grid's sizes, for the subclasses' arithmetic
-    num_local_experts: int
-    ep: int
-    etp: int
-    tp_ep_group: Any
     row_budget: Optional[RowBudget]
 
     def __init__(self, num_experts: int, parallel_state: Optional[ParallelState] = None,
                  row_budget: Optional[RowBudget] = None) -> None:
-        self.grid = grid = ExpertGrid.build(num_experts, parallel_state)
-        self.num_experts, self.num_local_experts = grid.num_experts, grid.num_local_experts
-        self.ep, self.etp, self.tp_ep_group = grid.ep, grid.etp, grid.tp_ep_group
+        self.grid = ExpertGrid.build(num_experts, parallel_state)
         self.row_budget = row_budget
+
+    @property
+    def num_experts(self) -> int:
+        """``E``: the global experts (``grid.num_experts``)."""
+        return self.grid.num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        """``E_local = E / ep``: the experts of each EP rank."""
+        return self.grid.num_local_experts
+
+    @property
+    def ep(self) -> int:
+        """The EP size (``grid.ep``)."""
+        return self.grid.ep
+
+    @property
+    def etp(self) -> int:
+        """The ETP size (``grid.etp``)."""
+        return self.grid.etp
+
+    @property
+    def tp_ep_group(self) -> Any:
+        """The ETP×EP group (``grid.tp_ep_group``; None when ``ep·etp = 1``)."""
+        return self.grid.tp_ep_group
 
     def set_row_budget(self, row_budget: Optional[RowBudget]) -> None:
         """Cap the rows per rank of later dispatches with ``row_budget`` (None: no ceiling)."""
@@ -140,6 +158,6 @@ class TokenDispatcher(abc.ABC):
         over the ``tp_ep`` group when a budget is set."""
         if self.row_budget is None:
             return routing, False, None
-        group = self.grid.tp_ep_group
+        group = self.tp_ep_group
         return self.row_budget.enforce(routing, self.num_experts, self.ep,
                                        lambda c: gather_counts(c, group))

@@ -63,14 +63,19 @@ def check_agreement(config: MoEConfig, ps: ParallelState, device: torch.device) 
     )
 
 
-def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError], finite: bool,
-                          device: torch.device) -> None:
+def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError],
+                          finite: bool | torch.Tensor, device: torch.device) -> None:
     """All-gather ``[input ok, logits finite]`` over ``ps``'s ``tp_ep`` group: a rank whose
     input was ``refused`` raises that error, its peers ``ValueError`` naming it; when any
     rank's router logits are not ``finite`` every rank raises ``FloatingPointError`` naming
-    those ranks. A collective every rank of the group joins at every forward."""
+    those ranks. ``finite`` may be a 0-d bool tensor on ``device`` (no host read before the
+    gathered table's). A collective every rank of the group joins at every forward."""
     group = ps.group("tp_ep")
-    mine = torch.tensor([[refused is None, finite]], dtype=torch.int64, device=device)
+    mine = torch.tensor([[refused is None, True]], dtype=torch.int64, device=device)
+    if isinstance(finite, torch.Tensor):
+        mine[0, 1] = finite
+    elif not finite:
+        mine[0, 1] = 0
     w = collectives.group_size(group)
     table = collectives.all_gather(mine, group, [1] * w).tolist()  # one host read
     ranks = ps.ranks["tp_ep"]
