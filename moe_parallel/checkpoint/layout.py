@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..experts import GroupedExperts
 
-__all__ = ["Chunk", "GlobalLayout", "expert_layouts", "sharded_layouts"]
+__all__ = ["Chunk", "GlobalLayout", "blank_like", "expert_layouts", "sharded_layouts"]
+
+_CHUNK_FIELDS = ("global_shape", "global_offsets", "local_offsets", "local_sizes")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,16 @@ class GlobalLayout:
         alias.local_offsets = tuple(c.local_offset for c in self.chunks)
         alias.local_sizes = tuple(c.size for c in self.chunks)
         return alias
+
+
+def blank_like(tensor: Tensor) -> Tensor:
+    """A new uninitialised tensor like ``tensor`` (a DTensor stays one) carrying the chunk
+    metadata ``GlobalLayout.annotate`` gave it, if any: a load reads into it the same chunks."""
+    blank = torch.empty_like(tensor.detach())
+    for name in _CHUNK_FIELDS:
+        if hasattr(tensor, name):
+            setattr(blank, name, getattr(tensor, name))
+    return blank
 
 
 def expert_layouts(experts: GroupedExperts) -> dict[str, GlobalLayout]:

@@ -1,9 +1,11 @@
 """``load`` / ``resolve``: read a checkpoint written at any layout into a model at this layout.
 
 Stages, each on every rank in this order: find the checkpoint (rank 0 resolves it and reads its
-manifest, one broadcast), check it against this model (its MoE layers and optimizer, then the
-keys and global shapes of DCP's metadata: one all-gather each, ``agreement.agree``), read (DCP),
-apply (optimizer state or hyperparameters, RNG states when the layout is the one that saved).
+manifest, one broadcast), check it against this model (its MoE layers and optimizer, its shard
+files, then the keys, global shapes and dtypes of DCP's metadata: one all-gather each,
+``agreement.agree``), read into new tensors (DCP, every chunk checked: ``safe_dcp``), then copy
+in and apply (model tensors, optimizer state or hyperparameters, RNG states when the layout is
+the one that saved).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from ..distributed import ParallelState
 from ..layer import MoELayer
 from ..routing.capacity_schedule import FACTOR, dynamic_capacity_mismatch
 from . import manifest as mf
-from . import payload, safe_dcp
+from . import payload, safe_dcp, shard_files
 from .agreement import CheckpointError, agree, broadcast, check_ps, world
+from .layout import blank_like
 from .state import (
     model_state,
     optim_merge,
@@ -36,13 +39,19 @@ __all__ = ["load", "resolve"]
 
 def resolve(directory: str | os.PathLike) -> str:
     """The complete checkpoint at ``directory`` (``<dir>.old`` when a save died while swapping
-    it in); ``FileNotFoundError`` when there is none, ``CheckpointError`` when it is partial."""
+    it in); ``FileNotFoundError`` when there is none, ``CheckpointError`` when it is partial,
+    another tool's, or its manifest cannot be read."""
     directory = os.fspath(directory)
     for candidate in (directory, directory + ".old"):
         if mf.read(candidate) is not None:
             return candidate
     if not os.path.exists(directory):
         raise FileNotFoundError(f"no checkpoint at {directory}")
+    if os.path.isfile(os.path.join(directory, ".metadata")):
+        raise CheckpointError(
+            f"{directory} is a torch.distributed.checkpoint directory without {mf.NAME}: it was "
+            "not written by moe_parallel.checkpoint.save (another tool's checkpoint, or a save "
+            "that did not finish); nothing was loaded")
     raise CheckpointError(
         f"{directory} is not a complete checkpoint (no {mf.NAME} or no .metadata: its save did "
         "not finish); nothing was loaded"
@@ -57,7 +66,7 @@ def _find(directory: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         try:
             path = resolve(directory)
             found = ("ok", path, mf.read(path))
-        except (FileNotFoundError, CheckpointError) as e:
+        except Exception as e:  # every rank raises it, none waits for rank 0
             found = (type(e).__name__, str(e), None)
     kind, path, saved = broadcast(found)
     if kind == "FileNotFoundError":
@@ -91,7 +100,8 @@ def _state_option(key: str, saved: bool) -> Optional[str]:
 
 def _shape_problems(state: dict[str, Any], metadata) -> list[str]:
     """Keys of this model/optimizer missing from the checkpoint, model keys of the checkpoint
-    this model lacks, and global shapes that differ."""
+    this model lacks, and global shapes or dtypes that differ (a tensor is never cast on
+    load)."""
     saved = metadata.state_dict_metadata
     problems = []
     flat = {f"model.{k}": v for k, v in state["model"].items()}
@@ -106,6 +116,11 @@ def _shape_problems(state: dict[str, Any], metadata) -> list[str]:
             if have != shape:
                 problems.append(f"{key} has global shape {list(have)} in the checkpoint, "
                                 f"{list(shape)} in this model")
+            dtype = getattr(getattr(saved[key], "properties", None), "dtype", None)
+            if dtype is not None and dtype != value.dtype:
+                problems.append(f"{key} is {dtype} in the checkpoint, {value.dtype} in this "
+                                "model (convert the model to the checkpoint's dtype, load, "
+                                "then convert it back)")
     for key in saved:
         if key.startswith("model.") and key not in flat:
             problems.append(_state_option(key, True)
@@ -127,15 +142,50 @@ def _payload_problems(metadata, names: list[str]) -> list[str]:
                        if name not in metadata.state_dict_metadata]
 
 
+def _optimizer_template(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        by_key: dict[str, Any]) -> dict[str, Any]:
+    """``optim_state`` of ``optimizer``; an optimizer without state gets it (DCP's
+    zero-learning-rate step) even when its parameters hold gradients, which are kept."""
+    grads = {}
+    if not optimizer.state:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                grads[p], p.grad = p.grad, None
+    try:
+        return optim_state(model, optimizer, by_key)
+    finally:
+        for p, grad in grads.items():
+            p.grad = grad
+
+
+def _blank(tree: dict[str, Any], into: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
+    """``tree`` (nested dicts) with each tensor replaced by a new ``blank_like`` one; the pairs
+    (tensor, its blank) appended to ``into``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _blank(value, into)
+        elif isinstance(value, Tensor):
+            out[key] = blank_like(value)
+            into.append((value, out[key]))
+        else:
+            out[key] = value
+    return out
+
+
 def _checked_state(path: str, saved: dict[str, Any], model: nn.Module,
                    optimizer: Optional[torch.optim.Optimizer], rng: Optional[str]
-                   ) -> tuple[dict[str, Any], list[list[str]]]:
-    """The state dict to read from the checkpoint at ``path`` into ``model`` and ``optimizer``
-    (with the entries of ``extra``, the optimizer's non-tensor values and RNG states ``rng``
-    as empty tensors, ``payload.template``) and the optimizer groups' parameter names, after
-    every rank agrees that it matches: the manifest, then the payload entries, the model's
-    keys and global shapes, then (with optimizer state) the optimizer's keys and shapes.
-    ``CheckpointError`` on every rank otherwise."""
+                   ) -> tuple[dict[str, Any], list[list[str]], list[tuple[Tensor, Tensor]]]:
+    """The state dict to read the checkpoint at ``path`` into, the optimizer groups' parameter
+    names, and the pairs (model tensor, the new tensor read for it).
+
+    Every tensor of the state dict is new (``_blank``): nothing of ``model`` or ``optimizer``
+    is written by the read. The entries of ``extra``, the optimizer's non-tensor values and RNG
+    states ``rng`` are empty tensors (``payload.template``). Before it is returned every rank
+    agrees that the checkpoint matches: the manifest, then the payload entries, its shard files
+    (present, long enough, tiling each tensor: ``shard_files``), the model's keys, global shapes
+    and dtypes, then (with optimizer state) the optimizer's. ``CheckpointError`` on every rank
+    otherwise."""
     msd, by_key, layers = model_state(model, world()[1] > 1)
     state: dict[str, Any] = {"model": msd}
     what = f"checkpoint {path} does not match this model"
@@ -144,15 +194,20 @@ def _checked_state(path: str, saved: dict[str, Any], model: nn.Module,
     names = ["extra"] + ([rng] if rng else [])
     names += ["optim_hyperparameters"] if optimizer is not None else []
     agree(_payload_problems(metadata, names), f"checkpoint {path} refused")
+    agree(shard_files.storage_problems(path, metadata) + shard_files.coverage_problems(metadata),
+          f"checkpoint {path} is damaged, nothing was loaded")
     agree(_shape_problems(state, metadata), what)
-    for name in names:
-        state.update(payload.template(metadata, name))
     params: list[list[str]] = []
     if optimizer is not None and saved["optimizer"] == "state":
-        osd = optim_state(model, optimizer, by_key)
+        osd = _optimizer_template(model, optimizer, by_key)
         state["optim"], params = optim_split(osd)[0], [g["params"] for g in osd["param_groups"]]
         agree(_shape_problems(state, metadata), what)
-    return state, params
+    pairs: list[tuple[Tensor, Tensor]] = []
+    state["model"] = _blank(state["model"], pairs)
+    state.update({k: _blank(v, []) for k, v in state.items() if k == "optim"})
+    for name in names:
+        state.update(payload.template(metadata, name))
+    return state, params, pairs
 
 
 def _apply_optimizer(state: dict[str, Any], params: list[list[str]], model: nn.Module,
@@ -183,15 +238,30 @@ def load(directory: str | os.PathLike, model: nn.Module,
     otherwise every rank raises ``CheckpointError`` (or ``FileNotFoundError``) naming them.
     Nothing is unpickled: an entry that holds pickled bytes (a checkpoint written before format
     2) is refused the same way, before any tensor is read.
+
+    All or nothing: the checkpoint is read into new tensors and copied into ``model`` only when
+    every rank has read all of it. A shard file that is missing, truncated, or holds a chunk of
+    another shape or dtype than ``.metadata`` says raises ``CheckpointError`` naming the file
+    on every rank, and ``model`` and ``optimizer`` are left as they were (an optimizer without
+    state keeps none).
     """
     ps = check_ps(ps)
     rank, size = world()
     path, saved = _find(directory)
     same_layout = saved["rng"] and saved["layout"] == mf.describe_layout(ps)
     rng = f"rng.rank{rank}" if same_layout else None
-    state, params = _checked_state(path, saved, model, optimizer, rng)
-    with single_process_quiet():
-        safe_dcp.load(state, path, no_dist=size == 1)
+    fresh = optimizer is not None and not optimizer.state
+    try:
+        state, params, pairs = _checked_state(path, saved, model, optimizer, rng)
+        with single_process_quiet():
+            safe_dcp.load(state, path, no_dist=size == 1)
+    except BaseException:
+        if fresh:  # the state DCP's template step gave it
+            optimizer.state.clear()
+        raise
+    with torch.no_grad():
+        for target, read in pairs:
+            target.copy_(read)
     _apply_optimizer(state, params, model, optimizer)
     if rng is not None:
         set_rng_state(payload.from_entries(state, rng))

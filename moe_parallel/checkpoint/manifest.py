@@ -25,6 +25,7 @@ import os
 from typing import Any, Optional
 
 from ..config import MoEConfig
+from .agreement import CheckpointError
 
 FORMAT = 2
 READABLE = (1, 2)
@@ -73,13 +74,20 @@ def write(directory: str, manifest: dict[str, Any]) -> None:
 
 
 def read(directory: str) -> Optional[dict[str, Any]]:
-    """The manifest of ``directory``, ``None`` when it has none (absent or incomplete)."""
+    """The manifest of ``directory``, ``None`` when it has none (absent or incomplete);
+    ``CheckpointError`` naming the file when it is not JSON, not an object, or of a format
+    this version does not read."""
     path = os.path.join(directory, NAME)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, ".metadata")):
         return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") not in READABLE:
-        raise ValueError(f"{path}: checkpoint format {manifest.get('format')!r}, this version "
-                         f"reads formats {list(READABLE)}")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e}): nothing was "
+                              "loaded") from None
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this version reads "
+                              f"formats {list(READABLE)}")
     return manifest

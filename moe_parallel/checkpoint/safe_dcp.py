@@ -15,10 +15,15 @@ reader and planner unpickle both without restriction. Here:
   ``SafeLoadPlanner.load_bytes`` with ``torch.load(weights_only=True)``; a pickled object
   outside torch's weights-only allow-list raises ``CheckpointError`` naming the key.
 
+``SafeFileSystemReader.read_data`` also checks every chunk it reads against the metadata
+(``shard_files``): a missing or short file, or a chunk of another shape or dtype, raises
+``CheckpointError`` naming the file instead of being cast or half read.
+
 ``load(state, path)`` reads the metadata first (so a refused ``.metadata`` raises before any
 tensor is read, on every rank that reads it), then runs DCP with both, and raises a
-``CheckpointError`` that any rank's reader or planner raised as itself on every rank (DCP
-wraps it in its ``CheckpointException``).
+``CheckpointError`` on every rank when any rank's read failed: a rank's own ``CheckpointError``
+as itself, anything else (DCP wraps it in its ``CheckpointException``, which is not an
+``Exception``) as one sentence naming the ranks.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import re
 from typing import Any, Optional
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -40,10 +46,12 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultLoadPlanner,
     _EmptyStateDictLoadPlanner,
 )
-from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.futures import Future
 from torch.serialization import _get_layout
 
+from . import shard_files
 from .agreement import CheckpointError
 
 __all__ = ["ALLOWED", "SafeEmptyLoadPlanner", "SafeFileSystemReader", "SafeLoadPlanner",
@@ -103,7 +111,61 @@ def _unpickle_metadata(stream: Any, file: str) -> dcp_metadata.Metadata:
 
 class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose ``read_metadata`` unpickles ``.metadata`` with the
-    ``ALLOWED`` globals only (module docstring)."""
+    ``ALLOWED`` globals only, and whose ``read_data`` checks every chunk it reads against the
+    metadata (module docstring)."""
+
+    def set_up_storage_reader(self, metadata: dcp_metadata.Metadata, is_coordinator: bool,
+                              *args: Any, **kwargs: Any) -> None:
+        """DCP's set-up, keeping ``metadata`` for ``read_data``'s checks."""
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self.metadata = metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read ``plan``'s items, as ``FileSystemReader.read_data`` does, file by file:
+        ``CheckpointError`` naming the file when it is missing or too short, when a chunk
+        cannot be read, or when a chunk is not of the shape and dtype the metadata gives
+        (``shard_files.chunk_problem``); a chunk is never cast or reshaped to fit."""
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path,
+                                []).append(item)
+        for relative_path, items in per_file.items():
+            file = os.fspath(self.fs.concat_path(self.path, relative_path))
+            try:
+                with self.fs.create_stream(file, "rb") as stream:
+                    for item in items:
+                        self._read_item(stream, file, item, planner)
+            except CheckpointError:
+                raise
+            except Exception as e:  # missing, short, or not what torch.save wrote
+                raise CheckpointError(f"shard file {file} cannot be read ({type(e).__name__}: "
+                                      f"{e}): nothing was loaded") from None
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _read_item(self, stream: Any, file: str, item: ReadItem, planner: LoadPlanner) -> None:
+        """One item of ``read_data`` from the open ``stream`` of ``file``."""
+        info = self.storage_data[item.storage_index]
+        data = self.transforms.transform_load_stream(
+            item, info.transform_descriptors or (), self._slice_file(stream, info))
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(data.read(-1)))
+            return
+        seekable = data if data.seekable() else io.BytesIO(data.read(-1))
+        chunk = torch.load(seekable, map_location="cpu", weights_only=True)
+        key = item.storage_index.fqn
+        entry = self.metadata.state_dict_metadata[key]
+        problem = shard_files.chunk_problem(file, key, chunk, entry, item.storage_index.offset)
+        if problem is not None:
+            raise CheckpointError(problem + ": nothing was loaded")
+        chunk = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != chunk.size():
+            raise CheckpointError(f"shard file {file}: entry {key} reads a block of shape "
+                                  f"{list(chunk.shape)} into one of {list(target.shape)}")
+        target.copy_(chunk)
+        planner.commit_tensor(item, target)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         """``FileSystemReader.read_metadata`` (the global ``.metadata``, or rank ``rank``'s
@@ -161,13 +223,19 @@ class SafeEmptyLoadPlanner(SafeLoadPlanner, _EmptyStateDictLoadPlanner):
     checkpoint, as saved) with ``SafeLoadPlanner``'s bytes items."""
 
 
-def _own_error(error: CheckpointException) -> Optional[CheckpointError]:
-    """The first ``CheckpointError`` among the ranks' failures DCP gathered in ``error``."""
-    for failure in error.failures.values():
-        exc = failure[0] if isinstance(failure, tuple) else failure
+def _own_error(error: CheckpointException) -> CheckpointError:
+    """The first ``CheckpointError`` among the ranks' failures DCP gathered in ``error``, or
+    one naming the ranks that failed and the first failure's type and message (not DCP's
+    stacked tracebacks)."""
+    failures = {rank: (f[0] if isinstance(f, tuple) else f)
+                for rank, f in sorted(error.failures.items())}
+    for exc in failures.values():
         if isinstance(exc, CheckpointError):
             return exc
-    return None
+    rank, first = next(iter(failures.items()))
+    line = str(first).strip().splitlines()[0] if str(first).strip() else ""
+    return CheckpointError(f"reading the checkpoint failed on rank(s) {list(failures)} (rank "
+                           f"{rank}: {type(first).__name__}: {line}): nothing was loaded")
 
 
 def load(state: dict[str, Any], path: str | os.PathLike, *, no_dist: bool = False,
@@ -177,15 +245,13 @@ def load(state: dict[str, Any], path: str | os.PathLike, *, no_dist: bool = Fals
     adds keys fills ``state`` itself) with ``SafeFileSystemReader`` and ``planner`` (default
     ``SafeLoadPlanner()``). Collective over the default group unless ``no_dist``.
 
-    The metadata is read (and refused) before DCP starts; a ``CheckpointError`` of any rank's
-    reader or planner is raised as itself on every rank."""
+    The metadata is read (and refused) before DCP starts. Any rank's failure while reading
+    raises a ``CheckpointError`` on every rank (DCP gathers them): the first rank's own
+    ``CheckpointError`` as itself, another exception as one sentence naming the ranks."""
     reader = SafeFileSystemReader(path)
     reader.read_metadata()
     try:
         _load_state_dict(state, storage_reader=reader, planner=planner or SafeLoadPlanner(),
                          no_dist=no_dist)
     except CheckpointException as e:
-        own = _own_error(e)
-        if own is None:
-            raise
-        raise CheckpointError(str(own)) from None
+        raise CheckpointError(str(_own_error(e))) from None
