@@ -8,6 +8,8 @@
   state dict's entries in ``state.py``, the ranks' common verdict in ``agreement.py``;
 * ``safe_dcp.py``: every DCP read, running no code from the checkpoint (``.metadata`` through
   an allow-list unpickler, non-tensor values through ``torch.load(weights_only=True)``);
+* ``shard_files.py``: what the shard files must hold for ``.metadata`` to be believed (present,
+  long enough, chunks tiling each tensor, each chunk of the shape and dtype it claims);
 * ``series.py``: a run's checkpoints ``root/step_<N>`` with a ``root/latest`` pointer;
 * ``convert.py``: ``consolidate`` a checkpoint into one single-process state (safetensors + JSON)
   and ``shard`` one back, ``upgrade`` a pickled (format 1) one; ``python -m
