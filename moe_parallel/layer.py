@@ -34,7 +34,7 @@ from .dispatch import (
     start_beside,
 )
 from .dispatch.in_flight import done
-from .distributed.agreement import check_agreement, share_forward_verdict
+from .distributed.agreement import check_agreement, share_forward_verdict, verdict_group
 from .distributed.ddp import check_no_ddp_over_experts
 from .distributed.fsdp import check_no_fsdp_over_experts
 from .experts import GroupedExperts, RoutedExperts, SharedExpert, build_experts
@@ -128,6 +128,8 @@ class MoELayer(CapacityScheduled):
         self.last_stats: RoutingStats | None = None
         # The group this layer's exchanges span (None: every expert is here).
         self._group = ps.group("tp_ep") if ps is not None and ps.ep * ps.etp > 1 else None
+        # The group that shares each forward's verdict (None: this rank alone).
+        self._verdict = verdict_group(ps, config.verdict_scope)
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
         self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
         self._init_capacity_schedule(device)  # dynamic_capacity: the factor and its counts
@@ -205,13 +207,15 @@ class MoELayer(CapacityScheduled):
         check_no_ddp_over_experts(self, ps)
 
     def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor]):
-        """``route``, with the verdict on every rank's forward shared by the ETP×EP group (one
-        all-gather of ``[input ok, logits finite]`` per forward: ``share_forward_verdict``)."""
-        if self._group is None:
+        """``route``, with the verdict on every rank's forward shared by the ``verdict_scope``
+        group (one all-gather of ``[input ok, logits finite]`` per forward:
+        ``share_forward_verdict``)."""
+        if self._verdict is None:
             return self.route(tokens, num_seqs, valid=valid)
         result = self.route(tokens, num_seqs, check=False, valid=valid)
         finite = torch.isfinite(result[0].logits).all() if self.config.check_finite else True
-        share_forward_verdict(self.parallel_state, None, finite, tokens.device)
+        share_forward_verdict(self.parallel_state, None, finite, tokens.device,
+                              self.config.verdict_scope)
         return result
 
     def _routed(self, tokens: Tensor, routing: Routing, pad_to: int) -> PipelineResult:
@@ -282,7 +286,8 @@ class MoELayer(CapacityScheduled):
         if not self._agreed:
             check_agreement(self.config, self.parallel_state, device)
             self._agreed = True
-        share_forward_verdict(self.parallel_state, refused, True, device)
+        share_forward_verdict(self.parallel_state, refused, True, device,
+                              self.config.verdict_scope)
         raise refused  # share_forward_verdict raised it already
 
     def _prepare(self, tokens: Tensor) -> Tensor:
@@ -351,12 +356,14 @@ class MoELayer(CapacityScheduled):
         but they are left out of the losses and of the counts behind the expert-bias update;
         ``RoutingStats`` still counts them (they are load the experts carry).
         With a ``parallel_state`` this is a collective over the layer's EP/ETP groups: every
-        rank of them calls it (and its backward) in the same order, possibly with zero tokens.
+        rank of them calls it (and its backward) in the same order, possibly with zero tokens;
+        and its verdict (input refused, non-finite logits) is shared by the ``verdict_scope``
+        group (default: every rank of the pipeline stage), whose ranks all call it too.
         """
         try:
             tokens, valid = self._input_tokens(x, padding_mask)
         except ValueError as refused:
-            if self._group is None:
+            if self._verdict is None:
                 raise
             self._refuse_collectively(refused)
         tokens = self._prepare(tokens)

@@ -56,6 +56,7 @@ def test_valid_configs(changes):
         (dict(score_function="tanh"), "score_function"),
         (dict(drop_policy="random"), "drop_policy"),
         (dict(token_dispatcher_type="deepep"), "token_dispatcher_type"),
+        (dict(verdict_scope="world"), "verdict_scope"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(capacity_factor=-1.0), "capacity_factor"),
         (dict(capacity_factor=float("inf")), "capacity_factor"),

@@ -79,6 +79,66 @@ def test_training_steps_equal_single_process(layout):
     assert max(errors) < 1e-10, errors
 
 
+def _skip_matches(layout: dict, steps: int, nan_step: int) -> tuple[list[int], float]:
+    """Train ``steps`` steps where rank 1 feeds a NaN into the first MoE layer at ``nan_step``
+    and the loop skips every batch whose step raises ``FloatingPointError``: the steps this rank
+    skipped, and the largest relative difference between its parameters and one process that
+    skipped batch ``nan_step`` (expert shards compared with the full model's slice)."""
+    import torch.distributed as dist
+
+    from moe_parallel import train
+    from moe_parallel.distributed.parallel_state import ParallelState
+    from moe_parallel.experts import shard_expert_weights
+
+    ps = parallel_state(**layout)
+    args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
+    single = ParallelState.single()
+    dist_model, full_model = train.build_model(args, ps), train.build_model(args, single)
+    opts = [torch.optim.AdamW(m.parameters(), lr=args.lr) for m in (dist_model, full_model)]
+    source = train.MarkovSource(args.vocab, seed=7)
+    step_now = [0]
+
+    def poison(module, inputs):
+        if dist.get_rank() == 1 and step_now[0] == nan_step:
+            return (inputs[0] * float("nan"), *inputs[1:])
+        return None
+
+    dist_model.moe_layers()[0].register_forward_pre_hook(poison)
+    skipped = []
+    for step in range(steps):
+        step_now[0] = step
+        batch = source.batch(args.batch_size * ps.dp, args.seq_len)
+        try:
+            train.train_step(dist_model, opts[0], train.local_batch(batch, ps), ps, args.clip)
+        except FloatingPointError:
+            skipped.append(step)
+            continue
+        train.train_step(full_model, opts[1], batch, single, args.clip)
+    full = dict(full_model.named_parameters())
+    worst = 0.0
+    for name, p in dist_model.named_parameters():
+        want = full[name]
+        if name.endswith("experts.w1") or name.endswith("experts.w2"):
+            prefix = name.rsplit(".", 1)[0]
+            w1, w2 = shard_expert_weights(full[prefix + ".w1"], full[prefix + ".w2"], ps.ep_rank,
+                                          ps.ep, ps.etp_rank, ps.etp, gated=True)
+            want = w1 if name.endswith("w1") else w2
+        worst = max(worst, float((p.detach() - want.detach()).norm() / want.detach().norm()))
+    return skipped, worst
+
+
+@pytest.mark.parametrize("layout", [dict(ep=2), dict(tp=2, ep=2), dict(ep=4)],
+                         ids=lambda d: "_".join(f"{k}{v}" for k, v in d.items()))
+def test_a_skipped_nan_batch_keeps_every_rank_in_step(layout):
+    """The non-finite verdict reaches the whole stage (the gradient-sync group), not only the
+    NaN rank's ETP×EP group: every rank skips step 2, the ranks stay at the same step, and the
+    replicas equal one process that skipped that batch."""
+    answers = get_pool(4).run(_skip_matches, layout, 4, 2, timeout=300)
+    for rank, (skipped, worst) in enumerate(answers):
+        assert skipped == [2], (rank, skipped)
+        assert worst < 1e-10, (rank, worst)
+
+
 def _init_matches(layout: dict) -> float:
     """One seed builds the same layer on every layout: largest relative difference between this
     rank's parameters and the matching slice of a single-process layer."""

@@ -15,6 +15,7 @@ DropPolicy = Literal["probs", "position", "k_major", "batch_priority"]
 DispatcherType = Literal["alltoall", "alltoall_hierarchical", "allgather"]
 ExpertImpl = Literal["block_sparse", "grouped"]
 RowOverflow = Literal["error", "capacity"]
+VerdictScope = Literal["stage", "layer"]
 
 # The allowed values of each choice field: one definition, the Literal above.
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -25,4 +26,5 @@ DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
 DISPATCHERS: tuple[str, ...] = get_args(DispatcherType)
 EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
+VERDICT_SCOPES: tuple[str, ...] = get_args(VerdictScope)
 ROUTER_DTYPES = (None, torch.float32, torch.float64)

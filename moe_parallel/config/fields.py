@@ -247,10 +247,18 @@ class MoEConfigFields:
     """Standard deviation of the N(0, init_std) initialisation of router and expert weights;
     finite, > 0. Default 0.02. Megatron ``init_method_std``."""
     check_finite: bool = True
-    """A NaN/Inf in the router logits raises ``FloatingPointError`` (on every rank of an
-    expert-parallel layer's ETP×EP group together, through the verdict that group shares at
-    every forward, one small all-gather, which also carries the input checks); False lets NaN
-    propagate. Default True."""
+    """A NaN/Inf in the router logits raises ``FloatingPointError``, on every rank of the
+    ``verdict_scope`` group together (through the verdict that group shares at every forward,
+    one small all-gather, which also carries the input checks); False lets NaN propagate.
+    Default True."""
+    verdict_scope: choices.VerdictScope = "stage"
+    """The ranks that share each forward's verdict (input refused, non-finite logits), so that
+    all of them raise or none does. ``"stage"``: every rank of the pipeline stage (``tp·cp·dp``
+    ranks, the whole job without pipeline parallelism): the ranks whose later collectives
+    (the gradient all-reduces over DP and EDP) pair with this forward's, so a loop that catches
+    the error and skips the batch keeps them all at the same step. ``"layer"``: the layer's
+    ETP×EP group only, for runs where EP groups run forwards independently (inference with a
+    different number of batches per data-parallel replica). Default ``"stage"``."""
     token_dispatcher_type: choices.DispatcherType = "alltoall"
     """How tokens cross processes: ``"alltoall"`` sends each token copy to the EP rank of its
     expert; ``"alltoall_hierarchical"`` does the same in two stages, inside each node then one

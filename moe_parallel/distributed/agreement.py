@@ -8,9 +8,11 @@ table), naming each differing field with its value on each rank. On NCCL the tab
 on the current device and the error path gathers the values with ``all_gather_object``; the
 check is the same.
 
-``share_forward_verdict(ps, refused, finite)`` is the same idea for one forward: one all-gather
-of ``[input ok, logits finite]`` over the ``tp_ep`` group, so that every rank raises, or none
-does, and no rank enters an exchange its peers skipped.
+``share_forward_verdict(ps, refused, finite, device, scope)`` is the same idea for one forward:
+one all-gather of ``[input ok, logits finite]`` over the ranks of ``verdict_group(ps, scope)``
+(``MoEConfig.verdict_scope``: the pipeline stage by default, else the ``tp_ep`` group), so that
+every rank of it raises, or none does: no rank enters an exchange, or a gradient all-reduce,
+that its peers skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..config import MoEConfig
 from . import collectives
 from .parallel_state import ParallelState
 
-__all__ = ["check_agreement", "share_forward_verdict"]
+__all__ = ["VERDICT_GROUPS", "check_agreement", "share_forward_verdict", "verdict_group"]
 
 LAYOUT_FIELDS = ("world_size", "tp", "cp", "ep", "etp", "pp")
 
@@ -63,33 +65,53 @@ def check_agreement(config: MoEConfig, ps: ParallelState, device: torch.device) 
     )
 
 
+VERDICT_GROUPS = {"stage": ("stage", "pipeline stage"), "layer": ("tp_ep", "ETP×EP group")}
+
+
+def verdict_group(ps: Optional[ParallelState], scope: str) -> Optional[str]:
+    """The group (a ``ParallelState`` group name) that shares a forward's verdict for
+    ``MoEConfig.verdict_scope`` ``scope``: ``stage`` (every rank of the pipeline stage) or
+    ``tp_ep`` (the layer's ETP×EP group); ``None`` when it is this rank alone (no collective)."""
+    name = VERDICT_GROUPS[scope][0]
+    if ps is None or len(ps.ranks[name]) == 1:
+        return None
+    return name
+
+
 def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError],
-                          finite: bool | torch.Tensor, device: torch.device) -> None:
-    """All-gather ``[input ok, logits finite]`` over ``ps``'s ``tp_ep`` group: a rank whose
-    input was ``refused`` raises that error, its peers ``ValueError`` naming it; when any
+                          finite: bool | torch.Tensor, device: torch.device,
+                          scope: str = "stage") -> None:
+    """All-gather ``[input ok, logits finite]`` over the ``verdict_group(ps, scope)``: a rank
+    whose input was ``refused`` raises that error, its peers ``ValueError`` naming it; when any
     rank's router logits are not ``finite`` every rank raises ``FloatingPointError`` naming
     those ranks. ``finite`` may be a 0-d bool tensor on ``device`` (no host read before the
-    gathered table's). A collective every rank of the group joins at every forward."""
-    group = ps.group("tp_ep")
+    gathered table's). A collective every rank of the group joins at every forward (local when
+    the group is this rank alone)."""
+    name = verdict_group(ps, scope)
+    what = VERDICT_GROUPS[scope][1]
     mine = torch.tensor([[refused is None, True]], dtype=torch.int64, device=device)
     if isinstance(finite, torch.Tensor):
         mine[0, 1] = finite
     elif not finite:
         mine[0, 1] = 0
-    w = collectives.group_size(group)
-    table = collectives.all_gather(mine, group, [1] * w).tolist()  # one host read
-    ranks = ps.ranks["tp_ep"]
+    if name is None:
+        table, ranks = mine.tolist(), [ps.rank if ps is not None else 0]
+    else:
+        group = ps.group(name)
+        w = collectives.group_size(group)
+        table = collectives.all_gather(mine, group, [1] * w).tolist()  # one host read
+        ranks = ps.ranks[name]
     if refused is not None:
         raise refused
     bad_input = [ranks[i] for i, (ok, _) in enumerate(table) if not ok]
     if bad_input:
         raise ValueError(
-            f"the input of rank(s) {bad_input} of this layer's ETP×EP group {ranks} was "
-            "refused (their error says why): every rank of the group skips this forward")
+            f"the input of rank(s) {bad_input} of this layer's {what} {ranks} was refused "
+            f"(their error says why): every rank of the {what} skips this forward")
     bad = [ranks[i] for i, (_, ok) in enumerate(table) if not ok]
     if bad:
         raise FloatingPointError(
-            f"non-finite router logits on rank(s) {bad} of this layer's ETP×EP group {ranks}: "
-            "every rank of the group skips this forward (NaN/Inf in the input or the router "
+            f"non-finite router logits on rank(s) {bad} of this layer's {what} {ranks}: every "
+            f"rank of the {what} skips this forward (NaN/Inf in the input or the router "
             "weight; check_finite=False lets them propagate)"
         )

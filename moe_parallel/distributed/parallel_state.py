@@ -5,7 +5,9 @@ Expert grid ``world = PP × EDP × EP × ETP``, rank = etp + ETP·(ep + EP·(edp
 (TP / ETP fastest, as Megatron-Core's ``tp-cp-ep-dp-pp`` order.) ``dp = world / (pp·cp·tp)`` and
 ``edp = world / (pp·ep·etp)`` are derived. Groups held (torch ProcessGroups, one per grid axis
 through this rank): dense ``tp, cp, dp, dp_cp, pp``; expert ``ep, etp, edp, tp_ep`` (the ETP×EP
-block). Every rank creates every group in the same order, as ``new_group`` requires.
+block); ``stage``, the ``tp·cp·dp = ep·etp·edp`` ranks of this pipeline stage (the whole world
+when ``pp = 1``: every group but ``pp`` lies inside it). Every rank creates every group in the
+same order, as ``new_group`` requires.
 
 Nodes: ranks ``[m·R, (m+1)·R)`` share node ``m`` (``R = ranks_per_node``, the launcher's local
 world). When each EP group spans ``n > 1`` nodes with ``g > 1`` of its ranks on each (EP rank
@@ -30,7 +32,7 @@ from . import collectives
 from .init import job_timeout
 from .layout_agreement import check_same_layout
 
-GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep")
+GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep", "stage")
 NODE_GROUP_NAMES = ("ep_node", "ep_rail")
 
 
@@ -111,6 +113,7 @@ def grid_groups(world: int, tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1,
         "ep": axis(es, expert, [1]),
         "edp": axis(es, expert, [2]),
         "tp_ep": axis(es, expert, [0, 1]),
+        "stage": axis(ds, dense, [0, 1, 2]),
     }
 
 

@@ -111,5 +111,33 @@ def test_refused_input_on_one_rank_makes_the_whole_group_raise(check_finite, fir
         if rank == 2:
             assert msg.startswith("x must be [T, hidden_size]"), (rank, msg)
         else:
-            assert "the input of rank(s) [2] of this layer's ETP×EP group" in msg, (rank, msg)
+            assert ("the input of rank(s) [2] of this layer's pipeline stage [0, 1, 2, 3]"
+                    in msg), (rank, msg)
         assert msg.endswith("| next (4, 8)"), (rank, msg)
+
+
+def _nan_on_rank1_layer_scope() -> str:
+    ps = parallel_state(ep=2)  # EP groups [0, 1] and [2, 3]
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(**BASE, verdict_scope="layer"), parallel_state=ps)
+    x = torch.randn(5, 8)
+    if dist.get_rank() == 1:
+        x[2, 3] = float("nan")
+    try:
+        layer(x)
+        first = "ran"
+    except FloatingPointError as exc:
+        first = str(exc)
+    if dist.get_rank() < 2:  # one EP group runs one more forward than the other: no collective
+        layer(torch.randn(4, 8))  # joins the other group, so nothing waits for it
+    return first
+
+
+def test_layer_scope_keeps_the_verdict_inside_the_ep_group():
+    """``verdict_scope="layer"``: rank 1's NaN makes its ETP×EP group [0, 1] raise, the other
+    group runs, and the groups may run different numbers of forwards (inference)."""
+    messages = get_pool(4).run(_nan_on_rank1_layer_scope, timeout=60)
+    for rank in (0, 1):
+        assert ("non-finite router logits on rank(s) [1] of this layer's ETP×EP group [0, 1]"
+                in messages[rank]), messages
+    assert messages[2:] == ["ran", "ran"], messages

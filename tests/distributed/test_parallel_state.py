@@ -29,7 +29,7 @@ def test_every_axis_partitions_the_world_with_the_right_sizes():
     for world, tp, cp, ep, etp, pp in CONFIGS:
         dp, edp = world // (tp * cp * pp), world // (etp * ep * pp)
         size = {"tp": tp, "cp": cp, "dp": dp, "dp_cp": dp * cp, "pp": pp, "ep": ep, "etp": etp,
-                "edp": edp, "tp_ep": etp * ep}
+                "edp": edp, "tp_ep": etp * ep, "stage": world // pp}
         groups = grid_groups(world, tp, cp, ep, etp, pp)
         assert set(groups) == set(GROUP_NAMES)
         for name, gs in groups.items():
@@ -50,8 +50,11 @@ def test_tp_and_etp_groups_are_consecutive_ranks():
         groups = grid_groups(world, tp, cp, ep, etp, pp)
         assert sorted(groups["tp"]) == [list(range(k, k + tp)) for k in range(0, world, tp)]
         assert sorted(groups["etp"]) == [list(range(k, k + etp)) for k in range(0, world, etp)]
-        # the pipeline axis is the slowest in both grids, so its groups are the same in both
-        assert sorted(groups["pp"]) == groups_varying(expert_coords(world, ep, etp, pp), {3})
+        # the pipeline axis is the slowest in both grids, so its groups are the same in both,
+        # and so are the stages (all ranks of one pipeline rank)
+        expert = expert_coords(world, ep, etp, pp)
+        assert sorted(groups["pp"]) == groups_varying(expert, {3})
+        assert sorted(groups["stage"]) == groups_varying(expert, {0, 1, 2})
 
 
 def test_small_example_by_hand():

@@ -41,6 +41,11 @@ class FakeMpu:
     def get_expert_tensor_and_model_parallel_group(self, check_initialized=True):
         return self._g["tp_ep"]
 
+    def get_tensor_and_data_parallel_group(self, check_initialized=True,
+                                           with_context_parallel=False):
+        assert with_context_parallel, "moe_parallel asks for the tp·cp·dp group"
+        return self._g["stage"]
+
 
 def ranks_of(group):
     return group.ranks

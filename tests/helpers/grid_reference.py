@@ -58,4 +58,4 @@ def reference(world, tp, cp, ep, etp, pp, order="dp-pp"):
             "dp": groups_varying(d, {2}), "dp_cp": groups_varying(d, {1, 2}),
             "pp": groups_varying(d, {3}), "etp": groups_varying(e, {0}),
             "ep": groups_varying(e, {1}), "edp": groups_varying(e, {2}),
-            "tp_ep": groups_varying(e, {0, 1})}
+            "tp_ep": groups_varying(e, {0, 1}), "stage": groups_varying(d, {0, 1, 2})}

@@ -43,6 +43,7 @@ MEGATRON_GROUPS: dict[str, tuple[str, dict[str, Any]]] = {
     "etp": ("get_expert_tensor_parallel_group", {}),
     "edp": ("get_expert_data_parallel_group", {}),
     "tp_ep": ("get_expert_tensor_and_model_parallel_group", {}),
+    "stage": ("get_tensor_and_data_parallel_group", {"with_context_parallel": True}),
 }
 assert set(MEGATRON_GROUPS) == set(GROUP_NAMES)
 

@@ -86,6 +86,12 @@ class _Groups:
         return self._get(attr, "get_data_parallel_group",
                          with_context_parallel=with_context_parallel, **kw)
 
+    def get_tensor_and_data_parallel_group(self, with_context_parallel: bool = False,
+                                           **kw: Any) -> Any:
+        attr = "tp_dp_cp" if with_context_parallel else "tp_dp"  # the collection has no tp_dp
+        return self._get(attr, "get_tensor_and_data_parallel_group",
+                         with_context_parallel=with_context_parallel, **kw)
+
 
 def _tag_for_megatron(layer: MoELayer) -> None:
     ps = layer.parallel_state
