@@ -204,7 +204,8 @@ def _checked_state(path: str, saved: dict[str, Any], model: nn.Module,
         agree(_shape_problems(state, metadata), what)
     pairs: list[tuple[Tensor, Tensor]] = []
     state["model"] = _blank(state["model"], pairs)
-    state.update({k: _blank(v, []) for k, v in state.items() if k == "optim"})
+    if "optim" in state:
+        state["optim"] = _blank(state["optim"], [])
     for name in names:
         state.update(payload.template(metadata, name))
     return state, params, pairs
@@ -243,7 +244,8 @@ def load(directory: str | os.PathLike, model: nn.Module,
     every rank has read all of it. A shard file that is missing, truncated, or holds a chunk of
     another shape or dtype than ``.metadata`` says raises ``CheckpointError`` naming the file
     on every rank, and ``model`` and ``optimizer`` are left as they were (an optimizer without
-    state keeps none).
+    state keeps none). The price: while loading, each rank holds a second copy of its share of
+    the model and optimizer state, on their devices.
     """
     ps = check_ps(ps)
     rank, size = world()
