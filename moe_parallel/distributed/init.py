@@ -350,7 +350,7 @@ def init_distributed(backend: Optional[str] = None, timeout: timedelta = DEFAULT
     ``atexit`` handler; a no-op if the program destroyed it): left to interpreter finalisation,
     gloo's worker threads can release tensors after Python is gone and abort the process.
     """
-    global _job_timeout, _exit_hook
+    global _job_timeout
     env = detect_launch_env(os.environ, expand_nodelist=slurm_hostnames)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), env.local_rank
@@ -374,10 +374,20 @@ def init_distributed(backend: Optional[str] = None, timeout: timedelta = DEFAULT
         dist.init_process_group(backend, init_method=f"tcp://{host}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
     _job_timeout = timeout
+    destroy_groups_at_exit()
+    return env.rank, env.world_size, env.local_rank
+
+
+def destroy_groups_at_exit() -> None:
+    """Register (once per process) an ``atexit`` handler that destroys every process group
+    still alive (``destroy_process_group()``; a no-op when the program destroyed them).
+    Left to interpreter finalisation, gloo's worker threads can release tensors after Python
+    is gone, and the process aborts ("terminate called without an active exception").
+    ``init_distributed`` and ``ParallelState.build`` call it."""
+    global _exit_hook
     if not _exit_hook:
         atexit.register(_destroy_at_exit)
         _exit_hook = True
-    return env.rank, env.world_size, env.local_rank
 
 
 def _destroy_at_exit() -> None:

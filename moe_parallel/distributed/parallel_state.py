@@ -29,7 +29,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from . import collectives
-from .init import job_timeout
+from .init import destroy_groups_at_exit, job_timeout
 from .layout_agreement import check_same_layout
 
 GROUP_NAMES = ("tp", "cp", "dp", "dp_cp", "pp", "ep", "etp", "edp", "tp_ep", "stage")
@@ -252,6 +252,8 @@ class ParallelState:
         ``new_group``;
         ``create_groups=False`` computes the rank lists only (no communication, groups ``None``).
         Expert-count rules are checked by ``check_experts`` (``MoELayer`` calls it).
+        Creating groups registers ``destroy_groups_at_exit`` (every group is destroyed at
+        interpreter exit, before finalisation, so that gloo's threads cannot abort the process).
         Every created group waits at most ``timeout`` in a collective (default: the timeout
         ``init_distributed`` gave the default group, else torch's default), so a lost or stalled
         rank makes the others raise instead of hanging in the layer's all-to-all.
@@ -271,6 +273,8 @@ class ParallelState:
         timeout = timeout if timeout is not None else job_timeout()
         all_groups = grid_groups(world_size, tp, cp, ep, etp, pp)
         g = ep_node_layout(all_groups["ep"], ranks_per_node)
+        if create_groups:
+            destroy_groups_at_exit()  # a clean exit even for a program that never destroys them
         ranks, groups = _create_grid_groups(all_groups, rank, create_groups, timeout)
         if g is not None and 1 < g < ep and create_groups:
             _warn_if_nodes_span_hosts(world_size, ranks_per_node)
