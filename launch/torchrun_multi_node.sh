@@ -11,6 +11,10 @@
 #   same on every node, unique per job), RDZV_TIMEOUT (join timeout in s, 600), LOCAL_ADDR
 #   (this node's address as the others reach it; default: its host name), MAX_RESTARTS (0),
 #   MODULE (moe_parallel.train), PYTHON, DRY_RUN=1.
+# With MAX_RESTARTS > 0 run the job with --save-dir/--save-every/--resume so that each restart
+# continues from the latest checkpoint. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each restart
+# its own rendezvous store (torchrun otherwise reuses one, and a restarted rank can read a dead
+# rank's address: pytorch#135712).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
@@ -34,4 +38,5 @@ fi
 if [[ -n "${LOCAL_ADDR:-}" ]]; then
     args+=(--local-addr "$LOCAL_ADDR")
 fi
-run "$PY" -m torch.distributed.run "${args[@]}" -m "$MODULE" "$@"
+run env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "$PY" -m torch.distributed.run "${args[@]}" \
+    -m "$MODULE" "$@"

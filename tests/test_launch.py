@@ -115,8 +115,8 @@ def test_dry_runs_print_the_commands():
     py = py if os.access(py, os.X_OK) else ""
     out = _dry("torchrun_single_node.sh", "4", "--steps", "3", "a b")
     assert ("-m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 "
-            "-m moe_parallel.train --steps 3 a\\ b") in out
-    assert out.startswith(f"+ {py}")
+            "--max-restarts 0 -m moe_parallel.train --steps 3 a\\ b") in out
+    assert out.startswith(f"+ env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 {py}")
     out = _dry("torchrun_multi_node.sh", "8", "--steps", "1", NNODES=2, NODE_RANK=1,
                RDZV_ENDPOINT="node0:29400", LOCAL_ADDR="10.0.0.2")
     assert ("--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29400 "

@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,9 +77,19 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's and NumPy's global generators with ``seed``. The job draws from neither,
+    but a checkpoint saves them and ``--resume`` restores them, so seeded they end the same in
+    a run that was interrupted and resumed as in one that was not."""
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> Job:
     """The model on its device, the data source (``--seed + 1``; an HF model's vocabulary) and
-    the optimizer and schedule: AdamW with ``lr_lambda``, or the DeepSpeed engine's."""
+    the optimizer and schedule: AdamW with ``lr_lambda``, or the DeepSpeed engine's. Python's
+    and NumPy's generators are seeded with ``--seed`` (``seed_host_rngs``)."""
+    seed_host_rngs(args.seed)
     device = resolve_device(args)
     model = build_model(args, ps).to(device)
     if args.hf_model:
