@@ -1,8 +1,10 @@
 """A training run's checkpoints under one root: ``root/step_<N>`` and ``root/latest``.
 
 ``root/latest`` holds the step of the newest committed checkpoint; it is replaced atomically
-after that checkpoint is committed, and the oldest ones beyond ``keep`` are then removed, so a
-run killed at any point leaves ``latest`` naming a complete checkpoint.
+after that checkpoint is committed, and the oldest ones beyond ``keep`` are then removed, with
+the unfinished ``step_<N>.tmp`` directories that saves killed midway left behind (saves are
+sequential: once one commits, no other is being written). A run killed at any point leaves
+``latest`` naming a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..distributed import ParallelState
 from .saving import PendingSave, save
 
 _STEP = re.compile(r"step_(\d+)$")
+_UNFINISHED = re.compile(r"step_\d+\.tmp$")
 
 
 def step_dir(root: str | os.PathLike, step: int) -> str:
@@ -43,6 +46,9 @@ def _mark_latest(root: str, step: int, keep: int) -> None:
     steps = sorted(int(m.group(1)) for name in os.listdir(root) if (m := _STEP.match(name)))
     for old in steps[:-keep]:
         shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    for name in os.listdir(root):
+        if _UNFINISHED.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def save_step(root: str | os.PathLike, step: int, model: nn.Module,
