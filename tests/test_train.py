@@ -148,3 +148,19 @@ def test_layouts_the_world_cannot_hold_are_refused(flags, world, message):
     args = train._parse(flags)
     with pytest.raises(ValueError, match=re.escape(message)):
         train.check_world(args, world)
+
+
+@pytest.mark.parametrize("mode", ["experts", "optimizer"])
+def test_shard_with_deepspeed_is_refused(mode, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train._parse(["--deepspeed", "ds.json", "--shard", mode])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--shard {mode} is not used with --deepspeed" in err and "drop --shard" in err
+
+
+def test_shard_takes_its_modes_only(capsys):
+    assert train._parse([]).shard == "none"
+    with pytest.raises(SystemExit):
+        train._parse(["--shard", "weights"])
+    assert "invalid choice: 'weights'" in capsys.readouterr().err

@@ -225,3 +225,40 @@ def test_failing_rank_ends_every_rank_by_timeout_without_launcher(tmp_path):
         assert "UNREACHABLE" not in out
     assert "injected failure on rank 2" in outs[2]
     assert elapsed < 150, elapsed
+
+
+def _sharded_run(layout: dict, shard: str) -> dict:
+    """The main job for 3 steps with ``--shard shard``: its losses, every parameter whole (an
+    FSDP2 shard gathered), and what was sharded (the parameters FSDP2 holds as DTensors, the
+    optimizer's class)."""
+    from moe_parallel import train
+
+    out = train.main(ARGS + [f"--{k}={v}" for k, v in layout.items()] + [
+        "--steps=3", "--log-every=100", f"--shard={shard}"])
+    params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in out["model"].named_parameters()}
+    return {"history": out["history"], "params": params,
+            "dtensors": sum(hasattr(p, "full_tensor") for p in out["model"].parameters()),
+            "optimizer": type(out["optimizer"]).__name__}
+
+
+@pytest.mark.parametrize("shard", ["experts", "optimizer"])
+def test_sharded_run_equals_unsharded_run(shard):
+    """``--shard experts`` (FSDP2: experts over EDP, the rest over DP) and ``--shard
+    optimizer`` (ZeRO-1) train as ``--shard none`` does: the same losses and parameters to
+    1e-10 (float64, ep2 on 4 ranks: edp 2, dp 4)."""
+    pool = get_pool(4)
+    plain = pool.run(_sharded_run, dict(ep=2), "none", timeout=300)
+    sharded = pool.run(_sharded_run, dict(ep=2), shard, timeout=300)
+    for rank, (a, b) in enumerate(zip(plain, sharded)):
+        assert (a["dtensors"], a["optimizer"]) == (0, "AdamW")
+        # every parameter is sharded (FSDP2), or the optimizer is
+        assert (b["dtensors"], b["optimizer"]) == (
+            (len(b["params"]), "AdamW") if shard == "experts" else (0, "ShardedOptimizer"))
+        assert len(a["history"]) == 3
+        for x, y in zip(a["history"], b["history"]):
+            assert abs(x - y) <= 1e-10 * abs(x), (rank, a["history"], b["history"])
+        assert a["params"].keys() == b["params"].keys()
+        for name, want in a["params"].items():
+            err = float((b["params"][name] - want).norm() / want.norm())
+            assert err < 1e-10, (rank, name, err)

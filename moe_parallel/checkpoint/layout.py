@@ -15,7 +15,19 @@ Routed experts are the only sharded state. ``GroupedExperts`` of EP rank ``p`` a
 ``local_sizes``), so ``torch.distributed.checkpoint`` writes each chunk at its global offsets
 (EDP replicas of a chunk are written once) and, on load, reads into each chunk the part of the
 saved global tensor it covers, whatever layout wrote it. Every other tensor is replicated: it
-is saved whole, once.
+is saved whole, once (a DTensor, e.g. a dense parameter FSDP2 shards over DP, as DCP writes
+DTensors: each shard at its offsets).
+
+Sharded over EDP (FSDP2, ``distributed.shard_model``) the routed-expert tensor is a DTensor
+whose global tensor is the EP/ETP-local one above, and this rank holds the box ``[o, o + n)``
+of it (``Shard`` placements, torch.chunk's split). ``GlobalLayout.shard`` composes the two:
+each chunk clipped to the box,
+
+    global_offset += max(local_offset, o) - local_offset,   local_offset = max(local_offset, o) - o,
+    size = min(local_offset + size, o + n) - max(local_offset, o)     (per dimension; empty: none)
+
+and ``annotate_shard`` annotates the DTensor's local tensor with it (``shard_spec`` keeps the
+DTensor's mesh and placements, so ``as_dtensor`` turns a tensor read for it back into one).
 """
 
 from __future__ import annotations
@@ -24,12 +36,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..experts import GroupedExperts
 
-__all__ = ["Chunk", "GlobalLayout", "blank_like", "expert_layouts", "sharded_layouts"]
+__all__ = ["Chunk", "GlobalLayout", "as_dtensor", "blank_like", "expert_layouts",
+           "sharded_layouts"]
 
-_CHUNK_FIELDS = ("global_shape", "global_offsets", "local_offsets", "local_sizes")
+_CHUNK_FIELDS = ("global_shape", "global_offsets", "local_offsets", "local_sizes", "shard_spec")
 
 
 @dataclass(frozen=True)
@@ -62,10 +77,52 @@ class GlobalLayout:
         alias.local_sizes = tuple(c.size for c in self.chunks)
         return alias
 
+    def shard(self, offset: tuple[int, ...], shape: tuple[int, ...]) -> GlobalLayout:
+        """The layout of the box ``[offset, offset + shape)`` of the local tensor (module
+        docstring): each chunk clipped to it, in the box's coordinates."""
+        chunks = []
+        for c in self.chunks:
+            lo = tuple(max(lc, o) for lc, o in zip(c.local_offset, offset))
+            hi = tuple(min(lc + n, o + m)
+                       for lc, n, o, m in zip(c.local_offset, c.size, offset, shape))
+            if all(h > low for h, low in zip(hi, lo)):
+                chunks.append(Chunk(
+                    tuple(g + low - lc for g, low, lc in zip(c.global_offset, lo, c.local_offset)),
+                    tuple(low - o for low, o in zip(lo, offset)),
+                    tuple(h - low for h, low in zip(hi, lo))))
+        return GlobalLayout(self.shape, tuple(shape), tuple(chunks))
+
+    def annotate_shard(self, tensor: DTensor) -> Tensor:
+        """An alias of the local tensor of ``tensor`` (a DTensor over this layout's local
+        tensor, e.g. FSDP2's over EDP) with the chunk metadata of its box (``shard``) and its
+        ``shard_spec`` (mesh, placements, shape, stride: ``as_dtensor``)."""
+        if tuple(tensor.shape) != self.local_shape:
+            raise ValueError(f"DTensor of shape {tuple(tensor.shape)} does not match its "
+                             f"layout's local shape {self.local_shape}")
+        local = tensor.to_local()
+        shape, offset = compute_local_shape_and_global_offset(
+            tensor.shape, tensor.device_mesh, tensor.placements)
+        alias = self.shard(tuple(offset), tuple(shape)).annotate(local)
+        alias.shard_spec = (tensor.device_mesh, tuple(tensor.placements), tensor.shape,
+                            tensor.stride())
+        return alias
+
+
+def as_dtensor(tensor: Tensor) -> Tensor:
+    """``tensor`` as the DTensor ``annotate_shard`` took it from (its ``shard_spec``), sharing
+    its storage; ``tensor`` itself when it has none."""
+    spec = getattr(tensor, "shard_spec", None)
+    if spec is None:
+        return tensor
+    mesh, placements, shape, stride = spec
+    return DTensor.from_local(tensor, mesh, placements, run_check=False, shape=shape,
+                              stride=stride)
+
 
 def blank_like(tensor: Tensor) -> Tensor:
     """A new uninitialised tensor like ``tensor`` (a DTensor stays one) carrying the chunk
-    metadata ``GlobalLayout.annotate`` gave it, if any: a load reads into it the same chunks."""
+    metadata (and ``shard_spec``) ``GlobalLayout.annotate`` or ``annotate_shard`` gave it, if
+    any: a load reads into it the same chunks."""
     blank = torch.empty_like(tensor.detach())
     for name in _CHUNK_FIELDS:
         if hasattr(tensor, name):

@@ -16,15 +16,15 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from ..distributed import ParallelState
+from ..distributed import ParallelState, ShardedOptimizer
 from ..layer import MoELayer
 from ..routing.capacity_schedule import FACTOR, dynamic_capacity_mismatch
 from . import manifest as mf
 from . import payload, safe_dcp, shard_files
 from .agreement import CheckpointError, agree, broadcast, check_ps, world
-from .layout import blank_like
+from .layout import as_dtensor, blank_like
 from .state import (
     model_state,
     optim_merge,
@@ -211,6 +211,13 @@ def _checked_state(path: str, saved: dict[str, Any], model: nn.Module,
     return state, params, pairs
 
 
+def _as_dtensors(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` (nested dicts) with each tensor read for a DTensor's shard made that DTensor
+    again (``layout.as_dtensor``): FSDP2's optimizer state stays a DTensor."""
+    return {k: _as_dtensors(v) if isinstance(v, dict) else
+            as_dtensor(v) if isinstance(v, Tensor) else v for k, v in tree.items()}
+
+
 def _apply_optimizer(state: dict[str, Any], params: list[list[str]], model: nn.Module,
                      optimizer: Optional[torch.optim.Optimizer]) -> None:
     """Put the optimizer state read into ``optimizer``; for an optimizer saved before its first
@@ -219,7 +226,11 @@ def _apply_optimizer(state: dict[str, Any], params: list[list[str]], model: nn.M
         return
     values = payload.from_entries(state, "optim_hyperparameters")
     if "optim" in state:
-        set_optimizer_state_dict(model, optimizer, optim_merge(state["optim"], params, values))
+        # a ShardedOptimizer holds (and read) the state of the parameters this rank owns only
+        options = StateDictOptions(strict=not isinstance(optimizer, ShardedOptimizer))
+        set_optimizer_state_dict(model, optimizer,
+                                 optim_merge(_as_dtensors(state["optim"]), params, values),
+                                 options=options)
     else:  # saved before its first step: no state
         optimizer.state.clear()
         for group, saved_group in zip(optimizer.param_groups, values["groups"]):

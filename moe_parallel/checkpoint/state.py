@@ -1,7 +1,8 @@
 """The state dict a checkpoint holds, as DCP reads and writes it (layout in ``api.py``).
 
 * ``model_state(model, distributed)``: ``get_model_state_dict`` with every routed-expert tensor
-  annotated with its global layout (``layout.py``), the layouts by key, the MoE layers by name;
+  annotated with its global layout (``layout.py``; FSDP2's DTensor over EDP by its local box),
+  the layouts by key, the MoE layers by name;
 * ``optim_state(model, optimizer, by_key)``: ``get_optimizer_state_dict`` with the tensors shaped
   like a routed-expert parameter annotated with that parameter's layout;
 * ``hyperparameters(optimizer)``: each parameter group's settings without its parameters;
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
+    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
 )
@@ -53,18 +55,29 @@ def _layer_names(model: nn.Module, keys: dict[int, str]) -> dict[str, MoELayer]:
 
 
 def _param_keys(model: nn.Module, msd: dict[str, Any]) -> dict[int, str]:
-    """``id(parameter) -> key of msd`` for the plain-tensor parameters (keys are DCP's canonical
-    names: DDP's ``module.`` and similar wrapper prefixes removed), matched by storage."""
+    """``id(parameter) -> key of msd`` (keys are DCP's canonical names: DDP's ``module.`` and
+    similar wrapper prefixes removed): plain-tensor parameters matched by storage, FSDP2's
+    (DTensor) by DCP's own name mapping (``_get_fqns``)."""
     def plain(t: Any) -> bool:
         return isinstance(t, Tensor) and not isinstance(t, DTensor)
 
     by_storage = {(t.data_ptr(), tuple(t.shape)): k for k, t in msd.items() if plain(t)}
     keys = {}
-    for p in model.parameters():
-        key = by_storage.get((p.data_ptr(), tuple(p.shape))) if plain(p) else None
+    for name, p in model.named_parameters():
+        if plain(p):
+            key = by_storage.get((p.data_ptr(), tuple(p.shape)))
+        else:
+            fqns = [f for f in _get_fqns(model, name) if f in msd]
+            key = fqns[0] if len(fqns) == 1 else None
         if key is not None:
             keys[id(p)] = key
     return keys
+
+
+def _annotated(layout: GlobalLayout, value: Tensor) -> Tensor:
+    """``value`` (a routed-expert tensor, or its optimizer state) annotated with its global
+    layout: a DTensor (sharded over EDP by FSDP2) by its local shard's box."""
+    return layout.annotate_shard(value) if isinstance(value, DTensor) else layout.annotate(value)
 
 
 def model_state(model: nn.Module, distributed: bool
@@ -76,7 +89,7 @@ def model_state(model: nn.Module, distributed: bool
     keys = _param_keys(model, msd)
     by_key = {keys[pid]: layout for pid, layout in layouts.items()}
     for key, layout in by_key.items():
-        msd[key] = layout.annotate(msd[key])
+        msd[key] = _annotated(layout, msd[key])
     return msd, by_key, _layer_names(model, keys)
 
 
@@ -92,7 +105,7 @@ def optim_state(model: nn.Module, optimizer: torch.optim.Optimizer,
             continue
         for name, value in entries.items():
             if isinstance(value, Tensor) and tuple(value.shape) == layout.local_shape:
-                entries[name] = layout.annotate(value)
+                entries[name] = _annotated(layout, value)
     return osd
 
 

@@ -9,8 +9,13 @@
   global gradient-norm clipping ``clip_grad_norm``;
 * ``ddp.py``: ``wrap_ddp``, DistributedDataParallel over the dense parameters only (experts
   synced over EDP), and the detection of a DDP that manages expert parameters;
-* ``fsdp.py``: the FSDP2 recipe (dense submodules sharded over DP×CP, MoE layers left to
-  ``sync_gradients``) and the detection of an FSDP unit that manages expert parameters;
+* ``sharding.py``: ``shard_model``, FSDP2 over both grids (routed experts over EDP, dense
+  parameters over DP×CP);
+* ``optimizer_sharding.py``: ``ShardedOptimizer``, the optimizer state sharded over EDP (experts)
+  and DP×CP (the rest) with ``ZeroRedundancyOptimizer``, weights and gradients kept whole;
+* ``fsdp.py``: the detection of an FSDP unit that manages expert parameters over any other
+  group than EDP (and the hand-made recipe: dense submodules sharded over DP×CP, MoE layers
+  left to ``sync_gradients``);
 * ``agreement.py``: ``check_agreement``, every rank of a layer's group built it the same way;
 * ``layout_agreement.py``: ``check_same_layout``, every rank builds the same process grid;
 * ``expert_bias.py``: ``update_expert_biases``, the aux-loss-free balancing step of every layer.
@@ -25,7 +30,9 @@ from .expert_bias import update_expert_biases
 from .fsdp import find_fsdp_managing_experts
 from .grads import clip_grad_norm, global_grad_norm, is_expert_param, sync_gradients
 from .init import LaunchEnv, detect_launch_env, init_distributed, job_timeout
+from .optimizer_sharding import ShardedOptimizer
 from .parallel_state import GROUP_NAMES, NODE_GROUP_NAMES, ParallelState, grid_groups
+from .sharding import expert_modules, shard_model
 
 __all__ = [
     "GROUP_NAMES",
@@ -33,14 +40,17 @@ __all__ = [
     "check_agreement",
     "LaunchEnv",
     "ParallelState",
+    "ShardedOptimizer",
     "clip_grad_norm",
     "collectives",
     "detect_launch_env",
+    "expert_modules",
     "global_grad_norm",
     "grid_groups",
     "init_distributed",
     "is_expert_param",
     "job_timeout",
+    "shard_model",
     "sync_gradients",
     "update_capacity_factors",
     "update_expert_biases",

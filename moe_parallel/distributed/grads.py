@@ -14,17 +14,23 @@ the attributes set by ``MoELayer`` (untagged parameters are dense and replicated
 
 Gradients are flattened into buckets of at most ``bucket_mb`` per (group, dtype): one
 all-reduce per bucket.
+
+Parameters sharded by FSDP2 (``DTensor``; ``sharding.shard_model``) have their gradients
+reduced by FSDP during the backward, with the same result on their shard; ``sync_gradients``
+skips them, and the norm counts each shard once over its mesh.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from .parallel_state import ParallelState
 
@@ -38,6 +44,20 @@ def _params_with_grad(params: Iterable[Tensor] | nn.Module) -> list[Tensor]:
     if isinstance(params, nn.Module):
         params = params.parameters()
     return [p for p in params if p.grad is not None]
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: its local shard for a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_groups(t: Tensor) -> tuple:
+    """The process groups over which ``t`` (a DTensor) is sharded, one per mesh dimension with
+    a ``Shard`` placement; ``()`` for a plain tensor or a replicated DTensor."""
+    if not isinstance(t, DTensor):
+        return ()
+    mesh = t.device_mesh
+    return tuple(mesh.get_group(d) for d, pl in enumerate(t.placements) if pl.is_shard())
 
 
 def _buckets(grads: list[Tensor], bucket_bytes: int) -> Iterable[list[Tensor]]:
@@ -81,11 +101,14 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
     global token count). Gradients travel in flattened buckets of at most ``bucket_mb`` MiB per
     group and dtype. A collective over those groups: call it on every rank, once after
     backward and before the optimizer step (in place of DDP's gradient all-reduce).
+    Parameters that FSDP2 shards (``DTensor``, e.g. by ``shard_model``) are skipped: FSDP
+    reduced their gradients in the backward.
     ``dense=False`` leaves the DP×CP reduction of the dense gradients to the DDP of
     ``wrap_ddp`` (which averages them during the backward) and does the rest: experts over
     EDP, sequence-parallel parameters over TP.
     """
-    params = _params_with_grad(params)
+    # FSDP2's parameters (DTensor) were reduced by FSDP in the backward
+    params = [p for p in _params_with_grad(params) if not isinstance(p, DTensor)]
     bucket_bytes = int(bucket_mb * 2**20)
     expert = [p.grad for p in params if is_expert_param(p)]
     dense_grads = [p.grad for p in params if not is_expert_param(p)] if dense else []
@@ -106,35 +129,48 @@ def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
 
     Call after ``sync_gradients``. Dense replicated gradients are equal on every rank and count
     once; expert shards are summed over the ETP×EP block (``tp_ep``); parameters marked
-    ``tensor_parallel`` (sharded over TP by the user's model) are summed over TP; everything is
-    summed over PP. Returns a float32 scalar on the gradients' device.
+    ``tensor_parallel`` (sharded over TP by the user's model) are summed over TP; the local
+    shards of a DTensor gradient (FSDP2's, ``shard_model``) are summed over the mesh
+    dimensions it is sharded on as well (an expert's over EDP, a dense one's over DP×CP);
+    everything is summed over PP. Returns a scalar on the gradients' device, float32 (float64
+    when a gradient is float64: a float64 model's norm does not depend on how it is sharded).
     """
     params = _params_with_grad(params)
     if not params:
         return torch.zeros(())
-    device = params[0].grad.device
+    device = _local(params[0].grad).device
+    dtype = (torch.float64 if any(p.grad.dtype == torch.float64 for p in params)
+             else torch.float32)
     inf = math.isinf(norm_type)
+    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
 
     def local(ps_: list[Tensor]) -> Tensor:
         if not ps_:
-            return torch.zeros((), device=device)
-        norms = torch.stack([p.grad.detach().float().norm(norm_type) for p in ps_])
+            return torch.zeros((), device=device, dtype=dtype)
+        norms = torch.stack([_local(p.grad).detach().to(dtype).norm(norm_type) for p in ps_])
         return norms.max() if inf else norms.pow(norm_type).sum()
 
-    expert = [p for p in params if is_expert_param(p)]
-    tp_sharded = [p for p in params
-                  if not is_expert_param(p) and getattr(p, "tensor_parallel", False)]
-    replicated = [p for p in params
-                  if not is_expert_param(p) and not getattr(p, "tensor_parallel", False)]
-    op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
-    parts = []
-    for group_name, ps_ in (("tp_ep", expert), ("tp", tp_sharded), (None, replicated)):
+    def kind(p: Tensor) -> Optional[str]:
+        if is_expert_param(p):
+            return "tp_ep"
+        return "tp" if getattr(p, "tensor_parallel", False) else None
+
+    # parameters by (the tag's group, the groups their DTensor shards span), in first-seen order
+    # (every rank holds the same parameters, so every rank reduces alike)
+    parts: dict[tuple, list[Tensor]] = {}
+    for group_name in ("tp_ep", "tp", None):  # these three always, as before
+        parts[(group_name, ())] = []
+    for p in params:
+        parts.setdefault((kind(p), _shard_groups(p.grad)), []).append(p)
+    values = []
+    for (group_name, shard_groups), ps_ in parts.items():
         value = local(ps_)
-        group = ps.group(group_name) if group_name else None
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(value, op=op, group=group)
-        parts.append(value)
-    total = torch.stack(parts).max() if inf else torch.stack(parts).sum()
+        groups = list(shard_groups) + ([ps.group(group_name)] if group_name else [])
+        for group in groups:
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(value, op=op, group=group)
+        values.append(value)
+    total = torch.stack(values).max() if inf else torch.stack(values).sum()
     pp_group = ps.group("pp")
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total, op=op, group=pp_group)
@@ -148,12 +184,14 @@ def clip_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState, max_
 
     ``total = global_grad_norm(params, ps, norm_type)`` (every parameter counted once across
     TP, EP, ETP, EDP and PP); every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``
-    in place. Returns ``total`` (float32 scalar). Call after ``sync_gradients``, on every rank
-    (it all-reduces over ``tp_ep``, ``tp`` and ``pp``).
+    in place. Returns ``total`` (``global_grad_norm``'s scalar). Call after ``sync_gradients``,
+    on every rank (it all-reduces over ``tp_ep``, ``tp``, ``pp`` and the meshes of sharded
+    gradients).
     """
     params = _params_with_grad(params)
     total = global_grad_norm(params, ps, norm_type)
     coeff = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params:
-        p.grad.detach().mul_(coeff.to(p.grad.device, p.grad.dtype))
+        grad = _local(p.grad).detach()
+        grad.mul_(coeff.to(grad.device, grad.dtype))
     return total

@@ -16,6 +16,11 @@ With ``--expert-bias`` every layer balances its load without an aux loss (DeepSe
 each optimizer step ``distributed.update_expert_biases`` sums the routed counts of all ranks and
 nudges each layer's selection bias toward balance.
 
+With ``--shard experts`` the model is sharded with FSDP2 over the data-parallel replicas
+(``distributed.shard_model``: each layer's routed experts over EDP, the blocks and the rest over
+DP), weights, gradients and optimizer state alike; with ``--shard optimizer`` only the AdamW
+state is (``distributed.ShardedOptimizer``). Either trains as ``--shard none`` does.
+
 With ``--deepspeed CONFIG.json`` the model trains under the DeepSpeed engine
 (``integrations.deepspeed``: ZeRO 0/1/2, expert gradients reduced over EDP, clipping by the
 global norm); ``--local_rank``, which the ``deepspeed`` launcher passes, is accepted (the rank
@@ -38,9 +43,17 @@ from .args import _parser as _parser
 from .args import check_flags, check_world
 from .data import SUCCESSOR_PROBS, MarkovSource, local_batch
 from .job import main
-from .model import Block, HFCausalLM, MoETransformerLM, build_config, build_model
+from .model import (
+    Block,
+    HFCausalLM,
+    MoETransformerLM,
+    build_config,
+    build_model,
+    shard_for_memory,
+)
 from .step import (
     backward_step,
+    build_optimizer,
     deepspeed_engine,
     engine_train_step,
     lm_loss,
@@ -58,6 +71,7 @@ __all__ = [
     "backward_step",
     "build_config",
     "build_model",
+    "build_optimizer",
     "check_flags",
     "check_world",
     "deepspeed_engine",
@@ -67,5 +81,6 @@ __all__ = [
     "lr_lambda",
     "main",
     "optimizer_step",
+    "shard_for_memory",
     "train_step",
 ]

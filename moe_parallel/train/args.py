@@ -26,6 +26,9 @@ from .model import CONFIG_FLAGS, build_config
 DESCRIPTION = ("The main job: train a small decoder-only MoE transformer language model on "
                "generated data.")
 
+# --shard: what is sharded over the data-parallel replicas (model.shard_for_memory)
+SHARD_MODES = ("none", "experts", "optimizer")
+
 # dest -> smallest allowed value (None: the flag may be left unset)
 _AT_LEAST = {"steps": 1, "batch_size": 1, "seq_len": 1, "vocab": 1, "hidden": 1, "ffn": 1,
              "layers": 1, "heads": 1, "experts": 1, "top_k": 1, "tp": 1, "ep": 1, "etp": 1,
@@ -129,6 +132,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     add("--lr", type=float, default=3e-3, help="AdamW peak learning rate (warm-up, cosine)")
     add("--clip", type=float, default=1.0, help="global gradient-norm clipping threshold")
     add("--seed", type=int, default=0, help="model and data seed (the same on every rank)")
+    add("--shard", choices=SHARD_MODES, default="none",
+        help="memory sharding over the data-parallel replicas: 'experts' shards weights, "
+             "gradients and optimizer state with FSDP2 (routed experts over EDP, the rest over "
+             "DP; distributed.shard_model), 'optimizer' only the optimizer state (ZeRO-1: "
+             "distributed.ShardedOptimizer); not with --deepspeed, whose ZeRO stage does this")
     add("--deepspeed", default=None, metavar="CONFIG.json",
         help="train under the DeepSpeed engine with this config (ZeRO stage 0, 1 or 2; tp=1; "
              "see integrations.deepspeed); launch with launch/deepspeed.sh")
@@ -231,6 +239,10 @@ def _check_checkpoint_flags(args: argparse.Namespace) -> None:
     if args.deepspeed is not None and args.save_dir is not None:
         raise ValueError("--save-dir (and --resume) are not supported with --deepspeed yet (the "
                          "ZeRO optimizer state is partitioned by DeepSpeed)")
+    if args.deepspeed is not None and args.shard != "none":
+        raise ValueError(f"--shard {args.shard} is not used with --deepspeed: the DeepSpeed "
+                         "engine shards the optimizer state itself (zero_optimization.stage in "
+                         "its config); drop --shard")
     if args.deepspeed is not None and args.tp > 1:
         raise ValueError(f"--deepspeed needs --tp 1 (DeepSpeed reduces dense gradients over the "
                          f"whole world), got --tp {args.tp}")

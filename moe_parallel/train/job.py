@@ -22,9 +22,9 @@ from ..cpu_memory import reuse_freed_memory
 from ..distributed import ParallelState, init_distributed
 from .args import _parse, check_world, exit_on_error, launch_world_size
 from .data import MarkovSource, local_batch
-from .model import build_model
+from .model import build_model, shard_for_memory
 from .progress import Progress, global_stats, new_routing_log, record_routing, step_line
-from .step import deepspeed_engine, engine_train_step, lr_lambda, train_step
+from .step import build_optimizer, deepspeed_engine, engine_train_step, lr_lambda, train_step
 
 
 @dataclass
@@ -86,12 +86,13 @@ def seed_host_rngs(seed: int) -> None:
 
 
 def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> Job:
-    """The model on its device, the data source (``--seed + 1``; an HF model's vocabulary) and
-    the optimizer and schedule: AdamW with ``lr_lambda``, or the DeepSpeed engine's. Python's
-    and NumPy's generators are seeded with ``--seed`` (``seed_host_rngs``)."""
+    """The model on its device (sharded as ``--shard`` says: ``shard_for_memory``), the data
+    source (``--seed + 1``; an HF model's vocabulary) and the optimizer and schedule: AdamW
+    (``build_optimizer``) with ``lr_lambda``, or the DeepSpeed engine's. Python's and NumPy's
+    generators are seeded with ``--seed`` (``seed_host_rngs``)."""
     seed_host_rngs(args.seed)
     device = resolve_device(args)
-    model = build_model(args, ps).to(device)
+    model = shard_for_memory(build_model(args, ps).to(device), args.shard, ps)
     if args.hf_model:
         args.vocab = model.hf.config.vocab_size
     source = MarkovSource(args.vocab, args.seed + 1)
@@ -99,7 +100,7 @@ def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> J
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeedEngine requires it
         engine, sched = deepspeed_engine(args, model, ps)
         return Job(args, ps, device, model, source, None, sched, engine)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = build_optimizer(model, args, ps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     return Job(args, ps, device, model, source, opt, sched)
 
@@ -111,7 +112,8 @@ def announce(job: Job) -> None:
         return
     what = (f"{job.model.hf.config.model_type} from {args.hf_model}" if args.hf_model else
             f"{args.layers} layers, H={args.hidden}, E={args.experts}, top-{args.top_k}")
-    zero = (f"DeepSpeed ZeRO-{job.engine.zero_optimization_stage()}; " if job.engine else "")
+    zero = (f"DeepSpeed ZeRO-{job.engine.zero_optimization_stage()}; " if job.engine else
+            f"sharded: {args.shard}; " if args.shard != "none" else "")
     print(f"moe_parallel demo on {job.device}: {ps.world_size} process(es) tp={ps.tp} "
           f"ep={ps.ep} etp={ps.etp} dp={ps.dp} edp={ps.edp}; {what}, "
           f"capacity_factor={args.capacity_factor or None}; {zero}"
@@ -225,7 +227,8 @@ def report(job: Job, start: int, history: list[float], elapsed: float) -> dict:
 def main(argv: Optional[list[str]] = None) -> dict:
     """Parse and validate ``argv``, initialise the process group (any supported launcher),
     train, print the loss curve and throughput on rank 0; returns ``{first_loss, last_loss,
-    history, model}`` (``history``: every step's loss, those before a resume included),
+    history, model, optimizer}`` (``history``: every step's loss, those before a resume
+    included; ``optimizer``: None under DeepSpeed),
     ``tokens_per_s`` and, per step run, this rank's ``experts_per_token``, ``drop_rate`` and
     ``capacity_factor``."""
     args = _parse(argv)
@@ -237,4 +240,5 @@ def main(argv: Optional[list[str]] = None) -> dict:
     t_start = time.perf_counter()
     routing_log = train_loop(job, start, history)
     summary = report(job, start, history, time.perf_counter() - t_start)
-    return {**summary, "history": history, "model": job.model, **routing_log}
+    return {**summary, "history": history, "model": job.model, "optimizer": job.opt,
+            **routing_log}

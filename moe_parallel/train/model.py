@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MoEConfig
-from ..distributed import ParallelState
+from ..distributed import ParallelState, shard_model
 from ..distributed import collectives as comm
 from ..layer import MoELayer, set_aux_loss_scale
 
@@ -169,3 +169,14 @@ def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
                                  args.seq_len).parallelize(ps)
     set_aux_loss_scale(model, 1.0 / ps.tp)  # each TP rank's share, as its lm loss / tp
     return model
+
+
+def shard_for_memory(model: nn.Module, shard: str, ps: ParallelState) -> nn.Module:
+    """``--shard experts``: ``model`` sharded with FSDP2 (``distributed.shard_model``: routed
+    experts over EDP, every block and the rest over DP), each block of the built-in model a unit
+    of its own; ``model`` unchanged for the other modes (``optimizer`` shards in the optimizer:
+    ``step.build_optimizer``). Call once the model is on its device."""
+    if shard != "experts":
+        return model
+    blocks = list(model.blocks) if isinstance(model, MoETransformerLM) else []
+    return shard_model(model, ps, dense_modules=blocks)

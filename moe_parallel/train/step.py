@@ -1,7 +1,8 @@
 """One optimizer step of the main job: the language-model loss, backward with the gradients
 synced over their groups, clipping by the global norm, the optimizer step and the per-step
 router updates (expert biases, dynamic capacity factors); the same under the DeepSpeed engine;
-and the learning-rate schedule (10 warm-up steps, then a cosine decay)."""
+the optimizer (AdamW, its state sharded with ``--shard optimizer``) and the learning-rate
+schedule (10 warm-up steps, then a cosine decay)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from ..distributed import (
     ParallelState,
+    ShardedOptimizer,
     clip_grad_norm,
     sync_gradients,
     update_capacity_factors,
@@ -57,6 +59,16 @@ def optimizer_step(model: MoETransformerLM, opt: torch.optim.Optimizer, ps: Para
     update_expert_biases(model, ps)  # aux-loss-free balancing (layers with expert_bias only)
     update_capacity_factors(model, ps)  # layers with dynamic_capacity only
     return norm
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace,
+                    ps: ParallelState) -> torch.optim.Optimizer:
+    """AdamW(lr=--lr, no weight decay) over ``model``; with ``--shard optimizer`` on several
+    ranks its state sharded over the data-parallel replicas (``distributed.ShardedOptimizer``:
+    the experts' over EDP, the rest over DP)."""
+    if args.shard == "optimizer" and ps.world_size > 1:
+        return ShardedOptimizer(model, ps, torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 
 
 def lr_lambda(args: argparse.Namespace) -> Callable[[int], float]:
