@@ -4,7 +4,8 @@ Allowed imports between top-level parts of ``moe_parallel`` (``DESIGN.md`` secti
 imports nothing of ours; ``config`` only ``ops``; ``routing``, ``experts`` and ``distributed``
 only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` composes them;
 ``checkpoint`` and ``integrations`` sit on top (``train`` uses both: checkpoints, converted HF
-models), and nothing below imports them.
+models), and nothing below imports them. ``plan`` (the layout planner) reads
+``integrations.hf.families`` for ``--config``; nothing imports it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ BELOW = {
                    "layer"},
     "integrations": {"ops", "config", "metrics", "routing", "experts", "distributed",
                      "dispatch", "layer"},
+    "plan": {"integrations"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
               "dispatch", "layer", "checkpoint", "integrations"},
 }
