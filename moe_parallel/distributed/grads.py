@@ -132,8 +132,9 @@ def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
     ``tensor_parallel`` (sharded over TP by the user's model) are summed over TP; the local
     shards of a DTensor gradient (FSDP2's, ``shard_model``) are summed over the mesh
     dimensions it is sharded on as well (an expert's over EDP, a dense one's over DP×CP);
-    everything is summed over PP. Returns a scalar on the gradients' device, float32 (float64
-    when a gradient is float64: a float64 model's norm does not depend on how it is sharded).
+    everything is summed over PP. Returns a float32 scalar on the gradients' device; with a
+    float64 gradient the sums run in float64 and only the result is rounded, so the norm does
+    not depend on how a float64 model is sharded or split over ranks.
     """
     params = _params_with_grad(params)
     if not params:
@@ -174,7 +175,7 @@ def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
     pp_group = ps.group("pp")
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total, op=op, group=pp_group)
-    return total if inf else total.pow(1.0 / norm_type)
+    return (total if inf else total.pow(1.0 / norm_type)).float()
 
 
 def clip_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState, max_norm: float,
