@@ -46,7 +46,6 @@ def _steps_match(layout: dict, steps: int) -> float:
 def _match(layout: dict, steps: int, ps) -> float:
     from moe_parallel import train
     from moe_parallel.distributed.parallel_state import ParallelState
-    from moe_parallel.experts import shard_expert_weights
     args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
     single = ParallelState.single()
     dist_model, full_model = train.build_model(args, ps), train.build_model(args, single)
@@ -58,6 +57,14 @@ def _match(layout: dict, steps: int, ps) -> float:
         _, full_norm = train.train_step(full_model, opts[1], batch, single, args.clip)
         assert abs(float(norm) - float(full_norm)) <= 1e-10 * float(full_norm)
         assert float(full_norm) > args.clip  # clipping is active, so the norm matters
+    return _worst_error(dist_model, full_model, ps)
+
+
+def _worst_error(dist_model, full_model, ps) -> float:
+    """The largest relative difference between ``dist_model``'s parameters on this rank and
+    ``full_model``'s (one process): expert shards against the full model's slice."""
+    from moe_parallel.experts import shard_expert_weights
+
     full = dict(full_model.named_parameters())
     worst = 0.0
     for name, p in dist_model.named_parameters():
@@ -67,8 +74,7 @@ def _match(layout: dict, steps: int, ps) -> float:
             w1, w2 = shard_expert_weights(full[prefix + ".w1"], full[prefix + ".w2"], ps.ep_rank,
                                           ps.ep, ps.etp_rank, ps.etp, gated=True)
             want = w1 if name.endswith("w1") else w2
-        err = float((p.detach() - want.detach()).norm() / want.detach().norm())
-        worst = max(worst, err)
+        worst = max(worst, float((p.detach() - want.detach()).norm() / want.detach().norm()))
     return worst
 
 
@@ -88,7 +94,6 @@ def _skip_matches(layout: dict, steps: int, nan_step: int) -> tuple[list[int], f
 
     from moe_parallel import train
     from moe_parallel.distributed.parallel_state import ParallelState
-    from moe_parallel.experts import shard_expert_weights
 
     ps = parallel_state(**layout)
     args = train._parse(ARGS + [f"--{k}={v}" for k, v in layout.items()])
@@ -114,17 +119,7 @@ def _skip_matches(layout: dict, steps: int, nan_step: int) -> tuple[list[int], f
             skipped.append(step)
             continue
         train.train_step(full_model, opts[1], batch, single, args.clip)
-    full = dict(full_model.named_parameters())
-    worst = 0.0
-    for name, p in dist_model.named_parameters():
-        want = full[name]
-        if name.endswith("experts.w1") or name.endswith("experts.w2"):
-            prefix = name.rsplit(".", 1)[0]
-            w1, w2 = shard_expert_weights(full[prefix + ".w1"], full[prefix + ".w2"], ps.ep_rank,
-                                          ps.ep, ps.etp_rank, ps.etp, gated=True)
-            want = w1 if name.endswith("w1") else w2
-        worst = max(worst, float((p.detach() - want.detach()).norm() / want.detach().norm()))
-    return skipped, worst
+    return skipped, _worst_error(dist_model, full_model, ps)
 
 
 @pytest.mark.parametrize("layout", [dict(ep=2), dict(tp=2, ep=2), dict(ep=4)],
