@@ -31,7 +31,8 @@ wall time the GPU was busy, the largest idle gaps between kernels and the synchr
 ``--trace PREFIX`` also writes each profiled step's Chrome trace.
 
 Presets (``--config``): ``a`` E=8 k=2 H=1024 F=2048 T=4096; ``b`` (fine-grained) E=64 k=6
-H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--experts/--top-k``.
+H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--experts/--top-k``;
+``--recompute`` sets ``MoEConfig.recompute`` of the ``MoELayer`` contenders.
 
     python -m benchmarks layer --config a
 """
@@ -122,7 +123,8 @@ def build(case: dict, contender: str) -> Contender:
     backend = contender[len("grouped_"):] if contender in BACKEND_CONTENDERS else "auto"
     cfg = MoEConfig(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
                     num_experts=case["experts"], top_k=case["top_k"], params_dtype=dtype,
-                    expert_impl=impl, grouped_gemm_backend=backend, check_finite=False)
+                    expert_impl=impl, grouped_gemm_backend=backend, check_finite=False,
+                    recompute=case.get("recompute", "none"))
     torch.manual_seed(0)
     layer = MoELayer(cfg, device=device)
     sync = device_sync(device)
@@ -263,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("tokens", "hidden", "ffn", "experts", "top-k"):
         p.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--recompute", default="none", choices=("none", "activation", "experts"),
+                   help="MoEConfig.recompute of the MoELayer contenders")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
@@ -283,7 +287,7 @@ def print_table(args: argparse.Namespace, case: dict, rows: list[dict]) -> None:
     ours = next((r["seconds"] for r in rows if r["contender"] == "grouped"), None)
     print(f"\nconfig {args.config}: T={case['tokens']} H={case['hidden']} F={case['ffn']} "
           f"E={case['experts']} k={case['top_k']} {args.dtype} on {args.device}, "
-          f"{args.threads} threads, forward+backward")
+          f"{args.threads} threads, recompute={args.recompute}, forward+backward")
     head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
             f"{'grouped speedup':>17}{'saved MiB':>11}{'peak MiB':>10}")
     print_head(head)
@@ -308,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("tokens", "hidden", "ffn", "experts", "top_k"):
         if getattr(args, name) is not None:
             case[name] = getattr(args, name)
-    case.update(dtype=args.dtype, device=args.device, threads=args.threads)
+    case.update(dtype=args.dtype, device=args.device, threads=args.threads,
+                recompute=args.recompute)
     contenders = list(dict.fromkeys(["dense", *args.contenders]))
     if "megablocks" in contenders + (args.profile or []):  # fail before any timing
         missing = [m for m in ("megablocks", "grouped_gemm", "stk")

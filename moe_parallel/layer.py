@@ -229,7 +229,9 @@ class MoELayer(CapacityScheduled):
         With ``scale_expert_input`` (Llama-4) the output is
         ``Σ_j expert_{idx[t, j]}(probs[t, j] · x[t])``: each of a token's ``k`` assignments goes
         out as its own row ``probs[t, j]·x[t]`` with combine weight 1, and the ``k`` outputs are
-        summed."""
+        summed. Otherwise the routing weights travel to the experts, which scale each row's
+        activation before their second GEMM, and the combine is an unweighted sum
+        (``dispatch.pipeline``): no expert output rows are kept for the backward."""
         cfg, side = self.config, None
         if self.shared_expert is not None:
             shared = self.shared_expert
@@ -245,7 +247,7 @@ class MoELayer(CapacityScheduled):
             probs=torch.ones(T * k, 1, dtype=routing.probs.dtype, device=rows.device),
             keep=None if routing.keep is None else routing.keep.reshape(T * k, 1))
         out = run_pipeline(self.dispatcher, self.experts, rows.reshape(T * k, tokens.shape[1]),
-                           route, pad_to, cfg.overlap_chunks, side)
+                           route, pad_to, cfg.overlap_chunks, side, weights_to_experts=False)
         return replace(out, y=out.y.view(T, k, out.y.shape[-1]).sum(dim=1),
                        row_map=out.row_map.reshape(T, k))
 

@@ -16,6 +16,7 @@ DispatcherType = Literal["alltoall", "alltoall_hierarchical", "allgather"]
 ExpertImpl = Literal["block_sparse", "grouped"]
 RowOverflow = Literal["error", "capacity"]
 VerdictScope = Literal["stage", "layer"]
+Recompute = Literal["none", "activation", "experts"]
 
 # The allowed values of each choice field: one definition, the Literal above.
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -27,4 +28,5 @@ DISPATCHERS: tuple[str, ...] = get_args(DispatcherType)
 EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
 VERDICT_SCOPES: tuple[str, ...] = get_args(VerdictScope)
+RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
 ROUTER_DTYPES = (None, torch.float32, torch.float64)

@@ -292,6 +292,16 @@ class MoEConfigFields:
     16 groups ``"torch"``, its wgrad ``"cutlass"`` where the Hopper kernels run; else
     ``"loop"``) or ``"loop"`` on any device; ``"streams"``, ``"cublas"``, ``"torch"``
     (bfloat16) or ``"cutlass"`` (bfloat16) on CUDA only (``ops.grouped_gemm``)."""
+    recompute: choices.Recompute = "none"
+    """What the routed experts' backward recomputes instead of keeping from the forward
+    (``experts/grouped_ffn.py``): ``"none"`` (default) keeps the expert input rows, the first
+    GEMM's output h and the activation a; ``"activation"`` keeps the rows and h and recomputes
+    a = act(h) (Megatron-Core ``recompute_modules=["moe_act"]``); ``"experts"`` keeps only the
+    rows and recomputes h and a (the expert FFN part of Megatron-Core's ``"moe"`` module; the
+    dispatch exchanges are not repeated). Per expert row, at element size s, the experts keep
+    s·(H + F1 + F), s·(H + F1) or s·H bytes (F1 = 2F for the SwiGLUs, else F). Same results
+    in every mode. With ``expert_impl="block_sparse"`` the same is done with
+    ``torch.utils.checkpoint``, "activation" then also repeating the second product."""
     block_size: Optional[int] = None
     """Block-sparse block size, in rows; an explicit value must divide the local ffn size
     (``ffn_hidden_size / etp``). None (default): 128 on CUDA, 32 on CPU, halved until it

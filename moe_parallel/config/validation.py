@@ -61,6 +61,7 @@ def _check_choices(cfg: MoEConfig) -> None:
     check_choice("grouped_gemm_backend", cfg.grouped_gemm_backend, GROUPED_GEMM_BACKENDS)
     check_choice("row_overflow", cfg.row_overflow, choices.ROW_OVERFLOWS)
     check_choice("verdict_scope", cfg.verdict_scope, choices.VERDICT_SCOPES)
+    check_choice("recompute", cfg.recompute, choices.RECOMPUTE_MODES)
     for name in _bool_fields(cfg):
         if not isinstance(getattr(cfg, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")

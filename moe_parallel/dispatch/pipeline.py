@@ -1,5 +1,16 @@
 """Dispatch → experts → combine for one forward, optionally in pipelined chunks.
 
+Where the routing weights are applied: experts with ``takes_row_weights``
+(``experts.base.RoutedExperts``) get each received row's weight ``w`` and return
+``w · expert(row)`` (the weight scales the activation before the second GEMM); the combine is
+then an unweighted sum, whose backward keeps no expert output rows. The weights of the rows
+come from the dispatch handle where it holds them (``LocalHandle``, ``AllGatherHandle``: a
+scatter of ``probs`` by the handle's row map, no communication) or travel with a second
+dispatch of the ``[T·k, 1]`` weights along the same routing (``AllToAllHandle``: the permute
+and all-to-all of one column, after the rows' exchange, which fixed the kept assignments);
+any other dispatcher's combine applies the weights, as do experts without
+``takes_row_weights``. Either way ``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t])``.
+
 With ``chunks = n`` the rows are split into ``n`` consecutive chunks (``bounds[i] = ⌊N·i/n⌋``;
 empty ones included, so every rank runs the same collectives) and run as
 
@@ -21,12 +32,16 @@ import torch
 from torch import Tensor
 
 from ..routing.router import Routing
+from .all_gather import AllGatherHandle
+from .all_to_all import AllToAllHandle
 from .in_flight import InFlight
+from .local import LocalHandle
 
 if TYPE_CHECKING:
     from .base import DispatchHandle, TokenDispatcher
 
-# experts(expert_in [N, H], group_sizes [E_local] CPU int64) -> (out [N, H], padded rows or None)
+# experts(expert_in [N, H], group_sizes [E_local] CPU int64[, row_weights=[N]])
+#   -> (out [N, H], padded rows or None); row_weights only for experts with takes_row_weights
 ExpertsFn = Callable[[Tensor, Tensor], tuple[Tensor, Optional[int]]]
 
 
@@ -64,10 +79,46 @@ def _gather(handles: list[DispatchHandle]) -> tuple[Tensor, Tensor, bool]:
     return row_map, tokens_per_expert, any(h.overflow for h in handles)
 
 
+def _scattered(row_map: Tensor, probs: Tensor, num_rows: int) -> Tensor:
+    """``w [num_rows]``: ``w[row_map[t, j]] = probs[t, j]``, 0 for rows no ``(t, j)`` points at
+    (padding); dropped entries (-1) go to one spare slot. Differentiable in ``probs``."""
+    dest = torch.where(row_map >= 0, row_map, num_rows).reshape(-1)
+    return probs.new_zeros(num_rows + 1).scatter(0, dest, probs.reshape(-1))[:num_rows]
+
+
+def expert_row_weights(dispatcher: TokenDispatcher, handle: DispatchHandle,
+                       piece: tuple[Tensor, Routing], pad_to: int, num_rows: int
+                       ) -> tuple[Optional[Tensor], DispatchHandle]:
+    """``(w [num_rows], handle')``: the routing weight of each row of the dispatch's
+    ``expert_in`` and a handle whose combine sums without weights (module docstring); or
+    ``(None, handle)`` for a handle of another dispatcher (its combine keeps the weights).
+    ``piece`` is the ``(rows, routing)`` that was dispatched. For ``AllToAllHandle`` a
+    collective over the dispatcher's groups."""
+    if isinstance(handle, LocalHandle):
+        return (_scattered(handle.row_map, handle.probs, num_rows),
+                replace(handle, probs=None))
+    if isinstance(handle, AllGatherHandle):
+        return (_scattered(handle.gathered_row_map, handle.gathered_probs, num_rows),
+                replace(handle, gathered_probs=None))
+    if isinstance(handle, AllToAllHandle):
+        routing = piece[1]
+        n = routing.expert_idx.numel()
+        single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1),
+                         probs=routing.probs.reshape(n, 1),
+                         keep=(handle.row_map >= 0).reshape(n, 1))
+        weights, _, _ = dispatcher.dispatch(routing.probs.reshape(n, 1), single, pad_to)
+        return weights.view(-1), replace(handle, probs=None)
+    return None, handle
+
+
 def run_pipeline(dispatcher: TokenDispatcher, experts: ExpertsFn, rows: Tensor,
                  routing: Routing, pad_to: int = 0, chunks: int = 1,
-                 side: Optional[Callable[[], InFlight[Tensor]]] = None) -> PipelineResult:
-    """Dispatch ``rows`` by ``routing``, apply ``experts``, combine (module docstring)."""
+                 side: Optional[Callable[[], InFlight[Tensor]]] = None,
+                 weights_to_experts: bool = True) -> PipelineResult:
+    """Dispatch ``rows`` by ``routing``, apply ``experts``, combine (module docstring).
+    ``weights_to_experts=False`` keeps the routing weights in the combine whatever the
+    experts take."""
+    to_experts = weights_to_experts and getattr(experts, "takes_row_weights", False)
     pieces = split_rows(rows, routing, chunks)
     started = [dispatcher.dispatch_start(*pieces[0], pad_to)]
     side_started = side() if side is not None else None
@@ -76,7 +127,14 @@ def run_pipeline(dispatcher: TokenDispatcher, experts: ExpertsFn, rows: Tensor,
         if i + 1 < chunks:
             started.append(dispatcher.dispatch_start(*pieces[i + 1], pad_to))
         expert_in, group_sizes, handle = started[i].finish()
-        out, chunk_padded = experts(expert_in, group_sizes)
+        weights = None
+        if to_experts:
+            weights, handle = expert_row_weights(dispatcher, handle, pieces[i], pad_to,
+                                                 expert_in.shape[0])
+        if weights is None:
+            out, chunk_padded = experts(expert_in, group_sizes)
+        else:
+            out, chunk_padded = experts(expert_in, group_sizes, row_weights=weights)
         combines.append(dispatcher.combine_start(out, handle))
         handles.append(handle)
         num_rows += expert_in.shape[0]

@@ -4,8 +4,12 @@
   (``forward(rows, group_sizes) -> ExpertsOutput(y, padded_rows)`` on rows grouped by local
   expert);
 * ``grouped.py``: ``GroupedExperts`` (``y_e = act(x_e @ w1[e]) @ w2[e]`` for every local expert,
-  by grouped GEMM or block-sparse products), ``shard_expert_weights`` (the EP/ETP shard) and
-  ``shard_expert_bias``;
+  by grouped GEMM or block-sparse products, each row optionally scaled by its routing weight),
+  ``shard_expert_weights`` (the EP/ETP shard) and ``shard_expert_bias``;
+* ``grouped_ffn.py``: ``grouped_ffn``, the grouped-GEMM expert FFN as one autograd function
+  whose saved tensors follow ``config.recompute``;
+* ``memory.py``: ``expert_saved_bytes`` (what the experts keep for backward, per recompute mode)
+  and ``peak_bytes_bound`` (a rank's peak live bytes in one forward+backward);
 * ``block_sparse.py``: the dropless block-sparse (MegaBlocks-style) expert FFN;
 * ``shared.py``: ``SharedExpert``, one dense FFN applied to every token (optionally gated);
 * ``activation.py``: SwiGLU / clamped SwiGLU / GELU / ReLU on the first GEMM's output.
@@ -26,6 +30,8 @@ from .activation import activate
 from .base import ExpertsOutput, RoutedExperts
 from .block_sparse import block_sparse_ffn, padded_rows, resolve_block_size
 from .grouped import GroupedExperts, shard_expert_bias, shard_expert_weights
+from .grouped_ffn import grouped_ffn
+from .memory import expert_saved_bytes, peak_bytes_bound
 from .shared import SharedExpert
 
 __all__ = [
@@ -37,7 +43,10 @@ __all__ = [
     "activate",
     "block_sparse_ffn",
     "build_experts",
+    "expert_saved_bytes",
+    "grouped_ffn",
     "padded_rows",
+    "peak_bytes_bound",
     "resolve_block_size",
     "shard_expert_bias",
     "shard_expert_weights",

@@ -6,6 +6,13 @@
 ``Σ group_sizes = N``, padding rows included), ``l(i)`` the local expert of row ``i``. An
 implementation that pads the rows internally (block-sparse) reports the padded row count in
 ``out.padded_rows`` (None: it pads nothing), which the routing statistics read.
+
+An implementation with ``takes_row_weights = True`` also takes ``forward(rows, group_sizes,
+row_weights)``, ``row_weights [N]`` float (or None: all 1), and returns
+    out.y[i] = row_weights[i] · expert_{l(i)}(rows[i])
+applying the weight inside the expert (before its second GEMM); the layer then sends it the
+routing weights and combines the rows with an unweighted sum, which keeps no expert output rows
+for the backward (``dispatch.pipeline``). The gradient reaches ``row_weights``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class RoutedExperts(nn.Module, abc.ABC):
     """
 
     num_local_experts: int
+    takes_row_weights: bool = False  # forward takes row_weights (module docstring)
 
     @abc.abstractmethod
     def forward(self, rows: Tensor, group_sizes: Tensor) -> ExpertsOutput:

@@ -12,7 +12,9 @@ For the local experts' rows ``x [N, H]`` grouped by expert with counts ``c_e`` a
     y_pad = bsr_dsd(a, w2, topology(F / B))
     y = y_pad[real rows]                      [N, H]
 With projection biases ``b1 [E, F1]``, ``b2 [E, H]`` (GPT-OSS), each block of the first product
-adds its expert's ``b1`` columns and each real output row its expert's ``b2``.
+adds its expert's ``b1`` columns and each real output row its expert's ``b2``. With row weights
+``w [N]`` (the routing weights) each row's activation is scaled by its weight before the second
+product (and its ``b2`` by the same weight): ``y[i] = w[i] · expert(x[i])``.
 Padding rows are zero in ``x_pad``, never reach ``y`` and receive no gradient (``y`` gathers
 only the real rows), so the weight gradients are those of the real rows. Per call at most
 ``E·(B - 1)`` padding rows are added.
@@ -25,10 +27,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import MoEConfig
 from .activation import activate
+from .grouped_ffn import expert_rows, weighted
 
 DEFAULT_BLOCK_SIZE = {"cuda": 128, "cpu": 32}
 
@@ -87,12 +91,18 @@ def _activate_blocks(blocks: Tensor, config: MoEConfig, n_blocks: int, block_siz
 def block_sparse_ffn(
     x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, block_size: int, config: MoEConfig,
     b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
+    row_weights: Optional[Tensor] = None, recompute: str = "none",
 ) -> tuple[Tensor, int]:
     """``y [N, H]`` of the experts (see the module docstring) and the padded row count.
 
     ``x [N, H]`` grouped by expert; ``w1 [E, H, F1]`` (``F1 = 2F`` for the SwiGLUs, else
     ``F``); ``w2 [E, F, H]``; optional biases ``b1 [E, F1]``, ``b2 [E, H]``; ``group_sizes
-    [E]`` CPU int64 summing to ``N``; ``F % block_size == 0``.
+    [E]`` CPU int64 summing to ``N``; ``F % block_size == 0``. ``row_weights [N]`` (None: 1)
+    scales row ``i``'s activation before the second product (its output when ``F > H``, the
+    narrower rows), so ``y[i] = w[i]·expert(x[i])``.
+    ``recompute="activation"``: the activation and the second product run under
+    ``torch.utils.checkpoint`` (their input blocks are kept, the activation is recomputed, and
+    with it the second product); ``"experts"`` is the caller's (``GroupedExperts``).
     """
     b = block_size
     ffn = w2.shape[1]
@@ -103,24 +113,33 @@ def block_sparse_ffn(
     padded_offsets, block_row, block_col, _, _, _ = ops.block_topology(group_sizes, b, n1)
     _, _, block_col2, row_ptr2, _, _ = ops.block_topology(group_sizes, b, n2)
     num_padded = int(padded_offsets[-1])
+    scale_output = row_weights is not None and ffn > w2.shape[2]  # the narrower rows: [N, H]
+    w_pad = None if scale_output else row_weights
     if num_padded == x.shape[0]:  # every count a multiple of B: x is already x_pad
         real_map, x_pad = None, x
     else:  # row gathers (unpermute with one term per row, -1: a zero row), both directions
         pad_map, real_map = _row_maps(group_sizes, padded_offsets, x.device)
         x_pad = ops.unpermute(x, pad_map, validate=False)  # maps built in range above
+        if w_pad is not None:  # padding rows weigh 0
+            w_pad = ops.unpermute(w_pad.view(-1, 1), pad_map, validate=False).view(-1)
     blocks = ops.bsr_sdd(x_pad, w1, block_row, block_col, b)
     if b1 is not None:  # block k holds columns of global column block block_col[k]
         blocks = blocks + b1.reshape(-1, b)[block_col.to(blocks.device)].unsqueeze(1)
-    a = _activate_blocks(blocks, config, n2, b)
-    y_pad = ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)
+
+    def second(blocks: Tensor, w_pad: Optional[Tensor]) -> Tensor:
+        a = _activate_blocks(blocks, config, n2, b)
+        if w_pad is not None:  # row block r holds blocks r·n2 .. r·n2 + n2 - 1
+            a = (a.view(-1, n2, b, b) * w_pad.view(-1, 1, b, 1)).to(a.dtype).view(-1, b, b)
+        return ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)
+
+    if recompute == "activation":
+        y_pad = checkpoint(second, blocks, w_pad, use_reentrant=False, preserve_rng_state=False)
+    else:
+        y_pad = second(blocks, w_pad)
     y = y_pad if real_map is None else ops.unpermute(y_pad, real_map, validate=False)
     if b2 is not None:
-        y = y + expert_rows(b2, group_sizes)
+        y = y + (expert_rows(b2, group_sizes) if scale_output
+                 else weighted(expert_rows(b2, group_sizes), row_weights))
+    if scale_output:
+        y = weighted(y, row_weights)
     return y, num_padded
-
-
-def expert_rows(bias: Tensor, group_sizes: Tensor) -> Tensor:
-    """``[N, D]``: row ``i`` holds ``bias[e]`` of the expert ``e`` that row ``i`` belongs to
-    (``group_sizes [E]`` CPU int64, rows grouped by expert)."""
-    sizes = group_sizes.to(bias.device)
-    return bias.repeat_interleave(sizes, dim=0, output_size=int(group_sizes.sum()))

@@ -6,13 +6,17 @@ Routed experts (``GroupedExperts``), for the rows of local expert ``e`` (consecu
     a = act(h)                          SwiGLU: silu(h[:, :F]) * h[:, F:]; clamped SwiGLU;
                                         GELU (erf); ReLU
     y_e = a @ w2[e]                     w2: [E_local, F, H]
+With row weights ``w`` (the routing weights, ``forward(..., row_weights)``) the activation of
+row ``i`` is scaled by ``w[i]`` before the second GEMM: ``y[i] = w[i] · expert(x[i])``, so the
+combine is an unweighted sum and keeps no expert output rows for its backward.
 With ``expert_proj_bias`` (GPT-OSS) ``h += b1[e]`` (``b1 [E_local, (2)F]``, gate | up) and
 ``y_e += b2[e]`` (``b2 [E_local, H]``), both initialised to zero. Without biases act(0) = 0 for
 every activation, so zero padding rows produce zero outputs; with them padding rows are never
 read back and get no gradient.
 ``config.expert_impl`` picks the computation of the same formula: ``"grouped"``
-(``ops.grouped_gemm``, the default) or ``"block_sparse"`` (dropless block-sparse products,
-``block_sparse.py``).
+(``ops.grouped_gemm`` in one autograd function, ``grouped_ffn.py``, the default) or
+``"block_sparse"`` (dropless block-sparse products, ``block_sparse.py``); ``config.recompute``
+what their backward recomputes instead of keeping.
 
 Expert parallelism shards the stacked weights (``shard_expert_weights``): EP rank ``p`` holds
 experts ``[p·E/ep, (p+1)·E/ep)``, ETP rank ``q`` the hidden units ``[q·F/etp, (q+1)·F/etp)`` of
@@ -21,14 +25,18 @@ each; the experts' output is the sum over ETP ranks of their partial outputs.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .. import ops
 from ..config import MoEConfig
-from .activation import activate, fc1_width
+from .activation import fc1_width
 from .base import ExpertsOutput, RoutedExperts
-from .block_sparse import block_sparse_ffn, expert_rows, resolve_block_size
+from .block_sparse import block_sparse_ffn, resolve_block_size
+from .grouped_ffn import grouped_ffn
 
 
 def shard_expert_bias(bias: Tensor, ep_rank: int, ep: int) -> Tensor:
@@ -71,13 +79,16 @@ def shard_expert_weights(
 
 
 class GroupedExperts(RoutedExperts):
-    """``num_local_experts`` expert FFNs of hidden size ``ffn_size`` as two stacked weights.
+    """``num_local_experts`` expert FFNs of hidden size ``ffn_size`` as two stacked weights;
+    ``forward`` takes row weights (``takes_row_weights``).
 
     With ``expert_impl="block_sparse"``, ``block_size`` is resolved for the weights' device
     (``block_sparse.resolve_block_size``) and ``forward`` reports its padded row count in
     ``ExpertsOutput.padded_rows`` (``None`` for ``"grouped"``, which pads nothing).
     ``b1``/``b2`` are None without ``expert_proj_bias``.
     """
+
+    takes_row_weights = True
 
     def __init__(
         self,
@@ -167,19 +178,23 @@ class GroupedExperts(RoutedExperts):
                 self.w1[i].copy_(w1[0] * cfg.init_std)
                 self.w2[i].copy_(w2[0] * cfg.init_std)
 
-    def forward(self, x: Tensor, group_sizes: Tensor) -> ExpertsOutput:
+    def forward(self, x: Tensor, group_sizes: Tensor, row_weights: Optional[Tensor] = None
+                ) -> ExpertsOutput:
         """``ExpertsOutput(y [N, H], padded_rows)`` for ``x`` [N, H] grouped by local expert;
-        ``group_sizes`` [E_local] CPU int64, sum N."""
+        ``group_sizes`` [E_local] CPU int64, sum N; ``row_weights [N]`` (None: 1):
+        ``y[i] = row_weights[i] · expert(x[i])``, the weight applied to the activation before
+        the second GEMM. ``config.recompute`` sets what the backward recomputes
+        (``grouped_ffn.py``; for block-sparse experts ``torch.utils.checkpoint``)."""
+        cfg = self.config
         if self.block_size is not None:
-            return ExpertsOutput(*block_sparse_ffn(
-                x, self.w1, self.w2, group_sizes, self.block_size, self.config, self.b1, self.b2
-            ))
-        backend = self.config.grouped_gemm_backend
-        h = ops.grouped_gemm(x, self.w1, group_sizes, backend=backend)
-        if self.b1 is not None:
-            h = h + expert_rows(self.b1, group_sizes)
-        a = activate(h, self.config)
-        y = ops.grouped_gemm(a, self.w2, group_sizes, backend=backend)
-        if self.b2 is not None:
-            y = y + expert_rows(self.b2, group_sizes)
-        return ExpertsOutput(y, None)
+            ffn = partial(block_sparse_ffn, w1=self.w1, w2=self.w2, group_sizes=group_sizes,
+                          block_size=self.block_size, config=cfg, b1=self.b1, b2=self.b2,
+                          recompute=cfg.recompute)
+            if cfg.recompute == "experts" and torch.is_grad_enabled():
+                y, padded = checkpoint(lambda x, w: ffn(x, row_weights=w), x, row_weights,
+                                       use_reentrant=False, preserve_rng_state=False)
+            else:
+                y, padded = ffn(x, row_weights=row_weights)
+            return ExpertsOutput(y, padded)
+        return ExpertsOutput(grouped_ffn(x, self.w1, self.w2, group_sizes, cfg, row_weights,
+                                         self.b1, self.b2), None)

@@ -11,9 +11,11 @@ Index tensors are int64; float tensors are float32, float64, bfloat16 or float16
   accumulated in float32 (float64 for float64 ``y``) in the order ``j = 0..k-1``.
 * ``sort_chunks(x, split_sizes, order) -> cat([chunk[order[0]], chunk[order[1]], ...])``.
 * ``grouped_gemm(a, b, group_sizes, trans_b=False) -> out``: rows of group ``g`` are
-  ``a_g @ b[g]`` (``a_g @ b[g]^T`` when ``trans_b``).
+  ``a_g @ b[g]`` (``a_g @ b[g]^T`` when ``trans_b``); ``grouped_gemm_wgrad(a, grad_out,
+  group_sizes, trans_b=False)``: its weight gradient ``grad_b[g] = a_g^T @ grad_out_g``.
 * ``swiglu(h) -> out``: ``silu(h[:, :F]) * h[:, F:]`` for ``h [N, 2F]``, fused in one pass;
-  ``clamped_swiglu(h, alpha, limit)``: GPT-OSS's clamped variant (``swiglu.py``).
+  ``clamped_swiglu(h, alpha, limit)``: GPT-OSS's clamped variant (``swiglu.py``);
+  ``swiglu_backward(grad_out, h)`` / ``clamped_swiglu_backward(...)``: their gradients.
 * ``block_topology`` / ``bsr_sdd`` / ``bsr_dsd``: block-sparse (dropless) expert products, see
   ``block_sparse`` and csrc/cpu/block_sparse.cpp.
 
@@ -67,6 +69,7 @@ from .grouped_gemm import (
     GROUPED_GEMM_BACKENDS,
     grouped_gemm,
     grouped_gemm_torch,
+    grouped_gemm_wgrad,
     grouped_gemm_wgrad_torch,
 )
 from .permute import (
@@ -80,9 +83,11 @@ from .permute import (
 from .sort_chunks import sort_chunks, sort_chunks_torch
 from .swiglu import (
     clamped_swiglu,
+    clamped_swiglu_backward,
     clamped_swiglu_backward_torch,
     clamped_swiglu_torch,
     swiglu,
+    swiglu_backward,
     swiglu_backward_torch,
     swiglu_torch,
 )
@@ -98,9 +103,12 @@ __all__ = [
     "unpermute",
     "sort_chunks",
     "grouped_gemm",
+    "grouped_gemm_wgrad",
     "GROUPED_GEMM_BACKENDS",
     "swiglu",
+    "swiglu_backward",
     "clamped_swiglu",
+    "clamped_swiglu_backward",
     "clamped_swiglu_torch",
     "clamped_swiglu_backward_torch",
     "permute_torch",

@@ -61,6 +61,24 @@ def grouped_gemm(
     return grouped_gemm_torch(a, b, group_sizes, trans_b, backend)
 
 
+def grouped_gemm_wgrad(
+    a: torch.Tensor,
+    grad_out: torch.Tensor,
+    group_sizes: IntList,
+    trans_b: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Weight gradient of :func:`grouped_gemm`: ``grad_b[g] = a_g^T @ grad_out_g``
+    (``[G, K, N]``), or ``grad_out_g^T @ a_g`` (``[G, N, K]``) with ``trans_b``; zero for empty
+    groups. ``a [M, K]``, ``grad_out [M, N]``, ``group_sizes`` as for :func:`grouped_gemm`."""
+    group_sizes = _as_index_tensor(group_sizes, "group_sizes")
+    if has_extension():
+        return torch.ops.moe_parallel.grouped_gemm_wgrad(
+            a.contiguous(), grad_out.contiguous(), group_sizes.contiguous(), trans_b, backend
+        )
+    return grouped_gemm_wgrad_torch(a, grad_out, group_sizes, trans_b, backend)
+
+
 # ---- plain-PyTorch twins ----
 
 

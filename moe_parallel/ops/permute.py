@@ -13,7 +13,10 @@ and ``unpermute_backward``.
   ``grad_probs[t, j] = <grad_out[t], y[row_map[t, j]]>`` (0 for dropped).
 
 Autograd of the compiled ops: permute ``grad_x = unpermute(grad_permuted, row_map, None, T)``;
-unpermute ``grad_y, grad_probs = unpermute_backward(grad_out, y, row_map, probs, N)``.
+unpermute ``grad_y, grad_probs = unpermute_backward(grad_out, y, row_map, probs, N)`` when
+``probs`` needs a gradient (then ``y`` is saved for backward), otherwise ``y`` is not saved and
+``grad_y`` is the row gather by the inverse of ``row_map`` (``src[row_map[t, j]] = t``; zero
+rows where nothing points), weighted by ``probs`` when given (``unpermute(grad_out, src, w)``).
 """
 
 from __future__ import annotations
@@ -376,17 +379,43 @@ def _permute_backward(ctx, grad_permuted, _grad_row_map, _grad_tpe):
     return {"x": grad_x}
 
 
+def _row_sources(row_map: torch.Tensor, num_rows: int, missing: int) -> torch.Tensor:
+    """The adjoint's gather map ``src [num_rows]``: ``src[row_map[t, j]] = t`` and ``missing``
+    for a row no ``(t, j)`` points at. Built by a scatter into one spare slot (index
+    ``num_rows``, where dropped entries land), so nothing is read back to the host."""
+    T, k = row_map.shape
+    dest = torch.where(row_map >= 0, row_map, num_rows).reshape(-1)
+    tok = torch.arange(T, device=row_map.device).repeat_interleave(k)
+    src = torch.full((num_rows + 1,), missing, dtype=torch.int64, device=row_map.device)
+    return src.scatter(0, dest, tok)[:num_rows]
+
+
 def _unpermute_setup(ctx, args, output):
-    ctx.save_for_backward(args["y"], args["row_map"], args["probs"])
+    # y is read by the backward only for grad_probs: saved only when probs needs a gradient.
+    ctx.keeps_y = args["probs"] is not None and ctx.needs_input_grad[2]
+    ctx.num_rows = args["y"].shape[0]
+    ctx.save_for_backward(args["y"] if ctx.keeps_y else None, args["row_map"], args["probs"])
 
 
 def _unpermute_backward(ctx, grad_out):
     y, row_map, probs = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    if not ctx.keeps_y:  # grad_y[row_map[t, j]] = w[t, j] * grad_out[t]: a row gather
+        T, N = grad_out.shape[0], ctx.num_rows
+        if probs is None:  # rows nobody points at read the appended zero row T
+            padded = torch.cat([grad_out, grad_out.new_zeros(1, grad_out.shape[1])])
+            return {"y": padded.index_select(0, _row_sources(row_map, N, T))}
+        dest = torch.where(row_map >= 0, row_map, N).reshape(-1)
+        w = probs.new_zeros(N + 1).scatter(0, dest, probs.reshape(-1))[:N]
+        grad_y = torch.ops.moe_parallel.unpermute(
+            y=grad_out, row_map=_row_sources(row_map, N, -1).view(N, 1), probs=w.view(N, 1),
+            num_tokens=N, validate=False)
+        return {"y": grad_y}
     # row_map passed the forward's range check (or its caller's validate=False promise).
     grad_y, grad_probs = torch.ops.moe_parallel.unpermute_backward(
-        grad_out.contiguous(), y, row_map, probs, y.shape[0], validate=False
+        grad_out, y, row_map, probs, y.shape[0], validate=False
     )
-    return {"y": grad_y, "probs": grad_probs if probs is not None else None}
+    return {"y": grad_y, "probs": grad_probs}
 
 
 register("permute", _permute_fake, _permute_setup, _permute_backward)

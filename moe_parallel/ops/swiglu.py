@@ -32,6 +32,24 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return swiglu_torch(h)
 
 
+def swiglu_backward(grad_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``[grad_gate | grad_up]`` ``[N, 2F]`` of :func:`swiglu` at ``h`` for ``grad_out [N, F]``
+    (formula in the module docstring), in h's dtype, one pass."""
+    if has_extension():
+        return torch.ops.moe_parallel.swiglu_backward(grad_out.contiguous(), h.contiguous())
+    return swiglu_backward_torch(grad_out, h)
+
+
+def clamped_swiglu_backward(grad_out: torch.Tensor, h: torch.Tensor, alpha: float,
+                            limit: float) -> torch.Tensor:
+    """``[grad_gate | grad_up]`` ``[N, 2F]`` of :func:`clamped_swiglu` at ``h`` (module
+    docstring), in h's dtype, one pass."""
+    if has_extension():
+        return torch.ops.moe_parallel.clamped_swiglu_backward(
+            grad_out.contiguous(), h.contiguous(), float(alpha), float(limit))
+    return clamped_swiglu_backward_torch(grad_out, h, alpha, limit)
+
+
 def swiglu_torch(h: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``h = [gate | up]`` ``[N, 2F]``, computed in float32 (float64
     for float64) and returned in h's dtype."""

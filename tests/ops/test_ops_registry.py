@@ -56,6 +56,9 @@ def test_public_functions_call_compiled_ops():
     def run():
         y, row_map, _ = ops.permute(x, expert_idx, E, keep)
         ops.unpermute(ops.sort_chunks(y, [y.shape[0]], [0]), row_map).sum().backward()
+        y2, row_map2, _ = ops.permute(x.detach(), expert_idx, E, keep)
+        probs = torch.rand(row_map2.shape, dtype=torch.float32, requires_grad=True)
+        ops.unpermute(y2.requires_grad_(), row_map2, probs).sum().backward()  # unpermute_backward
         ops.grouped_gemm(a.requires_grad_(), b.requires_grad_(), sizes).sum().backward()
         _, br, bc, rp, _, _ = ops.block_topology(torch.tensor([3, 0, 2]), 2, 2)
         xb = randn(6, 3, seed=2, requires_grad=True)
