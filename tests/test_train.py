@@ -164,3 +164,19 @@ def test_shard_takes_its_modes_only(capsys):
     with pytest.raises(SystemExit):
         train._parse(["--shard", "weights"])
     assert "invalid choice: 'weights'" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_recompute_flag_reaches_every_layer_and_changes_no_loss():
+    """--recompute sets MoEConfig.recompute; the float64 losses of 2 steps print the same
+    digits in every mode (the modes agree to 1e-12)."""
+    args = train._parser().parse_args(["--recompute", "experts"])
+    assert train.build_config(args).recompute == "experts"
+    losses = {}
+    for mode in ("none", "experts"):
+        out = _run("--steps", "2", "--layers", "1", "--log-every", "1", "--dtype", "float64",
+                   "--recompute", mode)
+        assert out.returncode == 0, out.stderr[-2000:]
+        losses[mode] = re.findall(r"step\s+\d+\s+loss (\d+\.\d+)", out.stdout)
+        assert len(losses[mode]) == 2, out.stdout
+    assert losses["experts"] == losses["none"]

@@ -18,6 +18,7 @@ from .choices import (
     DROP_POLICIES,
     EXPERT_IMPLS,
     GROUP_SCORES,
+    RECOMPUTE_MODES,
     ROUTER_TYPES,
     ROW_OVERFLOWS,
     SCORE_FUNCTIONS,
@@ -26,6 +27,7 @@ from .choices import (
     DropPolicy,
     ExpertImpl,
     GroupScore,
+    Recompute,
     RouterType,
     RowOverflow,
     ScoreFunction,
@@ -42,10 +44,10 @@ from .values import (
 
 __all__ = [
     "ACTIVATIONS", "DISPATCHERS", "DROP_POLICIES", "EXPERT_IMPLS", "GROUP_SCORES",
-    "ROUTER_TYPES", "ROW_OVERFLOWS", "SCORE_FUNCTIONS", "Activation", "DispatcherType",
-    "DropPolicy", "ExpertImpl", "GroupScore", "MoEConfig", "RouterType", "RowOverflow",
-    "ScoreFunction", "check_choice", "check_nonneg_float", "check_nonneg_int",
-    "check_positive_float", "check_positive_int",
+    "RECOMPUTE_MODES", "ROUTER_TYPES", "ROW_OVERFLOWS", "SCORE_FUNCTIONS", "Activation",
+    "DispatcherType", "DropPolicy", "ExpertImpl", "GroupScore", "MoEConfig", "Recompute",
+    "RouterType", "RowOverflow", "ScoreFunction", "check_choice", "check_nonneg_float",
+    "check_nonneg_int", "check_positive_float", "check_positive_int",
 ]
 
 

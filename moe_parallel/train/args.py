@@ -18,7 +18,14 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from ..config import DISPATCHERS, DROP_POLICIES, EXPERT_IMPLS, ROW_OVERFLOWS, SCORE_FUNCTIONS
+from ..config import (
+    DISPATCHERS,
+    DROP_POLICIES,
+    EXPERT_IMPLS,
+    RECOMPUTE_MODES,
+    ROW_OVERFLOWS,
+    SCORE_FUNCTIONS,
+)
 from ..distributed import detect_launch_env
 from ..ops import GROUPED_GEMM_BACKENDS
 from .model import CONFIG_FLAGS, build_config
@@ -122,6 +129,9 @@ def _dispatch_flags(p: argparse.ArgumentParser) -> None:
         help="grouped GEMM implementation (all but auto/loop need CUDA)")
     add("--block-size", type=int, default=None,
         help="block-sparse block size (None: 128 on CUDA, 32 on CPU)")
+    add("--recompute", choices=RECOMPUTE_MODES, default="none",
+        help="what the routed experts' backward recomputes instead of keeping: 'activation' "
+             "the activation, 'experts' the expert FFN from its input rows (MoEConfig.recompute)")
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:

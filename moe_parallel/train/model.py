@@ -24,7 +24,7 @@ CONFIG_FLAGS: dict[str, str] = {
         "expert_bias", "bias_update_rate", "expert_impl", "block_size", "grouped_gemm_backend",
         "max_rows_factor", "row_overflow", "overlap_chunks", "top_p", "dynamic_loss_coeff",
         "drop_policy", "dynamic_capacity", "target_drop_rate", "capacity_factor_min",
-        "capacity_factor_max", "capacity_update_rate")},
+        "capacity_factor_max", "capacity_update_rate", "recompute")},
 }
 
 # the fields that apply to a converted model's layers too (``_runtime_fields``)
@@ -32,7 +32,7 @@ _RUNTIME_FIELDS = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "expert_
                    "bias_update_rate", "token_dispatcher_type", "expert_impl", "block_size",
                    "grouped_gemm_backend", "max_rows_factor", "row_overflow", "overlap_chunks",
                    "drop_policy", "dynamic_capacity", "target_drop_rate", "capacity_factor_min",
-                   "capacity_factor_max", "capacity_update_rate")
+                   "capacity_factor_max", "capacity_update_rate", "recompute")
 
 
 class Block(nn.Module):
