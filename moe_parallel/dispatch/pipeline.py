@@ -86,27 +86,36 @@ def _scattered(row_map: Tensor, probs: Tensor, num_rows: int) -> Tensor:
     return probs.new_zeros(num_rows + 1).scatter(0, dest, probs.reshape(-1))[:num_rows]
 
 
+def _widened(probs: Tensor, dtype: torch.dtype) -> Tensor:
+    """``probs`` in the wider of its dtype and ``dtype`` (the rows'): the weights' gradient,
+    whose ETP partial sums meet in the dispatch's backward, is summed at that precision and
+    rounded to the router's dtype once."""
+    return probs.to(dtype) if dtype.itemsize > probs.dtype.itemsize else probs
+
+
 def expert_row_weights(dispatcher: TokenDispatcher, handle: DispatchHandle,
-                       piece: tuple[Tensor, Routing], pad_to: int, num_rows: int
+                       piece: tuple[Tensor, Routing], pad_to: int, expert_in: Tensor
                        ) -> tuple[Optional[Tensor], DispatchHandle]:
-    """``(w [num_rows], handle')``: the routing weight of each row of the dispatch's
-    ``expert_in`` and a handle whose combine sums without weights (module docstring); or
-    ``(None, handle)`` for a handle of another dispatcher (its combine keeps the weights).
-    ``piece`` is the ``(rows, routing)`` that was dispatched. For ``AllToAllHandle`` a
-    collective over the dispatcher's groups."""
+    """``(w [N], handle')``: the routing weight of each row of the dispatch's ``expert_in
+    [N, H]``, in the wider of the router's and the rows' dtype, and a handle whose combine sums
+    without weights (module docstring); or ``(None, handle)`` for a handle of another
+    dispatcher (its combine keeps the weights). ``piece`` is the ``(rows, routing)`` that was
+    dispatched. For ``AllToAllHandle`` a collective over the dispatcher's groups."""
+    num_rows, dtype = expert_in.shape[0], expert_in.dtype
     if isinstance(handle, LocalHandle):
-        return (_scattered(handle.row_map, handle.probs, num_rows),
+        return (_scattered(handle.row_map, _widened(handle.probs, dtype), num_rows),
                 replace(handle, probs=None))
     if isinstance(handle, AllGatherHandle):
-        return (_scattered(handle.gathered_row_map, handle.gathered_probs, num_rows),
+        return (_scattered(handle.gathered_row_map, _widened(handle.gathered_probs, dtype),
+                           num_rows),
                 replace(handle, gathered_probs=None))
     if isinstance(handle, AllToAllHandle):
         routing = piece[1]
         n = routing.expert_idx.numel()
-        single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1),
-                         probs=routing.probs.reshape(n, 1),
+        probs = _widened(routing.probs, dtype).reshape(n, 1)
+        single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1), probs=probs,
                          keep=(handle.row_map >= 0).reshape(n, 1))
-        weights, _, _ = dispatcher.dispatch(routing.probs.reshape(n, 1), single, pad_to)
+        weights, _, _ = dispatcher.dispatch(probs, single, pad_to)
         return weights.view(-1), replace(handle, probs=None)
     return None, handle
 
@@ -130,7 +139,7 @@ def run_pipeline(dispatcher: TokenDispatcher, experts: ExpertsFn, rows: Tensor,
         weights = None
         if to_experts:
             weights, handle = expert_row_weights(dispatcher, handle, pieces[i], pad_to,
-                                                 expert_in.shape[0])
+                                                 expert_in)
         if weights is None:
             out, chunk_padded = experts(expert_in, group_sizes)
         else:

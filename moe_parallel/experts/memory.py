@@ -9,10 +9,12 @@ element (float32, float64 for float64 routers).
 
 Saved for the backward by the expert FFN (``grouped_ffn``, exact):
 
-    A_experts = s·R·c + r·R + 8·E_l    c = H + F1 + F ("none"), H + F1 ("activation"), H ("experts")
+    A_experts = s·R·c + max(r, s)·R + 8·E_l
+                                    c = H + F1 + F ("none"), H + F1 ("activation"), H ("experts")
 
-(the row weights, one spare slot aside, and the group sizes; for ReLU, whose gradient reads its
-output, "none" keeps ``H + F`` per row, as many as "activation"). For a balanced load
+(the row weights, in the wider of the router's and the rows' dtype, one spare slot aside, and
+the group sizes; for ReLU, whose gradient reads its output, "none" keeps ``H + F`` per row, as
+many as "activation"). For a balanced load
 ``R = T·k``; a rank whose experts receive ``ρ`` times the balanced load has ``R = ρ·T·k``.
 
 Peak live bytes of the rank above what was live before the step (inputs and parameters
@@ -76,7 +78,8 @@ def expert_saved_bytes(config: MoEConfig, rows: int, ep: int = 1, etp: int = 1,
     H, F, F1, s = _sizes(config, etp)
     none = H + F if config.activation == "relu" else H + F1 + F  # ReLU's gradient reads a
     per_row = {"none": none, "activation": H + F1, "experts": H}[recompute]
-    return s * rows * per_row + _router_bytes(config) * rows + 8 * (config.num_experts // ep)
+    weight = max(_router_bytes(config), s)  # the row weights (dispatch.pipeline._widened)
+    return s * rows * per_row + weight * rows + 8 * (config.num_experts // ep)
 
 
 def peak_bytes_bound(config: MoEConfig, tokens: int, rows_sent: int, rows_received: int,
