@@ -13,6 +13,8 @@ BENCHMARKS = {
     "ops": ("benchmarks.ops_bench", "custom ops vs their twins and a copy / dense GEMM"),
     "layer": ("benchmarks.layer_bench", "one layer vs dense FFN, reference, HF Mixtral loop"),
     "dropless": ("benchmarks.dropless_bench", "block-sparse vs grouped vs capacity modes"),
+    "memory": ("benchmarks.memory", "exact bytes: layer activations, EP peak, per-rank "
+               "bytes by shard/recompute"),
     "dispatch": ("benchmarks.dispatch_bench", "dispatch+combine vs raw all-to-all; DeepSpeed"),
     "scaling": ("benchmarks.scaling_bench", "weak/strong scaling and the GPU cost model"),
     "cluster": ("benchmarks.cluster.main", "all-to-all, dispatch and layer over EP sizes; "

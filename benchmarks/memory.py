@@ -15,6 +15,18 @@
   process-wide total so that frees on other threads (gloo's workers) count
   (``frees_counted_on_every_thread``); on CUDA ``torch.cuda.max_memory_allocated()`` minus the
   allocated bytes at the start.
+
+``python -m benchmarks memory`` (``main``) reports, in one JSON and a PNG beside it:
+
+* the layer's bytes saved for backward at configs a and b (``layer_bench.PRESETS``, one
+  process) beside the dense FFN over the same T·k rows and the Hugging Face loop, for each
+  expert implementation and recompute mode;
+* the expert-parallel peak per rank (``ep_peak_job``: dropless, skewed routing) against
+  ``experts.memory.peak_bytes_bound``;
+* each rank's bytes by category after one training step of the built-in model
+  (``benchmarks.step_memory``) for every layout of ``STEP_LAYOUTS`` on 4 and 8 gloo ranks,
+  replicated, optimizer-sharded (ZeRO-1) and EDP-sharded (FSDP2), with and without recompute;
+  the table and the PNG give the rank with the largest total of each.
 """
 
 from __future__ import annotations
@@ -286,11 +298,186 @@ def _mib(saved: dict[str, int]) -> dict[str, float]:
             "saved_bytes": saved["activations"], "saved_param_bytes": saved["params"]}
 
 
+# ---- per-rank bytes by category after one training step ----------------------------------------
+
+# the layouts of the sweep on each world size (ParallelState.build keyword arguments)
+STEP_LAYOUTS: dict[int, list[dict]] = {
+    4: [dict(ep=4), dict(ep=2), dict(ep=1)],
+    8: [dict(ep=8), dict(ep=4), dict(ep=2, etp=2)],
+}
+STEP_CATEGORIES = ("params", "grads", "optimizer", "activations")
+
+
+def layout_name(layout: dict, world: int) -> str:
+    """``"ep2·etp2·edp2"``: ``ep`` and the other sizes above 1 of ``layout`` with the derived
+    ``edp`` (``world / (pp·ep·etp)``)."""
+    sizes = dict(layout, edp=world // (layout.get("pp", 1) * layout.get("ep", 1)
+                                        * layout.get("etp", 1)))
+    return "·".join(f"{k}{sizes.get(k, 1)}" for k in ("tp", "cp", "ep", "etp", "edp", "pp")
+                    if k == "ep" or sizes.get(k, 1) > 1)
+
+
+def step_sweep(worlds: list[int], dims: dict, seq_len: int, batch: int,
+               modes: list[tuple[str, str]]) -> tuple[list[dict], dict]:
+    """``benchmarks.step_memory.sweep_job`` on each of ``worlds`` gloo ranks (one job per world,
+    every layout of ``STEP_LAYOUTS[world]`` and every mode inside it): one dict per (world,
+    layout, mode, rank) with the rank's exact bytes (``step_memory.measure``), ``world``,
+    ``rank`` and ``layout_name``; and the whole model's bytes (``full_model_bytes``)."""
+    from benchmarks.harness import run_gloo_job
+
+    rows, full = [], {}
+    for world in worlds:
+        job = dict(layouts=STEP_LAYOUTS[world], modes=[list(m) for m in modes], dims=dims,
+                   seq_len=seq_len, batch=batch)
+        ranks = run_gloo_job("benchmarks.step_memory:sweep_job", world, job, timeout_s=1800)
+        for rank, got in enumerate(ranks):
+            full = got["full_model"]
+            rows += [dict(m, world=world, rank=rank, layout_name=layout_name(m["layout"], world))
+                     for m in got["rows"]]
+    return rows, full
+
+
+def fullest_ranks(rows: list[dict]) -> list[dict]:
+    """Per (world, layout, shard, recompute), in order of first appearance: the rank whose
+    total (``STEP_CATEGORIES`` summed) is the largest, with ``total`` set (the rank that must
+    fit)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["world"], r["layout_name"], r["shard"], r["recompute"])
+        total = sum(r[c] for c in STEP_CATEGORIES)
+        if key not in best or total > best[key]["total"]:
+            best[key] = dict(r, total=total)
+    return list(best.values())
+
+
+def print_step_table(fullest: list[dict], full: dict, dims: dict, seq_len: int,
+                     batch: int) -> None:
+    """The sweep's table: per layout and mode, the fullest rank's MiB by category, its routed
+    experts' parameters + gradients + optimizer state, and its share of the model's expert
+    parameters (``1/N``)."""
+    from benchmarks.record import print_head
+
+    mib = 2 ** 20
+    print(f"\nper-rank bytes by category after one training step (benchmarks.step_memory): "
+          f"built-in model vocab={dims['vocab']} H={dims['hidden']} F={dims['ffn']} "
+          f"E={dims['experts']} k={dims['top_k']} layers={dims['layers']} float32 AdamW, "
+          f"{batch} x {seq_len} tokens per data-parallel rank; the whole model "
+          f"{full['params'] / mib:.2f} MiB of parameters, its routed experts "
+          f"{full['expert_params'] / mib:.2f} MiB")
+    print_head(f"{'ranks':>5} {'layout':<15}{'shard':<11}{'recompute':<11}{'rank':>4}"
+               f"{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'total':>9}"
+               f"{'experts':>9}{'share':>8}")
+    for r in fullest:
+        expert = r["expert_params"] + r["expert_grads"] + r["expert_optimizer"]
+        share = full["expert_params"] / r["expert_params"]
+        print(f"{r['world']:>5} {r['layout_name']:<15}{r['shard']:<11}{r['recompute']:<11}"
+              f"{r['rank']:>4}" + "".join(f"{r[c] / mib:>9.2f}" for c in STEP_CATEGORIES)
+              + f"{r['total'] / mib:>9.2f}{expert / mib:>9.2f}{'1/' + format(share, '.3g'):>8}")
+    print("MiB of the rank with the largest total; activ: bytes the whole model's forward "
+          "saves for backward; experts: the routed experts' parameters + gradients + optimizer "
+          "state; share: the rank's expert parameters over the model's (1/(EP·ETP·EDP) when "
+          "sharded over EDP). shard=optimizer keeps each tensor's state whole on one rank "
+          "(ZeroRedundancyOptimizer): its fullest rank holds more than an even split")
+
+
+def plot_memory(record: dict, path: Path) -> bool:
+    """The record as a PNG: stacked bars of the fullest rank's bytes by category (hatched: the
+    routed experts' part) for each (world, layout, shard, recompute) of the step sweep, and a
+    panel per layer config of the MiB saved for backward (dense FFN, HF loop, the layer per
+    expert implementation and recompute mode). False (with a message) without matplotlib or
+    with nothing to draw."""
+    from benchmarks.plotting import pyplot, save_figure
+
+    fullest = record.get("step", {}).get("fullest", [])
+    configs = [(name, rows) for name, rows in record.get("layer", {}).items()
+               if rows and "contender" in rows[0]]
+    if not fullest and not configs:
+        return False
+    plt = pyplot()
+    if plt is None:
+        return False
+    from matplotlib.patches import Patch
+
+    layout = ([["step"] * max(1, len(configs))] if fullest else []) + \
+        ([[name for name, _ in configs]] if configs else [])
+    fig, axes = plt.subplot_mosaic(layout, figsize=(max(12, 0.42 * len(fullest) + 2),
+                                                    4.8 * len(layout)))
+    colors = dict(zip(STEP_CATEGORIES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    mib = 2 ** 20
+    if fullest:
+        ax, x, pos, groups = axes["step"], 0.0, [], []
+        for r in fullest:
+            key = (r["world"], r["layout_name"])
+            if not groups or groups[-1][0] != key:
+                x += 0.8 if groups else 0.0
+                groups.append((key, [x]))
+            else:
+                groups[-1][1].append(x)
+            pos.append(x)
+            x += 1.0
+        for c in STEP_CATEGORIES:
+            expert = [r.get(f"expert_{c}", 0) / mib for r in fullest]
+            dense = [(r[c] - r.get(f"expert_{c}", 0)) / mib for r in fullest]
+            bottom = [sum(r[k] for k in STEP_CATEGORIES[:STEP_CATEGORIES.index(c)]) / mib
+                      for r in fullest]
+            ax.bar(pos, dense, 0.8, bottom=bottom, color=colors[c])
+            ax.bar(pos, expert, 0.8, bottom=[b + d for b, d in zip(bottom, dense)],
+                   color=colors[c], hatch="///", edgecolor="white", linewidth=0)
+        short = {"optimizer": "optim"}
+        ax.set_xticks(pos, [f"{short.get(r['shard'], r['shard'])}\n{r['recompute']}"
+                            for r in fullest], fontsize=6.5)
+        top = max(r["total"] for r in fullest) / mib
+        for (world, name), xs in groups:
+            ax.text(sum(xs) / len(xs), top * 1.03, f"{world} ranks\n{name}", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_ylim(0, top * 1.16)
+        ax.set_ylabel("MiB on the fullest rank")
+        ax.set_xlabel("--shard (upper line: none, optim[izer], experts), recompute (lower line)",
+                      fontsize=8)
+        handles = [Patch(color=colors[c], label=c) for c in STEP_CATEGORIES]
+        handles.append(Patch(facecolor="lightgrey", edgecolor="white", hatch="///",
+                             label="routed experts' part"))
+        ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=5,
+                  bbox_to_anchor=(0.5, -0.16))
+        ax.grid(axis="y", alpha=0.3)
+        d = record["step"]["dims"]
+        ax.set_title(f"bytes per rank after one training step: built-in model H={d['hidden']} "
+                     f"F={d['ffn']} E={d['experts']} k={d['top_k']} layers={d['layers']} "
+                     f"float32 AdamW, gloo ranks", fontsize=10)
+    for name, rows in configs:
+        ax = axes[name]
+        labels = [r["contender"].replace("hf_loop", "HF loop") if r["recompute"] == "-"
+                  else f"{r['contender'].replace('block_sparse', 'block-sparse')}\n"
+                       f"{r['recompute']}" for r in rows]
+        shades = {"dense": "grey", "hf_loop": "tab:purple", "grouped": "tab:blue",
+                  "block_sparse": "tab:cyan"}
+        ax.bar(range(len(rows)), [r["saved_mib"] for r in rows], 0.8,
+               color=[shades.get(r["contender"], "tab:blue") for r in rows])
+        dense = rows[0]["saved_mib"]
+        ax.axhline(dense, color="black", lw=0.8, ls="--", label="dense FFN")
+        ax.axhline(1.2 * dense, color="black", lw=0.8, ls=":", label="1.2 x dense")
+        for i, r in enumerate(rows):
+            ax.text(i, r["saved_mib"], f"{r['saved_mib']:.0f}", ha="center", va="bottom",
+                    fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel("MiB saved for backward")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
+        case = record.get("layer_cases", {}).get(name)
+        dims = (f": T={case['tokens']} H={case['hidden']} F={case['ffn']} E={case['experts']} "
+                f"k={case['top_k']}" if case else "")
+        ax.set_title(f"layer config {name}{dims}, float32, one process", fontsize=10)
+    save_figure(fig, path, dpi=110)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m benchmarks.memory``: the layer's bytes saved for backward at configs a and b
-    beside the dense FFN and the HF loop, per recompute mode; and the expert-parallel peak per
-    rank (``--ep`` gloo ranks, dropless, skewed routing) against ``peak_bytes_bound``. Prints
-    the tables, writes the JSON."""
+    """``python -m benchmarks memory``: the layer's bytes saved for backward at configs a and b
+    beside the dense FFN and the HF loop, per recompute mode; the expert-parallel peak per
+    rank (``--ep`` gloo ranks, dropless, skewed routing) against ``peak_bytes_bound``; and each
+    rank's bytes by category after one training step of the built-in model for every layout of
+    ``STEP_LAYOUTS`` on ``--worlds`` gloo ranks, replicated, optimizer-sharded and EDP-sharded,
+    per recompute mode. Prints the tables, writes the JSON and a PNG beside it."""
     import argparse
 
     from benchmarks.harness import run_gloo_job
@@ -298,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.record import print_head, save_result
     from moe_parallel.config.choices import RECOMPUTE_MODES
 
-    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks memory",
+                                description=" ".join(main.__doc__.split()))
     p.add_argument("--configs", nargs="*", default=sorted(PRESETS), choices=sorted(PRESETS))
     p.add_argument("--ep", type=int, default=4, help="gloo ranks of the EP measurement (0: skip)")
     p.add_argument("--ep-tokens", type=int, nargs="+", default=[512, 384, 640, 256],
@@ -312,9 +500,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--breakdown", action="store_true",
                    help="list every storage the grouped layer saves (saved_tensor_breakdown) "
                         "instead of the table of contenders and recompute modes")
+    p.add_argument("--worlds", type=int, nargs="*", default=[4, 8],
+                   help=f"gloo world sizes of the per-rank step sweep, of {sorted(STEP_LAYOUTS)} "
+                        "(none or 0: skip it)")
+    p.add_argument("--step-shards", nargs="+", default=["none", "optimizer", "experts"],
+                   choices=["none", "optimizer", "experts"])
+    p.add_argument("--step-recompute", nargs="+", default=["none", "experts"],
+                   choices=list(RECOMPUTE_MODES))
+    p.add_argument("--step-vocab", type=int, default=256)
+    p.add_argument("--step-hidden", type=int, default=128)
+    p.add_argument("--step-ffn", type=int, default=256)
+    p.add_argument("--step-experts", type=int, default=16)
+    p.add_argument("--step-top-k", type=int, default=2)
+    p.add_argument("--step-layers", type=int, default=2)
+    p.add_argument("--step-heads", type=int, default=4)
+    p.add_argument("--step-seq-len", type=int, default=128)
+    p.add_argument("--step-batch", type=int, default=4, help="sequences per data-parallel rank")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only redraw the PNG of a recorded JSON (beside it)")
     args = p.parse_args(argv)
+    if args.replot is not None:
+        import json
+
+        recorded = json.loads(args.replot.read_text())
+        if plot_memory(recorded, args.replot.with_suffix(".png")):
+            print(f"wrote {args.replot.with_suffix('.png')}")
+        return recorded
+    worlds = [w for w in args.worlds if w != 0]
+    bad = [w for w in worlds if w not in STEP_LAYOUTS]
+    if bad:
+        p.error(f"--worlds: {bad} not among {sorted(STEP_LAYOUTS)} (or 0 to skip the sweep)")
     torch.set_num_threads(args.threads)
 
     layer = {}
@@ -359,8 +576,24 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{m['peak_bound'] / 2**20:>11.2f}{m['peak'] / m['peak_bound']:>12.3f}")
         print("T tokens, S rows sent, R rows received by the rank's experts; bound: "
               "moe_parallel.experts.memory.peak_bytes_bound")
-    record, _ = save_result("memory", argv, {"layer": layer, "ep": ep}, args.out,
-                            "memory_cpu")
+    step = {}
+    if worlds:
+        dims = dict(vocab=args.step_vocab, hidden=args.step_hidden, ffn=args.step_ffn,
+                    experts=args.step_experts, top_k=args.step_top_k, layers=args.step_layers,
+                    heads=args.step_heads)
+        modes = [(s, r) for s in args.step_shards for r in args.step_recompute]
+        rows, full = step_sweep(worlds, dims, args.step_seq_len, args.step_batch, modes)
+        fullest = fullest_ranks(rows)
+        print_step_table(fullest, full, dims, args.step_seq_len, args.step_batch)
+        step = {"dims": dims, "seq_len": args.step_seq_len, "batch": args.step_batch,
+                "layouts": {str(w): STEP_LAYOUTS[w] for w in worlds}, "full_model": full,
+                "fullest": fullest, "ranks": rows}
+    cases = {name: {k: PRESETS[name][k] for k in ("tokens", "hidden", "ffn", "experts",
+                                                  "top_k")} for name in layer}
+    record, path = save_result("memory", argv, {"layer": layer, "layer_cases": cases, "ep": ep,
+                                                "step": step}, args.out, "memory_cpu")
+    if plot_memory(record, path.with_suffix(".png")):
+        print(f"wrote {path.with_suffix('.png')}")
     return record
 
 

@@ -2,14 +2,14 @@
 
 On every rank (a ``dist_harness`` pool worker) ``measure`` builds the built-in model
 (``moe_parallel.train``'s ``MoETransformerLM``, float32, dropless) for a layout and a
-sharding / recompute mode, then counts exactly: the bytes of the rank's parameters, of its
-gradients after one training step (``train.train_step``: backward, ``sync_gradients``, AdamW
-step) and of the AdamW state after that step (sharded tensors counted by their local shard),
-and the activations one forward of the language-model loss saves for its backward
-(``benchmarks.memory.saved_tensor_bytes``) together with the rows each MoE layer's experts
-received. ``predict`` evaluates the planner for the same rank: ``moe_parallel.plan`` with the
-rank's measured routing imbalance (its received rows over the balanced ``etp·T·k``, averaged
-over the layers: the activation model is linear in them).
+sharding / recompute mode, then counts exactly (``benchmarks.step_memory``): the bytes of the
+rank's parameters, of its gradients after one training step (``train.train_step``: backward,
+``sync_gradients``, AdamW step) and of the AdamW state after that step (sharded tensors counted
+by their local shard), and the activations one forward of the language-model loss saves for its
+backward (``benchmarks.memory.saved_tensor_bytes``) together with the rows each MoE layer's
+experts received. ``predict`` evaluates the planner for the same rank: ``moe_parallel.plan``
+with the rank's measured routing imbalance (its received rows over the balanced ``etp·T·k``,
+averaged over the layers: the activation model is linear in them).
 
 ``MODES`` lists the (sharding, recompute) modes with what each needs from the package; a mode
 whose machinery is missing is reported as such (``missing``).
@@ -18,8 +18,6 @@ whose machinery is missing is reported as such (``missing``).
 from __future__ import annotations
 
 from typing import Optional
-
-import torch
 
 MODEL = dict(vocab=64, hidden=32, ffn=48, experts=8, top_k=2, layers=2, heads=4)
 SEQ_LEN, BATCH = 32, 2
@@ -55,70 +53,15 @@ def missing(shard: str, recompute: str) -> Optional[str]:
     return None
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s data on this rank (a DTensor's local shard)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    """Bytes of ``t``'s data on this rank."""
-    local = _local(t)
-    return local.numel() * local.element_size()
-
-
-def _build(layout: dict, shard: str, recompute: str, lr: float = 1e-3):
-    """``(ps, model, optimizer)`` of the built-in model for this rank."""
-    from moe_parallel import MoEConfig
-    from moe_parallel.layer import set_aux_loss_scale
-    from moe_parallel.train import MoETransformerLM
+def measure(layout: dict, shard: str = "none", recompute: str = "none") -> dict:
+    """This rank's exact counts (module docstring; ``benchmarks.step_memory.measure`` of
+    ``MODEL`` at ``SEQ_LEN`` × ``BATCH``): ``{"params", "largest_param" (bytes of its largest
+    parameter), "grads", "optimizer", "activations", "rows": [rows per MoE layer], "tokens":
+    MoE tokens of this rank}`` and the experts' share of each (``expert_*``)."""
+    from benchmarks.step_memory import measure as step_memory
     from tests.helpers.dist_harness import parallel_state
 
-    ps = parallel_state(**layout)
-    extra = {} if recompute == "none" else {"recompute": recompute}
-    cfg = MoEConfig(hidden_size=MODEL["hidden"], ffn_hidden_size=MODEL["ffn"],
-                    num_experts=MODEL["experts"], top_k=MODEL["top_k"], capacity_factor=None,
-                    params_dtype=torch.float32, **extra)
-    torch.manual_seed(0)
-    model = MoETransformerLM(cfg, MODEL["vocab"], MODEL["layers"], MODEL["heads"],
-                             SEQ_LEN).parallelize(ps)
-    set_aux_loss_scale(model, 1.0 / ps.tp)
-    if shard == "experts":  # gathered weights kept after the forward: see measure
-        from moe_parallel.distributed import shard_model
-        model = shard_model(model, ps, dense_modules=list(model.blocks),
-                            reshard_after_forward=False)
-    if shard == "optimizer" and ps.world_size > 1:
-        from moe_parallel.distributed import ShardedOptimizer
-        opt = ShardedOptimizer(model, ps, torch.optim.AdamW, lr=lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    return ps, model, opt
-
-
-def measure(layout: dict, shard: str = "none", recompute: str = "none") -> dict:
-    """This rank's exact counts (module docstring): ``{"params", "largest_param" (bytes of its
-    largest parameter), "grads", "optimizer", "activations", "rows": [rows per MoE layer],
-    "tokens": MoE tokens of this rank}``."""
-    from benchmarks.memory import saved_tensor_bytes
-    from moe_parallel.train import MarkovSource, lm_loss, local_batch, train_step
-
-    ps, model, opt = _build(layout, shard, recompute)
-    batch = local_batch(MarkovSource(MODEL["vocab"], seed=7).batch(BATCH * ps.dp, SEQ_LEN), ps)
-    forward = lambda: lm_loss(model(batch[:, :-1]), batch)  # noqa: E731
-    if shard == "experts":
-        # FSDP's layers save the gathered weights they compute with: parameters, not
-        # activations. Gathered by a first forward and kept (reshard_after_forward=False), they
-        # are the module parameters the measured forward then uses: counted apart.
-        forward()
-    saved = saved_tensor_bytes(forward, [_local(p) for p in model.parameters()])
-    rows = [layer.last_stats.expert_rows for layer in model.moe_layers()]
-    train_step(model, opt, batch, ps, clip=1.0)
-    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return {"params": sum(_local_bytes(p) for p in model.parameters()),
-            "largest_param": max(_local_bytes(p) for p in model.parameters()),
-            "grads": sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None),
-            "optimizer": sum(_local_bytes(t) for t in state),
-            "activations": saved["activations"], "rows": rows,
-            "tokens": BATCH * SEQ_LEN // ps.tp}
+    return step_memory(parallel_state(**layout), MODEL, SEQ_LEN, BATCH, shard, recompute)
 
 
 def predict(world: int, layout: dict, shard: str, recompute: str, measured: dict) -> dict:
