@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.dist_harness import get_pool
-from tests.plan.validation import CASES, MODES, compare, measure, missing
+from tests.plan.validation import CASES, MODES, compare, measure
 
 pytestmark = pytest.mark.distributed
 
@@ -41,9 +41,6 @@ def _check(rows: list[dict]) -> None:
 @pytest.mark.parametrize("shard,recompute", MODES, ids=[f"shard_{s}-recompute_{r}"
                                                         for s, r in MODES])
 def test_predicted_bytes_per_rank_match_measured(world: int, shard: str, recompute: str):
-    reason = missing(shard, recompute)
-    if reason is not None:
-        pytest.skip(reason)
     pool = get_pool(world)
     layouts = [layout for w, layout in CASES if w == world]
     assert len(layouts) == 5

@@ -11,13 +11,10 @@ experts received. ``predict`` evaluates the planner for the same rank: ``moe_par
 with the rank's measured routing imbalance (its received rows over the balanced ``etp·T·k``,
 averaged over the layers: the activation model is linear in them).
 
-``MODES`` lists the (sharding, recompute) modes with what each needs from the package; a mode
-whose machinery is missing is reported as such (``missing``).
+``MODES`` lists the (sharding, recompute) modes measured.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 MODEL = dict(vocab=64, hidden=32, ffn=48, experts=8, top_k=2, layers=2, heads=4)
 SEQ_LEN, BATCH = 32, 2
@@ -33,24 +30,6 @@ MODES: list[tuple[str, str]] = [
     ("none", "none"), ("none", "activation"), ("none", "experts"),
     ("optimizer", "none"), ("experts", "none"),
 ]
-
-
-def missing(shard: str, recompute: str) -> Optional[str]:
-    """What the package lacks to run ``(shard, recompute)`` (None: it can run)."""
-    from moe_parallel import MoEConfig
-    from moe_parallel import distributed as d
-
-    if recompute != "none" and "recompute" not in MoEConfig.__dataclass_fields__:
-        return (f"recompute={recompute!r} needs MoEConfig.recompute (the routed experts' "
-                "recompute modes), which this tree does not have")
-    if shard == "experts" and not hasattr(d, "shard_model"):
-        return ("shard='experts' needs moe_parallel.distributed.shard_model (FSDP2 over the "
-                "EDP mesh for the routed experts, DP x CP for the rest), which this tree does "
-                "not have")
-    if shard == "optimizer" and not hasattr(d, "ShardedOptimizer"):
-        return ("shard='optimizer' needs moe_parallel.distributed.ShardedOptimizer (AdamW state "
-                "over EDP and DP x CP), which this tree does not have")
-    return None
 
 
 def measure(layout: dict, shard: str = "none", recompute: str = "none") -> dict:
