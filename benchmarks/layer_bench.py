@@ -32,7 +32,9 @@ wall time the GPU was busy, the largest idle gaps between kernels and the synchr
 
 Presets (``--config``): ``a`` E=8 k=2 H=1024 F=2048 T=4096; ``b`` (fine-grained) E=64 k=6
 H=1024 F=256 T=4096; float32. Other sizes via ``--tokens/--hidden/--ffn/--experts/--top-k``;
-``--recompute`` sets ``MoEConfig.recompute`` of the ``MoELayer`` contenders.
+``--recompute`` sets ``MoEConfig.recompute`` of the ``MoELayer`` contenders, ``--force-balance``
+their ``MoEConfig.force_balance`` (every expert gets T·k/E rows, ±1; the other contenders keep
+their top-k routing).
 
     python -m benchmarks layer --config a
 """
@@ -124,7 +126,8 @@ def build(case: dict, contender: str) -> Contender:
     cfg = MoEConfig(hidden_size=case["hidden"], ffn_hidden_size=case["ffn"],
                     num_experts=case["experts"], top_k=case["top_k"], params_dtype=dtype,
                     expert_impl=impl, grouped_gemm_backend=backend, check_finite=False,
-                    recompute=case.get("recompute", "none"))
+                    recompute=case.get("recompute", "none"),
+                    force_balance=case.get("force_balance", False))
     torch.manual_seed(0)
     layer = MoELayer(cfg, device=device)
     sync = device_sync(device)
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--recompute", default="none", choices=("none", "activation", "experts"),
                    help="MoEConfig.recompute of the MoELayer contenders")
+    p.add_argument("--force-balance", action="store_true",
+                   help="MoEConfig.force_balance of the MoELayer contenders: round-robin "
+                        "expert assignment, T*k/E rows per expert")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5)
@@ -287,7 +293,8 @@ def print_table(args: argparse.Namespace, case: dict, rows: list[dict]) -> None:
     ours = next((r["seconds"] for r in rows if r["contender"] == "grouped"), None)
     print(f"\nconfig {args.config}: T={case['tokens']} H={case['hidden']} F={case['ffn']} "
           f"E={case['experts']} k={case['top_k']} {args.dtype} on {args.device}, "
-          f"{args.threads} threads, recompute={args.recompute}, forward+backward")
+          f"{args.threads} threads, recompute={args.recompute}, "
+          f"force_balance={args.force_balance}, forward+backward")
     head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
             f"{'grouped speedup':>17}{'saved MiB':>11}{'peak MiB':>10}")
     print_head(head)
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name) is not None:
             case[name] = getattr(args, name)
     case.update(dtype=args.dtype, device=args.device, threads=args.threads,
-                recompute=args.recompute)
+                recompute=args.recompute, force_balance=args.force_balance)
     contenders = list(dict.fromkeys(["dense", *args.contenders]))
     if "megablocks" in contenders + (args.profile or []):  # fail before any timing
         missing = [m for m in ("megablocks", "grouped_gemm", "stk")

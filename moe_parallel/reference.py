@@ -134,6 +134,9 @@ class ReferenceMoE(nn.Module):
             allowed = allowed[:, :, None].expand_as(per_group).reshape(T, E)
             choose = choose.masked_fill(~allowed, float("-inf"))
         idx = choose.topk(k, dim=-1).indices
+        if cfg.force_balance:  # token t takes experts (t·k + j) mod E
+            idx = (torch.arange(idx.shape[0] * k, device=idx.device)
+                   % cfg.num_experts).view(-1, k)
         picked = scores.gather(1, idx)
         selected = torch.ones_like(idx, dtype=torch.bool)
         if cfg.top_p is not None:  # take experts, best first, until their probability >= p

@@ -61,6 +61,8 @@ CASES = {
     "scale_input_top2_capacity": dict(scale_expert_input=True, capacity_factor=1.0),
     "hf_score_dtype": dict(router_score_dtype=torch.float32),
     "jitter": dict(jitter_noise=0.2),
+    "force_balance": dict(force_balance=True, expert_bias=True, score_function="sigmoid"),
+    "force_balance_capacity": dict(force_balance=True, capacity_factor=0.75),
 }
 
 

@@ -34,6 +34,9 @@ class MoEConfigFields:
       k_t = min(top_k, min{j : Σ_{i<=j} P_(i) >= p}); slot j is kept iff Σ_{i<j} P_(i) < p.
       The weights are the probabilities themselves (the paper), renormalised over the k_t
       selected ones with ``norm_topk_prob=True``.
+    Forced balance (``force_balance``): the selection ignores the scores; token t (its index
+      among this rank's tokens) takes experts (t·top_k + j) mod E, j < top_k; the weights are
+      computed from the scores at those experts as above.
     Expert-choice routing (``router_type="expert_choice"``): scores = softmax(logits) over
       experts; expert e takes its top-C tokens, C = min(T, ceil(T·top_k/E·capacity_factor))
       (capacity_factor None means 1.0).
@@ -136,6 +139,26 @@ class MoEConfigFields:
     ``group_topk``), ``"sum_top2"`` the sum of its 2 best (DeepSeek-V3; at least 2 experts per
     group), ``"max"`` its best (DeepSeek-V2 ``group_limited_greedy``). Needs ``num_groups``
     unless ``"sum_topk"`` (the default)."""
+    force_balance: bool = False
+    """Replace the top-k selection by a fixed round-robin over the experts, for throughput and
+    memory measurements at perfect balance: token t (its index in this rank's flattened tokens,
+    whatever the router's scores) gets experts ``(t·top_k + j) mod E`` for j < top_k, distinct
+    since top_k <= E. Expert e then receives ``floor(T·top_k/E) + (e < T·top_k mod E)`` of
+    this rank's T tokens' assignments: exactly T·top_k/E when E divides T·top_k, else within 1
+    of it (summed over R ranks, the experts' totals differ by at most R). The weights still
+    come from the router: the scores of the assigned experts under ``score_function``,
+    ``softmax_before_topk``, ``norm_topk_prob`` and ``routed_scaling_factor`` (the class
+    docstring's weights), so the router weight gets a gradient from the main loss. The losses
+    are computed as usual on the forced assignment: the balancing losses see
+    f_i = count_i/(T·top_k), about 1/E (the Switch loss is then about ``aux_loss_coeff``, as
+    Σ_i P_i = 1), the z-loss and entropy loss see the logits; the routed counts behind
+    ``expert_bias`` are the balanced ones (the bias plays no part in the selection). Applies
+    in training and eval. No expert drops with ``capacity_factor >= 1``. Token choice only;
+    refused with ``top_p`` (a data-dependent number of experts per token) and with
+    ``num_groups`` when some token's top_k consecutive experts span more than ``group_topk``
+    groups. Default False. Megatron ``moe_router_force_load_balancing`` (which instead draws
+    random logits: balanced in expectation only); MegaBlocks ``uniform_expert_assignment``
+    (the same round-robin, weights of the unforced top-k)."""
     router_bias: bool = False
     """A learned router bias b_r [E]: logits = x W_r + b_r, entering selection and weights.
     Token choice only. Default False. HF GPT-OSS's router bias (Megatron: refused with

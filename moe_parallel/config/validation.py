@@ -304,6 +304,40 @@ def _check_dynamic_capacity(cfg: MoEConfig) -> None:
                          f"[capacity_factor_min, capacity_factor_max] = [{lo}, {hi}]")
 
 
+def forced_groups_per_token(num_experts: int, top_k: int, num_groups: int) -> int:
+    """The most expert groups any token spans under ``force_balance``: token t takes experts
+    ``(t·k + j) mod E``, j < k, whose first one runs over the multiples of gcd(k, E); groups
+    are E / num_groups consecutive experts."""
+    E, k, per_group = num_experts, top_k, num_experts // num_groups
+    return max(len({((s + j) % E) // per_group for j in range(k)})
+               for s in range(0, E, math.gcd(k, E)))
+
+
+def _check_force_balance(cfg: MoEConfig) -> None:
+    """force_balance: token choice with a fixed top_k (no top_p); with group-limited routing
+    the forced experts of every token lie in at most group_topk groups."""
+    if not cfg.force_balance:
+        return
+    if cfg.router_type != "topk":
+        raise ValueError(
+            "force_balance=True applies only to router_type='topk' (with "
+            f"router_type={cfg.router_type!r} every expert already takes the same number of "
+            "tokens)")
+    if cfg.top_p is not None:
+        raise ValueError(
+            f"force_balance=True cannot be combined with top_p={cfg.top_p!r}: forced balance "
+            "gives every token exactly top_k experts, top_p a data-dependent number; set "
+            "top_p=None")
+    if cfg.num_groups is not None:
+        spanned = forced_groups_per_token(cfg.num_experts, cfg.top_k, cfg.num_groups)
+        if spanned > cfg.group_topk:
+            raise ValueError(
+                f"force_balance=True with num_groups={cfg.num_groups}, "
+                f"group_topk={cfg.group_topk}: the forced experts (t*top_k + j) mod "
+                f"num_experts of some token span {spanned} groups, more than group_topk "
+                f"allows; raise group_topk to >= {spanned} or leave num_groups/group_topk None")
+
+
 # The rules, in the order validate applies them.
 _CHECKS = (
     _check_sizes,
@@ -320,4 +354,5 @@ _CHECKS = (
     _check_overlap,
     _check_top_p,
     _check_dynamic_capacity,
+    _check_force_balance,
 )

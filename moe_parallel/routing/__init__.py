@@ -3,7 +3,7 @@
 * ``base.py``: ``Routing`` (what every router returns) and the steps routers share (input
   checks, logits, the per-expert assignment count);
 * ``router.py``: ``TopKRouter`` (token choice: softmax/sigmoid top-k, expert bias,
-  group-limited selection, noisy gating, top-p), ``build_router``;
+  group-limited selection, noisy gating, top-p, forced balance), ``build_router``;
 * ``expert_choice.py``: ``ExpertChoiceRouter`` (each expert takes its top-C tokens);
 * ``capacity.py``: ``C = max(ceil(T·k / E · capacity_factor), min_capacity)`` and the drop
   policies that enforce it;
@@ -17,7 +17,7 @@ from .base import Routing
 from .capacity import DROP_POLICIES, apply_capacity, expert_capacity, next_capacity_factor
 from .expert_choice import ExpertChoiceRouter
 from .losses import full_scores, sequence_load_balancing_loss, switch_load_balancing_loss, z_loss
-from .router import TopKRouter, build_router
+from .router import TopKRouter, build_router, forced_assignment
 
 __all__ = [
     "DROP_POLICIES",
@@ -28,6 +28,7 @@ __all__ = [
     "next_capacity_factor",
     "build_router",
     "expert_capacity",
+    "forced_assignment",
     "full_scores",
     "sequence_load_balancing_loss",
     "switch_load_balancing_loss",

@@ -14,7 +14,9 @@ combine weight, in five stages (one method each):
   its best (``"max"``, DeepSeek-V2), and only the ``M`` best groups stay selectable.
   Dynamic-k (``top_p``, Huang et al. 2024): of the ``top_k`` best (softmax, descending), slot
   ``j`` is selected iff ``Σ_{i<j} p_i < top_p`` (``keep``), so each token takes the fewest
-  experts whose probability reaches ``top_p``.
+  experts whose probability reaches ``top_p``. Forced balance (``force_balance``): token ``t``
+  (its index among the ``T`` tokens routed together) takes experts ``(t·k + j) mod E``,
+  ``j < k``, whatever the scores (``forced_assignment``).
 * ``combine_weights``: ``p = s[selected]``, divided by its sum when ``renormalize_topk``
   (sigmoid: by ``sum + 1e-20``); not ``softmax_before_topk``: ``p = softmax(logits[selected])``;
   top-p: ``p = s[selected]`` (0 where not kept), divided by its sum only with
@@ -60,7 +62,17 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "build_router",
+    "forced_assignment",
 ]
+
+
+def forced_assignment(num_tokens: int, top_k: int, num_experts: int,
+                      device: torch.device | str | None = None) -> Tensor:
+    """``[T, k]`` int64 round-robin expert ids ``(t·k + j) mod E`` (``T = num_tokens``,
+    ``k = top_k``, ``E = num_experts``): each row's ids are distinct when ``k <= E``, and expert
+    ``e`` appears ``floor(T·k/E) + (e < T·k mod E)`` times."""
+    flat = torch.arange(num_tokens * top_k, dtype=torch.int64, device=device)
+    return flat.remainder_(num_experts).view(num_tokens, top_k)
 
 
 class TopKRouter(nn.Module):
@@ -182,8 +194,12 @@ class TopKRouter(nn.Module):
     def selection(self, scores_TE: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """From detached scores: ``expert_idx`` ``[T, k]``, the ``top_k`` experts of highest
         ``s + b`` among the allowed groups, best first; ``keep`` ``[T, k]`` with ``top_p``
-        (slot ``j`` kept iff ``Σ_{i<j} s[t, expert_idx[t, i]] < top_p``), else None."""
+        (slot ``j`` kept iff ``Σ_{i<j} s[t, expert_idx[t, i]] < top_p``), else None. With
+        ``force_balance``: ``forced_assignment`` (the scores unused), keep None."""
         cfg = self.config
+        if cfg.force_balance:
+            return forced_assignment(scores_TE.shape[0], cfg.top_k, cfg.num_experts,
+                                     scores_TE.device), None
         choose_TE = self._group_limited(self._with_expert_bias(scores_TE))
         expert_idx_TK = choose_TE.topk(cfg.top_k, dim=-1).indices
         if cfg.top_p is None:

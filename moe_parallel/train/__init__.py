@@ -1,10 +1,17 @@
-"""The main job: train a small decoder-only MoE transformer language model on generated data.
+"""The main job: train a small decoder-only MoE transformer language model on generated data or
+on a file of token ids.
 
-Data (``data``): a random Markov source over ``vocab`` tokens: each token has a fixed table of
-4 successors drawn with probabilities (0.55, 0.25, 0.15, 0.05). Its conditional entropy (the
-lowest reachable cross-entropy) is printed beside the loss. Every FFN is an ``MoELayer``
-(``model``); the layers' aux losses reach the router through the output's autograd graph
-(``set_aux_loss_scale``).
+Data (``data``, the default): a random Markov source over ``vocab`` tokens: each token has a
+fixed table of 4 successors drawn with probabilities (0.55, 0.25, 0.15, 0.05). Its conditional
+entropy (the lowest reachable cross-entropy) is printed beside the loss. With ``--data PATH``
+(``token_file``): a flat file of uint16/uint32 token ids (``--data-dtype``; nanoGPT's
+``train.bin``), memory-mapped; each global batch is ``--batch-size · dp`` windows of
+``--seq-len + 1`` tokens in a seeded per-epoch order, each data-parallel rank reading only its
+own; the samples consumed are the checkpoint's data position; the file's unigram entropy is
+printed beside the loss. ``--vocab`` must exceed every id in the file (checked when it opens).
+
+Every FFN is an ``MoELayer`` (``model``); the layers' aux losses reach the router through the
+output's autograd graph (``set_aux_loss_scale``).
 
 Parallel layout (under torchrun / mpirun / srun; ``dp`` is derived): experts over EP (and ETP);
 the dense part is replicated and data-parallel. With ``--tp`` > 1 each TP rank of a data shard
@@ -29,9 +36,9 @@ replace the AdamW and the warm-up/cosine schedule; ``gradient_clipping`` and
 ``train_micro_batch_size_per_gpu`` default to ``--clip`` and ``--batch-size``.
 
 Modules: ``args`` (the flags, by group, and their checks, all applied before any process group
-or model exists), ``data``, ``model``, ``step`` (one optimizer step, the schedule, DeepSpeed),
-``progress`` (live bar on a terminal, plain lines in logs; the log lines), ``job`` (``main``:
-the stages).
+or model exists), ``data``, ``token_file``, ``model``, ``step`` (one optimizer step, the
+schedule, DeepSpeed), ``progress`` (live bar on a terminal, plain lines in logs; the log lines),
+``job`` (``main``: the stages).
 
     python -m moe_parallel.train --steps 150 --experts 8 --top-k 2 --capacity-factor 1.25
     torchrun --nproc-per-node 4 -m moe_parallel.train --ep 2 --tp 2
@@ -61,13 +68,16 @@ from .step import (
     optimizer_step,
     train_step,
 )
+from .token_file import DATA_DTYPES, TokenFile, token_count
 
 __all__ = [
+    "DATA_DTYPES",
     "SUCCESSOR_PROBS",
     "Block",
     "HFCausalLM",
     "MarkovSource",
     "MoETransformerLM",
+    "TokenFile",
     "backward_step",
     "build_config",
     "build_model",
@@ -82,5 +92,6 @@ __all__ = [
     "main",
     "optimizer_step",
     "shard_for_memory",
+    "token_count",
     "train_step",
 ]

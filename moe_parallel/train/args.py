@@ -14,7 +14,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -29,9 +29,12 @@ from ..config import (
 from ..distributed import detect_launch_env
 from ..ops import GROUPED_GEMM_BACKENDS
 from .model import CONFIG_FLAGS, build_config
+from .token_file import DATA_DTYPES, check_length, token_count
 
 DESCRIPTION = ("The main job: train a small decoder-only MoE transformer language model on "
-               "generated data.")
+               "generated data, or on a file of token ids (--data).")
+
+_T = TypeVar("_T")
 
 # --shard: what is sharded over the data-parallel replicas (model.shard_for_memory)
 SHARD_MODES = ("none", "experts", "optimizer")
@@ -46,7 +49,10 @@ _AT_LEAST = {"steps": 1, "batch_size": 1, "seq_len": 1, "vocab": 1, "hidden": 1,
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     add = p.add_argument_group("model").add_argument
-    add("--vocab", type=int, default=64, help="vocabulary size of the Markov source")
+    add("--vocab", type=int, default=64,
+        help="vocabulary size (the Markov source's); with --data it must exceed every id in "
+             "the file and is not set by it: 256 for a byte-level file, the tokenizer's size "
+             "otherwise")
     add("--hidden", type=int, default=64, help="model width H")
     add("--ffn", type=int, default=128, help="expert FFN hidden size F")
     add("--layers", type=int, default=2, help="transformer blocks, each with an MoE FFN")
@@ -155,6 +161,16 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
              "from LOCAL_RANK in the environment)")
 
 
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("data").add_argument
+    add("--data", default=None, metavar="PATH",
+        help="train on this flat file of token ids (nanoGPT's train.bin, a Megatron .bin), "
+             "memory-mapped, each data-parallel rank reading its own windows; default: the "
+             "generated Markov source")
+    add("--data-dtype", choices=tuple(DATA_DTYPES), default="uint16",
+        help="the token ids' type in --data (little-endian, no header)")
+
+
 def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
     add = p.add_argument_group("checkpoint").add_argument
     add("--save-dir", default=None,
@@ -179,7 +195,7 @@ def _logging_flags(p: argparse.ArgumentParser) -> None:
 
 
 _GROUPS: tuple[Callable[[argparse.ArgumentParser], None], ...] = (
-    _training_flags, _model_flags, _routing_flags, _capacity_flags, _dispatch_flags,
+    _training_flags, _data_flags, _model_flags, _routing_flags, _capacity_flags, _dispatch_flags,
     _layout_flags, _checkpoint_flags, _logging_flags)
 
 
@@ -201,11 +217,12 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def exit_on_error(check: Callable[..., None], *check_args,
-                  parser: Optional[argparse.ArgumentParser] = None) -> None:
-    """Run ``check(*check_args)``; its ``ValueError`` becomes ``parser.error`` (usage, exit 2)."""
+def exit_on_error(check: Callable[..., _T], *check_args,
+                  parser: Optional[argparse.ArgumentParser] = None) -> _T:
+    """Run ``check(*check_args)`` and return its result; its ``ValueError`` becomes
+    ``parser.error`` (usage, exit 2)."""
     try:
-        check(*check_args)
+        return check(*check_args)
     except ValueError as exc:
         (parser or _parser()).error(str(exc))
 
@@ -219,7 +236,9 @@ def check_flags(args: argparse.Namespace) -> None:
     """The rules on the flags alone (``ValueError`` naming the flag): sizes and counts at least
     ``_AT_LEAST``, the combinations of the checkpoint and DeepSpeed flags, the model's
     divisibility (``--hidden % --heads``, ``--seq-len % --tp``), ``--hf-model`` a directory
-    with a config.json, and every ``MoEConfig`` rule with its fields named by their flags."""
+    with a config.json, ``--data`` a non-empty file of whole ``--data-dtype`` ids holding at
+    least ``--batch-size`` sequences, and every ``MoEConfig`` rule with its fields named by
+    their flags."""
     for dest, least in _AT_LEAST.items():
         value = getattr(args, dest)
         if value is not None and value < least:
@@ -229,6 +248,9 @@ def check_flags(args: argparse.Namespace) -> None:
     _check_checkpoint_flags(args)
     if args.seq_len % args.tp:
         raise ValueError(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp}")
+    if args.data is not None:
+        check_length(args.data, token_count(args.data, args.data_dtype), args.seq_len,
+                     args.batch_size, 1)
     if args.hf_model is not None:
         _check_hf_model(args.hf_model)
     elif args.hidden % args.heads:
@@ -291,7 +313,8 @@ def launch_world_size() -> Optional[int]:
 def check_world(args: argparse.Namespace, world: int) -> None:
     """The rules that need the world size (``ValueError`` naming the flags): parallel sizes need
     as many processes, --tp and --ep x --etp divide the world, --dp is world / tp, --ranks-per-node
-    divides the world; for the built-in model --experts % --ep and --ffn % --etp."""
+    divides the world; for the built-in model --experts % --ep and --ffn % --etp; --data holds
+    one global batch (--batch-size x world / tp sequences)."""
     if world == 1:
         asked = {flag(n): getattr(args, n) for n in ("tp", "ep", "etp") if getattr(args, n) > 1}
         if asked:
@@ -310,6 +333,9 @@ def check_world(args: argparse.Namespace, world: int) -> None:
     if args.ranks_per_node is not None and world % args.ranks_per_node:
         raise ValueError(f"--ranks-per-node {args.ranks_per_node} does not divide the world "
                          f"size {world}")
+    if args.data is not None:
+        check_length(args.data, token_count(args.data, args.data_dtype), args.seq_len,
+                     args.batch_size, world // args.tp)
     if args.hf_model is None and args.experts % args.ep:
         raise ValueError(f"--experts {args.experts} is not divisible by --ep {args.ep}")
     if args.hf_model is None and args.ffn % args.etp:

@@ -1,6 +1,7 @@
 """The main job as named stages: parse and validate the flags, set up the process group and
-the parallel layout, build the model, data and optimizer, resume, run the step loop (progress,
-log lines, checkpoints), and report the loss curve and throughput."""
+the parallel layout, build the model, data (``data.MarkovSource`` or ``token_file.TokenFile``)
+and optimizer, resume, run the step loop (progress, log lines, checkpoints), and report the loss
+curve and throughput."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -21,10 +22,13 @@ from .. import checkpoint
 from ..cpu_memory import reuse_freed_memory
 from ..distributed import ParallelState, init_distributed
 from .args import _parse, check_world, exit_on_error, launch_world_size
-from .data import MarkovSource, local_batch
+from .data import MarkovSource
 from .model import build_model, shard_for_memory
 from .progress import Progress, global_stats, new_routing_log, record_routing, step_line
 from .step import build_optimizer, deepspeed_engine, engine_train_step, lr_lambda, train_step
+from .token_file import TokenFile
+
+Source = Union[MarkovSource, TokenFile]
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Job:
     ps: ParallelState
     device: torch.device
     model: nn.Module
-    source: MarkovSource
+    source: Source
     opt: Optional[torch.optim.Optimizer]
     sched: Any
     engine: Any = None
@@ -85,9 +89,19 @@ def seed_host_rngs(seed: int) -> None:
     np.random.seed(seed)
 
 
+def build_source(args: argparse.Namespace) -> Source:
+    """The data: ``--data``'s token file (windows ordered by ``--seed``; every id checked against
+    ``--vocab``, an HF model's vocabulary once ``build_job`` has set it), else the Markov source
+    (``--seed + 1``); a refusal is argparse's usage error, the same on every rank."""
+    if args.data is None:
+        return MarkovSource(args.vocab, args.seed + 1)
+    return exit_on_error(lambda: TokenFile(args.data, args.data_dtype, vocab=args.vocab,
+                                           seq_len=args.seq_len, seed=args.seed))
+
+
 def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> Job:
     """The model on its device (sharded as ``--shard`` says: ``shard_for_memory``), the data
-    source (``--seed + 1``; an HF model's vocabulary) and the optimizer and schedule: AdamW
+    source (``build_source``; an HF model's vocabulary) and the optimizer and schedule: AdamW
     (``build_optimizer``) with ``lr_lambda``, or the DeepSpeed engine's. Python's and NumPy's
     generators are seeded with ``--seed`` (``seed_host_rngs``)."""
     seed_host_rngs(args.seed)
@@ -95,7 +109,7 @@ def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> J
     model = shard_for_memory(build_model(args, ps).to(device), args.shard, ps)
     if args.hf_model:
         args.vocab = model.hf.config.vocab_size
-    source = MarkovSource(args.vocab, args.seed + 1)
+    source = build_source(args)
     if args.deepspeed:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeedEngine requires it
         engine, sched = deepspeed_engine(args, model, ps)
@@ -106,7 +120,8 @@ def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> J
 
 
 def announce(job: Job) -> None:
-    """Rank 0's header: device, layout, model, capacity, DeepSpeed stage, the loss floor."""
+    """Rank 0's header: device, layout, model, capacity, DeepSpeed stage, the data (the Markov
+    source's loss floor, or the token file's size and unigram entropy)."""
     args, ps = job.args, job.ps
     if not job.lead:
         return
@@ -117,7 +132,7 @@ def announce(job: Job) -> None:
     print(f"moe_parallel demo on {job.device}: {ps.world_size} process(es) tp={ps.tp} "
           f"ep={ps.ep} etp={ps.etp} dp={ps.dp} edp={ps.edp}; {what}, "
           f"capacity_factor={args.capacity_factor or None}; {zero}"
-          f"loss floor (source entropy) ~{job.source.entropy:.3f}, "
+          f"{job.source.describe()}, "
           f"uniform {math.log(args.vocab):.3f}", flush=True)
 
 
@@ -136,7 +151,7 @@ def resume(job: Job, history: list[float]) -> int:
         return 0
     extra = checkpoint.load(checkpoint.step_dir(args.save_dir, step), job.model, job.opt, ps)
     job.sched.load_state_dict(extra["scheduler"])
-    job.source.generator.set_state(extra["data"])
+    exit_on_error(job.source.load_state, extra["data"])
     history.extend(extra["history"])
     if job.lead:
         print(f"resumed from {checkpoint.step_dir(args.save_dir, step)} at step {extra['step']}",
@@ -148,8 +163,7 @@ def run_step(job: Job) -> tuple[float, float]:
     """One optimizer step on this rank's slice of the next global batch; returns the lm loss
     averaged over the data-parallel ranks and the step's tokens/s."""
     args, ps = job.args, job.ps
-    batch = local_batch(job.source.batch(args.batch_size * ps.dp, args.seq_len), ps)
-    batch = batch.to(job.device)
+    batch = job.source.next_batch(args.batch_size, args.seq_len, ps).to(job.device)
     t0 = time.perf_counter()
     if job.engine is not None:  # the engine steps its scheduler itself
         lm_loss, _ = engine_train_step(job.engine, batch, ps)
@@ -185,7 +199,7 @@ def save_if_due(job: Job, done: int, history: list[float],
     if pending is not None:
         pending.wait()
     extra = {"step": done, "scheduler": job.sched.state_dict(), "history": history,
-             "data": job.source.generator.get_state()}
+             "data": job.source.state()}
     return checkpoint.save_step(args.save_dir, done, job.model, job.opt, job.ps, extra,
                                 args.keep_checkpoints, args.async_save)
 
@@ -214,12 +228,13 @@ def train_loop(job: Job, start: int, history: list[float]) -> dict[str, list]:
 
 def report(job: Job, start: int, history: list[float], elapsed: float) -> dict:
     """Rank 0's summary line: the mean loss of the first and of the last (up to) 5 steps against
-    the source's entropy, and the tokens/s over the steps run; returns those figures."""
+    the data's entropy (the Markov source's floor, a token file's unigram entropy), and the
+    tokens/s over the steps run; returns those figures."""
     n = min(5, len(history))
     first, last = sum(history[:n]) / n, sum(history[-n:]) / n
     tokens_per_s = (job.args.steps - start) * job.tokens_per_step / max(elapsed, 1e-9)
     if job.lead:
-        print(f"loss {first:.3f} -> {last:.3f} (floor ~{job.source.entropy:.3f}) in "
+        print(f"loss {first:.3f} -> {last:.3f} ({job.source.loss_reference()}) in "
               f"{job.args.steps} steps, {tokens_per_s:,.0f} tok/s overall", flush=True)
     return {"first_loss": first, "last_loss": last, "tokens_per_s": tokens_per_s}
 

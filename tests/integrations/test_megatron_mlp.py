@@ -434,6 +434,9 @@ def test_config_translation_fields():
     assert (losses.aux_coeff, losses.seq_aux_coeff, losses.z_coeff) == (0.01, 0.002, 1e-3)
     gelu, _ = moe_config_from_megatron(_config(gated_linear_unit=False, activation_func=F.gelu))
     assert gelu.activation == "gelu"
+    assert not cfg.force_balance
+    forced, _ = moe_config_from_megatron(_config(moe_router_force_load_balancing=True))
+    assert forced.force_balance
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -441,7 +444,6 @@ def test_config_translation_fields():
     ("moe_router_load_balancing_type", "sinkhorn", "moe_router_load_balancing_type"),
     ("moe_router_load_balancing_type", "global_aux_loss", "moe_router_load_balancing_type"),
     ("moe_latent_size", 4, "moe_latent_size"),
-    ("moe_router_force_load_balancing", True, "moe_router_force_load_balancing"),
     ("add_bias_linear", True, "add_bias_linear"),
     ("activation_func", F.relu, "activation_func"),
     ("moe_token_dispatcher_type", "flex", "moe_token_dispatcher_type"),

@@ -26,6 +26,8 @@ is listed in ``PERFORMANCE_ONLY``, which change how Megatron's own kernels run, 
     moe_shared_expert_overlap           shared_expert_overlap
     moe_apply_probs_on_input            scale_expert_input
     moe_token_dispatcher_type           token_dispatcher_type ("alltoall", "allgather")
+    moe_router_force_load_balancing     force_balance (Megatron draws random logits, balanced in
+                                        expectation; here round-robin, balanced exactly)
     params_dtype, init_method_std       params_dtype, init_std
 
 The load-balancing losses (``moe_router_load_balancing_type`` "aux_loss", "seq_aux_loss" or a
@@ -64,7 +66,7 @@ TRANSLATED = frozenset({
     "moe_router_dtype", "moe_expert_capacity_factor", "moe_token_drop_policy",
     "moe_pad_expert_input_to_capacity", "moe_shared_expert_intermediate_size",
     "moe_shared_expert_gate", "moe_apply_probs_on_input", "moe_token_dispatcher_type",
-    "moe_shared_expert_overlap",
+    "moe_shared_expert_overlap", "moe_router_force_load_balancing",
     "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
 })
 
@@ -215,6 +217,7 @@ def _moe_fields(config: Any) -> dict[str, Any]:
         shared_expert_overlap=bool(config.moe_shared_expert_overlap) and bool(shared),
         scale_expert_input=bool(config.moe_apply_probs_on_input),
         token_dispatcher_type=config.moe_token_dispatcher_type,
+        force_balance=bool(config.moe_router_force_load_balancing),
         params_dtype=config.params_dtype,
         init_std=float(config.init_method_std),
     )
