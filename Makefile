@@ -48,7 +48,7 @@ $(EXT_STAMP): $(VENV)/.deps-stamp $(EXT_SOURCES) pyproject.toml
 # The optional integrations the tests exercise (extras of pyproject.toml), so they run, not skip.
 # DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA ops (the CPU tests JIT-build
 # the one they use into build/torch_extensions).
-TEST_EXTRAS := megatron,hf,deepspeed,bench
+TEST_EXTRAS := megatron,hf,deepspeed,bench,observe
 test-deps: $(VENV)/.test-deps-stamp
 
 $(VENV)/.test-deps-stamp: $(EXT_STAMP) pyproject.toml

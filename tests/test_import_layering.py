@@ -5,7 +5,8 @@ imports nothing of ours; ``config`` only ``ops``; ``routing``, ``experts`` and `
 only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` composes them;
 ``checkpoint`` and ``integrations`` sit on top (``train`` uses both: checkpoints, converted HF
 models), and nothing below imports them. ``plan`` (the layout planner) reads
-``integrations.hf.families`` for ``--config``; nothing imports it.
+``integrations.hf.families`` for ``--config``; nothing imports it. ``observe`` (router metrics
+and their sinks) reads the layers; ``train`` uses it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ BELOW = {
                    "layer"},
     "integrations": {"ops", "config", "metrics", "routing", "experts", "distributed",
                      "dispatch", "layer"},
+    "observe": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
+                "layer"},
     "plan": {"integrations"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
-              "dispatch", "layer", "checkpoint", "integrations"},
+              "dispatch", "layer", "checkpoint", "integrations", "observe"},
 }
 
 

@@ -28,6 +28,10 @@ With ``--shard experts`` the model is sharded with FSDP2 over the data-parallel 
 DP), weights, gradients and optimizer state alike; with ``--shard optimizer`` only the AdamW
 state is (``distributed.ShardedOptimizer``). Either trains as ``--shard none`` does.
 
+With ``--tensorboard DIR`` / ``--metrics-jsonl FILE`` (/ ``--wandb-project``) every
+``--log-every`` step writes each MoE layer's router metrics, summed over the ranks by one
+collective, on rank 0 (``moe_parallel.observe``).
+
 With ``--deepspeed CONFIG.json`` the model trains under the DeepSpeed engine
 (``integrations.deepspeed``: ZeRO 0/1/2, expert gradients reduced over EDP, clipping by the
 global norm); ``--local_rank``, which the ``deepspeed`` launcher passes, is accepted (the rank

@@ -11,6 +11,7 @@ status 2).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 from collections.abc import Callable
@@ -192,6 +193,17 @@ def _logging_flags(p: argparse.ArgumentParser) -> None:
     add("--progress-every", type=int, default=0,
         help="when stdout is not a terminal: steps between plain progress lines, which "
              "replace the live bar (0: about 16 lines per run)")
+    add("--tensorboard", default=None, metavar="DIR",
+        help="at every --log-every step, write the loss and each MoE layer's router metrics "
+             "summed over all ranks (load per expert, imbalance, drops, experts per token, "
+             "router entropy, loss terms) to a TensorBoard event file in DIR (rank 0; needs "
+             "the tensorboard package: the observe extra)")
+    add("--metrics-jsonl", default=None, metavar="FILE",
+        help="append the same records to FILE as JSON Lines, one object per logging step "
+             "(schema: moe_parallel.observe.sinks)")
+    add("--wandb-project", default=None, metavar="NAME",
+        help="log the same scalars to an offline Weights & Biases run of project NAME (needs "
+             "the wandb package; upload later with `wandb sync`)")
 
 
 _GROUPS: tuple[Callable[[argparse.ArgumentParser], None], ...] = (
@@ -235,7 +247,8 @@ def flag(dest: str) -> str:
 def check_flags(args: argparse.Namespace) -> None:
     """The rules on the flags alone (``ValueError`` naming the flag): sizes and counts at least
     ``_AT_LEAST``, the combinations of the checkpoint and DeepSpeed flags, the model's
-    divisibility (``--hidden % --heads``, ``--seq-len % --tp``), ``--hf-model`` a directory
+    divisibility (``--hidden % --heads``, ``--seq-len % --tp``), the metric sinks' packages
+    (``--tensorboard``, ``--wandb-project``), ``--hf-model`` a directory
     with a config.json, ``--data`` a non-empty file of whole ``--data-dtype`` ids holding at
     least ``--batch-size`` sequences, and every ``MoEConfig`` rule with its fields named by
     their flags."""
@@ -246,6 +259,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.timeout_s <= 0:
         raise ValueError(f"--timeout-s must be > 0, got {args.timeout_s}")
     _check_checkpoint_flags(args)
+    _check_metric_flags(args)
     if args.seq_len % args.tp:
         raise ValueError(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp}")
     if args.data is not None:
@@ -278,6 +292,19 @@ def _check_checkpoint_flags(args: argparse.Namespace) -> None:
     if args.deepspeed is not None and args.tp > 1:
         raise ValueError(f"--deepspeed needs --tp 1 (DeepSpeed reduces dense gradients over the "
                          f"whole world), got --tp {args.tp}")
+
+
+def _check_metric_flags(args: argparse.Namespace) -> None:
+    """``--tensorboard`` and ``--wandb-project`` need their packages installed; no metric flag
+    is an empty string."""
+    for dest in ("tensorboard", "metrics_jsonl", "wandb_project"):
+        if getattr(args, dest) == "":
+            raise ValueError(f"{flag(dest)} needs a non-empty value")
+    for dest, package, hint in (("tensorboard", "tensorboard", "moe_parallel[observe]"),
+                                ("wandb_project", "wandb", "wandb")):
+        if getattr(args, dest) is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{flag(dest)} needs the {package} package, which is not "
+                             f"installed (pip install '{hint}')")
 
 
 def _check_hf_model(path: str) -> None:

@@ -21,10 +21,11 @@ from torch import nn
 from .. import checkpoint
 from ..cpu_memory import reuse_freed_memory
 from ..distributed import ParallelState, init_distributed
+from ..observe import MetricSinks, RouterMetrics
 from .args import _parse, check_world, exit_on_error, launch_world_size
 from .data import MarkovSource
 from .model import build_model, shard_for_memory
-from .progress import Progress, global_stats, new_routing_log, record_routing, step_line
+from .progress import Progress, line_figures, new_routing_log, record_routing, step_line
 from .step import build_optimizer, deepspeed_engine, engine_train_step, lr_lambda, train_step
 from .token_file import TokenFile
 
@@ -176,15 +177,27 @@ def run_step(job: Job) -> tuple[float, float]:
     return lm_loss.item(), job.tokens_per_step / (time.perf_counter() - t0)
 
 
+def open_sinks(job: Job) -> MetricSinks:
+    """``--tensorboard``, ``--metrics-jsonl`` and ``--wandb-project``'s sinks on rank 0 (empty on
+    the other ranks, and without those flags)."""
+    args = job.args
+    return MetricSinks(args.tensorboard, args.metrics_jsonl, args.wandb_project,
+                       enabled=job.lead)
+
+
 def log_step(job: Job, step: int, loss: float, tok_s: float, routing_log: dict,
-             progress: Progress) -> None:
-    """The log line of ``step`` (global load and drops: a collective on every rank)."""
-    load, drop = global_stats(job.model, job.ps, job.device)
+             progress: Progress, watch: RouterMetrics, sinks: MetricSinks) -> None:
+    """The log line of ``step`` and its record in the metric sinks: every MoE layer's figures
+    summed over the ranks (``RouterMetrics.collect``: one collective on every rank); the line
+    shows their load per expert summed over the layers and the drop rate."""
+    layers = watch.collect()
+    load, drop = line_figures(layers)
     factor = routing_log["capacity_factor"][-1][0]
     dynamic = job.model.moe_layers()[0].config.dynamic_capacity
     progress.write(step_line(step, loss, tok_s, load, drop,
                              routing_log["experts_per_token"][-1],
                              factor if dynamic else None))
+    sinks.write(step, layers, loss=loss, tokens_per_s=tok_s)
 
 
 def save_if_due(job: Job, done: int, history: list[float],
@@ -207,20 +220,26 @@ def save_if_due(job: Job, done: int, history: list[float],
 def train_loop(job: Job, start: int, history: list[float]) -> dict[str, list]:
     """Steps ``start .. --steps - 1``: each step's loss appended to ``history``, its routing
     figures to the returned log, progress and (every ``--log-every`` steps and at the last) a
-    log line on rank 0, checkpoints when due."""
+    log line on rank 0 and a record in the metric sinks (``log_step``; the same steps on every
+    rank, the only steps whose router metrics are reduced), checkpoints when due."""
     args = job.args
     routing_log = new_routing_log()
     progress = Progress(start, args.steps, job.lead, args.progress_every)
+    watch, sinks = RouterMetrics(job.model, job.ps), open_sinks(job)
     pending: Optional[checkpoint.PendingSave] = None
-    for step in range(start, args.steps):
-        loss, tok_s = run_step(job)
-        history.append(loss)
-        record_routing(routing_log, job.model)
-        progress.update(step + 1, loss, tok_s)
-        if step % args.log_every == 0 or step == args.steps - 1:
-            log_step(job, step, loss, tok_s, routing_log, progress)
-        pending = save_if_due(job, step + 1, history, pending)
-    progress.close()
+    try:
+        for step in range(start, args.steps):
+            loss, tok_s = run_step(job)
+            history.append(loss)
+            record_routing(routing_log, job.model)
+            progress.update(step + 1, loss, tok_s)
+            if step % args.log_every == 0 or step == args.steps - 1:
+                log_step(job, step, loss, tok_s, routing_log, progress, watch, sinks)
+            pending = save_if_due(job, step + 1, history, pending)
+    finally:
+        progress.close()
+        watch.close()
+        sinks.close()
     if pending is not None:
         pending.wait()
     return routing_log

@@ -1,6 +1,7 @@
 """What the main job reports while it trains: the progress of the steps (a live tqdm bar on a
 terminal, plain periodic lines in logs), every step's routing figures, and the periodic log line
-with the load per expert and the drop rate summed over all ranks."""
+with the load per expert and the drop rate summed over all ranks (from the router metrics
+that ``observe`` collects on the logging steps)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
-import torch
 from torch import nn
 from tqdm import tqdm
-
-from ..distributed import ParallelState
 
 PLAIN_LINES = 16  # plain progress lines per run when --progress-every is 0
 
@@ -86,19 +84,12 @@ def record_routing(log: dict[str, list], model: nn.Module) -> None:
     log["capacity_factor"].append([m.current_capacity_factor(True) for m in layers])
 
 
-def global_stats(model: nn.Module, ps: ParallelState,
-                 device: torch.device) -> tuple[list[int], float]:
-    """Tokens per expert summed over layers and ranks, and the drop rate (a collective)."""
-    stats = [m.last_stats for m in model.moe_layers()]
-    load = torch.stack([s.tokens_per_expert for s in stats]).sum(0).double()
-    counts = torch.cat([load, torch.tensor([float(sum(s.dropped for s in stats)),
-                                            float(sum(s.num_routed for s in stats))])])
-    if ps.world_size > 1:
-        counts = counts.to(device)  # NCCL reduces device tensors only
-        torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
-    dropped, routed = counts[-2:].tolist()
-    return [int(v) for v in counts[:-2].tolist()], dropped / max(routed, 1.0)
+def line_figures(layers: list[dict]) -> tuple[list[int], float]:
+    """Tokens per expert summed over the layers, and the drop rate ``Σ dropped / Σ routed``, of
+    ``observe.collect_layer_metrics``'s per-layer figures (already summed over the ranks)."""
+    load = [sum(col) for col in zip(*(m["tokens_per_expert"] for m in layers))]
+    routed = sum(m["routed"] for m in layers)
+    return load, sum(m["dropped"] for m in layers) / max(routed, 1)
 
 
 def step_line(step: int, loss: float, tok_s: float, load: list[int], drop: float,

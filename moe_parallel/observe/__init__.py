@@ -1,0 +1,22 @@
+"""Watching the router while a model trains.
+
+``metrics``: every MoE layer's load per expert, imbalance, drops, experts per token, router
+entropy and loss terms, summed over the ranks of the stage by one collective on the steps the
+caller chooses (``RouterMetrics``, ``collect_layer_metrics``). ``sinks``: where they are
+written, by the lead rank: JSON Lines, TensorBoard, Weights & Biases offline (``MetricSinks``).
+"""
+
+from .metrics import LOSS_TERMS, RouterMetrics, collect_layer_metrics, load_figures, moe_layers
+from .sinks import (
+    LAYER_SCALARS,
+    JsonlSink,
+    MetricSinks,
+    TensorBoardSink,
+    WandbSink,
+    metrics_record,
+    scalar_items,
+)
+
+__all__ = ["LAYER_SCALARS", "LOSS_TERMS", "JsonlSink", "MetricSinks", "RouterMetrics",
+           "TensorBoardSink", "WandbSink", "collect_layer_metrics", "load_figures",
+           "metrics_record", "moe_layers", "scalar_items"]
