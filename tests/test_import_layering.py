@@ -6,7 +6,8 @@ only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` comp
 ``checkpoint`` and ``integrations`` sit on top (``train`` uses both: checkpoints, converted HF
 models), and nothing below imports them. ``plan`` (the layout planner) reads
 ``integrations.hf.families`` for ``--config``; nothing imports it. ``observe`` (router metrics
-and their sinks) reads the layers; ``train`` uses it.
+and their sinks) reads the layers; ``train`` uses it; ``report`` (the run's plots) reads
+``observe``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BELOW = {
     "observe": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
                 "layer"},
     "plan": {"integrations"},
+    "report": {"observe"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
               "dispatch", "layer", "checkpoint", "integrations", "observe"},
 }

@@ -4,6 +4,7 @@
 entropy and loss terms, summed over the ranks of the stage by one collective on the steps the
 caller chooses (``RouterMetrics``, ``collect_layer_metrics``). ``sinks``: where they are
 written, by the lead rank: JSON Lines, TensorBoard, Weights & Biases offline (``MetricSinks``).
+``report``: PNGs of a run's JSON Lines (``python -m moe_parallel.report``).
 """
 
 from .metrics import LOSS_TERMS, RouterMetrics, collect_layer_metrics, load_figures, moe_layers
