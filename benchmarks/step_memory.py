@@ -38,7 +38,8 @@ from collections.abc import Mapping
 
 import torch
 
-SHARD_MODES = ("none", "optimizer", "experts")
+from moe_parallel.config.choices import SHARD_MODES
+
 DIMS = ("vocab", "hidden", "ffn", "experts", "top_k", "layers", "heads")
 
 

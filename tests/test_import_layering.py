@@ -33,7 +33,7 @@ BELOW = {
                      "dispatch", "layer"},
     "observe": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
                 "layer"},
-    "plan": {"integrations"},
+    "plan": {"config", "integrations"},
     "report": {"observe"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
               "dispatch", "layer", "checkpoint", "integrations", "observe"},

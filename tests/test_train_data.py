@@ -26,6 +26,7 @@ from moe_parallel import train
 from moe_parallel.distributed import ParallelState
 from moe_parallel.train import TokenFile, token_count
 from tests.helpers.dist_harness import get_pool, own_groups, parallel_state
+from tests.helpers.training_parity import assert_same_run
 
 MODULES = (json.decoder, textwrap, argparse)
 TINY = ["--layers", "1", "--hidden", "32", "--ffn", "64", "--heads", "2", "--experts", "4",
@@ -178,10 +179,7 @@ def _resume_bitwise(path: str, root: str) -> str:
         first = train.main(flags + ["--save-every=3"])
     with own_groups():
         resumed = train.main(flags + ["--resume=3"])
-    assert resumed["history"] == first["history"], (resumed["history"], first["history"])
-    a, b = first["model"].state_dict(), resumed["model"].state_dict()
-    bad = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not bad, bad
+    assert_same_run(first, resumed)
     return "ok"
 
 

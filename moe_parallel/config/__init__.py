@@ -22,6 +22,7 @@ from .choices import (
     ROUTER_TYPES,
     ROW_OVERFLOWS,
     SCORE_FUNCTIONS,
+    SHARD_MODES,
     Activation,
     DispatcherType,
     DropPolicy,
@@ -44,7 +45,8 @@ from .values import (
 
 __all__ = [
     "ACTIVATIONS", "DISPATCHERS", "DROP_POLICIES", "EXPERT_IMPLS", "GROUP_SCORES",
-    "RECOMPUTE_MODES", "ROUTER_TYPES", "ROW_OVERFLOWS", "SCORE_FUNCTIONS", "Activation",
+    "RECOMPUTE_MODES", "ROUTER_TYPES", "ROW_OVERFLOWS", "SCORE_FUNCTIONS", "SHARD_MODES",
+    "Activation",
     "DispatcherType", "DropPolicy", "ExpertImpl", "GroupScore", "MoEConfig", "Recompute",
     "RouterType", "RowOverflow", "ScoreFunction", "check_choice", "check_nonneg_float",
     "check_nonneg_int", "check_positive_float", "check_positive_int",

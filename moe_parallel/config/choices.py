@@ -17,6 +17,9 @@ ExpertImpl = Literal["block_sparse", "grouped"]
 RowOverflow = Literal["error", "capacity"]
 VerdictScope = Literal["stage", "layer"]
 Recompute = Literal["none", "activation", "experts"]
+# what is sharded over the data-parallel replicas (distributed.shard_model: "experts",
+# distributed.ShardedOptimizer: "optimizer"); train --shard, the planner's layouts
+ShardMode = Literal["none", "experts", "optimizer"]
 
 # The allowed values of each choice field: one definition, the Literal above.
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -29,4 +32,5 @@ EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 ROW_OVERFLOWS: tuple[str, ...] = get_args(RowOverflow)
 VERDICT_SCOPES: tuple[str, ...] = get_args(VerdictScope)
 RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
+SHARD_MODES: tuple[str, ...] = get_args(ShardMode)
 ROUTER_DTYPES = (None, torch.float32, torch.float64)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from ..ops.permute import scatter_to_rows
 from ..routing.router import Routing
 from .all_gather import AllGatherHandle
 from .all_to_all import AllToAllHandle
@@ -79,13 +80,6 @@ def _gather(handles: list[DispatchHandle]) -> tuple[Tensor, Tensor, bool]:
     return row_map, tokens_per_expert, any(h.overflow for h in handles)
 
 
-def _scattered(row_map: Tensor, probs: Tensor, num_rows: int) -> Tensor:
-    """``w [num_rows]``: ``w[row_map[t, j]] = probs[t, j]``, 0 for rows no ``(t, j)`` points at
-    (padding); dropped entries (-1) go to one spare slot. Differentiable in ``probs``."""
-    dest = torch.where(row_map >= 0, row_map, num_rows).reshape(-1)
-    return probs.new_zeros(num_rows + 1).scatter(0, dest, probs.reshape(-1))[:num_rows]
-
-
 def _widened(probs: Tensor, dtype: torch.dtype) -> Tensor:
     """``probs`` in the wider of its dtype and ``dtype`` (the rows'): the weights' gradient,
     whose ETP partial sums meet in the dispatch's backward, is summed at that precision and
@@ -103,11 +97,11 @@ def expert_row_weights(dispatcher: TokenDispatcher, handle: DispatchHandle,
     dispatched. For ``AllToAllHandle`` a collective over the dispatcher's groups."""
     num_rows, dtype = expert_in.shape[0], expert_in.dtype
     if isinstance(handle, LocalHandle):
-        return (_scattered(handle.row_map, _widened(handle.probs, dtype), num_rows),
+        return (scatter_to_rows(_widened(handle.probs, dtype), handle.row_map, num_rows),
                 replace(handle, probs=None))
     if isinstance(handle, AllGatherHandle):
-        return (_scattered(handle.gathered_row_map, _widened(handle.gathered_probs, dtype),
-                           num_rows),
+        return (scatter_to_rows(_widened(handle.gathered_probs, dtype),
+                                handle.gathered_row_map, num_rows),
                 replace(handle, gathered_probs=None))
     if isinstance(handle, AllToAllHandle):
         routing = piece[1]

@@ -379,15 +379,22 @@ def _permute_backward(ctx, grad_permuted, _grad_row_map, _grad_tpe):
     return {"x": grad_x}
 
 
+def scatter_to_rows(values: torch.Tensor, row_map: torch.Tensor, num_rows: int,
+                    fill: float = 0) -> torch.Tensor:
+    """``out [num_rows]``: ``out[row_map[t, j]] = values[t, j]`` (``values`` ``[T, k]`` or
+    ``[T·k]``), ``fill`` for a row no ``(t, j)`` points at; dropped entries (-1) land in one
+    spare slot, so nothing is read back to the host. Differentiable in ``values``."""
+    dest = torch.where(row_map >= 0, row_map, num_rows).reshape(-1)
+    out = torch.full((num_rows + 1,), fill, dtype=values.dtype, device=values.device)
+    return out.scatter(0, dest, values.reshape(-1))[:num_rows]
+
+
 def _row_sources(row_map: torch.Tensor, num_rows: int, missing: int) -> torch.Tensor:
     """The adjoint's gather map ``src [num_rows]``: ``src[row_map[t, j]] = t`` and ``missing``
-    for a row no ``(t, j)`` points at. Built by a scatter into one spare slot (index
-    ``num_rows``, where dropped entries land), so nothing is read back to the host."""
+    for a row no ``(t, j)`` points at."""
     T, k = row_map.shape
-    dest = torch.where(row_map >= 0, row_map, num_rows).reshape(-1)
     tok = torch.arange(T, device=row_map.device).repeat_interleave(k)
-    src = torch.full((num_rows + 1,), missing, dtype=torch.int64, device=row_map.device)
-    return src.scatter(0, dest, tok)[:num_rows]
+    return scatter_to_rows(tok, row_map, num_rows, missing)
 
 
 def _unpermute_setup(ctx, args, output):
@@ -405,8 +412,7 @@ def _unpermute_backward(ctx, grad_out):
         if probs is None:  # rows nobody points at read the appended zero row T
             padded = torch.cat([grad_out, grad_out.new_zeros(1, grad_out.shape[1])])
             return {"y": padded.index_select(0, _row_sources(row_map, N, T))}
-        dest = torch.where(row_map >= 0, row_map, N).reshape(-1)
-        w = probs.new_zeros(N + 1).scatter(0, dest, probs.reshape(-1))[:N]
+        w = scatter_to_rows(probs, row_map, N)
         grad_y = torch.ops.moe_parallel.unpermute(
             y=grad_out, row_map=_row_sources(row_map, N, -1).view(N, 1), probs=w.view(N, 1),
             num_tokens=N, validate=False)

@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from ..config.choices import RECOMPUTE_MODES
+
 __all__ = ["ATTENTION_TERMS", "DENSE_FFN_TERMS", "Dims", "EMBEDDING_TERMS", "HEAD_TERMS",
            "MOE_TERMS", "MTP_TERMS", "RECOMPUTE_DROPS", "RECOMPUTE_MODES", "Term", "dispatch_bytes",
            "saved_bytes"]
@@ -141,7 +143,6 @@ MTP_TERMS: tuple[Term, ...] = (
     Term("mtp_inputs", "token", lambda d: 4 * d.H, "act"),
 )
 
-RECOMPUTE_MODES = ("none", "activation", "experts")
 RECOMPUTE_DROPS: dict[str, tuple[str, ...]] = {
     "none": (),
     "activation": ("expert_act",),

@@ -17,13 +17,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 
-from .activations import RECOMPUTE_MODES
+from ..config.choices import RECOMPUTE_MODES, SHARD_MODES
 from .models import ModelSpec
 
 __all__ = ["AXES", "Layout", "SHARD_MODES", "check_layout", "check_value", "enumerate_layouts",
            "layout_problem"]
 
-SHARD_MODES = ("none", "experts", "optimizer")
 AXES = ("tp", "cp", "pp", "ep", "etp")
 
 

@@ -26,6 +26,7 @@ from ..config import (
     RECOMPUTE_MODES,
     ROW_OVERFLOWS,
     SCORE_FUNCTIONS,
+    SHARD_MODES,
 )
 from ..distributed import detect_launch_env
 from ..ops import GROUPED_GEMM_BACKENDS
@@ -36,9 +37,6 @@ DESCRIPTION = ("The main job: train a small decoder-only MoE transformer languag
                "generated data, or on a file of token ids (--data).")
 
 _T = TypeVar("_T")
-
-# --shard: what is sharded over the data-parallel replicas (model.shard_for_memory)
-SHARD_MODES = ("none", "experts", "optimizer")
 
 # dest -> smallest allowed value (None: the flag may be left unset)
 _AT_LEAST = {"steps": 1, "batch_size": 1, "seq_len": 1, "vocab": 1, "hidden": 1, "ffn": 1,

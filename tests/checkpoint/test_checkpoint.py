@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers.dist_harness import DistFailure, get_pool, parallel_state
+from tests.helpers.training_parity import assert_same_run
 
 ARGS = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "--heads", "2",
         "--experts", "8", "--top-k", "2", "--vocab", "32", "--seq-len", "8",
@@ -189,10 +190,7 @@ def _resume_bitwise(layout: dict, root: str) -> str:
         "--batch-size=2", "--steps=7", "--log-every=100", f"--save-dir={root}"]
     first = train.main(flags + ["--save-every=4"] + (["--async-save"] if layout.get("tp") else []))
     resumed = train.main(flags + ["--resume=4"])
-    assert resumed["history"] == first["history"], (resumed["history"], first["history"])
-    a, b = first["model"].state_dict(), resumed["model"].state_dict()
-    bad = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not bad, bad
+    assert_same_run(first, resumed)
     return "ok"
 
 

@@ -106,3 +106,12 @@ def assert_parity(per_rank: list[dict[str, float]], num_params: int) -> None:
         assert len(errors) == num_params, errors
         for name, err in errors.items():
             assert err < TOL, f"rank {rank} {name}: relative error {err:.3e}"
+
+
+def assert_same_run(first: dict, second: dict) -> None:
+    """Two ``train.main`` results (e.g. a run and its resumption) with the same loss history and
+    bitwise-equal parameters."""
+    assert second["history"] == first["history"], (second["history"], first["history"])
+    a, b = first["model"].state_dict(), second["model"].state_dict()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, bad
