@@ -10,6 +10,8 @@ EXT_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name
 EXT_STAMP := build/.ext-stamp
 # CUTLASS C++ headers for the 'cutlass' grouped GEMM backend (its Python deps are not needed).
 CUTLASS_HEADERS := nvidia-cutlass==4.2.0.0
+# The CUDA wheels are several GB: no second copy in pip's cache.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: setup deps mpi ext test-deps demo test lint clean bench bench-deps cutlass-headers megablocks-carry
 
