@@ -42,6 +42,7 @@ from .metrics import RoutingStats
 from .routing import Routing, apply_capacity, build_router
 from .routing.capacity_schedule import CapacityScheduled
 from .routing.losses import attach_to_graph
+from .routing.replay import RouterReplay
 from .routing.router import TopKRouter, count_assignments
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ class MoELayer(CapacityScheduled):
         self._verdict = verdict_group(ps, config.verdict_scope)
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
         self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
+        self.replay = RouterReplay()  # record / replay the routing (routing.replay)
         self._init_capacity_schedule(device)  # dynamic_capacity: the factor and its counts
 
     @classmethod
@@ -171,21 +173,34 @@ class MoELayer(CapacityScheduled):
         return sum(self.last_losses.values()) if self.last_losses else None
 
     def route(self, x: Tensor, num_seqs: int = 1, check: bool = True,
-              valid: Optional[Tensor] = None) -> tuple[Routing, dict[str, Tensor], int]:
+              valid: Optional[Tensor] = None,
+              assignment: Optional[tuple[Tensor, Optional[Tensor], Tensor]] = None,
+              ) -> tuple[Routing, dict[str, Tensor], int]:
         """Router plus capacity: the routing to dispatch, the losses, and the pad length
         (``check=False``: the caller tests the logits for ``check_finite``; ``valid``: ``[T]``
-        bool, the non-padding tokens, see ``forward``)."""
+        bool, the non-padding tokens, see ``forward``). ``assignment``: a replayed
+        ``(expert_idx, selected, kept)`` (``routing.replay``): the router takes
+        ``(expert_idx, selected)`` for its selection, and only the ``kept`` assignments compete
+        for capacity (without capacity, ``kept`` is the keep mask)."""
         kw = {} if valid is None else {"valid": valid}
+        if assignment is not None:
+            kw["assignment"] = assignment[:2]
         routing, losses = self.router(x, num_seqs=num_seqs, count=False, check=check, **kw)
         capacity = self.capacity(x.shape[0])
         pad_to = 0
+        keep = routing.keep
+        if assignment is not None:
+            kept = assignment[2]
+            keep = kept if keep is not None or capacity is not None or not bool(kept.all()) \
+                else None
         if capacity is not None:
             keep = apply_capacity(
                 routing.expert_idx, routing.probs, self.config.num_experts, capacity,
-                self.config.drop_policy, routing.keep,
+                self.config.drop_policy, keep,
             )
-            routing = replace(routing, keep=keep)
             pad_to = capacity if self.config.pad_to_capacity else 0
+        if keep is not routing.keep:
+            routing = replace(routing, keep=keep)
         return routing, losses, pad_to
 
     def _count_routed(self, routed_per_expert: Tensor, capacity_counts: Optional[Tensor] = None
@@ -206,13 +221,14 @@ class MoELayer(CapacityScheduled):
         check_no_fsdp_over_experts(self.experts, ps)
         check_no_ddp_over_experts(self, ps)
 
-    def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor]):
+    def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor],
+                            assignment=None):
         """``route``, with the verdict on every rank's forward shared by the ``verdict_scope``
         group (one all-gather of ``[input ok, logits finite]`` per forward:
         ``share_forward_verdict``)."""
         if self._verdict is None:
-            return self.route(tokens, num_seqs, valid=valid)
-        result = self.route(tokens, num_seqs, check=False, valid=valid)
+            return self.route(tokens, num_seqs, valid=valid, assignment=assignment)
+        result = self.route(tokens, num_seqs, check=False, valid=valid, assignment=assignment)
         finite = torch.isfinite(result[0].logits).all() if self.config.check_finite else True
         share_forward_verdict(self.parallel_state, None, finite, tokens.device,
                               self.config.verdict_scope)
@@ -362,15 +378,22 @@ class MoELayer(CapacityScheduled):
         and its verdict (input refused, non-finite logits) is shared by the ``verdict_scope``
         group (default: every rank of the pipeline stage), whose ranks all call it too.
         """
+        cfg = self.config
         try:
             tokens, valid = self._input_tokens(x, padding_mask)
+            assignment = (self.replay.assignment(x.shape[:-1], cfg.num_experts, cfg.top_k,
+                                                 cfg.top_p, tokens.device)
+                          if self.replay.active else None)
         except ValueError as refused:
             if self._verdict is None:
                 raise
             self._refuse_collectively(refused)
         tokens = self._prepare(tokens)
         num_seqs = x.shape[1] if x.dim() == 3 else 1
-        routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid)
+        routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid, assignment)
+        if self.replay.mode == "record":
+            self.replay.add(x.shape[:-1], routing.expert_idx, routing.selected, routing.keep,
+                            routing.probs, routing.logits)
         routed = self._routed(tokens, routing, pad_to)
         y = routed.y if routed.side is None else routed.y + routed.side
         if self.training and torch.is_grad_enabled():  # eval / no_grad: training state untouched

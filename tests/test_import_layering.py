@@ -7,7 +7,8 @@ only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` comp
 models), and nothing below imports them. ``plan`` (the layout planner) reads
 ``integrations.hf.families`` for ``--config``; nothing imports it. ``observe`` (router metrics
 and their sinks) reads the layers; ``train`` uses it; ``report`` (the run's plots) reads
-``observe``.
+``observe``; ``replay`` (router replay over a model's layers) reads the layers; ``observe``
+(routing traces) and ``train`` use it.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ BELOW = {
                    "layer"},
     "integrations": {"ops", "config", "metrics", "routing", "experts", "distributed",
                      "dispatch", "layer"},
+    "replay": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
+               "layer"},
     "observe": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
-                "layer"},
+                "layer", "replay"},
     "plan": {"config", "integrations"},
     "report": {"observe"},
     "train": {"ops", "config", "metrics", "cpu_memory", "routing", "experts", "distributed",
-              "dispatch", "layer", "checkpoint", "integrations", "observe"},
+              "dispatch", "layer", "checkpoint", "integrations", "observe", "replay"},
 }
 
 

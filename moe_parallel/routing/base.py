@@ -41,6 +41,8 @@ class Routing:
     routed_per_expert: ``[E]`` int64 assignments per expert before any capacity drop.
     experts_per_token: ``[T]`` int64, the experts each token selected (top-p, expert choice);
       None when every token selected ``k'``.
+    selected: ``[T, k']`` bool, the router's own selection before any capacity drop (``keep``
+      as the router returned it), or None when it selected every slot.
 
     Token choice has ``k' = top_k``; expert choice has ``k' = E`` with
     ``expert_idx[t, e] = e``, ``keep[t, e]`` = expert ``e`` chose token ``t`` and
@@ -53,6 +55,7 @@ class Routing:
     logits: Tensor
     routed_per_expert: Tensor
     experts_per_token: Optional[Tensor] = None  # [T] int64 selected per token; None: all k'
+    selected: Optional[Tensor] = None  # [T, k'] bool before capacity; None: all
 
 
 def router_param_dtype(config: MoEConfig) -> torch.dtype:

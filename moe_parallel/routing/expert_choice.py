@@ -95,6 +95,7 @@ class ExpertChoiceRouter(nn.Module):
             logits=logits,
             routed_per_expert=keep.sum(dim=0),
             experts_per_token=keep.sum(dim=1),
+            selected=keep,
         )
         return routing, losses
 

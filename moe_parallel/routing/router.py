@@ -137,14 +137,19 @@ class TopKRouter(nn.Module):
         return self
 
     def forward(self, x: Tensor, num_seqs: int = 1, count: bool = True, check: bool = True,
-                valid: Optional[Tensor] = None) -> tuple[Routing, dict[str, Tensor]]:
+                valid: Optional[Tensor] = None,
+                assignment: Optional[tuple[Tensor, Optional[Tensor]]] = None,
+                ) -> tuple[Routing, dict[str, Tensor]]:
         """Route ``x`` ``[T, H]`` (sequence-major, ``num_seqs`` sequences) to ``top_k`` experts.
         ``count=False`` leaves ``local_tokens_per_expert`` to the caller (``MoELayer`` adds the
         counts in its backward, once per step even under activation recomputation);
         ``check=False`` leaves the ``check_finite`` test of the logits to the caller.
         ``valid`` (``[T]`` bool, None: all): the tokens that count; padding tokens (False) are
         routed like the others but left out of the losses and of ``local_tokens_per_expert``
-        (``Routing.routed_per_expert`` counts every token: it is the load the experts see)."""
+        (``Routing.routed_per_expert`` counts every token: it is the load the experts see).
+        ``assignment`` (router replay): ``(expert_idx [T, k], keep [T, k] or None)`` replaces
+        ``selection``; the combine weights, counts and losses follow from it as from a
+        selection."""
         cfg = self.config
         check_router_input(x, cfg.hidden_size, num_seqs)
         valid_T = check_valid_mask(valid, x.shape[0])
@@ -152,7 +157,8 @@ class TopKRouter(nn.Module):
         if cfg.check_finite and check:
             check_finite_logits(logits_TE)
         scores_TE = self.scores(logits_TE)
-        expert_idx_TK, keep_TK = self.selection(scores_TE.detach())
+        expert_idx_TK, keep_TK = (self.selection(scores_TE.detach()) if assignment is None
+                                  else assignment)
         probs_TK = self.combine_weights(scores_TE, expert_idx_TK, keep_TK)
         E = cfg.num_experts
         routed_E = count_assignments(expert_idx_TK, E, keep=keep_TK)
@@ -169,6 +175,7 @@ class TopKRouter(nn.Module):
             logits=logits_TE,
             routed_per_expert=routed_E,
             experts_per_token=None if keep_TK is None else keep_TK.sum(dim=1),
+            selected=keep_TK,
         )
         return routing, losses
 

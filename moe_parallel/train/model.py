@@ -55,8 +55,10 @@ class Block(nn.Module):
         if tp == 1:
             return self.moe(x)
         chunk = x.shape[0] // tp
-        mine = x[comm.group_rank(self.tp_group) * chunk:][:chunk]
-        return comm.all_gather(self.moe(mine), self.tp_group, sizes=[chunk] * tp)
+        start = comm.group_rank(self.tp_group) * chunk
+        with self.moe.replay.narrowed(x.shape[:-1], 0, start, chunk):  # the slice's token keys
+            y = self.moe(x[start:][:chunk])
+        return comm.all_gather(y, self.tp_group, sizes=[chunk] * tp)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x + attn(ln1(x))``, then ``+ moe(ln2(·))``; ``[B, S, H]`` in and out."""
