@@ -2,7 +2,8 @@
 
 * ``saved_tensor_bytes(forward, params)``: the bytes autograd keeps for the backward of one
   ``forward()``: every tensor saved for backward (``torch.autograd.graph.saved_tensors_hooks``,
-  custom ``ctx.save_for_backward`` included) counted once per distinct storage
+  custom ``ctx.save_for_backward`` included) and still held when ``forward()`` returns (a
+  graph the forward built and dropped frees what it saved), counted once per distinct storage
   (``untyped_storage().data_ptr()``, ``nbytes()`` of the whole storage). Storages of ``params``
   (the module's parameters) are reported apart: ``{"activations": bytes, "params": bytes}``.
 * ``saved_tensor_breakdown(forward, params)``: the same storages one by one (``SavedStorage``:
@@ -34,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -54,22 +56,37 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
 def saved_tensor_bytes(forward: Callable[[], object], params: Iterable[torch.Tensor] = ()
                        ) -> dict[str, int]:
     """``{"activations", "params"}``: bytes of the distinct storages saved for backward by one
-    ``forward()``, those of ``params`` apart (module docstring). The output of ``forward`` is
-    dropped before returning."""
+    ``forward()`` and held by its output's graph, those of ``params`` apart (module
+    docstring). The output of ``forward`` is dropped before returning."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    saved: dict[int, int] = {}
+    saved = _held_storages(forward, site=False)
+    return {"activations": sum(n for p, (n, *_) in saved.items() if p not in param_ptrs),
+            "params": sum(n for p, (n, *_) in saved.items() if p in param_ptrs)}
+
+
+def _held_storages(forward: Callable[[], object], site: bool
+                   ) -> dict[int, tuple[int, tuple, torch.dtype, str]]:
+    """``data_ptr -> (nbytes, shape, dtype, site)`` of the storages saved for backward during
+    ``forward()`` whose saved tensor is still alive when it returns, in the order first saved
+    (``site``: the saving source lines, else ""). Keyed by address only among live storages:
+    a storage freed during the forward may hand its address to a later one."""
+    records: list[tuple[weakref.ref, int, int, tuple, torch.dtype, str]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = _storage(t)
         if storage is not None:
-            saved[storage[0]] = storage[1]
+            records.append((weakref.ref(t), storage[0], storage[1], tuple(t.shape), t.dtype,
+                            _site() if site else ""))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
+    held: dict[int, tuple[int, tuple, torch.dtype, str]] = {}
+    for ref, ptr, nbytes, shape, dtype, where in records:
+        if ref() is not None and ptr not in held:
+            held[ptr] = (nbytes, shape, dtype, where)
     del out
-    return {"activations": sum(n for p, n in saved.items() if p not in param_ptrs),
-            "params": sum(n for p, n in saved.items() if p in param_ptrs)}
+    return held
 
 
 class SavedStorage(NamedTuple):
@@ -95,23 +112,13 @@ def _site(depth: int = 2) -> str:
 
 def saved_tensor_breakdown(forward: Callable[[], object], params: Iterable[torch.Tensor] = ()
                            ) -> list[SavedStorage]:
-    """The distinct storages saved for backward by one ``forward()``, in the order they were
-    first saved (module docstring). ``sum(s.nbytes for s in result if not s.param)`` equals
+    """The distinct storages saved for backward by one ``forward()`` and held by its output's
+    graph, in the order they were first saved (module docstring).
+    ``sum(s.nbytes for s in result if not s.param)`` equals
     ``saved_tensor_bytes(forward, params)["activations"]``."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    saved: dict[int, SavedStorage] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = _storage(t)
-        if storage is not None and storage[0] not in saved:
-            saved[storage[0]] = SavedStorage(storage[1], tuple(t.shape), t.dtype,
-                                             storage[0] in param_ptrs, _site())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return list(saved.values())
+    return [SavedStorage(n, shape, dtype, ptr in param_ptrs, where)
+            for ptr, (n, shape, dtype, where) in _held_storages(forward, site=True).items()]
 
 
 @contextlib.contextmanager
