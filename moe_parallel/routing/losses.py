@@ -124,6 +124,10 @@ class _AttachToGraph(torch.autograd.Function):
     def forward(ctx, output: Tensor, loss: Tensor | None, scale: float, on_backward):
         ctx.scale, ctx.on_backward = scale, on_backward
         ctx.loss_shape = None if loss is None else (loss.shape, loss.dtype, loss.device)
+        if torch.compiler.is_compiling():
+            # AOT autograd regenerates an output that is a view of a graph input outside the
+            # compiled graph, which would skip this backward (loss gradient and on_backward).
+            return output.clone()
         return output.view_as(output)
 
     @staticmethod
