@@ -31,20 +31,20 @@ from .routing.replay import REPLAY_MODES, TokenKeys
 
 __all__ = [
     "gather_recording",
-    "moe_layers",
+    "named_moe_layers",
     "router_recording",
     "set_router_replay",
     "set_token_keys",
 ]
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+def named_moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     """``(name, layer)`` of every ``MoELayer`` in ``model.modules()`` order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
 def _chosen(model: nn.Module, layers: Optional[Sequence[int]]) -> list[tuple[str, MoELayer]]:
-    found = moe_layers(model)
+    found = named_moe_layers(model)
     if not found:
         raise ValueError(f"model {type(model).__name__} holds no MoELayer")
     if layers is None:
@@ -83,7 +83,7 @@ def set_router_replay(model: nn.Module, mode: str, record: Optional[RoutingRecor
             raise ValueError(f"router replay needs router_type='topk', got router_type="
                              f"{layer.config.router_type!r}")
     ids = {id(m) for _, m in chosen}
-    for _, layer in moe_layers(model):
+    for _, layer in named_moe_layers(model):
         if id(layer) not in ids:
             layer.replay.set_mode("off")
     for i, (_, layer) in enumerate(chosen):
@@ -129,7 +129,7 @@ def set_token_keys(model: nn.Module, seq_ids: Tensor, positions: Tensor) -> None
 def router_recording(model: nn.Module, clear: bool = True) -> RoutingRecord:
     """This rank's recording of the layers in ``"record"`` mode, in model order: one row per
     token key (its latest routing), sorted by key. ``clear`` starts a new recording."""
-    recording = [(n, m) for n, m in moe_layers(model) if m.replay.mode == "record"]
+    recording = [(n, m) for n, m in named_moe_layers(model) if m.replay.mode == "record"]
     if not recording:
         raise ValueError("router_recording: no MoE layer is in 'record' mode "
                          "(set_router_replay(model, 'record'))")

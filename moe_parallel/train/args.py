@@ -204,9 +204,38 @@ def _logging_flags(p: argparse.ArgumentParser) -> None:
              "the wandb package; upload later with `wandb sync`)")
 
 
+def _int_list(text: str) -> list[int]:
+    """``"1,5,9"`` -> ``[1, 5, 9]`` (argparse type of the list flags)."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,5,10; got "
+                                         f"{text!r}") from None
+
+
+def _trace_flags(p: argparse.ArgumentParser) -> None:
+    add = p.add_argument_group("routing traces").add_argument
+    add("--trace-routing", default=None, metavar="DIR",
+        help="on each --trace-steps step, every rank writes its MoE layers' routing (experts, "
+             "kept assignments, combine weights per token key) to "
+             "DIR/step_<8 digits>/rank_<5 digits>.safetensors (moe_parallel.observe.traces; "
+             "load_trace(DIR/step_...) reads a step back)")
+    add("--trace-steps", type=_int_list, default=None, metavar="S1,S2,...",
+        help="the steps to trace, counted from 0 as in the log lines (needed with "
+             "--trace-routing)")
+    add("--trace-layers", type=_int_list, default=None, metavar="I,J,...",
+        help="the MoE layers to trace, by index (default: all)")
+    add("--trace-logits", action="store_true",
+        help="also keep each token's router logits in the trace")
+    add("--trace-max-mib", type=float, default=64.0,
+        help="each rank's trace file of a step holds at most this many MiB of tensors (split "
+             "evenly over the traced layers); a layer's forward beyond it is left out and the "
+             "file says truncated=1")
+
+
 _GROUPS: tuple[Callable[[argparse.ArgumentParser], None], ...] = (
     _training_flags, _data_flags, _model_flags, _routing_flags, _capacity_flags, _dispatch_flags,
-    _layout_flags, _checkpoint_flags, _logging_flags)
+    _layout_flags, _checkpoint_flags, _logging_flags, _trace_flags)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -246,7 +275,8 @@ def check_flags(args: argparse.Namespace) -> None:
     """The rules on the flags alone (``ValueError`` naming the flag): sizes and counts at least
     ``_AT_LEAST``, the combinations of the checkpoint and DeepSpeed flags, the model's
     divisibility (``--hidden % --heads``, ``--seq-len % --tp``), the metric sinks' packages
-    (``--tensorboard``, ``--wandb-project``), ``--hf-model`` a directory
+    (``--tensorboard``, ``--wandb-project``), the trace flags (``_check_trace_flags``),
+    ``--hf-model`` a directory
     with a config.json, ``--data`` a non-empty file of whole ``--data-dtype`` ids holding at
     least ``--batch-size`` sequences, and every ``MoEConfig`` rule with its fields named by
     their flags."""
@@ -258,6 +288,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--timeout-s must be > 0, got {args.timeout_s}")
     _check_checkpoint_flags(args)
     _check_metric_flags(args)
+    _check_trace_flags(args)
     if args.seq_len % args.tp:
         raise ValueError(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp}")
     if args.data is not None:
@@ -303,6 +334,35 @@ def _check_metric_flags(args: argparse.Namespace) -> None:
         if getattr(args, dest) is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"{flag(dest)} needs the {package} package, which is not "
                              f"installed (pip install '{hint}')")
+
+
+def _check_trace_flags(args: argparse.Namespace) -> None:
+    """``--trace-routing`` with ``--trace-steps`` (steps in ``[0, --steps)``), the other trace
+    flags only with it, ``--trace-layers`` distinct indices of the model's ``--layers``,
+    ``--trace-max-mib`` > 0; not with ``--hf-model`` (its MoE blocks take batch-major tokens, for
+    which the job sets no token keys)."""
+    if args.trace_routing is None:
+        given = [flag(d) for d in ("trace_steps", "trace_layers") if getattr(args, d) is not None]
+        given += ["--trace-logits"] if args.trace_logits else []
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) --trace-routing DIR")
+        return
+    if args.trace_routing == "":
+        raise ValueError("--trace-routing needs a non-empty value")
+    if not args.trace_steps:
+        raise ValueError("--trace-routing needs --trace-steps (the steps to trace, e.g. 0,10,100)")
+    bad = [s for s in args.trace_steps if not 0 <= s < args.steps]
+    if bad:
+        raise ValueError(f"--trace-steps must lie in [0, --steps {args.steps}), got {bad}")
+    if not args.trace_max_mib > 0:
+        raise ValueError(f"--trace-max-mib must be > 0, got {args.trace_max_mib}")
+    if args.hf_model is not None:
+        raise ValueError("--trace-routing supports the built-in model only, not --hf-model")
+    layers = args.trace_layers
+    if layers is not None and (len(set(layers)) != len(layers)
+                               or not all(0 <= i < args.layers for i in layers)):
+        raise ValueError(f"--trace-layers must be distinct indices in [0, --layers "
+                         f"{args.layers}), got {','.join(map(str, layers))}")
 
 
 def _check_hf_model(path: str) -> None:

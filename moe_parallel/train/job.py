@@ -22,6 +22,8 @@ from .. import checkpoint
 from ..cpu_memory import reuse_freed_memory
 from ..distributed import ParallelState, init_distributed
 from ..observe import MetricSinks, RouterMetrics
+from ..observe.traces import save_trace
+from ..replay import named_moe_layers, router_recording, set_router_replay, set_token_keys
 from .args import _parse, check_world, exit_on_error, launch_world_size
 from .data import MarkovSource
 from .model import build_model, shard_for_memory
@@ -177,6 +179,49 @@ def run_step(job: Job) -> tuple[float, float]:
     return lm_loss.item(), job.tokens_per_step / (time.perf_counter() - t0)
 
 
+def first_sample(job: Job, step: int) -> int:
+    """The run-wide index of the first sample of ``step``'s global batch: ``--data``'s count of
+    samples consumed (restored by a resume), else ``step · --batch-size · dp``. Data-parallel
+    rank ``r`` holds samples ``first + r · B .. first + (r + 1) · B - 1`` of it, in both sources
+    the same sequences for any layout of the same global batch."""
+    if isinstance(job.source, TokenFile):
+        return job.source.consumed
+    return step * job.args.batch_size * job.ps.dp
+
+
+def start_trace(job: Job, step: int) -> bool:
+    """Before a ``--trace-steps`` step's forward: the ``--trace-layers`` (all by default) record
+    their routing with the combine weights (and ``--trace-logits``), each within its share of
+    ``--trace-max-mib``; the tokens' keys are ``seq_id`` = the sample's run-wide index
+    (``first_sample``), ``position`` = ``0 .. S - 1``. Returns whether ``step`` is traced (other
+    steps: nothing is done)."""
+    args = job.args
+    if args.trace_routing is None or step not in args.trace_steps:
+        return False
+    count = len(args.trace_layers) if args.trace_layers is not None else len(
+        named_moe_layers(job.model))
+    set_router_replay(job.model, "record", layers=args.trace_layers, weights=True,
+                      logits=args.trace_logits,
+                      max_bytes=max(1, int(args.trace_max_mib * 2**20) // count))
+    B, S = args.batch_size, args.seq_len
+    first = first_sample(job, step) + job.ps.dp_rank * B
+    # the MoE layers take sequence-major [S, B, H]
+    set_token_keys(job.model, torch.arange(first, first + B, device=job.device).view(1, B),
+                   torch.arange(S, device=job.device).view(S, 1))
+    return True
+
+
+def finish_trace(job: Job, step: int) -> None:
+    """After a traced step: this rank's recording to ``--trace-routing``'s
+    ``step_<step>/rank_<rank>.safetensors`` (``observe.traces``; truncated when a layer's
+    budget left a forward out), then recording off."""
+    truncated = any(m.replay.truncated for _, m in named_moe_layers(job.model)
+                    if m.replay.mode == "record")
+    save_trace(router_recording(job.model), job.args.trace_routing, step, job.ps.rank,
+               job.ps.world_size, truncated)
+    set_router_replay(job.model, "off")
+
+
 def open_sinks(job: Job) -> MetricSinks:
     """``--tensorboard``, ``--metrics-jsonl`` and ``--wandb-project``'s sinks on rank 0 (empty on
     the other ranks, and without those flags)."""
@@ -221,7 +266,8 @@ def train_loop(job: Job, start: int, history: list[float]) -> dict[str, list]:
     """Steps ``start .. --steps - 1``: each step's loss appended to ``history``, its routing
     figures to the returned log, progress and (every ``--log-every`` steps and at the last) a
     log line on rank 0 and a record in the metric sinks (``log_step``; the same steps on every
-    rank, the only steps whose router metrics are reduced), checkpoints when due."""
+    rank, the only steps whose router metrics are reduced), routing traces on ``--trace-steps``
+    (``start_trace``, ``finish_trace``), checkpoints when due."""
     args = job.args
     routing_log = new_routing_log()
     progress = Progress(start, args.steps, job.lead, args.progress_every)
@@ -229,7 +275,10 @@ def train_loop(job: Job, start: int, history: list[float]) -> dict[str, list]:
     pending: Optional[checkpoint.PendingSave] = None
     try:
         for step in range(start, args.steps):
+            traced = start_trace(job, step)
             loss, tok_s = run_step(job)
+            if traced:
+                finish_trace(job, step)
             history.append(loss)
             record_routing(routing_log, job.model)
             progress.update(step + 1, loss, tok_s)
