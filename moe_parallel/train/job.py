@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint
@@ -224,10 +225,29 @@ def finish_trace(job: Job, step: int) -> None:
 
 def open_sinks(job: Job) -> MetricSinks:
     """``--tensorboard``, ``--metrics-jsonl`` and ``--wandb-project``'s sinks on rank 0 (empty on
-    the other ranks, and without those flags)."""
+    the other ranks, and without those flags). With any of them, rank 0 tells every rank whether
+    it could open them (one broadcast): a path it cannot write stops every rank with the error,
+    not rank 0 alone while the others wait for it at the next collective."""
     args = job.args
-    return MetricSinks(args.tensorboard, args.metrics_jsonl, args.wandb_project,
-                       enabled=job.lead)
+    if not (args.tensorboard or args.metrics_jsonl or args.wandb_project):
+        return MetricSinks(enabled=False)
+    sinks, error = MetricSinks(enabled=False), None
+    if job.lead:
+        try:
+            sinks = MetricSinks(args.tensorboard, args.metrics_jsonl, args.wandb_project)
+        except OSError as e:
+            error = e
+    if job.ps.world_size > 1:
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=job.device)
+        dist.broadcast(failed, src=0)
+        if error is None and bool(failed):
+            raise SystemExit(f"rank {job.ps.rank}: rank 0 could not open the metric sinks "
+                             "(--tensorboard / --metrics-jsonl / --wandb-project); its error "
+                             "says why")
+    if error is not None:
+        raise SystemExit(f"rank 0: cannot open the metric sinks (--tensorboard / "
+                         f"--metrics-jsonl / --wandb-project): {error}")
+    return sinks
 
 
 def log_step(job: Job, step: int, loss: float, tok_s: float, routing_log: dict,

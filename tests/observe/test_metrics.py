@@ -187,3 +187,27 @@ def test_one_collective_per_logging_step_and_none_on_the_others(tmp_path):
     assert [a - b for (a, _), (b, _) in zip(every, ends)] == [2, 2]
     lines = (tmp_path / "m1.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank 0 alone writes
+
+
+def _unwritable_sinks(root: str) -> str:
+    import torch.distributed as dist
+
+    from moe_parallel import train
+
+    blocker = f"{root}/a_file"
+    if dist.get_rank() == 0:
+        open(blocker, "w").close()  # a file where the sink wants a folder
+    flags = ARGS + ["--ep", "2", "--steps", "2", f"--metrics-jsonl={blocker}/m.jsonl"]
+    try:
+        with own_groups():
+            train.main(flags)
+    except SystemExit as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_a_sink_rank_0_cannot_open_stops_every_rank(tmp_path):
+    got = get_pool(2).run(_unwritable_sinks, str(tmp_path), timeout=120)
+    assert got[0].startswith("rank 0: cannot open the metric sinks") and "a_file" in got[0]
+    assert got[1].startswith("rank 1: rank 0 could not open the metric sinks"), got[1]
