@@ -7,14 +7,14 @@
 
 TORCH_LIBRARY(moe_parallel, m) {
   m.def(
-      "permute(Tensor x, Tensor expert_idx, int num_experts, Tensor? keep=None, int pad_to=0,"
+      "permute(Tensor x, Tensor expert_idx, int num_experts, Tensor? keep=None, SymInt pad_to=0,"
       " bool validate=True) -> (Tensor permuted, Tensor row_map, Tensor tokens_per_expert)");
   m.def(
-      "unpermute(Tensor y, Tensor row_map, Tensor? probs, int num_tokens, bool validate=True)"
+      "unpermute(Tensor y, Tensor row_map, Tensor? probs, SymInt num_tokens, bool validate=True)"
       " -> Tensor");
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor? probs,"
-      " int num_rows, bool validate=True) -> (Tensor grad_y, Tensor grad_probs)");
+      " SymInt num_rows, bool validate=True) -> (Tensor grad_y, Tensor grad_probs)");
   m.def("sort_chunks(Tensor x, Tensor split_sizes, Tensor order) -> Tensor");
   m.def(
       "grouped_gemm(Tensor a, Tensor b, Tensor group_sizes, bool trans_b=False,"

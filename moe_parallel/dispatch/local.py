@@ -45,17 +45,20 @@ class LocalDispatcher(TokenDispatcher):
         """``(expert_in [N, H], group_sizes [E] CPU int64, handle)``: the kept assignments of ``x``
         sorted by expert (``pad_to > 0``: every expert padded to ``pad_to`` rows)."""
         routing, overflow, _ = self.enforce_row_budget(routing)
-        # One host round trip checks the ids and brings the group sizes (dropless) along.
-        host_counts = ops.expert_counts(
+        compiling = torch.compiler.is_compiling()
+        # One host round trip checks the ids and brings the group sizes (dropless) along; under
+        # torch.compile the router's ids (in range by construction) are not read back.
+        host_counts = None if compiling else ops.expert_counts(
             routing.expert_idx, self.num_experts, routing.keep, pad_to
         )
         expert_in, row_map, counts = ops.permute(
-            x, routing.expert_idx, self.num_experts, routing.keep, pad_to, validate=False
+            x, routing.expert_idx, self.num_experts, routing.keep, pad_to,
+            validate=False,
         )
         if pad_to > 0:
             group_sizes = torch.full((self.num_experts,), pad_to, dtype=torch.int64)
         else:
-            group_sizes = host_counts
+            group_sizes = counts.cpu() if host_counts is None else host_counts
         return expert_in, group_sizes, LocalHandle(row_map, routing.probs, counts, overflow)
 
     def combine(self, expert_out: Tensor, handle: LocalHandle) -> Tensor:

@@ -343,8 +343,14 @@ def _check_row_map_values(row_map: torch.Tensor, num_rows: int) -> None:
 
 def _permute_fake(x, expert_idx, num_experts, keep=None, pad_to=0, validate=True):
     _check_permute_static(x, expert_idx, num_experts, keep, pad_to)
-    # N = E * pad_to is static; otherwise it is the (data-dependent) number of kept assignments.
-    n = num_experts * pad_to if pad_to > 0 else torch.library.get_ctx().new_dynamic_size()
+    # N = E * pad_to, or T * k when every assignment is kept, is static; otherwise it is the
+    # (data-dependent) number of kept assignments.
+    if pad_to > 0:
+        n = num_experts * pad_to
+    elif keep is None:
+        n = expert_idx.numel()
+    else:
+        n = torch.library.get_ctx().new_dynamic_size()
     return (
         x.new_empty(n, x.shape[1]),
         expert_idx.new_empty(expert_idx.shape),

@@ -110,7 +110,13 @@ def router_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 
 def check_finite_logits(logits: Tensor) -> None:
-    """``FloatingPointError`` when any logit is NaN or infinite."""
+    """``FloatingPointError`` when any logit is NaN or infinite. Under ``torch.compile`` (no
+    host read in the graph) a device-side assertion instead: ``RuntimeError`` on CPU, a device
+    assert on CUDA."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(logits).all(),
+                            "router input x produced non-finite router logits")
+        return
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError(
             "router input x produced non-finite router logits (NaN/Inf in x or in the router "

@@ -83,7 +83,8 @@ def apply_capacity(
     and an assignment's rank is its position minus the start of its expert's run.
 
     Expert ids outside ``[0, num_experts)`` raise ``ValueError``; this value check runs on CPU
-    tensors only (on an accelerator it would force a device synchronisation).
+    tensors only, outside ``torch.compile`` (on an accelerator it would force a device
+    synchronisation; in a graph, a host read).
     """
     _check_capacity_args(expert_idx, probs, num_experts, capacity, drop_policy, keep)
     # Flattened row-major, so flat order == (token, slot) order. Excluded assignments get the
@@ -124,7 +125,8 @@ def _check_capacity_args(expert_idx: Tensor, probs: Tensor, num_experts: int, ca
         raise ValueError(
             f"keep must be None or a bool tensor of expert_idx's shape {tuple(expert_idx.shape)}"
         )
-    if expert_idx.device.type == "cpu" and expert_idx.numel() > 0:
+    if (expert_idx.device.type == "cpu" and expert_idx.numel() > 0
+            and not torch.compiler.is_compiling()):
         lo, hi = int(expert_idx.min()), int(expert_idx.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(
