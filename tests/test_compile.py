@@ -155,3 +155,33 @@ def test_check_finite_under_compile_raises():
     with pytest.raises(RuntimeError, match="non-finite router logits"):
         run(x)
     torch._dynamo.reset()
+
+
+TRAIN = ["--dtype", "float64", "--hidden", "16", "--ffn", "8", "--layers", "2", "--heads", "2",
+         "--experts", "4", "--top-k", "2", "--vocab", "32", "--seq-len", "8", "--batch-size", "2",
+         "--steps", "3", "--log-every", "100", "--aux-loss-coeff", "0.01"]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_train_compile_equals_eager(backend):
+    from moe_parallel import train
+
+    torch._dynamo.reset()
+    eager = train.main(TRAIN)
+    compiled = train.main(TRAIN + ["--compile", backend])
+    torch._dynamo.reset()
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
+               for b in compiled["model"].blocks)
+    for x, y in zip(eager["history"], compiled["history"]):
+        assert abs(x - y) <= 1e-10 * abs(x), (eager["history"], compiled["history"])
+    want = dict(eager["model"].named_parameters())
+    for name, p in compiled["model"].named_parameters():  # the same names: state unchanged
+        assert float((p - want[name]).detach().norm() / want[name].detach().norm()) < 1e-10, name
+
+
+def test_train_compile_refused_with_hf_model(capsys):
+    from moe_parallel import train
+
+    with pytest.raises(SystemExit):
+        train.main(TRAIN + ["--compile", "--hf-model", "/nonexistent"])
+    assert "--compile compiles the built-in model's blocks" in capsys.readouterr().err

@@ -152,6 +152,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
              "gradients and optimizer state with FSDP2 (routed experts over EDP, the rest over "
              "DP; distributed.shard_model), 'optimizer' only the optimizer state (ZeRO-1: "
              "distributed.ShardedOptimizer); not with --deepspeed, whose ZeRO stage does this")
+    add("--compile", nargs="?", const="inductor", default=None,
+        choices=("inductor", "aot_eager", "eager"), metavar="BACKEND",
+        help="torch.compile every transformer block (Module.compile, in place; state and "
+             "checkpoints unchanged) with BACKEND (default inductor; aot_eager, eager); a "
+             "block's expert-parallel exchanges stay outside its graphs (graph breaks)")
     add("--deepspeed", default=None, metavar="CONFIG.json",
         help="train under the DeepSpeed engine with this config (ZeRO stage 0, 1 or 2; tp=1; "
              "see integrations.deepspeed); launch with launch/deepspeed.sh")
@@ -294,6 +299,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.data is not None:
         check_length(args.data, token_count(args.data, args.data_dtype), args.seq_len,
                      args.batch_size, 1)
+    if args.compile is not None and args.hf_model is not None:
+        raise ValueError("--compile compiles the built-in model's blocks; it is not supported "
+                         "with --hf-model")
     if args.hf_model is not None:
         _check_hf_model(args.hf_model)
     elif args.hidden % args.heads:

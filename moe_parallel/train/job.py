@@ -27,7 +27,7 @@ from ..observe.traces import save_trace
 from ..replay import named_moe_layers, router_recording, set_router_replay, set_token_keys
 from .args import _parse, check_world, exit_on_error, launch_world_size
 from .data import MarkovSource
-from .model import build_model, shard_for_memory
+from .model import build_model, compile_blocks, shard_for_memory
 from .progress import Progress, line_figures, new_routing_log, record_routing, step_line
 from .step import build_optimizer, deepspeed_engine, engine_train_step, lr_lambda, train_step
 from .token_file import TokenFile
@@ -107,10 +107,13 @@ def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> J
     """The model on its device (sharded as ``--shard`` says: ``shard_for_memory``), the data
     source (``build_source``; an HF model's vocabulary) and the optimizer and schedule: AdamW
     (``build_optimizer``) with ``lr_lambda``, or the DeepSpeed engine's. Python's and NumPy's
-    generators are seeded with ``--seed`` (``seed_host_rngs``)."""
+    generators are seeded with ``--seed`` (``seed_host_rngs``). ``--compile``: every block
+    compiled in place (``compile_blocks``)."""
     seed_host_rngs(args.seed)
     device = resolve_device(args)
     model = shard_for_memory(build_model(args, ps).to(device), args.shard, ps)
+    if args.compile is not None:
+        compile_blocks(model, args.compile)
     if args.hf_model:
         args.vocab = model.hf.config.vocab_size
     source = build_source(args)

@@ -173,6 +173,20 @@ def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
     return model
 
 
+def compile_blocks(model: nn.Module, backend: str) -> int:
+    """``torch.compile`` each block of the built-in model in place (``nn.Module.compile``: the
+    module tree, its state dict and checkpoints are unchanged) with ``backend``; returns the
+    number compiled. A block's dense part and its MoE layer's routing and experts trace into
+    its graphs; the expert-parallel and tensor-parallel exchanges between them are graph
+    breaks."""
+    if not isinstance(model, MoETransformerLM):
+        raise ValueError(f"compile_blocks compiles MoETransformerLM blocks, got "
+                         f"{type(model).__name__}")
+    for block in model.blocks:
+        block.compile(backend=backend)
+    return len(model.blocks)
+
+
 def shard_for_memory(model: nn.Module, shard: str, ps: ParallelState) -> nn.Module:
     """``--shard experts``: ``model`` sharded with FSDP2 (``distributed.shard_model``: routed
     experts over EDP, every block and the rest over DP), each block of the built-in model a unit
