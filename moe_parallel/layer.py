@@ -117,7 +117,7 @@ class MoELayer(CapacityScheduled):
         budget = RowBudget.from_config(config)
         if dispatcher is None:
             dispatcher = build_dispatcher(config.num_experts, ps, config.token_dispatcher_type,
-                                          budget)
+                                          budget, static=config.static_exchange)
         elif not isinstance(dispatcher, TokenDispatcher):
             raise TypeError(f"dispatcher must be a moe_parallel.dispatch.TokenDispatcher, got "
                             f"{type(dispatcher).__name__}")
@@ -194,9 +194,9 @@ class MoELayer(CapacityScheduled):
             keep = kept if keep is not None or capacity is not None or not bool(kept.all()) \
                 else None
         if capacity is not None:
-            keep = apply_capacity(
+            keep = apply_capacity(  # the router's (or a replay's, checked) ids: in range
                 routing.expert_idx, routing.probs, self.config.num_experts, capacity,
-                self.config.drop_policy, keep,
+                self.config.drop_policy, keep, validate=False,
             )
             pad_to = capacity if self.config.pad_to_capacity else 0
         if keep is not routing.keep:
@@ -231,7 +231,8 @@ class MoELayer(CapacityScheduled):
         result = self.route(tokens, num_seqs, check=False, valid=valid, assignment=assignment)
         finite = torch.isfinite(result[0].logits).all() if self.config.check_finite else True
         share_forward_verdict(self.parallel_state, None, finite, tokens.device,
-                              self.config.verdict_scope)
+                              self.config.verdict_scope,
+                              tokens.shape[0] if self.config.static_exchange else None)
         return result
 
     def _routed(self, tokens: Tensor, routing: Routing, pad_to: int) -> PipelineResult:
@@ -305,7 +306,7 @@ class MoELayer(CapacityScheduled):
             check_agreement(self.config, self.parallel_state, device)
             self._agreed = True
         share_forward_verdict(self.parallel_state, refused, True, device,
-                              self.config.verdict_scope)
+                              self.config.verdict_scope, 0 if self.config.static_exchange else None)
         raise refused  # share_forward_verdict raised it already
 
     def _prepare(self, tokens: Tensor) -> Tensor:

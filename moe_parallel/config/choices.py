@@ -15,7 +15,7 @@ DropPolicy = Literal["probs", "position", "k_major", "batch_priority"]
 DispatcherType = Literal["alltoall", "alltoall_hierarchical", "allgather"]
 ExpertImpl = Literal["block_sparse", "grouped"]
 RowOverflow = Literal["error", "capacity"]
-VerdictScope = Literal["stage", "layer"]
+VerdictScope = Literal["stage", "layer", "none"]
 Recompute = Literal["none", "activation", "experts"]
 # what is sharded over the data-parallel replicas (distributed.shard_model: "experts",
 # distributed.ShardedOptimizer: "optimizer"); train --shard, the planner's layouts

@@ -239,6 +239,14 @@ class MoEConfigFields:
     pad_to_capacity: bool = False
     """Pad every expert's input to exactly C rows (static shapes); needs ``capacity_factor``;
     token choice only. Default False. Megatron ``moe_pad_expert_input_to_capacity``."""
+    static_exchange: bool = False
+    """The all-to-all exchange of a padded capacity layer takes its splits from C alone: every
+    rank sends every expert exactly C rows, so no counts are exchanged and nothing is read back
+    to the host (static shapes end to end, for ``torch.compile`` and CUDA graphs; with
+    ``verdict_scope="none"`` and ``check_finite=False`` a step makes no host read). Every rank
+    of the stage must route the same number of tokens per forward (the verdict checks it; with
+    ``verdict_scope="none"`` nothing does). Needs ``pad_to_capacity``,
+    ``token_dispatcher_type="alltoall"``, no ``dynamic_capacity``. Default False."""
 
     swiglu_alpha: float = 1.702
     """α of ``"clamped_swiglu"``; finite, > 0. Default 1.702. HF GPT-OSS ``swiglu_alpha``."""
@@ -281,7 +289,10 @@ class MoEConfigFields:
     (the gradient all-reduces over DP and EDP) pair with this forward's, so a loop that catches
     the error and skips the batch keeps them all at the same step. ``"layer"``: the layer's
     ETP×EP group only, for runs where EP groups run forwards independently (inference with a
-    different number of batches per data-parallel replica). Default ``"stage"``."""
+    different number of batches per data-parallel replica). ``"none"``: no verdict is shared
+    (no collective and no host read per forward: for static, synchronisation-free steps); each
+    rank raises its own errors, and the peers of a rank that raised wait at the layer's next
+    exchange until the process group's timeout. Default ``"stage"``."""
     token_dispatcher_type: choices.DispatcherType = "alltoall"
     """How tokens cross processes: ``"alltoall"`` sends each token copy to the EP rank of its
     expert; ``"alltoall_hierarchical"`` does the same in two stages, inside each node then one

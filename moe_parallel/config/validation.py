@@ -111,6 +111,13 @@ def _check_capacity(cfg: MoEConfig) -> None:
     check_nonneg_int("min_capacity", cfg.min_capacity)
     if cfg.pad_to_capacity and cfg.capacity_factor is None:
         raise ValueError("pad_to_capacity=True needs capacity_factor to be set (it is None)")
+    if cfg.static_exchange:
+        needs = {"pad_to_capacity": (cfg.pad_to_capacity, True),
+                 "token_dispatcher_type": (cfg.token_dispatcher_type, "alltoall"),
+                 "dynamic_capacity": (cfg.dynamic_capacity, False)}
+        for name, (value, want) in needs.items():
+            if value != want:
+                raise ValueError(f"static_exchange=True needs {name}={want!r}, got {value!r}")
     if cfg.drop_policy in ("k_major", "batch_priority") and cfg.router_type != "topk":
         raise ValueError(f"drop_policy={cfg.drop_policy!r} applies only to "
                          "router_type='topk'")

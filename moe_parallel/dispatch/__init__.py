@@ -83,14 +83,20 @@ def build_dispatcher(
     parallel_state: Optional[ParallelState] = None,
     kind: str = "alltoall",
     row_budget: Optional[RowBudget] = None,
+    static: bool = False,
 ) -> TokenDispatcher:
     """The dispatcher for a layer: ``LocalDispatcher`` without ``parallel_state``, else
     ``DISPATCHER_CLASSES[kind]``: ``AllToAllDispatcher`` (``kind="alltoall"``),
     ``HierarchicalAllToAllDispatcher`` (``"alltoall_hierarchical"``) or ``AllGatherDispatcher``
     (``"allgather"``), as Megatron's ``moe_token_dispatcher_type``; ``row_budget`` caps the
-    rows per rank."""
+    rows per rank; ``static`` (``"alltoall"`` only): padded dispatches take their splits from
+    ``pad_to`` alone (``MoEConfig.static_exchange``)."""
     if kind not in DISPATCHERS:
         raise ValueError(f"dispatcher kind must be one of {DISPATCHERS}, got {kind!r}")
     if parallel_state is None:
         return LocalDispatcher(num_experts, row_budget)
+    if static:
+        if kind != "alltoall":
+            raise ValueError(f"static exchange needs kind='alltoall', got {kind!r}")
+        return AllToAllDispatcher(num_experts, parallel_state, row_budget, static=True)
     return DISPATCHER_CLASSES[kind](num_experts, parallel_state, row_budget)

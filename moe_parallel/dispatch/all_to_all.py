@@ -84,9 +84,10 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def __init__(
         self, num_experts: int, parallel_state: ParallelState,
-        row_budget: Optional[RowBudget] = None,
+        row_budget: Optional[RowBudget] = None, static: bool = False,
     ) -> None:
         super().__init__(num_experts, parallel_state, row_budget)
+        self.static = static
         ps = parallel_state
         self.ep_rank = ps.ep_rank
         self.ep_group = ps.group("ep") if ps.ep > 1 else None
@@ -107,6 +108,12 @@ class AllToAllDispatcher(TokenDispatcher):
         as sending the rows there; each extra exchange adds one round of messages)."""
         return (x.device.type == "cpu" and self.etp == 1 and self.ep > 1
                 and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS)
+
+    def _static_exchange(self) -> bool:
+        """Whether a ``pad_to > 0`` dispatch takes its splits from ``pad_to`` alone (``static``:
+        every rank of the group pads to the same ``pad_to``, so no counts are exchanged and
+        nothing is read back); otherwise the padded counts are all-gathered like any others."""
+        return self.static
 
     # ---- the EP exchange (``HierarchicalAllToAllDispatcher`` overrides these) -------------
     def _send_order(self, idx: Tensor, chunked: bool) -> Tensor:
@@ -129,8 +136,11 @@ class AllToAllDispatcher(TokenDispatcher):
         ``rows`` are ``[EP source][local expert]`` (``chunked``: ``[l][EP src]``).
         ``chunk_splits`` and ``stages`` go to the handle, for combine."""
         if chunked:  # [l][source rank] received, [l][destination rank] sent
-            chunk_splits = (chunk_sizes[0].t().tolist(),
-                            send_counts.view(self.ep, self.num_local_experts).t().tolist())
+            if isinstance(send_counts, int):  # static: pad_to rows everywhere
+                chunk_splits = ([[send_counts] * self.ep] * self.num_local_experts,) * 2
+            else:
+                chunk_splits = (chunk_sizes[0].t().tolist(),
+                                send_counts.view(self.ep, self.num_local_experts).t().tolist())
             rows, pending = comm.all_to_all_chunked(permuted, *chunk_splits, self.ep_group,
                                                     async_op=True)
             return rows, pending, chunk_splits, None
@@ -168,21 +178,32 @@ class AllToAllDispatcher(TokenDispatcher):
         routing, overflow, gathered = self.enforce_row_budget(routing)
         chunked = self._chunked(x)
         idx = self._send_order(routing.expert_idx, chunked)
-        permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to)
+        # pad_to > 0: the counts are bounded by capacity (apply_capacity) and the ids by the
+        # router, so nothing is read back to check them
+        permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to,
+                                                validate=pad_to == 0)
         counts = self._global_counts(counts, chunked)
-        send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
-        if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
-            gathered = gather_counts(send_counts, self.tp_ep_group)
-        chunk_sizes = self._chunk_sizes(gathered)
-        send_splits = send_counts.view(ep, E_local).sum(1).tolist()
-        etp_splits = chunk_sizes.sum((1, 2)).tolist()
-        recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
-        group_sizes = chunk_sizes.sum((0, 1))  # [E_local], over ETP and EP sources
+        if pad_to > 0 and self._static_exchange():
+            send_counts, chunk_sizes = pad_to, None
+            send_splits = recv_splits = [E_local * pad_to] * ep
+            etp_splits = [ep * E_local * pad_to] * self.etp
+            group_sizes = torch.full((E_local,), self.etp * ep * pad_to, dtype=torch.int64)
+            arrival = torch.full((self.etp * ep * E_local,), pad_to, dtype=torch.int64)
+        else:
+            send_counts = torch.full_like(counts, pad_to) if pad_to > 0 else counts
+            if gathered is None or pad_to > 0:  # the budget's gather already holds send_counts
+                gathered = gather_counts(send_counts, self.tp_ep_group)
+            chunk_sizes = self._chunk_sizes(gathered)
+            send_splits = send_counts.view(ep, E_local).sum(1).tolist()
+            etp_splits = chunk_sizes.sum((1, 2)).tolist()
+            recv_splits = chunk_sizes[comm.group_rank(self.etp_group)].sum(1).tolist()
+            group_sizes = chunk_sizes.sum((0, 1))  # [E_local], over ETP and EP sources
+            arrival = chunk_sizes.reshape(-1)
         rows, pending, chunk_splits, stages = self._ep_start(
             permuted, send_counts, gathered, chunk_sizes, chunked, (send_splits, recv_splits))
         handle = AllToAllHandle(
             row_map, routing.probs, counts, send_splits, recv_splits, etp_splits,
-            chunk_sizes.reshape(-1), overflow, chunk_splits, stages,
+            arrival, overflow, chunk_splits, stages,
         )
 
         def finish() -> tuple[Tensor, Tensor, AllToAllHandle]:
@@ -191,7 +212,7 @@ class AllToAllDispatcher(TokenDispatcher):
             if chunk_splits is None:
                 out = comm.all_gather(out, self.etp_group, etp_splits)
                 if self.order is not None:
-                    out = ops.sort_chunks(out, chunk_sizes.reshape(-1), self.order)
+                    out = ops.sort_chunks(out, arrival, self.order)
             return out, group_sizes, handle
 
         return InFlight(finish)

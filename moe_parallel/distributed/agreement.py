@@ -71,7 +71,10 @@ VERDICT_GROUPS = {"stage": ("stage", "pipeline stage"), "layer": ("tp_ep", "ETP�
 def verdict_group(ps: Optional[ParallelState], scope: str) -> Optional[str]:
     """The group (a ``ParallelState`` group name) that shares a forward's verdict for
     ``MoEConfig.verdict_scope`` ``scope``: ``stage`` (every rank of the pipeline stage) or
-    ``tp_ep`` (the layer's ETP×EP group); ``None`` when it is this rank alone (no collective)."""
+    ``tp_ep`` (the layer's ETP×EP group); ``None`` when it is this rank alone or ``scope`` is
+    ``none`` (no collective)."""
+    if scope == "none":
+        return None
     name = VERDICT_GROUPS[scope][0]
     if ps is None or len(ps.ranks[name]) == 1:
         return None
@@ -80,16 +83,18 @@ def verdict_group(ps: Optional[ParallelState], scope: str) -> Optional[str]:
 
 def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError],
                           finite: bool | torch.Tensor, device: torch.device,
-                          scope: str = "stage") -> None:
+                          scope: str = "stage", tokens: Optional[int] = None) -> None:
     """All-gather ``[input ok, logits finite]`` over the ``verdict_group(ps, scope)``: a rank
     whose input was ``refused`` raises that error, its peers ``ValueError`` naming it; when any
     rank's router logits are not ``finite`` every rank raises ``FloatingPointError`` naming
     those ranks. ``finite`` may be a 0-d bool tensor on ``device`` (no host read before the
-    gathered table's). A collective every rank of the group joins at every forward (local when
-    the group is this rank alone)."""
+    gathered table's). ``tokens`` (``MoEConfig.static_exchange``: every rank passes its token
+    count): unless all are equal, every rank raises ``ValueError`` naming them. A collective
+    every rank of the group joins at every forward (local when the group is this rank alone)."""
     name = verdict_group(ps, scope)
     what = VERDICT_GROUPS[scope][1]
-    mine = torch.tensor([[refused is None, True]], dtype=torch.int64, device=device)
+    row = [refused is None, True] + ([] if tokens is None else [tokens])
+    mine = torch.tensor([row], dtype=torch.int64, device=device)
     if isinstance(finite, torch.Tensor):
         mine[0, 1] = finite
     elif not finite:
@@ -103,15 +108,20 @@ def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError],
         ranks = ps.ranks[name]
     if refused is not None:
         raise refused
-    bad_input = [ranks[i] for i, (ok, _) in enumerate(table) if not ok]
+    bad_input = [ranks[i] for i, (ok, *_) in enumerate(table) if not ok]
     if bad_input:
         raise ValueError(
             f"the input of rank(s) {bad_input} of this layer's {what} {ranks} was refused "
             f"(their error says why): every rank of the {what} skips this forward")
-    bad = [ranks[i] for i, (_, ok) in enumerate(table) if not ok]
+    bad = [ranks[i] for i, (_, ok, *_) in enumerate(table) if not ok]
     if bad:
         raise FloatingPointError(
             f"non-finite router logits on rank(s) {bad} of this layer's {what} {ranks}: every "
             f"rank of the {what} skips this forward (NaN/Inf in the input or the router "
             "weight; check_finite=False lets them propagate)"
         )
+    if tokens is not None and len({r[2] for r in table}) > 1:
+        counts = {ranks[i]: r[2] for i, r in enumerate(table)}
+        raise ValueError(
+            f"static_exchange needs the same number of tokens on every rank of this layer's "
+            f"{what}, got {counts} (rank: tokens): every rank of the {what} skips this forward")

@@ -65,6 +65,7 @@ def apply_capacity(
     capacity: int,
     drop_policy: str,
     keep: Optional[Tensor] = None,
+    validate: bool = True,
 ) -> Tensor:
     """Keep mask ``[T, k]`` (bool) with at most ``capacity`` kept assignments per expert.
 
@@ -83,10 +84,11 @@ def apply_capacity(
     and an assignment's rank is its position minus the start of its expert's run.
 
     Expert ids outside ``[0, num_experts)`` raise ``ValueError``; this value check runs on CPU
-    tensors only, outside ``torch.compile`` (on an accelerator it would force a device
-    synchronisation; in a graph, a host read).
+    tensors only, outside ``torch.compile`` and with ``validate`` (on an accelerator it would
+    force a device synchronisation; in a graph, a host read; ``validate=False`` for ids in range
+    by construction, such as a router's).
     """
-    _check_capacity_args(expert_idx, probs, num_experts, capacity, drop_policy, keep)
+    _check_capacity_args(expert_idx, probs, num_experts, capacity, drop_policy, keep, validate)
     # Flattened row-major, so flat order == (token, slot) order. Excluded assignments get the
     # sentinel expert id E: they sort after every real expert and are never kept.
     experts_N = expert_idx.reshape(-1).to(torch.int64)
@@ -98,7 +100,7 @@ def apply_capacity(
 
 
 def _check_capacity_args(expert_idx: Tensor, probs: Tensor, num_experts: int, capacity: int,
-                         drop_policy: str, keep: Optional[Tensor]) -> None:
+                         drop_policy: str, keep: Optional[Tensor], validate: bool = True) -> None:
     """``apply_capacity``'s argument contract (shapes, dtypes, ranges)."""
     if not isinstance(expert_idx, Tensor) or expert_idx.dim() != 2:
         raise ValueError(
@@ -125,7 +127,7 @@ def _check_capacity_args(expert_idx: Tensor, probs: Tensor, num_experts: int, ca
         raise ValueError(
             f"keep must be None or a bool tensor of expert_idx's shape {tuple(expert_idx.shape)}"
         )
-    if (expert_idx.device.type == "cpu" and expert_idx.numel() > 0
+    if (validate and expert_idx.device.type == "cpu" and expert_idx.numel() > 0
             and not torch.compiler.is_compiling()):
         lo, hi = int(expert_idx.min()), int(expert_idx.max())
         if lo < 0 or hi >= num_experts:
