@@ -13,7 +13,18 @@ Contenders, timed side by side in one process (round-robin, median per contender
     ``megablocks.layers.dmoe.dMoE`` with ``mlp_impl="grouped"``, holding the same weights
     (``benchmarks.megablocks_contender``). Needs megablocks 0.10.0,
     grouped_gemm 0.3.0 and stanford-stk 0.7.1: ``make megablocks-carry``, then
-    ``bash benchmarks/megablocks_install.sh`` and ``PYTHONPATH=build/megablocks/site``.
+    ``bash benchmarks/megablocks_install.sh`` and ``PYTHONPATH=build/megablocks/site``;
+  * ``grouped_compiled`` / ``dense_compiled`` (only with ``--compile [BACKEND]``, backend
+    ``inductor`` (default) or ``aot_eager``): the ``grouped`` layer (same seed, weights and
+    input) and the ``dense`` FFN, each under ``torch.compile(..., backend=BACKEND,
+    fullgraph=True)``. The first step (forward+backward, which compiles both graphs) is timed
+    apart as ``compile_seconds`` before the memory counts and the timing (whose warm-up and
+    rounds then run the compiled code); with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` it is a
+    cold compile (``compile_caches_disabled`` in the row), else the on-disk caches may shorten
+    it. Each compiled row holds ``compiled_speedup`` = t(eager twin) / t(compiled),
+    ``max_rel_diff`` (output) and ``max_rel_diff_grad`` (every gradient: input and parameters)
+    against its eager twin after one step each: max |compiled - eager| / max |eager|, the
+    worst over the tensors.
 A step clears the gradients first (``grad = None``, as ``zero_grad()`` does in training), so
 no contender pays for accumulating into old gradients, and back-propagates a fixed random
 upstream gradient of the output's shape (a dense tensor, as the next layer hands back; a
@@ -66,6 +77,8 @@ CONTENDERS = ("dense", "block_sparse", "grouped", "reference", "hf_loop")
 BACKEND_CONTENDERS = tuple(f"grouped_{b}" for b in ("streams", "cublas", "torch", "cutlass"))
 EXTRA_CONTENDERS = ("megablocks",)  # third-party, not run unless named
 ALL_CONTENDERS = CONTENDERS + BACKEND_CONTENDERS + EXTRA_CONTENDERS
+COMPILED_CONTENDERS = ("dense_compiled", "grouped_compiled")  # added by --compile only
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 
@@ -116,8 +129,20 @@ class Contender(NamedTuple):
 
 
 def build(case: dict, contender: str) -> Contender:
-    """``contender`` on ``case``: its forward+backward step, forward, leaves and parameters."""
+    """``contender`` on ``case``: its forward+backward step, forward, leaves and parameters.
+    A contender of ``COMPILED_CONTENDERS`` compiles its eager twin (the name without
+    ``_compiled``) with ``torch.compile(backend=case["compile"], fullgraph=True)``; nothing is
+    compiled before its first call."""
     from moe_parallel import MoEConfig, MoELayer, ReferenceMoE
+
+    compiled = contender in COMPILED_CONTENDERS
+    if compiled and case.get("compile") not in COMPILE_BACKENDS:
+        raise ValueError(f"contender {contender!r} needs case['compile'] in "
+                         f"{COMPILE_BACKENDS}, got {case.get('compile')!r}")
+    contender = contender.removesuffix("_compiled") if compiled else contender
+
+    def maybe_compile(fn):
+        return torch.compile(fn, backend=case["compile"], fullgraph=True) if compiled else fn
 
     device, dtype = case["device"], getattr(torch, case["dtype"])
     impl = ("grouped" if contender.startswith("grouped") or contender == "megablocks"
@@ -139,9 +164,11 @@ def build(case: dict, contender: str) -> Contender:
 
         leaves = [x, w1, w2]
 
-        def run():
+        def dense_ffn():
             gate, up = (x @ w1).chunk(2, dim=-1)
             return (F.silu(gate) * up) @ w2
+
+        run = maybe_compile(dense_ffn)
     else:
         x = torch.randn(case["tokens"], case["hidden"], device=device, dtype=dtype,
                         requires_grad=True)
@@ -156,9 +183,10 @@ def build(case: dict, contender: str) -> Contender:
                   f"{float((theirs - ours).norm() / ours.norm()):.2e}", file=sys.stderr)
             del layer, ours, theirs
         leaves = [x, *module.parameters()]
+        call = maybe_compile(module)
 
         def run():
-            y = module(x)
+            y = call(x)
             return y[0] if isinstance(y, tuple) else y
 
     upstream: list[Tensor] = []
@@ -256,9 +284,49 @@ def profile_step(case: dict, contender: str = "grouped", top: int = 15,
     return text
 
 
-def time_contenders(case: dict, contenders: list[str], repeats: int) -> dict[str, float]:
-    """Median seconds per step, all contenders side by side (one warm-up, then rounds)."""
-    return median_seconds({c: build(case, c).step for c in contenders}, repeats, progress=True)
+def time_contenders(case: dict, contenders: list[str], repeats: int,
+                    built: dict[str, Contender] | None = None) -> dict[str, float]:
+    """Median seconds per step, all contenders side by side (one warm-up, then rounds);
+    ``built``: contenders already built (and possibly run), the others are built here."""
+    built = built or {}
+    steps = {c: (built[c] if c in built else build(case, c)).step for c in contenders}
+    return median_seconds(steps, repeats, progress=True)
+
+
+def _rel_diff(a: Tensor, b: Tensor) -> float:
+    """max |a - b| / max |b| (``b`` the reference)."""
+    return float((a.detach() - b.detach()).abs().max()
+                 / b.detach().abs().max().clamp_min(torch.finfo(b.dtype).tiny))
+
+
+def compiled_vs_eager(case: dict, contender: str, compiled: Contender) -> dict[str, float]:
+    """``{"max_rel_diff", "max_rel_diff_grad"}`` of the already-compiled ``contender`` against
+    a fresh build of its eager twin (same seed, weights and input): one step each, then the
+    output (a forward each) and every leaf's gradient, the worst over the gradients."""
+    eager = build(case, contender.removesuffix("_compiled"))
+    eager.step()
+    compiled.step()
+    grads = [_rel_diff(c.grad, e.grad) for c, e in zip(compiled.leaves, eager.leaves, strict=True)]
+    return {"max_rel_diff": _rel_diff(compiled.forward(), eager.forward()),
+            "max_rel_diff_grad": max(grads)}
+
+
+def compile_contenders(case: dict, contenders: list[str]) -> tuple[dict[str, Contender],
+                                                                    dict[str, float]]:
+    """Build the compiled ``contenders`` and run each one step after ``torch._dynamo.reset()``:
+    the contenders and the wall seconds of that first (compiling) step of each."""
+    from benchmarks.harness import Stopwatch
+
+    torch._dynamo.reset()
+    built, seconds = {}, {}
+    for c in contenders:
+        built[c] = build(case, c)
+        with Stopwatch() as sw:
+            built[c].step()
+        seconds[c] = sw.seconds
+        print(f"compiled {c} ({case['compile']}): first step {sw.seconds:.1f} s",
+              file=sys.stderr, flush=True)
+    return built, seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--contenders", nargs="*", default=list(CONTENDERS),
                    choices=ALL_CONTENDERS)
-    p.add_argument("--profile", nargs="*", choices=ALL_CONTENDERS,
+    p.add_argument("--compile", nargs="?", const="inductor", default=None,
+                   choices=COMPILE_BACKENDS, metavar="BACKEND",
+                   help="add the grouped_compiled and dense_compiled contenders: grouped and "
+                        "dense under torch.compile(backend=BACKEND, fullgraph=True); BACKEND "
+                        f"one of {', '.join(COMPILE_BACKENDS)} (default inductor)")
+    p.add_argument("--profile", nargs="*", choices=ALL_CONTENDERS + COMPILED_CONTENDERS,
                    help="print a profile of one step of each named contender (none named: "
                         "grouped)")
     p.add_argument("--trace", help="with --profile: write each profiled step's Chrome trace "
@@ -291,22 +364,36 @@ def build_parser() -> argparse.ArgumentParser:
 def print_table(args: argparse.Namespace, case: dict, rows: list[dict]) -> None:
     """The contenders' table: time, efficiency, tokens/s, speedup vs grouped, memory."""
     ours = next((r["seconds"] for r in rows if r["contender"] == "grouped"), None)
+    compiled = args.compile is not None
     print(f"\nconfig {args.config}: T={case['tokens']} H={case['hidden']} F={case['ffn']} "
           f"E={case['experts']} k={case['top_k']} {args.dtype} on {args.device}, "
           f"{args.threads} threads, recompute={args.recompute}, "
-          f"force_balance={args.force_balance}, forward+backward")
-    head = (f"{'contender':<14}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
-            f"{'grouped speedup':>17}{'saved MiB':>11}{'peak MiB':>10}")
+          f"force_balance={args.force_balance}, forward+backward"
+          + (f", compile backend {args.compile}" if compiled else ""))
+    head = (f"{'contender':<18}{'ms':>10}{'efficiency':>12}{'tokens/s':>11}"
+            f"{'grouped speedup':>17}{'saved MiB':>11}{'peak MiB':>10}"
+            + (f"{'compiled speedup':>18}{'compile s':>11}{'max rel diff':>14}"
+               if compiled else ""))
     print_head(head)
     for r in rows:
         speed = f"{r['seconds'] / ours:.3f}x" if ours else "-"
         mem = {k: f"{r[k]:.1f}" if r[k] is not None else "-"
                for k in ("saved_mib", "peak_live_mib")}
-        print(f"{r['contender']:<14}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
+        extra = ""
+        if compiled and "compiled_speedup" in r:
+            extra = (f"{r['compiled_speedup']:>17.3f}x{r['compile_seconds']:>11.1f}"
+                     f"{max(r['max_rel_diff'], r['max_rel_diff_grad']):>14.1e}")
+        elif compiled:
+            extra = f"{'-':>18}{'-':>11}{'-':>14}"
+        print(f"{r['contender']:<18}{r['seconds'] * 1e3:10.1f}{r['moe_efficiency']:12.3f}"
               f"{r['tokens_per_s']:11,.0f}{speed:>17}{mem['saved_mib']:>11}"
-              f"{mem['peak_live_mib']:>10}")
+              f"{mem['peak_live_mib']:>10}{extra}")
     print("saved MiB: tensors saved for backward by one forward, parameters excluded; "
           "peak MiB: live tensors during forward+backward above those live before it")
+    if compiled:
+        print("compiled speedup: t(eager twin) / t(compiled); compile s: the first step "
+              "(compiles forward and backward); max rel diff: output and gradients vs eager, "
+              "max |compiled - eager| / max |eager|")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -322,6 +409,16 @@ def main(argv: list[str] | None = None) -> dict:
     case.update(dtype=args.dtype, device=args.device, threads=args.threads,
                 recompute=args.recompute, force_balance=args.force_balance)
     contenders = list(dict.fromkeys(["dense", *args.contenders]))
+    compiled = []
+    if args.compile is not None:
+        case["compile"] = args.compile
+        if "grouped" not in contenders:
+            contenders.append("grouped")
+        compiled = list(COMPILED_CONTENDERS)
+        for c in compiled:  # each right after its eager twin
+            contenders.insert(contenders.index(c.removesuffix("_compiled")) + 1, c)
+    elif set(args.profile or []) & set(COMPILED_CONTENDERS):
+        p.error("--profile of a compiled contender needs --compile [BACKEND]")
     if "megablocks" in contenders + (args.profile or []):  # fail before any timing
         missing = [m for m in ("megablocks", "grouped_gemm", "stk")
                    if importlib.util.find_spec(m) is None]
@@ -331,17 +428,28 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("the 'megablocks' contender runs on --device cuda --dtype bfloat16 only")
 
     torch.set_num_threads(args.threads)
+    built, compile_seconds = compile_contenders(case, compiled) if compiled else ({}, {})
     memory = {}
     if not args.no_memory:
         for c in contenders:
             memory[c] = measure_memory(case, c)
             print(f"memory {c}: " + ", ".join(f"{k} {v:.1f}" for k, v in memory[c].items()),
                   file=sys.stderr, flush=True)
-    seconds = time_contenders(case, contenders, args.repeats)
+    seconds = time_contenders(case, contenders, args.repeats, built)
     none = {"saved_mib": None, "saved_param_mib": None, "peak_live_mib": None}
     rows = [{"contender": c, "seconds": seconds[c], "moe_efficiency": seconds["dense"] / seconds[c],
              "tokens_per_s": case["tokens"] / seconds[c], **memory.get(c, none)}
             for c in contenders]
+    if compiled:
+        from torch._inductor import config as inductor_config
+
+        for r in rows:
+            c = r["contender"]
+            if c in compiled:
+                r.update(compile_backend=args.compile, compile_seconds=compile_seconds[c],
+                         compile_caches_disabled=bool(inductor_config.force_disable_caches),
+                         compiled_speedup=seconds[c.removesuffix("_compiled")] / seconds[c],
+                         **compiled_vs_eager(case, c, built[c]))
     print_table(args, case, rows)
     if args.profile is not None:
         for c in args.profile or ["grouped"]:
