@@ -309,18 +309,25 @@ class MoELayer(CapacityScheduled):
                               self.config.verdict_scope, 0 if self.config.static_exchange else None)
         raise refused  # share_forward_verdict raised it already
 
+    @torch.compiler.disable
+    def _agree(self, device: torch.device) -> None:
+        """``check_agreement`` of this layer's config, once (eager, also under compile)."""
+        check_agreement(self.config, self.parallel_state, device)
+        self._agreed = True
+
     def _prepare(self, tokens: Tensor) -> Tensor:
-        """The tokens the router and the experts see. At every forward the DDP/FSDP hosts are
-        checked; at the first the ranks' configs are compared (a collective: a clear error, not
-        a hang).
+        """The tokens the router and the experts see. At every eager forward the DDP/FSDP hosts
+        are checked; at the first forward the ranks' configs are compared (a collective: a clear
+        error, not a hang; under ``torch.compile`` it runs outside the graph, so a
+        ``fullgraph=True`` compile needs one eager forward first).
         Expert-parallel with autograd on, the tokens require grad (the exchange's backward is a
         collective every rank joins); Mixtral's ``jitter_noise`` multiplies them in training
         by ``U(1 - eps, 1 + eps)``."""
         cfg = self.config
-        self._check_host(self.parallel_state)
+        if not torch.compiler.is_compiling():  # frame inspection: not traceable
+            self._check_host(self.parallel_state)
         if not self._agreed:
-            check_agreement(cfg, self.parallel_state, tokens.device)
-            self._agreed = True
+            self._agree(tokens.device)
         if self._group is not None and torch.is_grad_enabled() and not tokens.requires_grad:
             tokens = tokens.detach().requires_grad_()
         if self.training and cfg.jitter_noise > 0:

@@ -105,9 +105,11 @@ class AllToAllDispatcher(TokenDispatcher):
         """Whether this dispatch exchanges rows per local expert (``all_to_all_chunked``) so
         they arrive expert-major, instead of one all-to-all and ``sort_chunks``: on CPU, with
         ETP = 1 and 2..``MAX_CHUNKED_EXPERTS`` local experts (a local copy costs about as much
-        as sending the rows there; each extra exchange adds one round of messages)."""
+        as sending the rows there; each extra exchange adds one round of messages), outside
+        ``torch.compile``."""
         return (x.device.type == "cpu" and self.etp == 1 and self.ep > 1
-                and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS)
+                and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS
+                and not torch.compiler.is_compiling())  # one traced exchange
 
     def _static_exchange(self) -> bool:
         """Whether a ``pad_to > 0`` dispatch takes its splits from ``pad_to`` alone (``static``:

@@ -27,6 +27,11 @@ input unchanged without communicating. The split sizes must be consistent across
 rank ``i`` sends to ``j`` is what ``j`` expects from ``i``); zero-size blocks are allowed.
 Uneven all-gathers and reduce-scatters pad every block to the largest one and use the
 even-sized collective.
+
+Under ``torch.compile`` ``all_to_all``, and ``all_gather`` / ``reduce_scatter`` with equal
+blocks, are the functional collectives (``torch.distributed._functional_collectives``, with
+autograd), which trace into the graph; an asynchronous one is returned already waited for (the
+compiler schedules the wait).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed import _functional_collectives as funcol
 
 __all__ = ["Pending", "all_gather", "all_gather_object", "all_gather_sizes", "all_to_all",
            "all_to_all_chunked", "group_rank", "group_size", "reduce_scatter"]
@@ -96,6 +102,9 @@ def all_to_all(
                 f"a one-rank all_to_all needs equal splits, got {out_splits} and {in_splits}"
             )
         return (x, Pending()) if async_op else x
+    if torch.compiler.is_compiling():
+        y = funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+        return (y, Pending()) if async_op else y
     return _exchange(x, [out_splits], [in_splits], group, async_op)
 
 
@@ -281,6 +290,8 @@ def all_gather(x: Tensor, group: Group, sizes: Optional[Sequence[int]] = None) -
     sizes = _check_splits("sizes", sizes, world)
     if sizes[rank] != x.shape[0]:
         raise ValueError(f"sizes[{rank}]={sizes[rank]} must equal x.shape[0]={x.shape[0]}")
+    if torch.compiler.is_compiling() and len(set(sizes)) == 1:
+        return funcol.all_gather_single_autograd(x.contiguous(), 0, group)
     return _AllGather.apply(x, sizes, rank, group)
 
 
@@ -296,4 +307,6 @@ def reduce_scatter(x: Tensor, split_sizes: Sequence[int], group: Group) -> Tenso
         raise ValueError(f"split_sizes {sizes} must sum to x.shape[0]={x.shape[0]}")
     if world == 1:
         return x
+    if torch.compiler.is_compiling() and len(set(sizes)) == 1:
+        return funcol.reduce_scatter_single_autograd(x.contiguous(), "sum", 0, group)
     return _ReduceScatter.apply(x, sizes, group_rank(group), group)
