@@ -303,8 +303,7 @@ class MoELayer(CapacityScheduled):
         self._check_host(self.parallel_state)
         device = next(self.parameters()).device
         if not self._agreed:
-            check_agreement(self.config, self.parallel_state, device)
-            self._agreed = True
+            self._agree(device)
         share_forward_verdict(self.parallel_state, refused, True, device,
                               self.config.verdict_scope, 0 if self.config.static_exchange else None)
         raise refused  # share_forward_verdict raised it already
