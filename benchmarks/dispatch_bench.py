@@ -46,6 +46,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -188,11 +189,25 @@ def layer_job(job: dict) -> dict:
             layers["deepspeed"] = deepspeed_layer(job, world, CAPACITY_FACTOR, MIN_CAPACITY)
         except Exception as exc:  # noqa: BLE001  (report ours only)
             ds_error = f"rank {rank}: {type(exc).__name__}: {exc}"
+    if job.get("compile"):  # the static exchange, eager and under torch.compile(fullgraph)
+        static = dict(capacity_factor=CAPACITY_FACTOR, pad_to_capacity=True,
+                      static_exchange=True, verdict_scope="none", check_finite=False)
+        ours.update(ours_static=static, ours_static_compiled=static)
     for name, extra in ours.items():
         torch.manual_seed(0)
         layers[name] = MoELayer(MoEConfig(**base, **extra), parallel_state=ps).train()
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(1000 + rank), dtype=dtype,
                     requires_grad=True)
+    runs = dict(layers)
+    compile_seconds = None
+    if job.get("compile"):
+        layer = layers["ours_static_compiled"]
+        layer(x)  # the first forward compares the ranks' configs, eagerly
+        runs["ours_static_compiled"] = torch.compile(layer, backend=job["compile"],
+                                                     fullgraph=True)
+        t0 = time.perf_counter()
+        runs["ours_static_compiled"](x).sum().backward()  # compiles forward and backward
+        compile_seconds = time.perf_counter() - t0
 
     def make_step(name, layer):
         def step():
@@ -202,7 +217,7 @@ def layer_job(job: dict) -> dict:
             (y[0] if isinstance(y, tuple) else y).sum().backward()
         return step
 
-    steps = {name: make_step(name, layer) for name, layer in layers.items()}
+    steps = {name: make_step(name, runs[name]) for name in layers}
     times = _time_interleaved(steps, job["iters"], job["repeats"], warmup=1)
     profiles = ({name: profile_calls(step, job["profile_iters"], job["profile_top"])
                  for name, step in steps.items()} if job["profile_iters"] > 0 else {})
@@ -218,7 +233,8 @@ def layer_job(job: dict) -> dict:
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     return {"times": times, "rows_per_rank": {n: [g[n] for g in gathered] for n in rows},
-            "profiles_rank0": profiles, "deepspeed_error": ds_error} if rank == 0 else {}
+            "profiles_rank0": profiles, "deepspeed_error": ds_error,
+            "compile_seconds_rank0": compile_seconds} if rank == 0 else {}
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -257,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profiled steps per layer variant (0: none)")
     p.add_argument("--expert-impl", choices=EXPERT_IMPLS, default=None,
                    help="ours expert_impl (default: MoEConfig's)")
+    p.add_argument("--layer-compile", nargs="?", const="inductor", default=None,
+                   choices=("inductor", "aot_eager"), metavar="BACKEND",
+                   help="part 2 adds ours with the static exchange (MoEConfig.static_exchange,"
+                        " verdict_scope='none', check_finite=False), eager and under "
+                        "torch.compile(fullgraph=True) with BACKEND (default inductor)")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per launch")
     p.add_argument("--out", type=Path, default=None)
@@ -295,7 +316,8 @@ def run_layer(args: argparse.Namespace, common: dict) -> dict:
     job = dict(common, kind="layer", tokens=args.layer_tokens, hidden=args.layer_hidden,
                ffn=args.layer_ffn, iters=args.layer_iters, repeats=args.layer_repeats,
                expert_impl=args.expert_impl, deepspeed=ds["available"],
-               profile_iters=args.layer_profile_iters, profile_top=args.profile_top)
+               profile_iters=args.layer_profile_iters, profile_top=args.profile_top,
+               compile=args.layer_compile)
     _log(f"layer: {args.layer_world} ranks ...")
     try:
         res = _launch("layer", args.layer_world, job, args.timeout)[0]

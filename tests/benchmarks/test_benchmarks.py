@@ -228,3 +228,19 @@ def test_routing_bench_calibrates_p():
         routing_bench.run = real
     assert seen == [0.5, 0.25]  # 3.0 > 2 -> lower half; 2.0 within tolerance
     assert p == 0.25 and len(tried) == 2
+
+
+def test_dispatch_bench_layer_compile_tiny(tmp_path):
+    """``dispatch_bench --layer-compile``: the static-exchange layer, eager and compiled with
+    fullgraph on 4 gloo ranks, timed beside the others; the same rows and drops."""
+    from benchmarks.dispatch_bench import main
+
+    out = tmp_path / "dispatch.json"
+    main(["--parts", "layer", "--no-deepspeed", "--layer-tokens", "64", "--layer-hidden", "32",
+          "--layer-ffn", "64", "--layer-repeats", "1", "--layer-compile", "aot_eager",
+          "--out", str(out)])
+    layer = json.loads(out.read_text())["results"]["layer"]
+    times = layer["times"]
+    assert times["ours_static_compiled"]["seconds"] > 0 and times["ours_static"]["seconds"] > 0
+    assert layer["compile_seconds_rank0"] > 0
+    assert layer["rows_per_rank"]["ours_static_compiled"] == layer["rows_per_rank"]["ours_static"]
