@@ -111,12 +111,6 @@ class AllToAllDispatcher(TokenDispatcher):
                 and 1 < self.num_local_experts <= MAX_CHUNKED_EXPERTS
                 and not torch.compiler.is_compiling())  # one traced exchange
 
-    def _static_exchange(self) -> bool:
-        """Whether a ``pad_to > 0`` dispatch takes its splits from ``pad_to`` alone (``static``:
-        every rank of the group pads to the same ``pad_to``, so no counts are exchanged and
-        nothing is read back); otherwise the padded counts are all-gathered like any others."""
-        return self.static
-
     # ---- the EP exchange (``HierarchicalAllToAllDispatcher`` overrides these) -------------
     def _send_order(self, idx: Tensor, chunked: bool) -> Tensor:
         """The ids ``permute`` sorts by, so the send buffer has the exchange's row order."""
@@ -185,7 +179,9 @@ class AllToAllDispatcher(TokenDispatcher):
         permuted, row_map, counts = ops.permute(x, idx, E, routing.keep, pad_to,
                                                 validate=pad_to == 0)
         counts = self._global_counts(counts, chunked)
-        if pad_to > 0 and self._static_exchange():
+        # static: every rank pads to the same pad_to, so the splits follow from it alone (no
+        # counts exchanged, nothing read back); otherwise the padded counts are all-gathered
+        if pad_to > 0 and self.static:
             send_counts, chunk_sizes = pad_to, None
             send_splits = recv_splits = [E_local * pad_to] * ep
             etp_splits = [ep * E_local * pad_to] * self.etp

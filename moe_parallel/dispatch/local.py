@@ -52,8 +52,7 @@ class LocalDispatcher(TokenDispatcher):
             routing.expert_idx, self.num_experts, routing.keep, pad_to
         )
         expert_in, row_map, counts = ops.permute(
-            x, routing.expert_idx, self.num_experts, routing.keep, pad_to,
-            validate=False,
+            x, routing.expert_idx, self.num_experts, routing.keep, pad_to, validate=False
         )
         if pad_to > 0:
             group_sizes = torch.full((self.num_experts,), pad_to, dtype=torch.int64)
