@@ -35,7 +35,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   $PY -m pytest -q -p no:cacheprovider tests/test_cuda_layer.py tests/ops/test_cuda_ops.py \
-    tests/ops/test_cuda_grouped_gemm.py \
+    tests/ops/test_cuda_grouped_gemm.py tests/test_cuda_graphs.py \
     2>&1 | tee "$OUT/cuda_tests.log" | tail -15
   if [ -z "${SKIP_MEMCHECK:-}" ]; then
     MOE_PARALLEL_UNDER_SANITIZER=1 timeout ${MEMCHECK_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x -p no:cacheprovider \
@@ -68,6 +68,7 @@ fi
 $PY -m benchmarks cluster --nproc 1 --dtype bfloat16 --layer-tokens 16384 --layer-hidden 4096 \
   --layer-ffn 14336 --rounds 7 --train-model --out "$OUT/cluster_world1_bf16.json" \
   > "$OUT/cluster_world1_bf16.txt" 2>&1; tail -20 "$OUT/cluster_world1_bf16.txt"
+$PY -m benchmarks cuda_graph --out "$OUT/cuda_graph_bf16.json" 2>&1 | tee "$OUT/cuda_graph.txt" | tail -6
 $PY benchmarks/cuda_ops_bench.py --out "$OUT/cuda_ops.json" 2>&1 | tee "$OUT/cuda_ops.txt" | tail -20
 $PY benchmarks/grouped_gemm_bench.py --out "$OUT/grouped_gemm.json" 2>&1 | tee "$OUT/grouped_gemm.txt" | tail -24
 $PY -m benchmarks.layer_bench --device cuda --dtype bfloat16 --tokens 16384 --hidden 4096 \

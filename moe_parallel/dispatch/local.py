@@ -45,12 +45,12 @@ class LocalDispatcher(TokenDispatcher):
         """``(expert_in [N, H], group_sizes [E] CPU int64, handle)``: the kept assignments of ``x``
         sorted by expert (``pad_to > 0``: every expert padded to ``pad_to`` rows)."""
         routing, overflow, _ = self.enforce_row_budget(routing)
-        compiling = torch.compiler.is_compiling()
-        # One host round trip checks the ids and brings the group sizes (dropless) along; under
-        # torch.compile the router's ids (in range by construction) are not read back.
-        host_counts = None if compiling else ops.expert_counts(
-            routing.expert_idx, self.num_experts, routing.keep, pad_to
-        )
+        # Dropless: one host round trip checks the ids and brings the group sizes along. Padded
+        # (pad_to > 0), as in the all-to-all dispatch, the counts are bounded by capacity
+        # (apply_capacity) and the ids by the router, so nothing is read back; nor under
+        # torch.compile, where the router's ids are in range by construction.
+        host_counts = None if pad_to > 0 or torch.compiler.is_compiling() else (
+            ops.expert_counts(routing.expert_idx, self.num_experts, routing.keep, pad_to))
         expert_in, row_map, counts = ops.permute(
             x, routing.expert_idx, self.num_experts, routing.keep, pad_to, validate=False
         )

@@ -124,13 +124,8 @@ def test_overflow_drops_by_policy_and_counts_on_the_device():
         assert got["err"] <= 1e-12, (rank, got)
 
 
-def run_host_reads(layout: dict, sync_free: bool = True) -> dict[str, int]:
-    """Host reads inside the package during one static step (forward and backward), by site;
-    ``sync_free=False``: with the default verdict and finiteness check."""
-    extra = dict(verdict_scope="none", check_finite=False) if sync_free else {}
-    _, static = _layers(layout, **extra)
-    x, gy = _data(dist.get_rank())
-    _step(static, x, gy)  # the first forward compares the ranks' configs (a collective)
+def host_reads(step) -> dict[str, int]:
+    """The host reads inside the package while ``step()`` runs, counted by site."""
     sites: collections.Counter = collections.Counter()
     saved = {n: getattr(torch.Tensor, n) for n in READS}
 
@@ -146,12 +141,38 @@ def run_host_reads(layout: dict, sync_free: bool = True) -> dict[str, int]:
     try:
         for n in READS:
             setattr(torch.Tensor, n, counted(n, saved[n]))
-        with own_groups():
-            _step(static, x, gy)
+        step()
     finally:
         for n, fn in saved.items():
             setattr(torch.Tensor, n, fn)
     return dict(sites)
+
+
+def run_host_reads(layout: dict, sync_free: bool = True) -> dict[str, int]:
+    """Host reads inside the package during one static step (forward and backward), by site;
+    ``sync_free=False``: with the default verdict and finiteness check."""
+    extra = dict(verdict_scope="none", check_finite=False) if sync_free else {}
+    _, static = _layers(layout, **extra)
+    x, gy = _data(dist.get_rank())
+    _step(static, x, gy)  # the first forward compares the ranks' configs (a collective)
+
+    def step():
+        with own_groups():
+            _step(static, x, gy)
+    return host_reads(step)
+
+
+def test_a_one_process_static_step_reads_nothing_back():
+    """One process (the layer a single GPU captures in a CUDA graph): the padded dispatch takes
+    its group sizes from C and reads nothing back; the dropless one reads its counts."""
+    x, gy = _data(0)
+    for extra, want_none in (({**STATIC, "verdict_scope": "none", "check_finite": False}, True),
+                             ({"verdict_scope": "none", "check_finite": False}, False)):
+        torch.manual_seed(7)
+        layer = MoELayer(MoEConfig(**BASE, **extra))
+        _step(layer, x, gy)
+        sites = host_reads(lambda layer=layer: _step(layer, x, gy))
+        assert (sites == {}) == want_none, (extra, sites)
 
 
 @pytest.mark.distributed
