@@ -20,7 +20,13 @@ BENCHMARKS = {
     "cluster": ("benchmarks.cluster.main", "all-to-all, dispatch and layer over EP sizes; "
                 "fitted cost model (any launcher)"),
     "routing": ("benchmarks.routing_bench", "top-2 vs top-p and the drop policies, demo model"),
+    "merge": ("benchmarks.merge_run", "Branch-Train-MiX toy run: two dense demo models merged, "
+              "routers trained on the mix"),
+    "finetune": ("benchmarks.finetune", "ST-MoE fine-tuning recipe: freezing x expert dropout "
+                 "x aux loss, demo model"),
     "grouped_gemm": ("benchmarks.grouped_gemm_bench", "grouped GEMM backends (CUDA)"),
+    "cuda_graph": ("benchmarks.cuda_graph_bench", "static layer: eager vs CUDA-graph replay "
+                   "(CUDA)"),
     "cuda_ops": ("benchmarks.cuda_ops_bench", "CUDA kernel bandwidth vs copy (CUDA)"),
 }
 

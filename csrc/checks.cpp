@@ -235,6 +235,28 @@ void check_swiglu_args(const at::Tensor& h) {
                     "(gate | up), got shape ", h.sizes());
 }
 
+void check_expert_dropout_args(const at::Tensor& a, const at::Tensor& row_hash,
+                               const at::Tensor& group_sizes, int64_t first_expert,
+                               int64_t unit_offset, double p) {
+  check_dim(a, 2, "a", "[N, F]");
+  check_float(a, "a");
+  check_int64(row_hash, "row_hash");
+  check_dim(row_hash, 1, "row_hash", "[N]");
+  check_same_device(row_hash, "row_hash", a, "a");
+  TORCH_CHECK_VALUE(row_hash.size(0) == a.size(0), "row_hash must have a.size(0) = ", a.size(0),
+                    " entries (one per row), got ", row_hash.size(0));
+  check_host_index_vector(group_sizes, "group_sizes", -1);
+  const int64_t G = group_sizes.size(0);
+  TORCH_CHECK_VALUE(first_expert >= 0 && first_expert + G <= (int64_t(1) << 32),
+                    "first_expert must be >= 0 with first_expert + G <= 2^32 (G = ", G,
+                    " groups), got ", first_expert);
+  TORCH_CHECK_VALUE(unit_offset >= 0 && unit_offset + a.size(1) <= (int64_t(1) << 32),
+                    "unit_offset must be >= 0 with unit_offset + F <= 2^32 (F = ", a.size(1),
+                    " columns), got ", unit_offset);
+  TORCH_CHECK_VALUE(p >= 0 && p < 1, "p must be a number in [0, 1), got ", p);
+  check_sizes_sum(group_sizes, a.size(0), "group_sizes", "a.size(0)");
+}
+
 void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h) {
   check_swiglu_args(h);
   check_dim(grad_out, 2, "grad_out", "[N, F]");

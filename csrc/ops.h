@@ -34,6 +34,12 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h);
 at::Tensor clamped_swiglu_cpu(const at::Tensor& h, double alpha, double limit);
 at::Tensor clamped_swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
                                        double alpha, double limit);
+// Expert dropout (csrc/cpu/dropout.cpp; hash in csrc/dropout_hash.h): a [N, F] grouped by local
+// expert, out = a * keep / (1 - p), keep a function of (row_hash[r] mod 2^32, first_expert + g,
+// unit_offset + j) only.
+at::Tensor expert_dropout_cpu(const at::Tensor& a, const at::Tensor& row_hash,
+                              const at::Tensor& group_sizes, int64_t first_expert,
+                              int64_t unit_offset, double p);
 
 // ---- device-generic (csrc/cpu/sort_chunks.cpp, csrc/cpu/grouped_gemm.cpp): CPU path with
 // OpenMP, other devices through ATen copies/GEMMs ----
@@ -93,6 +99,12 @@ void check_grouped_gemm_backend(c10::string_view backend, const at::Tensor& a);
 // swiglu: h 2-D float with an even width; backward: grad_out [N, F] of h's dtype/device.
 void check_swiglu_args(const at::Tensor& h);
 void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h);
+// expert_dropout: a 2-D float; row_hash int64 [a.size(0)] on a's device; group_sizes CPU int64
+// [G] summing to a.size(0); first_expert >= 0 with first_expert + G <= 2^32; unit_offset >= 0
+// with unit_offset + a.size(1) <= 2^32; 0 <= p < 1.
+void check_expert_dropout_args(const at::Tensor& a, const at::Tensor& row_hash,
+                               const at::Tensor& group_sizes, int64_t first_expert,
+                               int64_t unit_offset, double p);
 
 // ---- block-sparse (dropless) expert products, device-generic (csrc/cpu/block_sparse.cpp) ----
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -122,6 +134,9 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h)
 at::Tensor clamped_swiglu_cuda(const at::Tensor& h, double alpha, double limit);
 at::Tensor clamped_swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
                                         double alpha, double limit);
+at::Tensor expert_dropout_cuda(const at::Tensor& a, const at::Tensor& row_hash,
+                               const at::Tensor& group_sizes, int64_t first_expert,
+                               int64_t unit_offset, double p);
 // Grouped GEMM on CUDA by backend (csrc/cuda/grouped_gemm_cuda.cpp): "loop" = one cuBLAS GEMM
 // per group on the current stream ("auto": see auto_backend() there), "streams" = the same spread
 // over side streams, "cublas" = one cublasGemmGroupedBatchedEx, "torch" = at::_grouped_mm,

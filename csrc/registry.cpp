@@ -41,6 +41,9 @@ TORCH_LIBRARY(moe_parallel, m) {
   m.def(
       "clamped_swiglu_backward(Tensor grad_out, Tensor h, float alpha, float limit)"
       " -> Tensor");
+  m.def(
+      "expert_dropout(Tensor a, Tensor row_hash, Tensor group_sizes, int first_expert,"
+      " int unit_offset, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
@@ -58,4 +61,5 @@ TORCH_LIBRARY_IMPL(moe_parallel, CPU, m) {
   m.impl("swiglu_backward", &moe_parallel::swiglu_backward_cpu);
   m.impl("clamped_swiglu", &moe_parallel::clamped_swiglu_cpu);
   m.impl("clamped_swiglu_backward", &moe_parallel::clamped_swiglu_backward_cpu);
+  m.impl("expert_dropout", &moe_parallel::expert_dropout_cpu);
 }

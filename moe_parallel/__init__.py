@@ -2,7 +2,7 @@
 
 from .config import MoEConfig
 from .distributed import ParallelState, init_distributed
-from .layer import MoEAux, MoELayer, set_aux_loss_scale
+from .layer import MoEAux, MoELayer, set_aux_loss_scale, set_expert_dropout_step
 from .metrics import RoutingStats
 from .reference import ReferenceMoE
 
@@ -15,5 +15,6 @@ __all__ = [
     "RoutingStats",
     "init_distributed",
     "set_aux_loss_scale",
+    "set_expert_dropout_step",
 ]
 __version__ = "0.1.0"

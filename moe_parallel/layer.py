@@ -12,11 +12,21 @@ that backward, once per step even when the forward is recomputed. The losses (de
 logging) and routing statistics are kept on the layer (``last_losses``, ``aux_loss``,
 ``last_stats``, the losses of training forwards only) and returned with ``return_aux=True``.
 Eval and ``no_grad`` forwards leave the training state alone.
+
+Expert dropout (``config.expert_dropout = p > 0``, training forwards only): each token's row
+hash ``u = ops.dropout.token_hash(stream_key(expert_dropout_seed, step, layer), seq_id,
+position)`` is computed here, from the token keys of ``set_token_keys`` (``replay.keys``;
+without them ``(0, index of the token in this input)``, which is not layout-invariant) and the
+step and layer index of ``set_expert_dropout_step``; it travels with the token's rows to the
+experts (``dispatch.pipeline``), which drop out their activation by it
+(``ops.expert_dropout``). The shared experts get no expert dropout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, NoReturn, Optional
@@ -36,9 +46,11 @@ from .dispatch import (
 from .dispatch.in_flight import done
 from .distributed.agreement import check_agreement, share_forward_verdict, verdict_group
 from .distributed.ddp import check_no_ddp_over_experts
+from .distributed.freezing import agree_on_gradients, verdict_columns
 from .distributed.fsdp import check_no_fsdp_over_experts
 from .experts import GroupedExperts, RoutedExperts, SharedExpert, build_experts
 from .metrics import RoutingStats
+from .ops.dropout import stream_key, token_hash
 from .routing import Routing, apply_capacity, build_router
 from .routing.capacity_schedule import CapacityScheduled
 from .routing.losses import attach_to_graph
@@ -110,6 +122,10 @@ class MoELayer(CapacityScheduled):
         elif not isinstance(experts, RoutedExperts):
             raise TypeError(f"experts must be a moe_parallel.experts.RoutedExperts, got "
                             f"{type(experts).__name__}")
+        if config.expert_dropout > 0 and not getattr(experts, "takes_row_hashes", False):
+            raise ValueError(f"expert_dropout={config.expert_dropout} needs experts that take "
+                             f"row hashes (takes_row_hashes, e.g. GroupedExperts), got "
+                             f"{type(experts).__name__}")
         self.experts = experts
         self.shared_expert = (
             SharedExpert(config, device=device) if config.num_shared_experts else None
@@ -134,6 +150,11 @@ class MoELayer(CapacityScheduled):
         self._agreed = ps is None  # the ranks' configs are compared at the first forward
         self.aux_loss_scale = 1.0  # gradient of the aux losses per backward (set_aux_loss_scale)
         self.replay = RouterReplay()  # record / replay the routing (routing.replay)
+        # expert dropout: the step and layer index of its mask (set_expert_dropout_step) and
+        # their stream key, a CPU int64 scalar changed in place (no recompilation per step)
+        self.expert_dropout_step, self.expert_dropout_layer = 0, 0
+        self._dropout_key = torch.tensor(stream_key(config.expert_dropout_seed, 0, 0),
+                                         dtype=torch.int64)
         self._init_capacity_schedule(device)  # dynamic_capacity: the factor and its counts
 
     @classmethod
@@ -156,6 +177,7 @@ class MoELayer(CapacityScheduled):
                 if not name.startswith("experts."):
                     own[name].copy_(t)
         layer.aux_loss_scale = full.aux_loss_scale
+        layer.set_expert_dropout_step(full.expert_dropout_step, full.expert_dropout_layer)
         return layer
 
     def _tag_parameters(self) -> None:
@@ -166,6 +188,54 @@ class MoELayer(CapacityScheduled):
             p.expert_parallel = id(p) in expert_ids
             p.sync_group = "edp" if p.expert_parallel else "dp"
             p.sequence_parallel = not p.expert_parallel and tp > 1
+
+    def set_expert_dropout_step(self, step: int, layer_index: int) -> None:
+        """The training step and this layer's index in its model, which with
+        ``config.expert_dropout_seed`` select the expert dropout mask of the next forwards
+        (``moe_parallel.set_expert_dropout_step`` sets every layer of a model)."""
+        for name, v in (("step", step), ("layer_index", layer_index)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        self.expert_dropout_step, self.expert_dropout_layer = step, layer_index
+        self._dropout_key.fill_(stream_key(self.config.expert_dropout_seed, step, layer_index))
+
+    @property
+    def drops_experts(self) -> bool:
+        """Whether the next forward drops out the experts' activation: training mode with
+        ``config.expert_dropout > 0``."""
+        return self.training and self.config.expert_dropout > 0
+
+    @contextlib.contextmanager
+    def token_keys_narrowed(self, shape: Sequence[int], dim: int, start: int, length: int
+                            ) -> Iterator[None]:
+        """Within the block the token keys (``set_token_keys``) are those of
+        ``x.narrow(dim, start, length)`` for an input of leading ``shape``, when router replay or
+        the expert dropout reads them (e.g. a tensor-parallel rank's slice of the sequence)."""
+        keys = self.replay.keys
+        if keys is None or not (self.replay.active or self.drops_experts):
+            yield
+            return
+        self.replay.keys = keys.narrow(shape, dim, start, length)
+        try:
+            yield
+        finally:
+            self.replay.keys = keys
+
+    def _row_hashes(self, shape: Sequence[int], device: torch.device) -> Optional[Tensor]:
+        """``[T]`` int64: each token's expert-dropout hash (module docstring) for an input of
+        leading ``shape``; None when this forward drops nothing."""
+        if not self.drops_experts:
+            return None
+        keys = self.replay.keys
+        if keys is None:
+            n = 1
+            for d in shape:
+                n *= d
+            seq_id = torch.zeros(n, dtype=torch.int64, device=device)
+            position = torch.arange(n, dtype=torch.int64, device=device)
+        else:
+            seq_id, position = keys.expanded(shape)
+        return token_hash(self._dropout_key, seq_id.to(device), position.to(device))
 
     @property
     def aux_loss(self) -> Tensor | None:
@@ -223,19 +293,29 @@ class MoELayer(CapacityScheduled):
 
     def _route_collectively(self, tokens: Tensor, num_seqs: int, valid: Optional[Tensor],
                             assignment=None):
-        """``route``, with the verdict on every rank's forward shared by the ``verdict_scope``
-        group (one all-gather of ``[input ok, logits finite]`` per forward:
-        ``share_forward_verdict``)."""
+        """``route`` and the tokens to dispatch, with the verdict on every rank's forward
+        shared by the ``verdict_scope`` group (one all-gather of ``[input ok, logits finite]``
+        per forward: ``share_forward_verdict``). The same all-gather compares the ranks'
+        freezing and decides for all of them whether the dispatch carries gradients back to the
+        tokens and the routing weights (``distributed.freezing``): when no rank needs them, no
+        rank runs those exchanges' backward."""
         if self._verdict is None:
-            return self.route(tokens, num_seqs, valid=valid, assignment=assignment)
-        result = self.route(tokens, num_seqs, check=False, valid=valid, assignment=assignment)
-        finite = torch.isfinite(result[0].logits).all() if self.config.check_finite else True
-        share_forward_verdict(self.parallel_state, None, finite, tokens.device,
-                              self.config.verdict_scope,
-                              tokens.shape[0] if self.config.static_exchange else None)
-        return result
+            return (*self.route(tokens, num_seqs, valid=valid, assignment=assignment), tokens)
+        routing, losses, pad_to = self.route(tokens, num_seqs, check=False, valid=valid,
+                                             assignment=assignment)
+        finite = torch.isfinite(routing.logits).all() if self.config.check_finite else True
+        table = share_forward_verdict(self.parallel_state, None, finite, tokens.device,
+                                      self.config.verdict_scope,
+                                      tokens.shape[0] if self.config.static_exchange else None,
+                                      verdict_columns(self, tokens, routing.probs))
+        tokens, probs = agree_on_gradients(self, table, self.parallel_state, self._verdict,
+                                           tokens, routing.probs)
+        if probs is not routing.probs:
+            routing = replace(routing, probs=probs)
+        return routing, losses, pad_to, tokens
 
-    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int) -> PipelineResult:
+    def _routed(self, tokens: Tensor, routing: Routing, pad_to: int,
+                row_hash: Optional[Tensor] = None) -> PipelineResult:
         """The routed experts' combined output ``[T, H]`` (``dispatch.run_pipeline``, in
         ``overlap_chunks`` chunks), the shared experts' output as its ``side`` (None without
         them), and what the statistics need. The shared experts start while the first dispatch
@@ -248,7 +328,9 @@ class MoELayer(CapacityScheduled):
         out as its own row ``probs[t, j]·x[t]`` with combine weight 1, and the ``k`` outputs are
         summed. Otherwise the routing weights travel to the experts, which scale each row's
         activation before their second GEMM, and the combine is an unweighted sum
-        (``dispatch.pipeline``): no expert output rows are kept for the backward."""
+        (``dispatch.pipeline``): no expert output rows are kept for the backward.
+        ``row_hash [T]``: the tokens' expert-dropout hashes, sent with their rows (None: no
+        expert dropout)."""
         cfg, side = self.config, None
         if self.shared_expert is not None:
             shared = self.shared_expert
@@ -256,7 +338,7 @@ class MoELayer(CapacityScheduled):
                     else lambda: done(shared(tokens)))
         if not cfg.scale_expert_input:
             return run_pipeline(self.dispatcher, self.experts, tokens, routing, pad_to,
-                                cfg.overlap_chunks, side)
+                                cfg.overlap_chunks, side, row_hash=row_hash)
         T, k = routing.expert_idx.shape
         rows = (tokens.unsqueeze(1) * routing.probs.unsqueeze(-1).to(tokens.dtype))
         route = replace(
@@ -264,7 +346,8 @@ class MoELayer(CapacityScheduled):
             probs=torch.ones(T * k, 1, dtype=routing.probs.dtype, device=rows.device),
             keep=None if routing.keep is None else routing.keep.reshape(T * k, 1))
         out = run_pipeline(self.dispatcher, self.experts, rows.reshape(T * k, tokens.shape[1]),
-                           route, pad_to, cfg.overlap_chunks, side, weights_to_experts=False)
+                           route, pad_to, cfg.overlap_chunks, side, weights_to_experts=False,
+                           row_hash=None if row_hash is None else row_hash.repeat_interleave(k))
         return replace(out, y=out.y.view(T, k, out.y.shape[-1]).sum(dim=1),
                        row_map=out.row_map.reshape(T, k))
 
@@ -305,7 +388,8 @@ class MoELayer(CapacityScheduled):
         if not self._agreed:
             self._agree(device)
         share_forward_verdict(self.parallel_state, refused, True, device,
-                              self.config.verdict_scope, 0 if self.config.static_exchange else None)
+                              self.config.verdict_scope, 0 if self.config.static_exchange else None,
+                              verdict_columns(self, None, None))
         raise refused  # share_forward_verdict raised it already
 
     @torch.compiler.disable
@@ -319,15 +403,17 @@ class MoELayer(CapacityScheduled):
         are checked; at the first forward the ranks' configs are compared (a collective: a clear
         error, not a hang; under ``torch.compile`` it runs outside the graph, so a
         ``fullgraph=True`` compile needs one eager forward first).
-        Expert-parallel with autograd on, the tokens require grad (the exchange's backward is a
-        collective every rank joins); Mixtral's ``jitter_noise`` multiplies them in training
-        by ``U(1 - eps, 1 + eps)``."""
+        Expert-parallel with autograd on and no shared verdict (``verdict_scope="none"``), the
+        tokens require grad (the exchange's backward is a collective every rank joins; with a
+        verdict the ranks decide that together, ``_route_collectively``); Mixtral's
+        ``jitter_noise`` multiplies them in training by ``U(1 - eps, 1 + eps)``."""
         cfg = self.config
         if not torch.compiler.is_compiling():  # frame inspection: not traceable
             self._check_host(self.parallel_state)
         if not self._agreed:
             self._agree(tokens.device)
-        if self._group is not None and torch.is_grad_enabled() and not tokens.requires_grad:
+        if (self._group is not None and self._verdict is None and torch.is_grad_enabled()
+                and not tokens.requires_grad):
             tokens = tokens.detach().requires_grad_()
         if self.training and cfg.jitter_noise > 0:
             eps = cfg.jitter_noise
@@ -391,17 +477,19 @@ class MoELayer(CapacityScheduled):
             assignment = (self.replay.assignment(x.shape[:-1], cfg.num_experts, cfg.top_k,
                                                  cfg.top_p, tokens.device)
                           if self.replay.active else None)
+            row_hash = self._row_hashes(x.shape[:-1], tokens.device)
         except ValueError as refused:
             if self._verdict is None:
                 raise
             self._refuse_collectively(refused)
         tokens = self._prepare(tokens)
         num_seqs = x.shape[1] if x.dim() == 3 else 1
-        routing, losses, pad_to = self._route_collectively(tokens, num_seqs, valid, assignment)
+        routing, losses, pad_to, tokens = self._route_collectively(tokens, num_seqs, valid,
+                                                                   assignment)
         if self.replay.mode == "record":
             self.replay.add(x.shape[:-1], routing.expert_idx, routing.selected, routing.keep,
                             routing.probs, routing.logits)
-        routed = self._routed(tokens, routing, pad_to)
+        routed = self._routed(tokens, routing, pad_to, row_hash)
         y = routed.y if routed.side is None else routed.y + routed.side
         if self.training and torch.is_grad_enabled():  # eval / no_grad: training state untouched
             y = self._attach_training_state(y, tokens.shape[0], routing, losses, routed, valid)
@@ -420,4 +508,17 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> int:
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for layer in layers:
         layer.aux_loss_scale = float(scale)
+    return len(layers)
+
+
+def set_expert_dropout_step(model: nn.Module, step: int) -> int:
+    """Before the forwards of training step ``step`` (an int >= 0): every ``MoELayer`` of
+    ``model`` takes ``step`` and its index in ``model.modules()`` order (0, 1, ...; the order of
+    ``replay.named_moe_layers``) as the step and layer of its expert dropout mask
+    (``config.expert_dropout``; module docstring). The same on every rank and layout of a run
+    gives the same masks; a recomputed forward (activation checkpointing) reuses them. Returns
+    the number of layers set."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for i, layer in enumerate(layers):
+        layer.set_expert_dropout_step(step, i)
     return len(layers)

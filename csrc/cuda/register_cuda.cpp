@@ -1,6 +1,6 @@
 // CUDA implementations of the moe_parallel ops (schemas live in csrc/registry.cpp).
-// permute/unpermute/unpermute_backward, swiglu(_backward) and the grouped GEMMs (by backend)
-// use csrc/cuda; sort_chunks and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one
+// permute/unpermute/unpermute_backward, swiglu(_backward), expert_dropout and the grouped GEMMs
+// (by backend) use csrc/cuda; sort_chunks and the block-sparse products (bsr_sdd/bsr_dsd/bsr_wgrad, one
 // cuBLAS GEMM per expert panel, with the block topology kept on the host) use the
 // device-generic implementations.
 #ifdef MOE_PARALLEL_WITH_CUDA
@@ -23,6 +23,7 @@ TORCH_LIBRARY_IMPL(moe_parallel, CUDA, m) {
   m.impl("swiglu_backward", &moe_parallel::swiglu_backward_cuda);
   m.impl("clamped_swiglu", &moe_parallel::clamped_swiglu_cuda);
   m.impl("clamped_swiglu_backward", &moe_parallel::clamped_swiglu_backward_cuda);
+  m.impl("expert_dropout", &moe_parallel::expert_dropout_cuda);
 }
 
 #endif  // MOE_PARALLEL_WITH_CUDA

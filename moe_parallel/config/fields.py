@@ -336,6 +336,20 @@ class MoEConfigFields:
     s·(H + F1 + F), s·(H + F1) or s·H bytes (F1 = 2F for the SwiGLUs, else F). Same results
     in every mode. With ``expert_impl="block_sparse"`` the same is done with
     ``torch.utils.checkpoint``, "activation" then also repeating the second product."""
+    expert_dropout: float = 0.0
+    """p in [0, 1): inverted dropout on the routed experts' hidden activation ``a = act(h)``
+    (``[rows, F]``, before the row weighting and the second GEMM), in training forwards only
+    (``module.training``; eval is unchanged): each unit is zeroed with probability p and the
+    others scaled by 1/(1 - p). Separate from any dense dropout; the shared experts get none.
+    The mask is a pure function of (``expert_dropout_seed``, the step and layer index set by
+    ``set_expert_dropout_step``, the token's key ``(seq_id, position)`` set by
+    ``set_token_keys``, the global expert, the global hidden unit) computed in the op
+    (``ops.expert_dropout``), so a run gives the same result on every EP/ETP/TP/DP layout; a
+    forward without token keys uses ``(0, index of the token in this rank's input)``, which is
+    not layout-invariant. Default 0.0 (off). ST-MoE's expert dropout (its fine-tuning recipe);
+    no Megatron-Core, DeepSpeed or HF counterpart."""
+    expert_dropout_seed: int = 0
+    """Seed of ``expert_dropout``'s mask, an int in [0, 2^64). Default 0."""
     block_size: Optional[int] = None
     """Block-sparse block size, in rows; an explicit value must divide the local ffn size
     (``ffn_hidden_size / etp``). None (default): 128 on CUDA, 32 on CPU, halved until it

@@ -132,6 +132,16 @@ def _check_router_noise(cfg: MoEConfig) -> None:
     check_nonneg_float("bias_update_rate", cfg.bias_update_rate)
 
 
+def _check_expert_dropout(cfg: MoEConfig) -> None:
+    """expert_dropout a number in [0, 1); expert_dropout_seed an int in [0, 2^64)."""
+    p = cfg.expert_dropout
+    if not (_is_real(p) and math.isfinite(p) and 0 <= p < 1):
+        raise ValueError(f"expert_dropout must be a number in [0, 1) (0: off), got {p!r}")
+    seed = cfg.expert_dropout_seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"expert_dropout_seed must be an int in [0, 2^64), got {seed!r}")
+
+
 def _check_group_limited(cfg: MoEConfig) -> None:
     """num_groups / group_topk / group_score: set together, sizes that divide, token choice."""
     if (cfg.num_groups is None) != (cfg.group_topk is None):
@@ -352,6 +362,7 @@ _CHECKS = (
     _check_router_weights,
     _check_capacity,
     _check_router_noise,
+    _check_expert_dropout,
     _check_group_limited,
     _check_losses,
     _check_expert_choice,

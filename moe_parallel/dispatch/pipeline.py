@@ -11,6 +11,13 @@ and all-to-all of one column, after the rows' exchange, which fixed the kept ass
 any other dispatcher's combine applies the weights, as do experts without
 ``takes_row_weights``. Either way ``y[t] = Σ_{j kept} probs[t, j] · expert_{idx[t, j]}(x[t])``.
 
+Row hashes (expert dropout, ``row_hash [T]`` int64 below 2^32, one per row of ``rows``) travel
+to the experts the same way, to experts with ``takes_row_hashes``: each assignment ``(t, j)``
+carries its row's hash, scattered by the handle's row map (``LocalHandle``), all-gathered over
+the group then scattered (``AllGatherHandle``), or dispatched as a second ``[T·k, 1]`` float64
+column (exact: every hash is below 2^53) along the same routing (``AllToAllHandle``, whose
+all-gather over ETP and hierarchical or static exchange it shares). Padding rows get 0.
+
 With ``chunks = n`` the rows are split into ``n`` consecutive chunks (``bounds[i] = ⌊N·i/n⌋``;
 empty ones included, so every rank runs the same collectives) and run as
 
@@ -31,6 +38,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from ..distributed import collectives as comm
 from ..ops.permute import scatter_to_rows
 from ..routing.router import Routing
 from .all_gather import AllGatherHandle
@@ -114,15 +122,55 @@ def expert_row_weights(dispatcher: TokenDispatcher, handle: DispatchHandle,
     return None, handle
 
 
+def expert_row_hashes(dispatcher: TokenDispatcher, handle: DispatchHandle,
+                      piece: tuple[Tensor, Routing], pad_to: int, expert_in: Tensor,
+                      row_hash: Tensor) -> Tensor:
+    """``[N]`` int64: the hash of the token of each row of the dispatch's ``expert_in [N, H]``
+    (0 for padding rows), from this rank's ``row_hash [T]`` (one per row of the dispatched
+    ``piece``; module docstring). For ``AllGatherHandle`` and ``AllToAllHandle`` a collective
+    over the dispatcher's groups; ``ValueError`` for a handle of another dispatcher."""
+    num_rows = expert_in.shape[0]
+    k = piece[1].expert_idx.shape[1]
+    per_assignment = row_hash.to(torch.int64).unsqueeze(1).expand(-1, k)
+    if isinstance(handle, LocalHandle):
+        return scatter_to_rows(per_assignment, handle.row_map, num_rows)
+    if isinstance(handle, AllGatherHandle):
+        gathered = comm.all_gather(row_hash.to(torch.int64).contiguous(), dispatcher.group,
+                                   handle.token_counts)
+        return scatter_to_rows(gathered.unsqueeze(1).expand(-1, k), handle.gathered_row_map,
+                               num_rows)
+    if isinstance(handle, AllToAllHandle):
+        routing = piece[1]
+        n = routing.expert_idx.numel()
+        column = per_assignment.reshape(n, 1).to(torch.float64)
+        single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1),
+                         probs=torch.ones_like(column),
+                         keep=(handle.row_map >= 0).reshape(n, 1))
+        hashes, _, _ = dispatcher.dispatch(column, single, pad_to)
+        return hashes.view(-1).to(torch.int64)
+    raise ValueError(f"expert dropout needs the row hashes at the experts: a LocalDispatcher, "
+                     f"AllToAllDispatcher (or a subclass) or AllGatherDispatcher, got "
+                     f"{type(dispatcher).__name__}")
+
+
 def run_pipeline(dispatcher: TokenDispatcher, experts: ExpertsFn, rows: Tensor,
                  routing: Routing, pad_to: int = 0, chunks: int = 1,
                  side: Optional[Callable[[], InFlight[Tensor]]] = None,
-                 weights_to_experts: bool = True) -> PipelineResult:
+                 weights_to_experts: bool = True,
+                 row_hash: Optional[Tensor] = None) -> PipelineResult:
     """Dispatch ``rows`` by ``routing``, apply ``experts``, combine (module docstring).
     ``weights_to_experts=False`` keeps the routing weights in the combine whatever the
-    experts take."""
+    experts take. ``row_hash [T]`` (one per row of ``rows``): sent to the experts, which must
+    take them (``takes_row_hashes``), as ``row_hash=`` (module docstring)."""
     to_experts = weights_to_experts and getattr(experts, "takes_row_weights", False)
+    if row_hash is not None and not getattr(experts, "takes_row_hashes", False):
+        raise ValueError(f"row hashes (expert dropout) need experts with takes_row_hashes, got "
+                         f"{type(experts).__name__}")
     pieces = split_rows(rows, routing, chunks)
+    hash_pieces = [None] * chunks if row_hash is None else (
+        [row_hash] if chunks == 1 else
+        [row_hash[rows.shape[0] * i // chunks:rows.shape[0] * (i + 1) // chunks]
+         for i in range(chunks)])
     started = [dispatcher.dispatch_start(*pieces[0], pad_to)]
     side_started = side() if side is not None else None
     combines, handles, num_rows, padded = [], [], 0, None
@@ -130,14 +178,16 @@ def run_pipeline(dispatcher: TokenDispatcher, experts: ExpertsFn, rows: Tensor,
         if i + 1 < chunks:
             started.append(dispatcher.dispatch_start(*pieces[i + 1], pad_to))
         expert_in, group_sizes, handle = started[i].finish()
-        weights = None
+        weights, extra = None, {}
+        if hash_pieces[i] is not None:
+            extra["row_hash"] = expert_row_hashes(dispatcher, handle, pieces[i], pad_to,
+                                                  expert_in, hash_pieces[i])
         if to_experts:
             weights, handle = expert_row_weights(dispatcher, handle, pieces[i], pad_to,
                                                  expert_in)
-        if weights is None:
-            out, chunk_padded = experts(expert_in, group_sizes)
-        else:
-            out, chunk_padded = experts(expert_in, group_sizes, row_weights=weights)
+        if weights is not None:
+            extra["row_weights"] = weights
+        out, chunk_padded = experts(expert_in, group_sizes, **extra)
         combines.append(dispatcher.combine_start(out, handle))
         handles.append(handle)
         num_rows += expert_in.shape[0]

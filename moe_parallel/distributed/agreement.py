@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -83,17 +84,20 @@ def verdict_group(ps: Optional[ParallelState], scope: str) -> Optional[str]:
 
 def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError],
                           finite: bool | torch.Tensor, device: torch.device,
-                          scope: str = "stage", tokens: Optional[int] = None) -> None:
+                          scope: str = "stage", tokens: Optional[int] = None,
+                          extra: Sequence[int] = ()) -> list[list[int]]:
     """All-gather ``[input ok, logits finite]`` over the ``verdict_group(ps, scope)``: a rank
     whose input was ``refused`` raises that error, its peers ``ValueError`` naming it; when any
     rank's router logits are not ``finite`` every rank raises ``FloatingPointError`` naming
     those ranks. ``finite`` may be a 0-d bool tensor on ``device`` (no host read before the
     gathered table's). ``tokens`` (``MoEConfig.static_exchange``: every rank passes its token
     count): unless all are equal, every rank raises ``ValueError`` naming them. A collective
-    every rank of the group joins at every forward (local when the group is this rank alone)."""
+    every rank of the group joins at every forward (local when the group is this rank alone).
+    ``extra``: more int64 columns of this rank (as many on every rank; e.g. the freezing
+    columns of ``freezing.verdict_columns``); returns every rank's ``extra``, in group order."""
     name = verdict_group(ps, scope)
     what = VERDICT_GROUPS[scope][1]
-    row = [refused is None, True] + ([] if tokens is None else [tokens])
+    row = [refused is None, True] + ([] if tokens is None else [tokens]) + [int(v) for v in extra]
     mine = torch.tensor([row], dtype=torch.int64, device=device)
     if isinstance(finite, torch.Tensor):
         mine[0, 1] = finite
@@ -125,3 +129,4 @@ def share_forward_verdict(ps: ParallelState, refused: Optional[ValueError],
         raise ValueError(
             f"static_exchange needs the same number of tokens on every rank of this layer's "
             f"{what}, got {counts} (rank: tokens): every rank of the {what} skips this forward")
+    return [r[len(r) - len(extra):] for r in table]

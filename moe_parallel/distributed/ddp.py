@@ -11,7 +11,10 @@ the backward, ``sync_gradients(model, ps, dense=False)`` reduces the rest:
     expert g  = Σ over EDP / (dp·cp)                 (sync_gradients)
     seq-parallel dense g += Σ over TP                (sync_gradients; TP > 1 only)
 
-which is what ``sync_gradients(model, ps)`` computes without DDP. ``find_ddp_managing_experts``
+which is what ``sync_gradients(model, ps)`` computes without DDP. Frozen parameters
+(``requires_grad=False``) travel in no bucket (DDP leaves them out, as ``sync_gradients`` does);
+freeze before wrapping (DDP builds its buckets once) and alike on every rank: ``wrap_ddp``
+checks that over the stage first (``freezing.check_same_freezing``). ``find_ddp_managing_experts``
 detects the unsafe case (a DDP that manages expert parameters) and ``check_no_ddp_over_experts``
 refuses it; ``MoELayer`` runs that check at every forward, so a model wrapped after it already
 ran (e.g. a warm-up forward) is refused at the first forward the DDP runs.
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .freezing import check_same_freezing
 from .grads import is_expert_param
 from .parallel_state import ParallelState, grid_groups
 
@@ -45,10 +49,19 @@ def wrap_ddp(model: nn.Module, ps: ParallelState, **ddp_kwargs: Any) -> Distribu
     """``DistributedDataParallel(model)`` over ``ps``'s DP×CP group, managing the dense
     parameters only (see the module docstring); ``ddp_kwargs`` go to DDP (``bucket_cap_mb``,
     ``find_unused_parameters``, ...). Call ``sync_gradients(model, ps, dense=False)`` after
-    each backward, before the optimizer step. Build the model identically on every rank.
+    each backward, before the optimizer step. Build the model identically on every rank, and
+    freeze it (if at all) before wrapping and alike on every rank: a collective over the
+    stage compares the freezing (``ValueError`` on every rank naming each rank's frozen
+    parameters); ``ValueError`` too when no dense parameter is trainable (nothing for DDP to
+    reduce: use ``sync_gradients(model, ps)`` alone).
     """
     if "process_group" in ddp_kwargs:
         raise ValueError("wrap_ddp sets process_group (the DP×CP group of ps); do not pass it")
+    check_same_freezing(model, ps)
+    if not any(p.requires_grad and not is_expert_param(p) for p in model.parameters()):
+        raise ValueError("wrap_ddp: no dense parameter of the model requires grad (all frozen), "
+                         "so DistributedDataParallel would have nothing to reduce; call "
+                         "sync_gradients(model, ps) after each backward without DDP")
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, _left_out(model))
     return DistributedDataParallel(model, process_group=ps.group("dp_cp"), **ddp_kwargs)
 

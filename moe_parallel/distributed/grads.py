@@ -18,6 +18,12 @@ all-reduce per bucket.
 Parameters sharded by FSDP2 (``DTensor``; ``sharding.shard_model``) have their gradients
 reduced by FSDP during the backward, with the same result on their shard; ``sync_gradients``
 skips them, and the norm counts each shard once over its mesh.
+
+Frozen parameters (``requires_grad=False``) are left out everywhere: no all-reduce carries
+them, the norm does not count them and clipping does not scale them, even when they still hold
+a gradient from before they were frozen. Every rank must freeze alike (the buckets, hence the
+all-reduces, follow from it): ``sync_gradients`` checks that over the pipeline stage at its
+first call and whenever the freezing changes (``freezing.ensure_same_freezing``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
+from .freezing import ensure_same_freezing
 from .parallel_state import ParallelState
 
 
@@ -41,9 +48,10 @@ def is_expert_param(p: Tensor) -> bool:
 
 
 def _params_with_grad(params: Iterable[Tensor] | nn.Module) -> list[Tensor]:
+    """The trainable parameters (``requires_grad``) that hold a gradient."""
     if isinstance(params, nn.Module):
         params = params.parameters()
-    return [p for p in params if p.grad is not None]
+    return [p for p in params if p.requires_grad and p.grad is not None]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -94,7 +102,10 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
                    average: bool = True, bucket_mb: float = 25.0, dense: bool = True) -> None:
     """Make every gradient the gradient of the global loss (see the module docstring).
 
-    ``params``: a module or an iterable of parameters (those without a gradient are skipped).
+    ``params``: a module or an iterable of parameters (those without a gradient, and frozen
+    ones, ``requires_grad=False``, are skipped; every rank must freeze alike: checked over the
+    pipeline stage at the first call and whenever the freezing changes, a ``ValueError`` on
+    every rank naming each rank's frozen parameters otherwise).
     Expert parameters (``sync_group == "edp"``) are summed over EDP, the others over DP×CP, and
     ``sequence_parallel`` ones also over TP; then expert and dense gradients are divided by
     ``R = dp·cp``. ``average=False`` skips that division (for losses already normalised by the
@@ -107,6 +118,8 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
     ``wrap_ddp`` (which averages them during the backward) and does the rest: experts over
     EDP, sequence-parallel parameters over TP.
     """
+    params = params if isinstance(params, nn.Module) else list(params)
+    ensure_same_freezing(params, ps)
     # FSDP2's parameters (DTensor) were reduced by FSDP in the backward
     params = [p for p in _params_with_grad(params) if not isinstance(p, DTensor)]
     bucket_bytes = int(bucket_mb * 2**20)
@@ -125,7 +138,8 @@ def sync_gradients(params: Iterable[Tensor] | nn.Module, ps: ParallelState, *,
 
 def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
                      norm_type: float = 2.0) -> Tensor:
-    """The norm over every parameter of the whole model, each counted exactly once.
+    """The norm over every trainable parameter of the whole model, each counted exactly once
+    (frozen ones, ``requires_grad=False``, are left out).
 
     Call after ``sync_gradients``. Dense replicated gradients are equal on every rank and count
     once; expert shards are summed over the ETP×EP block (``tp_ep``); parameters marked
@@ -181,7 +195,8 @@ def global_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState,
 def clip_grad_norm(params: Iterable[Tensor] | nn.Module, ps: ParallelState, max_norm: float,
                    norm_type: float = 2.0) -> Tensor:
     """Clip the gradients of the whole model by their global norm, as
-    ``torch.nn.utils.clip_grad_norm_`` does on one process.
+    ``torch.nn.utils.clip_grad_norm_`` does on one process (over the trainable parameters;
+    frozen ones are neither counted nor scaled).
 
     ``total = global_grad_norm(params, ps, norm_type)`` (every parameter counted once across
     TP, EP, ETP, EDP and PP); every gradient is scaled by ``min(1, max_norm / (total + 1e-6))``

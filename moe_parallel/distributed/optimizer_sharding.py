@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .freezing import check_same_freezing
 from .grads import is_expert_param
 from .parallel_state import ParallelState
 
@@ -39,7 +40,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
     and checkpoints see the same optimizer as without sharding; the group's hyperparameters
     reach both inner optimizers at each step); ``state`` holds the state of the parameters this
     rank owns. ``step()`` is a collective over EDP and DP×CP (every rank calls it).
-    ``owned(p)``: whether this rank keeps ``p``'s state.
+    ``owned(p)``: whether this rank keeps ``p``'s state. Frozen parameters
+    (``requires_grad=False``) get no state and are never broadcast; every rank must freeze
+    alike, which the constructor checks over the stage (``freezing.check_same_freezing``:
+    ``ValueError`` on every rank naming each rank's frozen parameters).
     """
 
     def __init__(self, model: nn.Module, ps: ParallelState,
@@ -47,6 +51,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  **defaults: Any) -> None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
+        check_same_freezing(model, ps)
         params = [p for p in model.parameters() if p.requires_grad]
         parts = [([p for p in params if is_expert_param(p)], "edp"),
                  ([p for p in params if not is_expert_param(p)], "dp_cp")]

@@ -15,6 +15,10 @@ With projection biases ``b1 [E, F1]``, ``b2 [E, H]`` (GPT-OSS), each block of th
 adds its expert's ``b1`` columns and each real output row its expert's ``b2``. With row weights
 ``w [N]`` (the routing weights) each row's activation is scaled by its weight before the second
 product (and its ``b2`` by the same weight): ``y[i] = w[i] · expert(x[i])``.
+With expert dropout (``dropout``, a ``grouped_ffn.RowDropout``) the activation blocks are
+dropped out before the weighting, as ``ops.expert_dropout`` on the padded rows in row layout
+(``[Σ p_e, F]``, expert e's group ``p_e`` rows, the padding rows' hashes 0): the mask of a real
+row depends only on its hash, its expert and the unit, so it equals the grouped FFN's.
 Padding rows are zero in ``x_pad``, never reach ``y`` and receive no gradient (``y`` gathers
 only the real rows), so the weight gradients are those of the real rows. Per call at most
 ``E·(B - 1)`` padding rows are added.
@@ -32,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..config import MoEConfig
 from .activation import activate
-from .grouped_ffn import expert_rows, weighted
+from .grouped_ffn import RowDropout, expert_rows, weighted
 
 DEFAULT_BLOCK_SIZE = {"cuda": 128, "cpu": 32}
 
@@ -88,10 +92,23 @@ def _activate_blocks(blocks: Tensor, config: MoEConfig, n_blocks: int, block_siz
     return activate(blocks, config)
 
 
+def _drop_blocks(a: Tensor, dropout: RowDropout, padded_sizes: Tensor, n_blocks: int,
+                 block_size: int) -> Tensor:
+    """``dropout`` on the activation blocks ``a [R·n, B, B]`` (row block r holds column blocks
+    r·n .. r·n + n - 1) of the padded rows grouped by ``padded_sizes``, whose hashes
+    ``dropout.row_hash`` ``[R·B]`` are; the same layout back."""
+    b, n = block_size, n_blocks
+    R = a.shape[0] // n
+    rows = a.view(R, n, b, b).transpose(1, 2).reshape(R * b, n * b)
+    out = dropout.apply(rows, padded_sizes)
+    return out.view(R, b, n, b).transpose(1, 2).reshape(R * n, b, b)
+
+
 def block_sparse_ffn(
     x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, block_size: int, config: MoEConfig,
     b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
     row_weights: Optional[Tensor] = None, recompute: str = "none",
+    dropout: Optional[RowDropout] = None,
 ) -> tuple[Tensor, int]:
     """``y [N, H]`` of the experts (see the module docstring) and the padded row count.
 
@@ -103,6 +120,8 @@ def block_sparse_ffn(
     ``recompute="activation"``: the activation and the second product run under
     ``torch.utils.checkpoint`` (their input blocks are kept, the activation is recomputed, and
     with it the second product); ``"experts"`` is the caller's (``GroupedExperts``).
+    ``dropout``: the expert dropout of the activation (``row_hash [N]`` of the real rows; module
+    docstring), None: none.
     """
     b = block_size
     ffn = w2.shape[1]
@@ -122,12 +141,23 @@ def block_sparse_ffn(
         x_pad = ops.unpermute(x, pad_map, validate=False)  # maps built in range above
         if w_pad is not None:  # padding rows weigh 0
             w_pad = ops.unpermute(w_pad.view(-1, 1), pad_map, validate=False).view(-1)
+    if dropout is not None:  # the padded rows' hashes (padding rows: 0) and group sizes
+        if dropout.row_hash.shape != (x.shape[0],):
+            raise ValueError(f"dropout.row_hash must have shape [N] = [{x.shape[0]}], got "
+                             f"{tuple(dropout.row_hash.shape)}")
+        hashes = dropout.row_hash if real_map is None else torch.zeros(
+            num_padded, dtype=dropout.row_hash.dtype, device=x.device).index_copy_(
+                0, real_map.view(-1), dropout.row_hash)
+        dropout = dropout._replace(row_hash=hashes)
+        padded_sizes = padded_offsets[1:] - padded_offsets[:-1]
     blocks = ops.bsr_sdd(x_pad, w1, block_row, block_col, b)
     if b1 is not None:  # block k holds columns of global column block block_col[k]
         blocks = blocks + b1.reshape(-1, b)[block_col.to(blocks.device)].unsqueeze(1)
 
     def second(blocks: Tensor, w_pad: Optional[Tensor]) -> Tensor:
         a = _activate_blocks(blocks, config, n2, b)
+        if dropout is not None:
+            a = _drop_blocks(a, dropout, padded_sizes, n2, b)
         if w_pad is not None:  # row block r holds blocks r·n2 .. r·n2 + n2 - 1
             a = (a.view(-1, n2, b, b) * w_pad.view(-1, 1, b, 1)).to(a.dtype).view(-1, b, b)
         return ops.bsr_dsd(a, w2, row_ptr2, block_col2, num_padded)

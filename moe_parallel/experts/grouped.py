@@ -18,6 +18,11 @@ read back and get no gradient.
 ``"block_sparse"`` (dropless block-sparse products, ``block_sparse.py``); ``config.recompute``
 what their backward recomputes instead of keeping.
 
+With row hashes (``forward(..., row_hash=...)``, ``takes_row_hashes``; sent by the layer in
+training when ``config.expert_dropout > 0``) the activation is dropped out before the second
+GEMM with the mask of ``ops.expert_dropout`` (global expert ``first_expert + e``, global hidden
+unit ``etp_rank · ffn_size + j``), the same on every EP/ETP layout.
+
 Expert parallelism shards the stacked weights (``shard_expert_weights``): EP rank ``p`` holds
 experts ``[p·E/ep, (p+1)·E/ep)``, ETP rank ``q`` the hidden units ``[q·F/etp, (q+1)·F/etp)`` of
 each; the experts' output is the sum over ETP ranks of their partial outputs.
@@ -36,7 +41,7 @@ from ..config import MoEConfig
 from .activation import fc1_width
 from .base import ExpertsOutput, RoutedExperts
 from .block_sparse import block_sparse_ffn, resolve_block_size
-from .grouped_ffn import grouped_ffn
+from .grouped_ffn import RowDropout, grouped_ffn
 
 
 def shard_expert_bias(bias: Tensor, ep_rank: int, ep: int) -> Tensor:
@@ -85,10 +90,12 @@ class GroupedExperts(RoutedExperts):
     With ``expert_impl="block_sparse"``, ``block_size`` is resolved for the weights' device
     (``block_sparse.resolve_block_size``) and ``forward`` reports its padded row count in
     ``ExpertsOutput.padded_rows`` (``None`` for ``"grouped"``, which pads nothing).
-    ``b1``/``b2`` are None without ``expert_proj_bias``.
+    ``b1``/``b2`` are None without ``expert_proj_bias``. ``forward`` also takes each row's token
+    hash (``takes_row_hashes``) for the expert dropout.
     """
 
     takes_row_weights = True
+    takes_row_hashes = True
 
     def __init__(
         self,
@@ -178,18 +185,31 @@ class GroupedExperts(RoutedExperts):
                 self.w1[i].copy_(w1[0] * cfg.init_std)
                 self.w2[i].copy_(w2[0] * cfg.init_std)
 
-    def forward(self, x: Tensor, group_sizes: Tensor, row_weights: Optional[Tensor] = None
-                ) -> ExpertsOutput:
+    def dropout_of(self, row_hash: Optional[Tensor]) -> Optional[RowDropout]:
+        """The expert dropout of a forward with ``row_hash [N]`` (int64, or float64 holding
+        integers below 2^53): None without hashes or with ``config.expert_dropout == 0``."""
+        p = self.config.expert_dropout
+        if row_hash is None or p == 0:
+            return None
+        return RowDropout(row_hash.to(torch.int64), p, self.first_expert,
+                          self.etp_rank * self.ffn_size)
+
+    def forward(self, x: Tensor, group_sizes: Tensor, row_weights: Optional[Tensor] = None,
+                row_hash: Optional[Tensor] = None) -> ExpertsOutput:
         """``ExpertsOutput(y [N, H], padded_rows)`` for ``x`` [N, H] grouped by local expert;
         ``group_sizes`` [E_local] CPU int64, sum N; ``row_weights [N]`` (None: 1):
         ``y[i] = row_weights[i] · expert(x[i])``, the weight applied to the activation before
         the second GEMM. ``config.recompute`` sets what the backward recomputes
-        (``grouped_ffn.py``; for block-sparse experts ``torch.utils.checkpoint``)."""
+        (``grouped_ffn.py``; for block-sparse experts ``torch.utils.checkpoint``).
+        ``row_hash [N]``: each row's token hash (``ops.dropout.token_hash``); with
+        ``config.expert_dropout = p > 0`` the activation is dropped out by it (module
+        docstring); None: no dropout."""
         cfg = self.config
+        dropout = self.dropout_of(row_hash)
         if self.block_size is not None:
             ffn = partial(block_sparse_ffn, w1=self.w1, w2=self.w2, group_sizes=group_sizes,
                           block_size=self.block_size, config=cfg, b1=self.b1, b2=self.b2,
-                          recompute=cfg.recompute)
+                          recompute=cfg.recompute, dropout=dropout)
             if cfg.recompute == "experts" and torch.is_grad_enabled():
                 y, padded = checkpoint(lambda x, w: ffn(x, row_weights=w), x, row_weights,
                                        use_reentrant=False, preserve_rng_state=False)
@@ -197,4 +217,4 @@ class GroupedExperts(RoutedExperts):
                 y, padded = ffn(x, row_weights=row_weights)
             return ExpertsOutput(y, padded)
         return ExpertsOutput(grouped_ffn(x, self.w1, self.w2, group_sizes, cfg, row_weights,
-                                         self.b1, self.b2), None)
+                                         self.b1, self.b2, dropout=dropout), None)

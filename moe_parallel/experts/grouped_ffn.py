@@ -25,6 +25,14 @@ modules), besides ``x``, ``w`` and the weights:
     "experts":    nothing; h = x @ w1 (+ b1) and a are recomputed (the expert part of
                   Megatron-Core ``moe``; the dispatch exchanges are not repeated)
 
+With expert dropout (``RowDropout``: training with ``config.expert_dropout = p > 0``) the
+activation becomes ``a' = ops.expert_dropout(a, row_hash, ...)`` (``a · keep / (1 - p)``, the
+mask a function of each row's token hash, its global expert and the global hidden unit) and
+``a'`` takes ``a``'s place in ``y``, ``dw2`` and ``dw``; ``da`` is the same op applied to
+``w ⊙ da_w`` (the mask is fixed, the op its own adjoint). No mode saves the mask: the backward
+regenerates it from the saved ``[N]`` row hashes (every mode keeps ``a`` or recomputes it before
+the dropout, so the saved bytes below are unchanged, plus 8 bytes per row for the hashes).
+
 Saved bytes per row, at element size s: ``s·(H + F1 + F)`` for "none", ``s·(H + F1)`` for
 "activation" (ReLU: ``s·(H + F)`` for both, its gradient reads its output), ``s·H`` for "experts",
 plus the row weight (``experts.memory.expert_saved_bytes``). No mode recomputes the second GEMM.
@@ -33,7 +41,7 @@ The gradients are the same in every mode: the recomputation runs the forward's o
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -89,6 +97,23 @@ def weighted(rows: Tensor, w: Optional[Tensor]) -> Tensor:
     return (rows * w.unsqueeze(1)).to(rows.dtype)
 
 
+class RowDropout(NamedTuple):
+    """The expert dropout of one call (``ops.expert_dropout``): ``row_hash [N]`` int64, each
+    row's token hash (any value for padding rows); ``p`` in (0, 1); ``first_expert`` the global
+    id of local expert 0; ``unit_offset`` the global index of this rank's first hidden unit
+    (``etp_rank · F_local``)."""
+
+    row_hash: Tensor
+    p: float
+    first_expert: int
+    unit_offset: int
+
+    def apply(self, a: Tensor, group_sizes: Tensor) -> Tensor:
+        """``a · keep / (1 - p)`` for ``a [N, F]`` grouped by local expert (``group_sizes``)."""
+        return ops.expert_dropout(a, self.row_hash, group_sizes, self.first_expert,
+                                  self.unit_offset, self.p)
+
+
 def _fc1(x: Tensor, w1: Tensor, b1: Optional[Tensor], group_sizes: Tensor, backend: str
          ) -> Tensor:
     h = ops.grouped_gemm(x, w1, group_sizes, backend=backend)
@@ -111,12 +136,18 @@ class _SecondGemm(torch.autograd.Function):
       it returns ``dh`` (the gradients of ``x``, ``w1``, ``b1`` flow through the first GEMM's
       node).
     Each node's backward frees what it saved (and its incoming gradient) before the next node's
-    runs, so the peak of the backward holds one stage's tensors at a time."""
+    runs, so the peak of the backward holds one stage's tensors at a time.
+    With ``drop = (p, first_expert, unit_offset)`` (``RowDropout``) the activation is dropped
+    out by the rows' ``row_hash`` before it is used; what is kept is the activation before
+    the dropout, whose mask the backward regenerates from ``row_hash``."""
 
     @staticmethod
-    def forward(ctx, inp, src, w, w2, b2, w1, b1, group_sizes, config, keep):
+    def forward(ctx, inp, src, w, w2, b2, w1, b1, group_sizes, config, keep, row_hash=None,
+                drop=None):
         backend = config.grouped_gemm_backend
         a = activate(inp, config) if keep == "x" else inp
+        if drop is not None:
+            a = RowDropout(row_hash, *drop).apply(a, group_sizes)
         if w is None or not _scales_output(w2):
             y = ops.grouped_gemm(weighted(a, w), w2, group_sizes, backend=backend)
         else:  # w ⊙ (a w2), in place: the narrower row scaling
@@ -124,19 +155,22 @@ class _SecondGemm(torch.autograd.Function):
         if b2 is not None:
             y = y + weighted(expert_rows(b2, group_sizes), w)
         rows = {"a": (inp, None, None), "h": (src, None, None), "x": (src, w1, b1)}[keep]
-        ctx.save_for_backward(w, w2, b2, *rows)
-        ctx.group_sizes, ctx.config, ctx.keep = group_sizes, config, keep
+        ctx.save_for_backward(w, w2, b2, *rows, row_hash)
+        ctx.group_sizes, ctx.config, ctx.keep, ctx.drop = group_sizes, config, keep, drop
         return y
 
     @staticmethod
     def backward(ctx, g):
-        w, w2, b2, rows, w1, b1 = ctx.saved_tensors
+        w, w2, b2, rows, w1, b1, row_hash = ctx.saved_tensors
         gs, cfg, keep = ctx.group_sizes, ctx.config, ctx.keep
+        drop = None if ctx.drop is None else RowDropout(row_hash, *ctx.drop)
         backend = cfg.grouped_gemm_backend
         need_inp, _, need_w, need_w2, need_b2 = ctx.needs_input_grad[:5]
         g = g.contiguous()
         h = _fc1(rows, w1, b1, gs, backend) if keep == "x" else rows if keep == "h" else None
         a = rows if keep == "a" else activate(h, cfg)
+        if drop is not None:  # the forward's mask, regenerated from the row hashes
+            a = drop.apply(a, gs)
         if keep == "h":
             h = None
         grad_w2 = None
@@ -157,19 +191,23 @@ class _SecondGemm(torch.autograd.Function):
             del a
             if w is not None:  # in place: w ⊙ d(w ⊙ a), at the wider dtype, as ``weighted``
                 grad_in.mul_(w.unsqueeze(1))
+            if drop is not None:  # the dropout's adjoint: the same op
+                grad_in = drop.apply(grad_in, gs)
             if keep == "x":
                 grad_in = activate_backward(grad_in, h, cfg)
-        return grad_in, None, grad_w, grad_w2, grad_b2, None, None, None, None, None
+        return grad_in, None, grad_w, grad_w2, grad_b2, None, None, None, None, None, None, None
 
 
 def grouped_ffn(x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, config: MoEConfig,
                 row_weights: Optional[Tensor] = None, b1: Optional[Tensor] = None,
-                b2: Optional[Tensor] = None, recompute: Optional[str] = None) -> Tensor:
+                b2: Optional[Tensor] = None, recompute: Optional[str] = None,
+                dropout: Optional[RowDropout] = None) -> Tensor:
     """``y [N, H]``, ``y[i] = w[i] · expert_{l(i)}(x[i])`` (module docstring) for ``x [N, H]``
     grouped by local expert, ``w1 [E, H, F1]``, ``w2 [E, F, H]``, ``group_sizes [E]`` CPU
     int64 summing to N, ``row_weights [N]`` (None: 1), biases ``b1 [E, F1]``, ``b2 [E, H]``.
     ``recompute`` (default ``config.recompute``): one of ``RECOMPUTE_MODES``, what the backward
-    recomputes instead of keeping.
+    recomputes instead of keeping. ``dropout``: the expert dropout of the activation (module
+    docstring; None: none).
 
     Autograd nodes, each freeing what it saved before the next one's backward runs: the first
     grouped GEMM (``ops.grouped_gemm``: keeps ``x``), the activation (``"none"`` and
@@ -182,10 +220,16 @@ def grouped_ffn(x: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor, config: 
     if row_weights is not None and row_weights.shape != (x.shape[0],):
         raise ValueError(f"row_weights must have shape [N] = [{x.shape[0]}] (one weight per "
                          f"row of x), got {tuple(row_weights.shape)}")
+    if dropout is not None and dropout.row_hash.shape != (x.shape[0],):
+        raise ValueError(f"dropout.row_hash must have shape [N] = [{x.shape[0]}] (one hash per "
+                         f"row of x), got {tuple(dropout.row_hash.shape)}")
+    row_hash, drop = (None, None) if dropout is None else (dropout.row_hash, tuple(dropout[1:]))
     h = _fc1(x, w1, b1, group_sizes, config.grouped_gemm_backend)
     if recompute == "experts":
-        return _SecondGemm.apply(h, x, row_weights, w2, b2, w1, b1, group_sizes, config, "x")
+        return _SecondGemm.apply(h, x, row_weights, w2, b2, w1, b1, group_sizes, config, "x",
+                                 row_hash, drop)
     a = activate(h, config)
     # ReLU's own node keeps its output a, as large as h: keeping h besides would add to it
     keep, src = ("a", None) if recompute == "none" or config.activation == "relu" else ("h", h)
-    return _SecondGemm.apply(a, src, row_weights, w2, b2, None, None, group_sizes, config, keep)
+    return _SecondGemm.apply(a, src, row_weights, w2, b2, None, None, group_sizes, config, keep,
+                             row_hash, drop)

@@ -9,13 +9,14 @@ element (float32, float64 for float64 routers).
 
 Saved for the backward by the expert FFN (``grouped_ffn``, exact):
 
-    A_experts = s·R·c + max(r, s)·R + 8·E_l
+    A_experts = s·R·c + max(r, s)·R + 8·E_l (+ 8·R with expert_dropout)
                                     c = H + F1 + F ("none"), H + F1 ("activation"), H ("experts")
 
-(the row weights, in the wider of the router's and the rows' dtype, one spare slot aside, and
-the group sizes; for ReLU, whose gradient reads its output, "none" keeps ``H + F`` per row, as
-many as "activation"). For a balanced load
-``R = T·k``; a rank whose experts receive ``ρ`` times the balanced load has ``R = ρ·T·k``.
+(the row weights, in the wider of the router's and the rows' dtype, one spare slot aside, the
+group sizes, and with ``expert_dropout`` the rows' int64 hashes, from which the backward
+regenerates the mask in every mode; for ReLU, whose gradient reads its output, "none" keeps
+``H + F`` per row, as many as "activation"). For a balanced load ``R = T·k``; a rank whose
+experts receive ``ρ`` times the balanced load has ``R = ρ·T·k``.
 
 Peak live bytes of the rank above what was live before the step (inputs and parameters
 excluded, the gradients the step makes included), for any ``recompute`` mode:
@@ -71,7 +72,8 @@ def expert_saved_bytes(config: MoEConfig, rows: int, ep: int = 1, etp: int = 1,
                        recompute: str | None = None) -> int:
     """``A_experts`` (module docstring): the bytes the grouped expert FFN of an EP rank saves
     for its backward for ``rows`` received rows, row weights and group sizes included
-    (``recompute`` defaults to ``config.recompute``)."""
+    (``recompute`` defaults to ``config.recompute``; with ``expert_dropout`` the rows' hashes
+    too)."""
     recompute = config.recompute if recompute is None else recompute
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
@@ -79,7 +81,8 @@ def expert_saved_bytes(config: MoEConfig, rows: int, ep: int = 1, etp: int = 1,
     none = H + F if config.activation == "relu" else H + F1 + F  # ReLU's gradient reads a
     per_row = {"none": none, "activation": H + F1, "experts": H}[recompute]
     weight = max(_router_bytes(config), s)  # the row weights (dispatch.pipeline._widened)
-    return s * rows * per_row + weight * rows + 8 * (config.num_experts // ep)
+    hashes = 8 * rows if config.expert_dropout > 0 else 0  # int64 row hashes (no mask kept)
+    return s * rows * per_row + weight * rows + 8 * (config.num_experts // ep) + hashes
 
 
 def peak_bytes_bound(config: MoEConfig, tokens: int, rows_sent: int, rows_received: int,

@@ -18,6 +18,9 @@ Index tensors are int64; float tensors are float32, float64, bfloat16 or float16
   ``swiglu_backward(grad_out, h)`` / ``clamped_swiglu_backward(...)``: their gradients.
 * ``block_topology`` / ``bsr_sdd`` / ``bsr_dsd``: block-sparse (dropless) expert products, see
   ``block_sparse`` and csrc/cpu/block_sparse.cpp.
+* ``expert_dropout(a, row_hash, group_sizes, first_expert, unit_offset, p) -> out``: inverted
+  dropout of the experts' activation whose mask is a counter-based hash of (row hash, global
+  expert, global hidden unit) (``dropout``; csrc/dropout_hash.h); its own adjoint.
 
 Each public function runs the compiled op when ``moe_parallel._C`` is loaded and its
 plain-PyTorch twin ``<op>_torch`` otherwise. The twins implement the same contract with ordinary
@@ -34,6 +37,7 @@ registers the fake (meta) kernels and the autograd formulas of its ops:
   ``grad_w = bsr_wgrad(x, grad_blocks, ..., trans=False)``
 * bsr_dsd:      ``grad_blocks = bsr_sdd(grad_y, w^T, block_row, block_col)``,
   ``grad_w = bsr_wgrad(grad_y, blocks, ..., trans=True)``
+* expert_dropout: ``grad_a = expert_dropout(grad_out, row_hash, group_sizes, ...)``
 
 Setting ``MOE_PARALLEL_REQUIRE_EXTENSION=1`` turns a failure to load the extension into an
 ``ImportError`` carrying the cause.
@@ -50,7 +54,8 @@ autograd formulas):
 * ``grouped_gemm``: ``grouped_gemm`` (and ``grouped_gemm_wgrad``), ``GROUPED_GEMM_BACKENDS``;
 * ``swiglu``: ``swiglu`` (and ``swiglu_backward``);
 * ``block_topology``: ``block_topology``, the host layout of the block-sparse products;
-* ``block_sparse``: ``bsr_sdd``, ``bsr_dsd`` (and ``bsr_wgrad``).
+* ``block_sparse``: ``bsr_sdd``, ``bsr_dsd`` (and ``bsr_wgrad``);
+* ``dropout``: ``expert_dropout`` and its hash (``stream_key``, ``token_hash``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from .block_sparse import (
 )
 from .block_topology import block_topology, block_topology_torch
 from .checks import FLOAT_DTYPES, IntList
+from .dropout import expert_dropout, expert_dropout_torch, stream_key, token_hash
 from .extension import OP_NAMES, extension_error, has_extension
 from .grouped_gemm import (
     GROUPED_GEMM_BACKENDS,
@@ -126,4 +132,8 @@ __all__ = [
     "bsr_sdd_torch",
     "bsr_dsd_torch",
     "bsr_wgrad_torch",
+    "expert_dropout",
+    "expert_dropout_torch",
+    "stream_key",
+    "token_hash",
 ]

@@ -35,6 +35,7 @@ OP_NAMES = (
     "swiglu_backward",
     "clamped_swiglu",
     "clamped_swiglu_backward",
+    "expert_dropout",
 )
 _REQUIRE_ENV = "MOE_PARALLEL_REQUIRE_EXTENSION"
 _REGISTERED: set[str] = set()  # ops whose fake kernel (and autograd formula) are registered

@@ -18,7 +18,9 @@ combine weight, in five stages (one method each):
   (its index among the ``T`` tokens routed together) takes experts ``(t·k + j) mod E``,
   ``j < k``, whatever the scores (``forced_assignment``).
 * ``combine_weights``: ``p = s[selected]``, divided by its sum when ``renormalize_topk``
-  (sigmoid: by ``sum + 1e-20``); not ``softmax_before_topk``: ``p = softmax(logits[selected])``;
+  (sigmoid: by ``sum + 1e-20``; the sum taken in ``_summation_order``: best first, or for
+  DeepSeek-V3's ``group_score="sum_top2"`` in HF's order, so that the float32 weights are
+  HF's bit for bit); not ``softmax_before_topk``: ``p = softmax(logits[selected])``;
   top-p: ``p = s[selected]`` (0 where not kept), divided by its sum only with
   ``norm_topk_prob=True``; then ``p *= routed_scaling_factor``.
 * ``losses`` (``losses.py``), returned coefficient-scaled, keyed ``"aux"``, ``"seq_aux"``, ``"z"``
@@ -239,6 +241,23 @@ class TopKRouter(nn.Module):
         allowed = allowed.unsqueeze(-1).expand_as(per_group).reshape(T, E)
         return choose_TE.masked_fill(~allowed, float("-inf"))
 
+    def _summation_order(self, scores_TE: Tensor, expert_idx_TK: Tensor) -> Optional[Tensor]:
+        """The order in which the renormalisation adds each row's selected scores (a float sum
+        of three or more terms depends on it), or None for ``expert_idx``'s (best first, as
+        Megatron-Core and the other HF families sum). DeepSeek-V3 (``group_score="sum_top2"``,
+        ``top_k >= 3``): HF's ``DeepseekV3TopkRouter`` order, that of ``torch.topk(c, k,
+        sorted=False)`` on the selection scores ``c = s + b`` with ``-inf`` outside the allowed
+        groups, in every row where that call returns the selected experts (a replayed or
+        forced assignment keeps its own order)."""
+        cfg = self.config
+        if cfg.group_score != "sum_top2" or cfg.top_k < 3:
+            return None
+        choose_TE = self._group_limited(self._with_expert_bias(scores_TE.detach()))
+        order_TK = choose_TE.topk(cfg.top_k, dim=-1, sorted=False).indices
+        same_T1 = (order_TK.sort(dim=-1).values == expert_idx_TK.sort(dim=-1).values).all(
+            dim=-1, keepdim=True)
+        return torch.where(same_T1, order_TK, expert_idx_TK)
+
     def combine_weights(self, scores_TE: Tensor, expert_idx_TK: Tensor,
                         keep_TK: Optional[Tensor]) -> Tensor:
         """``[T, k]`` weights ``p`` from the scores of the selected experts (formulas in the
@@ -253,7 +272,14 @@ class TopKRouter(nn.Module):
             probs = torch.softmax(picked, dim=-1)
         elif cfg.renormalize_topk:
             eps = 1e-20 if cfg.score_function == "sigmoid" else 0.0
-            probs = picked / (picked.sum(dim=-1, keepdim=True) + eps)
+            order_TK = self._summation_order(scores_TE, expert_idx_TK)
+            if order_TK is None:
+                probs = picked / (picked.sum(dim=-1, keepdim=True) + eps)
+            else:  # HF's computation in its order (its backward too), then expert_idx's order
+                w_TK = scores_TE.gather(1, order_TK)
+                w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + eps)
+                slot_TK = (order_TK.unsqueeze(1) == expert_idx_TK.unsqueeze(2)).long().argmax(2)
+                probs = w_TK.gather(1, slot_TK)
         else:
             probs = picked
         if cfg.routed_scaling_factor != 1.0:

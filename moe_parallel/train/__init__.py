@@ -54,6 +54,7 @@ from .args import _parser as _parser
 from .args import check_flags, check_world
 from .data import SUCCESSOR_PROBS, MarkovSource, local_batch
 from .job import main
+from .merge import average_models, merge_dense_models, router_parameters
 from .model import (
     Block,
     HFCausalLM,
@@ -82,6 +83,7 @@ __all__ = [
     "MarkovSource",
     "MoETransformerLM",
     "TokenFile",
+    "average_models",
     "backward_step",
     "build_config",
     "build_model",
@@ -94,7 +96,9 @@ __all__ = [
     "local_batch",
     "lr_lambda",
     "main",
+    "merge_dense_models",
     "optimizer_step",
+    "router_parameters",
     "shard_for_memory",
     "token_count",
     "train_step",

@@ -30,6 +30,7 @@ from ..config import (
 )
 from ..distributed import detect_launch_env
 from ..ops import GROUPED_GEMM_BACKENDS
+from .freeze import parts_arg
 from .model import CONFIG_FLAGS, build_config
 from .token_file import DATA_DTYPES, check_length, token_count
 
@@ -63,6 +64,15 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         help="train a transformers MoE model from a local save_pretrained directory (its MoE "
              "blocks converted, each rank reading its own experts; the size flags then come "
              "from its config, the data from its vocabulary)")
+    add("--upcycle-from", default=None, metavar="PATH",
+        help="train an MoE model upcycled from the dense transformers model (Llama, Mistral, "
+             "Qwen2, Qwen3) in this local save_pretrained directory: every MLP becomes --experts "
+             "experts, copies (or with --granularity G, 1/G shards) of it, --top-k per token "
+             "(integrations.hf.upcycle, seeded by --seed, the same on every rank), then "
+             "converted for this rank's layout; the other sizes come from its config")
+    add("--granularity", type=int, default=1, metavar="G",
+        help="with --upcycle-from: each expert takes 1/G of the dense MLP's hidden units "
+             "(G divides --experts, --top-k and the MLP width)")
 
 
 def _layout_flags(p: argparse.ArgumentParser) -> None:
@@ -137,6 +147,10 @@ def _dispatch_flags(p: argparse.ArgumentParser) -> None:
     add("--recompute", choices=RECOMPUTE_MODES, default="none",
         help="what the routed experts' backward recomputes instead of keeping: 'activation' "
              "the activation, 'experts' the expert FFN from its input rows (MoEConfig.recompute)")
+    add("--expert-dropout", type=float, default=0.0, metavar="P",
+        help="dropout probability in [0, 1) on the routed experts' hidden activation, in "
+             "training (MoEConfig.expert_dropout; seeded by --seed): the mask follows each "
+             "token's sample and position, the step and the layer, the same at every layout")
 
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
@@ -152,6 +166,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
              "gradients and optimizer state with FSDP2 (routed experts over EDP, the rest over "
              "DP; distributed.shard_model), 'optimizer' only the optimizer state (ZeRO-1: "
              "distributed.ShardedOptimizer); not with --deepspeed, whose ZeRO stage does this")
+    add("--freeze", type=parts_arg, default=None, metavar="PART[,PART...]",
+        help="train with these parts frozen (requires_grad=False; not in the optimizer, still "
+             "in checkpoints): moe (every MoE layer: router, routed and shared experts), dense "
+             "(everything outside the MoE layers), router, experts (the routed experts); e.g. "
+             "--freeze router,dense (train.freeze)")
     add("--compile", nargs="?", const="inductor", default=None,
         choices=("inductor", "aot_eager", "eager"), metavar="BACKEND",
         help="torch.compile every transformer block (Module.compile, in place; state and "
@@ -282,9 +301,9 @@ def check_flags(args: argparse.Namespace) -> None:
     divisibility (``--hidden % --heads``, ``--seq-len % --tp``), the metric sinks' packages
     (``--tensorboard``, ``--wandb-project``), the trace flags (``_check_trace_flags``),
     ``--hf-model`` a directory
-    with a config.json, ``--data`` a non-empty file of whole ``--data-dtype`` ids holding at
-    least ``--batch-size`` sequences, and every ``MoEConfig`` rule with its fields named by
-    their flags."""
+    with a config.json, ``--upcycle-from``'s flags (``_check_upcycle_flags``), ``--data`` a
+    non-empty file of whole ``--data-dtype`` ids holding at least ``--batch-size`` sequences,
+    and every ``MoEConfig`` rule with its fields named by their flags."""
     for dest, least in _AT_LEAST.items():
         value = getattr(args, dest)
         if value is not None and value < least:
@@ -292,6 +311,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.timeout_s <= 0:
         raise ValueError(f"--timeout-s must be > 0, got {args.timeout_s}")
     _check_checkpoint_flags(args)
+    if args.freeze is not None and {"moe", "dense"} <= set(args.freeze):
+        raise ValueError("--freeze moe,dense freezes every parameter: leave a part trainable")
+    if args.freeze is not None and args.deepspeed is not None:
+        raise ValueError("--freeze is not supported with --deepspeed yet")
     _check_metric_flags(args)
     _check_trace_flags(args)
     if args.seq_len % args.tp:
@@ -299,9 +322,16 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.data is not None:
         check_length(args.data, token_count(args.data, args.data_dtype), args.seq_len,
                      args.batch_size, 1)
+    if args.expert_dropout and args.hf_model is not None:
+        raise ValueError("--expert-dropout supports the built-in model only, not --hf-model (its "
+                         "MoE blocks take batch-major tokens, for which the job sets no keys)")
     if args.compile is not None and args.hf_model is not None:
         raise ValueError("--compile compiles the built-in model's blocks; it is not supported "
                          "with --hf-model")
+    if args.upcycle_from is not None:
+        _check_upcycle_flags(args)
+    elif args.granularity != 1:
+        raise ValueError("--granularity needs --upcycle-from")
     if args.hf_model is not None:
         _check_hf_model(args.hf_model)
     elif args.hidden % args.heads:
@@ -373,13 +403,35 @@ def _check_trace_flags(args: argparse.Namespace) -> None:
                          f"{args.layers}), got {','.join(map(str, layers))}")
 
 
-def _check_hf_model(path: str) -> None:
-    """``--hf-model`` names a save_pretrained directory: it exists and holds config.json."""
+def _check_upcycle_flags(args: argparse.Namespace) -> None:
+    """``--upcycle-from``: not with --hf-model, a save_pretrained directory, --granularity
+    >= 1 dividing --experts and --top-k; not with the flags the converted HF models lack
+    (--compile, --trace-routing, --expert-dropout: as with --hf-model)."""
+    if args.hf_model is not None:
+        raise ValueError("--upcycle-from and --hf-model both name the model: give one")
+    _check_hf_model(args.upcycle_from, "--upcycle-from")
+    if args.granularity < 1:
+        raise ValueError(f"--granularity must be >= 1, got {args.granularity}")
+    for dest in ("experts", "top_k"):
+        if getattr(args, dest) % args.granularity:
+            raise ValueError(f"--granularity {args.granularity} must divide {flag(dest)} "
+                             f"{getattr(args, dest)}")
+    for dest, given in (("compile", args.compile is not None),
+                        ("trace_routing", args.trace_routing is not None),
+                        ("expert_dropout", bool(getattr(args, "expert_dropout", 0.0)))):
+        if given:
+            raise ValueError(f"{flag(dest)} supports the built-in model only, not "
+                             "--upcycle-from (a converted transformers model)")
+
+
+def _check_hf_model(path: str, option: str = "--hf-model") -> None:
+    """``option`` (``--hf-model``, ``--upcycle-from``) names a save_pretrained directory: it
+    exists and holds config.json."""
     if not os.path.isdir(path):
-        raise ValueError(f"--hf-model {path}: no such directory (a local save_pretrained "
+        raise ValueError(f"{option} {path}: no such directory (a local save_pretrained "
                          "directory is needed)")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"--hf-model {path}: the directory has no config.json (not a "
+        raise ValueError(f"{option} {path}: the directory has no config.json (not a "
                          "save_pretrained directory)")
 
 
@@ -431,5 +483,5 @@ def check_world(args: argparse.Namespace, world: int) -> None:
                      args.batch_size, world // args.tp)
     if args.hf_model is None and args.experts % args.ep:
         raise ValueError(f"--experts {args.experts} is not divisible by --ep {args.ep}")
-    if args.hf_model is None and args.ffn % args.etp:
+    if args.hf_model is None and args.upcycle_from is None and args.ffn % args.etp:
         raise ValueError(f"--ffn {args.ffn} is not divisible by --etp {args.etp}")

@@ -22,11 +22,13 @@ from torch import nn
 from .. import checkpoint
 from ..cpu_memory import reuse_freed_memory
 from ..distributed import ParallelState, init_distributed
+from ..layer import set_expert_dropout_step
 from ..observe import MetricSinks, RouterMetrics
 from ..observe.traces import save_trace
 from ..replay import named_moe_layers, router_recording, set_router_replay, set_token_keys
 from .args import _parse, check_world, exit_on_error, launch_world_size
 from .data import MarkovSource
+from .freeze import describe_freezing, freeze
 from .model import build_model, compile_blocks, shard_for_memory
 from .progress import Progress, line_figures, new_routing_log, record_routing, step_line
 from .step import build_optimizer, deepspeed_engine, engine_train_step, lr_lambda, train_step
@@ -107,14 +109,18 @@ def build_job(args: argparse.Namespace, ps: ParallelState, local_rank: int) -> J
     """The model on its device (sharded as ``--shard`` says: ``shard_for_memory``), the data
     source (``build_source``; an HF model's vocabulary) and the optimizer and schedule: AdamW
     (``build_optimizer``) with ``lr_lambda``, or the DeepSpeed engine's. Python's and NumPy's
-    generators are seeded with ``--seed`` (``seed_host_rngs``). ``--compile``: every block
+    generators are seeded with ``--seed`` (``seed_host_rngs``). ``--freeze``: those parts
+    frozen before sharding and the optimizer (``freeze.freeze``). ``--compile``: every block
     compiled in place (``compile_blocks``)."""
     seed_host_rngs(args.seed)
     device = resolve_device(args)
-    model = shard_for_memory(build_model(args, ps).to(device), args.shard, ps)
+    model = build_model(args, ps).to(device)
+    if args.freeze is not None:  # before FSDP and the optimizer, which see the trainable ones
+        exit_on_error(freeze, model, args.freeze)
+    model = shard_for_memory(model, args.shard, ps)
     if args.compile is not None:
         compile_blocks(model, args.compile)
-    if args.hf_model:
+    if args.hf_model or args.upcycle_from:
         args.vocab = model.hf.config.vocab_size
     source = build_source(args)
     if args.deepspeed:
@@ -133,6 +139,8 @@ def announce(job: Job) -> None:
     if not job.lead:
         return
     what = (f"{job.model.hf.config.model_type} from {args.hf_model}" if args.hf_model else
+            f"{job.model.hf.config.model_type} upcycled from {args.upcycle_from} (granularity "
+            f"{args.granularity})" if args.upcycle_from else
             f"{args.layers} layers, H={args.hidden}, E={args.experts}, top-{args.top_k}")
     zero = (f"DeepSpeed ZeRO-{job.engine.zero_optimization_stage()}; " if job.engine else
             f"sharded: {args.shard}; " if args.shard != "none" else "")
@@ -141,6 +149,8 @@ def announce(job: Job) -> None:
           f"capacity_factor={args.capacity_factor or None}; {zero}"
           f"{job.source.describe()}, "
           f"uniform {math.log(args.vocab):.3f}", flush=True)
+    if args.freeze is not None:
+        print(describe_freezing(job.model, args.freeze), flush=True)
 
 
 def resume(job: Job, history: list[float]) -> int:
@@ -193,12 +203,31 @@ def first_sample(job: Job, step: int) -> int:
     return step * job.args.batch_size * job.ps.dp
 
 
+def set_step_keys(job: Job, step: int) -> None:
+    """The keys of ``step``'s tokens on every MoE layer (``set_token_keys``): ``seq_id`` = the
+    sample's run-wide index (``first_sample`` plus this data-parallel rank's offset),
+    ``position`` = ``0 .. S - 1``; the same token has the same key at every layout."""
+    B, S = job.args.batch_size, job.args.seq_len
+    first = first_sample(job, step) + job.ps.dp_rank * B
+    # the MoE layers take sequence-major [S, B, H]
+    set_token_keys(job.model, torch.arange(first, first + B, device=job.device).view(1, B),
+                   torch.arange(S, device=job.device).view(S, 1))
+
+
+def prepare_expert_dropout(job: Job, step: int) -> None:
+    """With ``--expert-dropout``, before ``step``'s forward: the step of every MoE layer's
+    dropout mask (``set_expert_dropout_step``) and its tokens' keys (``set_step_keys``), so
+    the masks are the same at every layout; nothing otherwise."""
+    if job.args.expert_dropout:
+        set_expert_dropout_step(job.model, step)
+        set_step_keys(job, step)
+
+
 def start_trace(job: Job, step: int) -> bool:
     """Before a ``--trace-steps`` step's forward: the ``--trace-layers`` (all by default) record
     their routing with the combine weights (and ``--trace-logits``), each within its share of
-    ``--trace-max-mib``; the tokens' keys are ``seq_id`` = the sample's run-wide index
-    (``first_sample``), ``position`` = ``0 .. S - 1``. Returns whether ``step`` is traced (other
-    steps: nothing is done)."""
+    ``--trace-max-mib``; the tokens' keys are ``set_step_keys``'s. Returns whether ``step``
+    is traced (other steps: nothing is done)."""
     args = job.args
     if args.trace_routing is None or step not in args.trace_steps:
         return False
@@ -207,11 +236,7 @@ def start_trace(job: Job, step: int) -> bool:
     set_router_replay(job.model, "record", layers=args.trace_layers, weights=True,
                       logits=args.trace_logits,
                       max_bytes=max(1, int(args.trace_max_mib * 2**20) // count))
-    B, S = args.batch_size, args.seq_len
-    first = first_sample(job, step) + job.ps.dp_rank * B
-    # the MoE layers take sequence-major [S, B, H]
-    set_token_keys(job.model, torch.arange(first, first + B, device=job.device).view(1, B),
-                   torch.arange(S, device=job.device).view(S, 1))
+    set_step_keys(job, step)
     return True
 
 
@@ -298,6 +323,7 @@ def train_loop(job: Job, start: int, history: list[float]) -> dict[str, list]:
     pending: Optional[checkpoint.PendingSave] = None
     try:
         for step in range(start, args.steps):
+            prepare_expert_dropout(job, step)
             traced = start_trace(job, step)
             loss, tok_s = run_step(job)
             if traced:

@@ -24,7 +24,7 @@ CONFIG_FLAGS: dict[str, str] = {
         "expert_bias", "bias_update_rate", "expert_impl", "block_size", "grouped_gemm_backend",
         "max_rows_factor", "row_overflow", "overlap_chunks", "top_p", "dynamic_loss_coeff",
         "drop_policy", "dynamic_capacity", "target_drop_rate", "capacity_factor_min",
-        "capacity_factor_max", "capacity_update_rate", "recompute")},
+        "capacity_factor_max", "capacity_update_rate", "recompute", "expert_dropout")},
 }
 
 # the fields that apply to a converted model's layers too (``_runtime_fields``)
@@ -56,7 +56,7 @@ class Block(nn.Module):
             return self.moe(x)
         chunk = x.shape[0] // tp
         start = comm.group_rank(self.tp_group) * chunk
-        with self.moe.replay.narrowed(x.shape[:-1], 0, start, chunk):  # the slice's token keys
+        with self.moe.token_keys_narrowed(x.shape[:-1], 0, start, chunk):  # the slice's keys
             y = self.moe(x[start:][:chunk])
         return comm.all_gather(y, self.tp_group, sizes=[chunk] * tp)
 
@@ -143,6 +143,7 @@ def build_config(args: argparse.Namespace) -> MoEConfig:
     fields = {field: getattr(args, dest) for field, dest in CONFIG_FLAGS.items()}
     fields["capacity_factor"] = args.capacity_factor or None
     fields["params_dtype"] = getattr(torch, args.dtype)
+    fields["expert_dropout_seed"] = args.seed % 2**64  # the expert dropout's seed: --seed
     return MoEConfig(**fields)
 
 
@@ -155,14 +156,32 @@ def _runtime_fields(config: MoEConfig) -> dict:
     return fields
 
 
+def upcycled_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
+    """``--upcycle-from``: the dense model of that save_pretrained directory (``from_pretrained``
+    in ``--dtype``) upcycled (``integrations.hf.upcycle`` with ``--experts``, ``--top-k``,
+    ``--granularity``, seeded by ``--seed``: the same model on every rank), then converted for
+    ``ps`` (``hf.convert``: each rank keeps its EP/ETP shard of the experts; while it is built,
+    every rank holds the whole upcycled model once)."""
+    import transformers
+
+    from ..integrations import hf
+
+    dense = transformers.AutoModelForCausalLM.from_pretrained(
+        args.upcycle_from, dtype=getattr(torch, args.dtype))
+    moe = hf.upcycle(dense, args.experts, args.top_k, args.granularity, seed=args.seed)
+    del dense
+    return hf.convert(moe, parallel_state=ps, **_runtime_fields(build_config(args)))
+
+
 def build_model(args: argparse.Namespace, ps: ParallelState) -> nn.Module:
     """The full model from ``args.seed`` (identical on every rank), then sharded for ``ps``; with
-    ``--hf-model`` the converted transformers model, each rank reading its own experts."""
+    ``--hf-model`` the converted transformers model, each rank reading its own experts; with
+    ``--upcycle-from`` the upcycled and converted one (``upcycled_model``)."""
     torch.manual_seed(args.seed)
-    if args.hf_model:
+    if args.hf_model or args.upcycle_from:
         from ..integrations import hf
 
-        model = HFCausalLM(hf.load_pretrained(
+        model = HFCausalLM(upcycled_model(args, ps) if args.upcycle_from else hf.load_pretrained(
             args.hf_model, parallel_state=ps, dtype=getattr(torch, args.dtype),
             **_runtime_fields(build_config(args))))
         _mark_sequence_parallel(model, ps)  # the dense part is replicated over TP

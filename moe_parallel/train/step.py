@@ -63,12 +63,14 @@ def optimizer_step(model: MoETransformerLM, opt: torch.optim.Optimizer, ps: Para
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace,
                     ps: ParallelState) -> torch.optim.Optimizer:
-    """AdamW(lr=--lr, no weight decay) over ``model``; with ``--shard optimizer`` on several
-    ranks its state sharded over the data-parallel replicas (``distributed.ShardedOptimizer``:
-    the experts' over EDP, the rest over DP)."""
+    """AdamW(lr=--lr, no weight decay) over ``model``'s trainable parameters (``--freeze``
+    leaves the frozen ones out); with ``--shard optimizer`` on several ranks its state sharded
+    over the data-parallel replicas (``distributed.ShardedOptimizer``: the experts' over EDP,
+    the rest over DP)."""
     if args.shard == "optimizer" and ps.world_size > 1:
         return ShardedOptimizer(model, ps, torch.optim.AdamW, lr=args.lr, weight_decay=0.0)
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                             weight_decay=0.0)
 
 
 def lr_lambda(args: argparse.Namespace) -> Callable[[int], float]:

@@ -52,3 +52,42 @@ def build(name, seed=0):
             module.e_score_correction_bias = torch.randn(
                 module.e_score_correction_bias.shape, dtype=torch.float32) * 0.1
     return model
+
+
+# ---- dense models (integrations.hf.upcycle / merge_dense_models) ------------------------------
+
+DENSE_COMMON = dict(vocab_size=32, hidden_size=12, intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+
+
+def dense_configs():
+    """Tiny dense configs of the families ``upcycle`` supports, each with fields off their
+    defaults that change attention, norms or RoPE (so a field not carried over shows in the
+    logits): grouped-query attention everywhere; Llama head_dim 8 != H/heads, RoPE theta 500,
+    eps 1e-5; Mistral a sliding window of 3 tokens; Qwen2 sliding attention on layer 1 only,
+    tied embeddings; Qwen3 head_dim 4, attention bias, linear RoPE scaling."""
+    return {
+        "llama": T.LlamaConfig(**DENSE_COMMON, head_dim=8, rms_norm_eps=1e-5,
+                               rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+        "mistral": T.MistralConfig(**DENSE_COMMON, sliding_window=3,
+                                   rope_parameters={"rope_type": "default",
+                                                    "rope_theta": 2000.0}),
+        "qwen2": T.Qwen2Config(**DENSE_COMMON, use_sliding_window=True, sliding_window=3,
+                               max_window_layers=1, tie_word_embeddings=True),
+        "qwen3": T.Qwen3Config(**DENSE_COMMON, head_dim=4, attention_bias=True,
+                               rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                "rope_theta": 300.0}),
+    }
+
+
+def build_dense(name, seed=0, config=None):
+    """A tiny dense causal LM of ``dense_configs()[name]`` (or ``config``) in float64, every
+    weight drawn at random and none zero (the norms' around 1)."""
+    cfg = config if config is not None else dense_configs()[name]
+    cfg._experts_implementation = "eager"  # carried into the upcycled model: float64 experts
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else torch.randn_like(p) * 0.5)
+    return model

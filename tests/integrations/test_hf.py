@@ -44,7 +44,11 @@ def _tokens(seed: int, batch: int = 3, seq: int = 7) -> torch.Tensor:
 
 
 def _compare(name: str, overrides: dict) -> dict[str, float]:
-    ref = build(name)
+    return _compare_model(build(name), overrides)
+
+
+def _compare_model(ref, overrides: dict) -> dict[str, float]:
+    """The relative errors of the converted ``ref``'s logits, dense and MoE gradients."""
     ours = hf.convert(copy.deepcopy(ref), **overrides)
     ref.train(), ours.train()
     ids = _tokens(1)
@@ -393,3 +397,84 @@ def test_mixtral_jitter_noise_draws_as_hf():
     torch.manual_seed(10)
     other = ours(ids).logits
     assert _rel(b, a) < TOL and _rel(other, a) > 1e-6  # the noise is there, and drawn alike
+
+
+# ---- DeepSeek-V3 with 4, 6 and 8 experts per token: the weights bit for bit ---------------------
+
+
+def _deepseek_v3_top(k: int, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny DeepSeek-V3 with 16 routed experts in 4 groups (the 3 best allowed) and
+    ``num_experts_per_tok = k``, in ``dtype``; weights drawn as ``hf_models.build`` draws them
+    (the selection bias float32, as HF keeps it; its router computes in float32 in any
+    model)."""
+    import transformers
+
+    from tests.helpers.hf_models import COMMON, DS
+
+    cfg = transformers.DeepseekV3Config(**COMMON, **DS, intermediate_size=16,
+                                        moe_intermediate_size=8, n_routed_experts=16,
+                                        num_experts_per_tok=k, n_group=4, topk_group=3,
+                                        n_shared_experts=1, routed_scaling_factor=2.5)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(k)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    for module in model.modules():
+        if getattr(module, "e_score_correction_bias", None) is not None:
+            module.e_score_correction_bias = torch.randn(
+                module.e_score_correction_bias.shape, dtype=torch.float32) * 0.1
+    return model
+
+
+def _by_expert(idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = idx.argsort(dim=-1)
+    return idx.gather(1, order), w.gather(1, order)
+
+
+# a float32 block (grouped GEMMs against HF's loop over experts) agrees to float32 rounding
+BLOCK_TOL = {torch.float64: TOL, torch.float32: 1e-6}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("k", [4, 6, 8])
+def test_deepseek_v3_top_k_weights_are_hf_bit_for_bit(k, dtype):
+    """Every MoE block of the converted model on random hidden states: the selected experts
+    and their float32 combine weights equal HF's bit for bit (HF adds the selected scores in
+    ``topk(sorted=False)`` order; a best-first sum differs in some rows, counted and required,
+    so the check can fail), and the block output equals HF's to ``BLOCK_TOL``."""
+    ref = _deepseek_v3_top(k, dtype)
+    ours = hf.convert(copy.deepcopy(ref))
+    ref.eval(), ours.eval()
+    H = ref.config.hidden_size
+    reordered, rows, worst = 0, 0, 0.0
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):
+            h = torch.randn(4, 16, H, dtype=dtype, generator=torch.Generator().manual_seed(i))
+            logits, w_hf, idx_hf = layer.mlp.gate(h)
+            mine = ours.model.layers[i].mlp
+            routing = mine.moe(h.reshape(-1, H), return_aux=True)[1].routing
+            a_idx, a_w = _by_expert(routing.expert_idx, routing.probs)
+            b_idx, b_w = _by_expert(idx_hf, w_hf)
+            assert torch.equal(a_idx, b_idx), i
+            assert a_w.dtype == b_w.dtype == torch.float32 and torch.equal(a_w, b_w), i
+            picked = logits.sigmoid().gather(1, routing.expert_idx)  # best first
+            best_first = picked / (picked.sum(dim=-1, keepdim=True) + 1e-20) * 2.5
+            reordered += int((best_first != routing.probs).any(dim=-1).sum())
+            rows += routing.probs.shape[0]
+            worst = max(worst, _rel(mine(h), layer.mlp(h)))
+    print(f"k={k} {dtype}: routing bitwise equal; a best-first sum would change "
+          f"{reordered}/{rows} rows; block output rel. error {worst:.2e}")
+    assert reordered > 0
+    assert worst < BLOCK_TOL[dtype]
+
+
+@pytest.mark.parametrize("k", [4, 6, 8])
+def test_deepseek_v3_top_k_model_equals_hf(k):
+    """The whole converted model (float64; the routers in float32 as HF's): logits and every
+    gradient equal HF's to ``TOL``."""
+    errors = _compare_model(_deepseek_v3_top(k, torch.float64), {})
+    print(f"k={k}: {errors}")
+    assert max(errors.values()) < TOL, errors

@@ -67,6 +67,8 @@ def test_public_functions_call_compiled_ops():
         ops.bsr_dsd(blocks, w2.requires_grad_(), rp, bc, 6).sum().backward()  # uses bsr_wgrad
         ops.swiglu(randn(3, 4, seed=5, requires_grad=True)).sum().backward()
         ops.clamped_swiglu(randn(3, 4, seed=6, requires_grad=True), 1.702, 7.0).sum().backward()
+        ops.expert_dropout(randn(5, 4, seed=7, requires_grad=True), torch.arange(5) * 977,
+                           [2, 3], 0, 0, 0.3).sum().backward()
 
     seen = set(_dispatched_ops(run))
     for name in ops.OP_NAMES:

@@ -694,3 +694,90 @@ def test_a_rank_without_tokens_routes_in_every_mode(name):
     total.backward()
     assert router.weight.grad is not None and torch.equal(router.weight.grad,
                                                           torch.zeros_like(router.weight))
+
+
+# ---- the renormalisation's summation order (DeepSeek-V3 as HF, bit for bit) --------------------
+
+
+def _deepseek_v3_router(k: int, group_score: str = "sum_top2", group_topk: int = 3,
+                        seed: int = 0) -> TopKRouter:
+    """16 experts in 4 groups, the ``group_topk`` best groups allowed, sigmoid, a random
+    selection bias (as HF's ``e_score_correction_bias``, float32), scaling 2.5."""
+    router = make_router(seed, num_experts=16, top_k=k, score_function="sigmoid",
+                         expert_bias=True, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         num_groups=4, group_topk=group_topk, group_score=group_score,
+                         router_dtype=torch.float32)
+    with torch.no_grad():
+        router.expert_bias.copy_(0.1 * torch.randn(16, generator=torch.Generator()
+                                                   .manual_seed(seed + 1)))
+    return router
+
+
+def _by_expert(idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (expert ids, weights) sorted by expert id."""
+    order = idx.argsort(dim=-1)
+    return idx.gather(1, order), w.gather(1, order)
+
+
+def _hf_deepseek_v3_weights(router: TopKRouter, x: torch.Tensor, k: int):
+    """HF ``DeepseekV3TopkRouter.forward`` (transformers 5) written out: float32 sigmoid
+    scores, group scores from the 2 best of ``s + b``, the ``topk_group`` best groups
+    (``sorted=False``), ``s + b`` set to -inf outside them, ``topk(sorted=False)``, the gathered
+    scores divided by their sum + 1e-20 in that order, times the scaling."""
+    s = torch.sigmoid(torch.nn.functional.linear(x.float(), router.weight.float()))
+    c = s + router.expert_bias
+    groups = c.view(-1, 4, 4).topk(2, dim=-1)[0].sum(dim=-1)
+    best = torch.topk(groups, k=3, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(groups).scatter_(1, best, 1)
+    mask = mask.unsqueeze(-1).expand(-1, 4, 4).reshape(-1, 16)
+    idx = torch.topk(c.masked_fill(~mask.bool(), float("-inf")), k=k, dim=-1, sorted=False)[1]
+    w = s.gather(1, idx)
+    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, w * 2.5
+
+
+@pytest.mark.parametrize("k", [3, 4, 6, 8])
+def test_deepseek_v3_weights_are_hf_bit_for_bit(k):
+    """float32 weights of ``group_score="sum_top2"`` equal HF's bitwise for every k: the sum
+    of the renormalisation in HF's order (a best-first sum differs in some rows for k >= 4,
+    which makes this check able to fail)."""
+    router = _deepseek_v3_router(k)
+    x = inputs(5, n=512)
+    routing, _ = router(x)
+    idx, w = _hf_deepseek_v3_weights(router, x, k)
+    ours_idx, ours_w = _by_expert(routing.expert_idx, routing.probs)
+    hf_idx, hf_w = _by_expert(idx, w)
+    assert torch.equal(ours_idx, hf_idx)
+    assert routing.probs.dtype == torch.float32 and torch.equal(ours_w, hf_w)
+    picked = torch.sigmoid(routing.logits).gather(1, routing.expert_idx)
+    best_first = picked / (picked.sum(dim=-1, keepdim=True) + 1e-20) * 2.5
+    differ = (best_first != routing.probs).any(dim=-1).float().mean().item()
+    print(f"k={k}: rows whose best-first sum would differ from HF's: {100 * differ:.1f} %")
+    if k >= 4:
+        assert differ > 0.0
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_other_routers_sum_best_first(k):
+    """Megatron-Core's group score (``"sum_topk"``) and the softmax routers keep the best-first
+    sum: ``p = picked / (Σ picked + eps)`` with ``picked`` in ``expert_idx`` order, bitwise."""
+    for router, eps in ((_deepseek_v3_router(k, group_score="sum_topk", group_topk=2), 1e-20),
+                        (make_router(3, num_experts=16, top_k=k, norm_topk_prob=True), 0.0)):
+        routing, _ = router(inputs(6, n=256))
+        picked = router.scores(routing.logits).gather(1, routing.expert_idx)
+        want = picked / (picked.sum(dim=-1, keepdim=True) + eps)
+        want = want * router.config.routed_scaling_factor
+        assert torch.equal(routing.probs, want)
+
+
+def test_deepseek_v3_replayed_assignment_sums_best_first():
+    """An assignment that is not the router's selection (replay) is summed in its own order."""
+    router = _deepseek_v3_router(4)
+    x = inputs(7, n=64)
+    forced = torch.arange(64 * 4).remainder(16).view(64, 4)
+    routing, _ = router(x, assignment=(forced, None))
+    chosen = router.selection(router.scores(routing.logits).detach())[0]
+    assert not (chosen.sort(-1).values == forced.sort(-1).values).all(-1).any()  # all replayed
+    picked = torch.sigmoid(routing.logits).gather(1, forced)
+    assert torch.equal(routing.expert_idx, forced)
+    assert torch.equal(routing.probs, picked / (picked.sum(dim=-1, keepdim=True) + 1e-20) * 2.5)

@@ -9,6 +9,8 @@ holding the block's weights; given a ``ParallelState``, only this rank's EP shar
 directory, each rank reading only its own experts from the safetensors files.
 ``export(model)`` gives back the HF on-disk state dict (per-expert keys where HF saves them),
 gathered from the shards, loadable by ``from_pretrained``.
+``upcycle(model, num_experts, top_k, granularity)`` and ``merge_dense_models(models, ...)``
+build such an MoE model (a plain transformers one, convertible) from dense models.
 
 Families and their semantics (HF module -> ``MoEConfig``):
 
@@ -40,7 +42,13 @@ named that ``hf.convert`` and ``hf.export`` are the functions, never shadowed mo
 * ``conversion``: ``convert`` and its parts (``moe_config``, finding and replacing blocks);
 * ``shards``: the safetensors ``Reader`` and the reading of one rank's shard of a block;
 * ``load``: ``load_pretrained`` (meta model, dense weights, local experts);
-* ``exporting``: ``export`` and ``gather_experts`` (over ``distributed.collectives``).
+* ``exporting``: ``export`` and ``gather_experts`` (over ``distributed.collectives``);
+* ``upcycle``: ``upcycle`` (a dense Llama / Mistral / Qwen2 / Qwen3 model as a Mixtral /
+  Qwen2-MoE / Qwen3-MoE model whose experts are copies, or 1/g shards, of the dense MLP, its
+  logits equal to the dense model's under the conditions stated there) and the parts ``merge``
+  shares (the MoE config derived from a dense config, the model skeleton, the block weights);
+* ``merge``: ``merge_dense_models`` (expert i of every layer = dense model i's MLP, the other
+  weights averaged or one model's: Branch-Train-MiX).
 
 Adding a family: write its ``config(hf_config) -> dict`` in ``families.py`` (reject with
 ``_require`` what cannot be reproduced), its ``weights(block)`` and ``disk(weights)`` in
@@ -55,6 +63,8 @@ from .conversion import convert
 from .exporting import export
 from .families import FAMILIES, Family, UnsupportedModelError, family_of
 from .load import load_pretrained
+from .merge import merge_dense_models
+from .upcycle import MOE_FAMILY, upcycle
 
-__all__ = ["FAMILIES", "Family", "HFMoEBlock", "UnsupportedModelError", "convert", "export",
-           "family_of", "load_pretrained"]
+__all__ = ["FAMILIES", "Family", "HFMoEBlock", "MOE_FAMILY", "UnsupportedModelError", "convert",
+           "export", "family_of", "load_pretrained", "merge_dense_models", "upcycle"]
