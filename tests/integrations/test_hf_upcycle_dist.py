@@ -83,8 +83,10 @@ TRAIN = ["--dtype", "float64", "--steps", "3", "--seq-len", "8", "--aux-loss-coe
 
 def _train(path: str, flags: list[str]) -> list[float]:
     from moe_parallel import train
+    from tests.helpers.dist_harness import own_groups
 
-    return train.main(["--upcycle-from", path, *TRAIN, *flags])["history"]
+    with own_groups():  # the job's groups, freed before the pool's next task
+        return train.main(["--upcycle-from", path, *TRAIN, *flags])["history"]
 
 
 def _dense_loss(path: str, batch_size: int) -> float:
