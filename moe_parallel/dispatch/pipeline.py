@@ -67,12 +67,18 @@ class PipelineResult:
     overflow: bool             # a row budget dropped assignments
 
 
+def chunk_bounds(n: int, chunks: int) -> list[int]:
+    """``[⌊n·i/chunks⌋ for i = 0 .. chunks]``: where the pipeline's chunks of ``n`` rows start
+    and end."""
+    return [n * i // chunks for i in range(chunks + 1)]
+
+
 def split_rows(rows: Tensor, routing: Routing, chunks: int) -> list[tuple[Tensor, Routing]]:
     """``chunks`` consecutive pieces ``(rows[a:b], routing[a:b])``,
     ``a, b = ⌊N·i/n⌋, ⌊N·(i+1)/n⌋``."""
     if chunks == 1:
         return [(rows, routing)]
-    bounds = [rows.shape[0] * i // chunks for i in range(chunks + 1)]
+    bounds = chunk_bounds(rows.shape[0], chunks)
     return [(rows[a:b], replace(routing, expert_idx=routing.expert_idx[a:b],
                                 probs=routing.probs[a:b],
                                 keep=None if routing.keep is None else routing.keep[a:b]))
@@ -95,6 +101,20 @@ def _widened(probs: Tensor, dtype: torch.dtype) -> Tensor:
     return probs.to(dtype) if dtype.itemsize > probs.dtype.itemsize else probs
 
 
+def dispatch_column(dispatcher: TokenDispatcher, handle: AllToAllHandle, routing: Routing,
+                    column: Tensor, pad_to: int, probs: Optional[Tensor] = None) -> Tensor:
+    """``[N]``: the one-column ``column [T·k, 1]`` (one value per assignment) dispatched along
+    ``routing`` with the kept assignments of ``handle`` (a second all-to-all dispatch, the same
+    rows, padding and exchanges as the rows' own); ``probs`` (default ``column``) the
+    assignments' weights it carries."""
+    n = routing.expert_idx.numel()
+    single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1),
+                     probs=column if probs is None else probs,
+                     keep=(handle.row_map >= 0).reshape(n, 1))
+    values, _, _ = dispatcher.dispatch(column, single, pad_to)
+    return values.view(-1)
+
+
 def expert_row_weights(dispatcher: TokenDispatcher, handle: DispatchHandle,
                        piece: tuple[Tensor, Routing], pad_to: int, expert_in: Tensor
                        ) -> tuple[Optional[Tensor], DispatchHandle]:
@@ -115,10 +135,8 @@ def expert_row_weights(dispatcher: TokenDispatcher, handle: DispatchHandle,
         routing = piece[1]
         n = routing.expert_idx.numel()
         probs = _widened(routing.probs, dtype).reshape(n, 1)
-        single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1), probs=probs,
-                         keep=(handle.row_map >= 0).reshape(n, 1))
-        weights, _, _ = dispatcher.dispatch(probs, single, pad_to)
-        return weights.view(-1), replace(handle, probs=None)
+        weights = dispatch_column(dispatcher, handle, routing, probs, pad_to)
+        return weights, replace(handle, probs=None)
     return None, handle
 
 
@@ -140,14 +158,9 @@ def expert_row_hashes(dispatcher: TokenDispatcher, handle: DispatchHandle,
         return scatter_to_rows(gathered.unsqueeze(1).expand(-1, k), handle.gathered_row_map,
                                num_rows)
     if isinstance(handle, AllToAllHandle):
-        routing = piece[1]
-        n = routing.expert_idx.numel()
-        column = per_assignment.reshape(n, 1).to(torch.float64)
-        single = replace(routing, expert_idx=routing.expert_idx.reshape(n, 1),
-                         probs=torch.ones_like(column),
-                         keep=(handle.row_map >= 0).reshape(n, 1))
-        hashes, _, _ = dispatcher.dispatch(column, single, pad_to)
-        return hashes.view(-1).to(torch.int64)
+        column = per_assignment.reshape(-1, 1).to(torch.float64)
+        return dispatch_column(dispatcher, handle, piece[1], column, pad_to,
+                               torch.ones_like(column)).to(torch.int64)
     raise ValueError(f"expert dropout needs the row hashes at the experts: a LocalDispatcher, "
                      f"AllToAllDispatcher (or a subclass) or AllGatherDispatcher, got "
                      f"{type(dispatcher).__name__}")
@@ -167,10 +180,9 @@ def run_pipeline(dispatcher: TokenDispatcher, experts: ExpertsFn, rows: Tensor,
         raise ValueError(f"row hashes (expert dropout) need experts with takes_row_hashes, got "
                          f"{type(experts).__name__}")
     pieces = split_rows(rows, routing, chunks)
-    hash_pieces = [None] * chunks if row_hash is None else (
-        [row_hash] if chunks == 1 else
-        [row_hash[rows.shape[0] * i // chunks:rows.shape[0] * (i + 1) // chunks]
-         for i in range(chunks)])
+    bounds = chunk_bounds(rows.shape[0], chunks)
+    hash_pieces = [None if row_hash is None else row_hash[a:b]
+                   for a, b in zip(bounds, bounds[1:])]
     started = [dispatcher.dispatch_start(*pieces[0], pad_to)]
     side_started = side() if side is not None else None
     combines, handles, num_rows, padded = [], [], 0, None
