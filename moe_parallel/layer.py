@@ -48,6 +48,7 @@ from .distributed.agreement import check_agreement, share_forward_verdict, verdi
 from .distributed.ddp import check_no_ddp_over_experts
 from .distributed.freezing import agree_on_gradients, verdict_columns
 from .distributed.fsdp import check_no_fsdp_over_experts
+from .eager import eager_only
 from .experts import GroupedExperts, RoutedExperts, SharedExpert, build_experts
 from .metrics import RoutingStats
 from .ops.dropout import stream_key, token_hash
@@ -392,7 +393,7 @@ class MoELayer(CapacityScheduled):
                               verdict_columns(self, None, None))
         raise refused  # share_forward_verdict raised it already
 
-    @torch.compiler.disable
+    @eager_only
     def _agree(self, device: torch.device) -> None:
         """``check_agreement`` of this layer's config, once (eager, also under compile)."""
         check_agreement(self.config, self.parallel_state, device)

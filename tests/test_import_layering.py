@@ -1,8 +1,9 @@
 """The package's import structure: no cycles, and each subsystem imports only the layers below.
 
 Allowed imports between top-level parts of ``moe_parallel`` (``DESIGN.md`` section 2): ``ops``
-imports nothing of ours; ``config`` only ``ops``; ``routing``, ``experts`` and ``distributed``
-only ``ops`` and ``config``; ``dispatch`` those plus ``routing``; ``layer`` composes them;
+and ``eager`` (``eager_only``) import nothing of ours; ``config`` only ``ops``; ``routing`` and
+``experts`` only ``ops`` and ``config``, ``distributed`` those and ``eager``; ``dispatch`` those
+plus ``routing``; ``layer`` composes them;
 ``checkpoint`` and ``integrations`` sit on top (``train`` uses both: checkpoints, converted HF
 models), and nothing below imports them. ``plan`` (the layout planner) reads
 ``integrations.hf.families`` for ``--config``; nothing imports it. ``observe`` (router metrics
@@ -19,15 +20,17 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "moe_parallel"
 BELOW = {
     "ops": set(),
+    "eager": set(),
     "config": {"ops"},
     "metrics": set(),
     "cpu_memory": set(),
     "routing": {"ops", "config"},
     "experts": {"ops", "config"},
-    "distributed": {"ops", "config"},
+    "distributed": {"ops", "config", "eager"},
     "dispatch": {"ops", "config", "distributed", "routing"},
     "reference": {"ops", "config"},
-    "layer": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch"},
+    "layer": {"ops", "eager", "config", "metrics", "routing", "experts", "distributed",
+              "dispatch"},
     "checkpoint": {"ops", "config", "metrics", "routing", "experts", "distributed", "dispatch",
                    "layer"},
     "integrations": {"ops", "config", "metrics", "routing", "experts", "distributed",

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..eager import eager_only
 from . import collectives
 from .parallel_state import ParallelState
 
@@ -136,7 +137,7 @@ def _gather_codes(row: list[int], group, device: torch.device) -> list[list[int]
 VERDICT_COLUMNS = 3  # input needs grad, routing weights need grad, freezing code
 
 
-@torch.compiler.disable
+@eager_only
 def verdict_columns(layer: nn.Module, tokens: Optional[Tensor], probs: Optional[Tensor]
                     ) -> list[int]:
     """This rank's ``[input needs grad, routing weights need grad, freezing code]`` for the
@@ -147,7 +148,7 @@ def verdict_columns(layer: nn.Module, tokens: Optional[Tensor], probs: Optional[
             int(grad and probs is not None and probs.requires_grad), freezing_code(layer)]
 
 
-@torch.compiler.disable
+@eager_only
 def agree_on_gradients(layer: nn.Module, table: list[list[int]], ps: ParallelState,
                        group_name: str, tokens: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     """From the gathered ``verdict_columns`` of every rank of ``ps.group(group_name)``: raise

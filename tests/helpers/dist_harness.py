@@ -6,7 +6,8 @@
 ``fn`` and its arguments and results must be picklable (``fn``: a module-level function of an
 importable module, e.g. a test module). Inside ``fn``, ``torch.distributed`` is initialised
 (gloo, world = N) and ``parallel_state(...)`` returns cached ``ParallelState`` objects, so each
-layout's process groups are built once per worker.
+layout's process groups are built once per worker. Every gloo group of a worker shares one
+transport device (``_share_one_gloo_device``), so groups left alive cost no CPU while idle.
 
 Failure is a test failure, never a hang: an exception on any rank raises ``DistFailure`` with
 every failing rank's traceback; a rank that does not answer within ``timeout`` seconds (or
@@ -60,9 +61,9 @@ def parallel_state(tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, pp: int 
 
 @contextlib.contextmanager
 def own_groups():
-    """Inside a worker: destroy, on the way out, every process group created inside (each
-    gloo group keeps threads that cost CPU in every idle worker until it is freed). Every rank
-    must create the same groups inside, as ``new_group`` requires anyway."""
+    """Inside a worker: destroy, on the way out, every process group created inside (each keeps
+    two gloo threads, and its buffers, until it is freed). Every rank must create the same
+    groups inside, as ``new_group`` requires anyway."""
     import gc
 
     import torch.distributed as dist
@@ -77,12 +78,47 @@ def own_groups():
         gc.collect()
 
 
+def _share_one_gloo_device() -> None:
+    """Make every gloo group of this process use one transport device. torch gives each group
+    its own device, whose event-loop thread wakes every 10 ms however idle the group is (100
+    idle groups: 13% of a core per process, measured): with the hundreds of groups a session's
+    tests build, the idle workers of the pools would take most of a two-core machine. Groups on
+    a shared device behave the same (gloo's contexts are made to share devices). Left as torch
+    has it where its private registry differs."""
+    import torch.distributed as dist
+    from torch.distributed import ProcessGroupGloo
+
+    backend = getattr(dist, "Backend", None)
+    if not (hasattr(backend, "_plugins") and hasattr(backend, "_ensure_backend_registered")
+            and hasattr(ProcessGroupGloo, "_Options")):
+        return
+    backend._ensure_backend_registered("gloo")
+    plugin = backend._plugins.get("GLOO")
+    if plugin is None or not hasattr(plugin, "_replace"):
+        return
+    device = ProcessGroupGloo.create_default_device()
+
+    def create(opts, backend_options):
+        options = ProcessGroupGloo._Options()
+        options._devices = [device]
+        options._threads = 2
+        options._timeout = opts.timeout
+        options.enable_reconfigure = opts.enable_reconfigure
+        pg = ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, options)
+        pg.options.global_ranks_in_group = opts.global_ranks_in_group
+        pg.options.group_name = opts.group_id
+        return pg
+
+    backend._plugins["GLOO"] = plugin._replace(creator_fn=create)
+
+
 def _worker(rank: int, world: int, init_file: str, tasks, results, parent_pid: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    _share_one_gloo_device()
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
         timeout=timedelta(seconds=300),
