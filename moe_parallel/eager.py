@@ -83,11 +83,9 @@ def eager_only(fn: F) -> F:
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if holder:
-            return holder[0](*args, **kwargs)
-        if _DYNAMO in sys.modules:  # loaded without the hook seeing it
+        if not holder and _DYNAMO in sys.modules:  # loaded without the hook seeing it
             _disable_pending()
-        return holder[0](*args, **kwargs) if holder else fn(*args, **kwargs)
+        return (holder[0] if holder else fn)(*args, **kwargs)
 
     if _DYNAMO in sys.modules:
         _disable(holder, fn, call)

@@ -88,7 +88,7 @@ def _share_one_gloo_device() -> None:
     import torch.distributed as dist
     from torch.distributed import ProcessGroupGloo
 
-    backend = getattr(dist, "Backend", None)
+    backend = dist.Backend
     if not (hasattr(backend, "_plugins") and hasattr(backend, "_ensure_backend_registered")
             and hasattr(ProcessGroupGloo, "_Options")):
         return
